@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the Debian packages polyattn needs; does nothing (and needs no network) when all are present.
+set -euo pipefail
+
+packages=(cmake g++ libeigen3-dev catch2 libbenchmark-dev gnuplot-nox)
+
+missing=()
+for package in "${packages[@]}"; do
+  # `dpkg -s` also succeeds for removed packages whose config files remain, so check the status.
+  dpkg -s "$package" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$package")
+done
+(( ${#missing[@]} == 0 )) && exit 0
+
+echo "install-deps: installing ${missing[*]}"
+sudo=()
+(( EUID == 0 )) || sudo=(sudo)
+# Passed through env because sudo resets the environment.
+"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
