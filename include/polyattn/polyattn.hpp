@@ -3,3 +3,8 @@
 #pragma once
 
 #include "common.hpp"
+#include "polynomial.hpp"
+#include "feature_map.hpp"
+#include "attention_options.hpp"
+#include "exact_attention.hpp"
+#include "polynomial_attention.hpp"

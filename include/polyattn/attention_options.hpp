@@ -1,0 +1,82 @@
+/// \file attention_options.hpp
+/// What every attention routine, exact or approximate, needs to know about the problem.
+#pragma once
+
+#include "common.hpp"
+
+#include <optional>
+
+namespace polyattn {
+
+/// Shape of the attention problem shared by all methods.
+///
+/// With \f$h\f$ heads, `Q`, `K` and `V` are \f$n \times h d_h\f$; head \f$l\f$ owns columns
+/// \f$[l d_h, (l+1) d_h)\f$ and computes \f$O_l = \mathrm{softmax}(c\, Q_l K_l^\top \,[+\,\text{mask}])\, V_l\f$.
+///
+/// \code
+///   polyattn::AttentionOptions opt;
+///   opt.heads = 4;
+///   opt.causal = true;
+///   opt.scale = 1.0 / 16;   // the paper's 1/d; leave empty for 1/sqrt(d_h)
+/// \endcode
+struct AttentionOptions {
+  /// Score scale \f$c\f$. Default (empty): \f$1/\sqrt{d_h}\f$. The paper uses \f$1/d\f$; the authors'
+  /// experiment uses 1.
+  std::optional<double> scale;
+  /// Lower-triangular mask: query \f$i\f$ attends to keys \f$j \le i\f$.
+  bool causal = false;
+  /// Number of heads \f$h\f$; must divide the number of columns of Q and K (and of V).
+  Index heads = 1;
+
+  /// Throws std::invalid_argument naming the offending field.
+  void check() const {
+    constexpr const char* where = "polyattn::AttentionOptions";
+    detail::require(heads >= 1, where, "'heads' must be >= 1, got ", heads);
+    if (scale) detail::require_positive(where, "scale", *scale);
+  }
+
+  /// The scale used for heads of dimension `head_dim`.
+  double resolved_scale(Index head_dim) const {
+    return scale ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
+  }
+};
+
+namespace detail {
+
+/// Per-head dimensions of a checked (Q, K, V) triple.
+struct HeadShape {
+  Index n;        ///< number of queries
+  Index m;        ///< number of keys
+  Index dk;       ///< per-head query/key dimension
+  Index dv;       ///< per-head value dimension
+  Index heads;
+};
+
+/// Validates Q (n x h dk), K (m x h dk), V (m x h dv) against the options; throws std::invalid_argument
+/// naming the argument. Causal attention needs n == m (query i and key i are the same position).
+template <class DQ, class DK, class DV>
+HeadShape check_qkv(const char* where, const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                    const Eigen::MatrixBase<DV>& V, const AttentionOptions& opt) {
+  opt.check();
+  require_nonempty(where, "Q", Q);
+  require_nonempty(where, "K", K);
+  require_nonempty(where, "V", V);
+  require(Q.cols() == K.cols(), where, "arguments 'Q' and 'K' must have the same number of columns, got ",
+          Q.cols(), " and ", K.cols());
+  require(V.rows() == K.rows(), where, "argument 'V' must have as many rows as 'K' (", K.rows(), "), got ",
+          V.rows());
+  require(Q.cols() % opt.heads == 0, where, "'heads' = ", opt.heads, " must divide the ", Q.cols(),
+          " columns of 'Q'");
+  require(V.cols() % opt.heads == 0, where, "'heads' = ", opt.heads, " must divide the ", V.cols(),
+          " columns of 'V'");
+  if (opt.causal)
+    require(Q.rows() == K.rows(), where, "causal attention needs as many queries as keys, got 'Q' with ",
+            Q.rows(), " rows and 'K' with ", K.rows());
+  require_finite(where, "Q", Q);
+  require_finite(where, "K", K);
+  require_finite(where, "V", V);
+  return {Q.rows(), K.rows(), Q.cols() / opt.heads, V.cols() / opt.heads, opt.heads};
+}
+
+}  // namespace detail
+}  // namespace polyattn

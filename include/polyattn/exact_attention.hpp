@@ -1,0 +1,163 @@
+/// \file exact_attention.hpp
+/// Exact softmax attention, \f$O = \mathrm{softmax}(c\,QK^\top\ [\circ\ M])\,V\f$, rows stabilised by
+/// their maximum:
+/// - attention_reference(): materialises the \f$n \times m\f$ score matrix of each head. Readable; the
+///   reference every other routine is tested against.
+/// - ExactAttention: streams over key blocks with an online softmax (as FlashAttention does) and never
+///   forms the \f$n\times m\f$ matrix: \f$O(nd + b_q b_k)\f$ memory. This is the honest baseline every
+///   speed-up is measured against, so its inner loop is two GEMM-shaped products per block.
+#pragma once
+
+#include "attention_options.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace polyattn {
+
+namespace detail {
+
+/// Sets `S(i, j) = -inf` where key `first_key + j` lies after query position `positions[i]`.
+template <class T>
+void mask_future_keys(Matrix<T>& S, const Index* positions, Index first_key) {
+  const T minus_inf = -std::numeric_limits<T>::infinity();
+  for (Index i = 0; i < S.rows(); ++i)
+    for (Index j = std::max<Index>(0, positions[i] - first_key + 1); j < S.cols(); ++j) S(i, j) = minus_inf;
+}
+
+}  // namespace detail
+
+/// Materialised exact attention (the reference). Returns O (n x h d_v).
+///
+/// \code
+///   polyattn::Matrix<double> O = polyattn::attention_reference(Q, K, V, {1.0 / 16, true, 4});
+/// \endcode
+template <class DQ, class DK, class DV>
+Matrix<typename DQ::Scalar> attention_reference(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                                                const Eigen::MatrixBase<DV>& V, const AttentionOptions& opt = {}) {
+  using T = typename DQ::Scalar;
+  detail::static_check_scalar<T>();
+  const auto shape = detail::check_qkv("polyattn::attention_reference", Q, K, V, opt);
+  Matrix<T> O(shape.n, shape.heads * shape.dv);
+  for (Index h = 0; h < shape.heads; ++h) {
+    const T c = static_cast<T>(opt.resolved_scale(shape.dk));
+    Matrix<T> S = c * Q.middleCols(h * shape.dk, shape.dk) * K.middleCols(h * shape.dk, shape.dk).transpose();
+    if (opt.causal) S.template triangularView<Eigen::StrictlyUpper>().setConstant(-std::numeric_limits<T>::infinity());
+    const Vector<T> row_max = S.rowwise().maxCoeff();
+    S = (S.colwise() - row_max).array().exp();
+    const Vector<T> row_sum = S.rowwise().sum();
+    O.middleCols(h * shape.dv, shape.dv).noalias() =
+        row_sum.cwiseInverse().asDiagonal() * (S * V.middleCols(h * shape.dv, shape.dv));
+  }
+  return O;
+}
+
+/// Streaming exact attention with online softmax over key blocks; keeps its workspace between calls.
+///
+/// For each block of \f$b_q\f$ queries it keeps the running row maximum \f$\mu\f$, normaliser \f$\ell\f$
+/// and unnormalised output \f$A\f$; a key block with scores \f$S\f$ updates
+/// \f[ \mu' = \max(\mu, \max_j S_{\cdot j}),\quad \ell' = e^{\mu-\mu'}\ell + \textstyle\sum_j e^{S_{\cdot j}-\mu'},
+///     \quad A' = e^{\mu-\mu'}A + e^{S-\mu'}V_{\text{block}}, \f]
+/// and \f$O = A/\ell\f$ at the end. Under a causal mask key blocks after the query block are skipped.
+/// The per-row log-sum-exp \f$\mu + \log\ell\f$ is kept for a recomputing backward pass.
+///
+/// \code
+///   polyattn::ExactAttention<float> exact({std::nullopt, /*causal=*/true, /*heads=*/2});
+///   polyattn::Matrix<float> O(n, V.cols());
+///   exact.forward(Q, K, V, O);
+/// \endcode
+template <class T>
+class ExactAttention {
+ public:
+  explicit ExactAttention(AttentionOptions options = {}, Index query_block = 128, Index key_block = 256)
+      : options_(std::move(options)), query_block_(query_block), key_block_(key_block) {
+    detail::static_check_scalar<T>();
+    options_.check();
+    detail::require(query_block >= 1, "polyattn::ExactAttention", "'query_block' must be >= 1, got ", query_block);
+    detail::require(key_block >= 1, "polyattn::ExactAttention", "'key_block' must be >= 1, got ", key_block);
+  }
+
+  const AttentionOptions& options() const { return options_; }
+
+  /// Writes \f$O\f$ (n x h d_v) for Q (n x h d_k), K (m x h d_k), V (m x h d_v).
+  void forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V, MatrixRef<T> O) {
+    const auto shape = detail::check_qkv("polyattn::ExactAttention::forward", Q, K, V, options_);
+    detail::require_shape("polyattn::ExactAttention::forward", "O", O, shape.n, shape.heads * shape.dv);
+    logsumexp_.resize(shape.n, shape.heads);
+    positions_.resize(static_cast<std::size_t>(query_block_));
+    const T c = static_cast<T>(options_.resolved_scale(shape.dk));
+    for (Index h = 0; h < shape.heads; ++h) {
+      const auto Kh = K.middleCols(h * shape.dk, shape.dk);
+      const auto Vh = V.middleCols(h * shape.dv, shape.dv);
+      for (Index q0 = 0; q0 < shape.n; q0 += query_block_) {
+        const Index bq = std::min(query_block_, shape.n - q0);
+        for (Index i = 0; i < bq; ++i) positions_[static_cast<std::size_t>(i)] = q0 + i;
+        scaled_queries_.noalias() = c * Q.block(q0, h * shape.dk, bq, shape.dk);
+        rows(scaled_queries_, positions_.data(), Kh, Vh, O.block(q0, h * shape.dv, bq, shape.dv),
+             logsumexp_.col(h).segment(q0, bq));
+      }
+    }
+  }
+
+  /// Exact attention of a few queries at arbitrary positions (ascending if causal) against all keys:
+  /// row `i` of `O` is the attention output of query `Q.row(i)` standing at position `positions[i]`.
+  /// Used by the a-posteriori error estimate of the approximate methods.
+  void forward_rows(const ConstMatrixRef<T>& Q, const std::vector<Index>& positions, const ConstMatrixRef<T>& K,
+                    const ConstMatrixRef<T>& V, MatrixRef<T> O) {
+    constexpr const char* where = "polyattn::ExactAttention::forward_rows";
+    AttentionOptions relaxed = options_;
+    relaxed.causal = false;  // the mask is given by `positions`, not by the row index
+    const auto shape = detail::check_qkv(where, Q, K, V, relaxed);
+    detail::require(static_cast<Index>(positions.size()) == shape.n, where, "'positions' must have ", shape.n,
+                    " entries, got ", positions.size());
+    detail::require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
+    for (std::size_t i = 0; i < positions.size(); ++i)
+      detail::require(positions[i] >= 0 && positions[i] < shape.m && (i == 0 || positions[i] >= positions[i - 1]),
+                      where, "'positions' must be ascending within [0, ", shape.m, "), got ", positions[i],
+                      " at index ", i);
+    logsumexp_.resize(shape.n, shape.heads);
+    const T c = static_cast<T>(options_.resolved_scale(shape.dk));
+    for (Index h = 0; h < shape.heads; ++h) {
+      scaled_queries_.noalias() = c * Q.middleCols(h * shape.dk, shape.dk);
+      rows(scaled_queries_, positions.data(), K.middleCols(h * shape.dk, shape.dk),
+           V.middleCols(h * shape.dv, shape.dv), O.middleCols(h * shape.dv, shape.dv), logsumexp_.col(h));
+    }
+  }
+
+  /// Per-row, per-head \f$\log\sum_j e^{S_{ij}}\f$ of the last forward call (n x h).
+  const Matrix<T>& logsumexp() const { return logsumexp_; }
+
+ private:
+  // Online softmax of the (already scaled) queries `Qs` at `positions` over all keys.
+  void rows(const Matrix<T>& Qs, const Index* positions, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
+            MatrixRef<T> O, Eigen::Ref<Vector<T>> lse) {
+    const Index bq = Qs.rows();
+    const Index key_end = options_.causal ? positions[bq - 1] + 1 : Kh.rows();
+    running_max_.setConstant(bq, -std::numeric_limits<T>::infinity());
+    running_sum_.setZero(bq);
+    accumulator_.setZero(bq, Vh.cols());
+    for (Index k0 = 0; k0 < key_end; k0 += key_block_) {
+      const Index bk = std::min(key_block_, key_end - k0);
+      scores_.noalias() = Qs * Kh.middleRows(k0, bk).transpose();
+      if (options_.causal && k0 + bk - 1 > positions[0]) detail::mask_future_keys(scores_, positions, k0);
+      block_max_ = running_max_.cwiseMax(scores_.rowwise().maxCoeff());
+      rescale_ = (running_max_ - block_max_).array().exp();
+      scores_ = (scores_.colwise() - block_max_).array().exp();
+      running_sum_ = rescale_.cwiseProduct(running_sum_) + scores_.rowwise().sum();
+      accumulator_ = rescale_.asDiagonal() * accumulator_;
+      accumulator_.noalias() += scores_ * Vh.middleRows(k0, bk);
+      running_max_.swap(block_max_);
+    }
+    O.noalias() = running_sum_.cwiseInverse().asDiagonal() * accumulator_;
+    lse = running_max_ + running_sum_.array().log().matrix();
+  }
+
+  AttentionOptions options_;
+  Index query_block_, key_block_;
+  std::vector<Index> positions_;
+  Matrix<T> scaled_queries_, scores_, accumulator_, logsumexp_;
+  Vector<T> running_max_, running_sum_, block_max_, rescale_;
+};
+
+}  // namespace polyattn

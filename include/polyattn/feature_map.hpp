@@ -1,0 +1,197 @@
+/// \file feature_map.hpp
+/// Polynomial feature maps \f$\varphi_Q, \varphi_K\f$ with
+/// \f$\varphi_Q(q)^\top \varphi_K(k) = p(c\, q^\top k)\f$ for a polynomial \f$p(z)=\sum_{t\le g} a_t z^t\f$.
+///
+/// Expanding \f$(c\,q^\top k)^t = \sum_{|\alpha| = t} \binom{t}{\alpha} (\sqrt{c}q)^\alpha (\sqrt{c}k)^\alpha\f$
+/// gives one feature per monomial \f$x^\alpha\f$ of total degree \f$\le g\f$ in \f$x = \sqrt{c}\,q\f$:
+/// \f[ p(c\,q^\top k) = \sum_\alpha \omega_\alpha\, m_\alpha(\sqrt{c}q)\, m_\alpha(\sqrt{c}k),
+///     \qquad \omega_\alpha = a_{|\alpha|}\binom{|\alpha|}{\alpha}. \f]
+/// - FeatureMapKind::symmetric: one feature per multiset \f$\alpha\f$, width \f$r = \binom{d+g}{g}\f$.
+/// - FeatureMapKind::kronecker: one feature per ordered tuple (plain Kronecker powers
+///   \f$x^{\otimes t}\f$, all weights \f$a_t\f$), width \f$\sum_{t\le g} d^t\f$. This is the map of the
+///   paper's authors' experiment, kept so that their setup can be reproduced exactly.
+///
+/// Every monomial of degree \f$t\f$ is the product of one of degree \f$t-1\f$ (its parent) and one
+/// coordinate, so a chunk of rows is expanded column by column in \f$O(r)\f$ per row, and the
+/// backward pass walks the same plan in reverse.
+///
+/// Usage:
+/// \code
+///   polyattn::FeatureMap<float> map(polyattn::FeatureMapKind::symmetric, 16,
+///                                   polyattn::taylor_exp(2), 0.25);
+///   polyattn::Matrix<float> Fq(n, map.width()), Fk(n, map.width());
+///   map.features(Q, polyattn::FeatureSide::query, Fq);
+///   map.features(K, polyattn::FeatureSide::key, Fk);   // Fq * Fk^T ~ p(0.25 * Q K^T)
+/// \endcode
+#pragma once
+
+#include "common.hpp"
+#include "polynomial.hpp"
+
+#include <vector>
+
+namespace polyattn {
+
+enum class FeatureMapKind { symmetric, kronecker };
+
+enum class FeatureSide { query, key };
+
+/// Default cap on the feature width r; wider maps throw instead of exhausting memory.
+inline constexpr Index default_max_features = Index(1) << 20;
+
+/// Number of features of a map without building it; saturates at `cap + 1` so that it never overflows.
+inline Index feature_width(FeatureMapKind kind, Index dim, int degree, Index cap = default_max_features) {
+  Index total = 1;
+  Index level = 1;  // number of monomials of the current degree
+  for (int t = 1; t <= degree; ++t) {
+    if (kind == FeatureMapKind::kronecker) {
+      level = (level > cap / dim) ? cap + 1 : level * dim;
+    } else {
+      // C(dim + t - 1, t) from C(dim + t - 2, t - 1); the division is exact.
+      const Index grown = level * (dim + t - 1);
+      level = (level > cap * Index(t) / (dim + t - 1)) ? cap + 1 : grown / t;
+    }
+    total += level;
+    if (total > cap) return cap + 1;
+  }
+  return total;
+}
+
+template <class T>
+class FeatureMap {
+  static_assert(std::is_floating_point<T>::value, "FeatureMap<T>: T must be float or double.");
+
+ public:
+  /// \param kind symmetric (width \f$\binom{d+g}{g}\f$) or kronecker (width \f$\sum_t d^t\f$).
+  /// \param dim input dimension d (per head), > 0.
+  /// \param poly the polynomial p; its degree is g.
+  /// \param scale the score scale c > 0.
+  /// \param max_features width cap; a wider map throws std::invalid_argument naming 'degree'.
+  FeatureMap(FeatureMapKind kind, Index dim, const Polynomial& poly, double scale,
+             Index max_features = default_max_features)
+      : kind_(kind), dim_(dim), degree_(poly.degree()), scale_(scale) {
+    constexpr const char* where = "polyattn::FeatureMap";
+    detail::require(dim > 0, where, "'dim' must be > 0, got ", dim);
+    detail::require(poly.degree() >= 0, where, "'degree' must be >= 0, got ", poly.degree());
+    detail::require_positive(where, "scale", scale);
+    const Index width = feature_width(kind, dim, degree_, max_features);
+    detail::require(width <= max_features, where, "'degree' ", degree_, " with dim ", dim,
+                    " needs more than max_features = ", max_features, " features (",
+                    kind == FeatureMapKind::symmetric ? "C(d+g, g)" : "sum_t d^t", ")");
+    build_plan(poly);
+  }
+
+  FeatureMapKind kind() const { return kind_; }
+  Index dim() const { return dim_; }
+  int degree() const { return degree_; }
+  double scale() const { return scale_; }
+  /// Feature width r.
+  Index width() const { return static_cast<Index>(parent_.size()); }
+  /// \f$\omega_\alpha\f$: the weight of each raw monomial, so that \f$p = \sum \omega_\alpha m_\alpha m_\alpha\f$.
+  const Vector<T>& weights() const { return weights_; }
+  /// Degree of each feature.
+  const std::vector<int>& feature_degrees() const { return degree_of_; }
+
+  /// Raw monomials \f$M_{i\alpha} = m_\alpha(\sqrt{c}\,x_i)\f$ of the rows of `X` (rows x dim) into
+  /// `M` (rows x width). `scaled` receives \f$\sqrt{c}X\f$ (needed again by backward).
+  template <class Derived>
+  void monomials(const Eigen::MatrixBase<Derived>& X, MatrixRef<T> scaled, MatrixRef<T> M) const {
+    check_rows("monomials", X, M);
+    scaled.noalias() = static_cast<T>(std::sqrt(scale_)) * X;
+    expand(scaled, M);
+  }
+
+  /// Weighted features: \f$\varphi_Q = \mathrm{sign}(\omega)\sqrt{|\omega|}\circ m\f$,
+  /// \f$\varphi_K = \sqrt{|\omega|}\circ m\f$, so \f$\varphi_Q(q)^\top\varphi_K(k) = p(c\,q^\top k)\f$.
+  template <class Derived>
+  void features(const Eigen::MatrixBase<Derived>& X, FeatureSide side, MatrixRef<T> F) const {
+    check_rows("features", X, F);
+    Matrix<T> scaled = static_cast<T>(std::sqrt(scale_)) * X;
+    expand(scaled, F);
+    const Vector<T>& w = side == FeatureSide::query ? query_weights_ : key_weights_;
+    F.array().rowwise() *= w.transpose().array();
+  }
+
+  /// Backward of monomials(): given \f$\partial L/\partial M\f$ (destroyed: used as workspace), the
+  /// scaled input and M from the forward pass, accumulates \f$\partial L/\partial X\f$ into `dX`.
+  void monomials_backward(MatrixRef<T> dM, const ConstMatrixRef<T>& scaled, const ConstMatrixRef<T>& M,
+                          MatrixRef<T> dX) const {
+    constexpr const char* where = "polyattn::FeatureMap::monomials_backward";
+    detail::require_shape(where, "dM", dM, M.rows(), width());
+    detail::require_shape(where, "scaled", scaled, M.rows(), dim_);
+    detail::require_shape(where, "dX", dX, M.rows(), dim_);
+    for (Index k = width() - 1; k >= 1; --k) {
+      const Index parent = parent_[static_cast<std::size_t>(k)];
+      const Index var = variable_[static_cast<std::size_t>(k)];
+      dX.col(var).array() += static_cast<T>(std::sqrt(scale_)) * dM.col(k).array() * M.col(parent).array();
+      dM.col(parent).array() += dM.col(k).array() * scaled.col(var).array();
+    }
+  }
+
+ private:
+  template <class Derived>
+  void check_rows(const char* what, const Eigen::MatrixBase<Derived>& X, const MatrixRef<T>& F) const {
+    const std::string where = std::string("polyattn::FeatureMap::") + what;
+    detail::require(X.cols() == dim_, where.c_str(), "argument 'X' must have ", dim_, " columns, got ",
+                    X.cols());
+    detail::require_shape(where.c_str(), "output", F, X.rows(), width());
+  }
+
+  void expand(const ConstMatrixRef<T>& scaled, MatrixRef<T> M) const {
+    M.col(0).setOnes();
+    for (Index k = 1; k < width(); ++k)
+      M.col(k).noalias() = M.col(parent_[static_cast<std::size_t>(k)])
+                               .cwiseProduct(scaled.col(variable_[static_cast<std::size_t>(k)]));
+  }
+
+  // Builds degree t from degree t-1. Symmetric: x_j times every degree-(t-1) monomial whose smallest
+  // variable is >= j (graded order, so those form a contiguous range starting at first_with_lead[j]);
+  // the multinomial coefficient updates as binom(t; alpha + e_j) = binom(t-1; alpha) * t / (alpha_j + 1).
+  void build_plan(const Polynomial& poly) {
+    std::vector<double> multinomial{1.0};
+    std::vector<Index> lead{0}, lead_power{0};
+    parent_.assign(1, 0);
+    variable_.assign(1, 0);
+    degree_of_.assign(1, 0);
+    Index level_begin = 0, level_end = 1;
+    for (int t = 1; t <= degree_; ++t) {
+      for (Index j = 0; j < dim_; ++j) {
+        for (Index m = level_begin; m < level_end; ++m) {
+          const auto um = static_cast<std::size_t>(m);
+          const bool symmetric = kind_ == FeatureMapKind::symmetric;
+          if (symmetric && t > 1 && lead[um] < j) continue;
+          const Index power = (t > 1 && lead[um] == j) ? lead_power[um] + 1 : 1;
+          parent_.push_back(m);
+          variable_.push_back(j);
+          degree_of_.push_back(t);
+          lead.push_back(j);
+          lead_power.push_back(power);
+          multinomial.push_back(symmetric ? multinomial[um] * t / static_cast<double>(power) : 1.0);
+        }
+      }
+      level_begin = level_end;
+      level_end = static_cast<Index>(parent_.size());
+    }
+    const Index r = width();
+    weights_.resize(r);
+    query_weights_.resize(r);
+    key_weights_.resize(r);
+    for (Index k = 0; k < r; ++k) {
+      const auto uk = static_cast<std::size_t>(k);
+      const double w = poly.coeffs[static_cast<std::size_t>(degree_of_[uk])] * multinomial[uk];
+      weights_(k) = static_cast<T>(w);
+      key_weights_(k) = static_cast<T>(std::sqrt(std::abs(w)));
+      query_weights_(k) = static_cast<T>(w < 0 ? -std::sqrt(-w) : std::sqrt(w));
+    }
+  }
+
+  FeatureMapKind kind_;
+  Index dim_;
+  int degree_;
+  double scale_;
+  std::vector<Index> parent_, variable_;
+  std::vector<int> degree_of_;
+  Vector<T> weights_, query_weights_, key_weights_;
+};
+
+}  // namespace polyattn

@@ -1,0 +1,385 @@
+/// \file polynomial_attention.hpp
+/// Almost-linear-time softmax attention by the polynomial method (Alman & Song 2023).
+///
+/// With \f$p \approx \exp\f$ on \f$[-R, R]\f$ and features \f$U_1 = \varphi_Q(Q)\f$, \f$U_2 = \varphi_K(K)\f$
+/// (feature_map.hpp), \f$\tilde A = U_1 U_2^\top \approx \exp(c\,QK^\top)\f$ and
+/// \f[ \tilde O = \tilde D^{-1} U_1 (U_2^\top V), \qquad \tilde D = \mathrm{diag}(U_1 (U_2^\top \mathbf 1)), \f]
+/// in \f$O(n r d)\f$ time for \f$r\f$ features. Features are generated chunk by chunk, so beyond inputs
+/// and output the memory is \f$O(b r + r d)\f$ for chunk size \f$b\f$; the \f$n \times r\f$ factors are
+/// never stored.
+///
+/// **Causal mask.** Chunk \f$k\f$ of queries sees all earlier chunks through a running state
+/// \f$Z = \sum_{\text{earlier}} U_2^\top [V, \mathbf 1]\f$ (an \f$r \times (d+1)\f$ prefix sum) and its own
+/// chunk through the masked \f$b\times b\f$ block. Inside the block \f$\varphi_Q(q)^\top\varphi_K(k) = p(c\,q^\top k)\f$
+/// exactly, so the block is evaluated as \f$p(c\,Q_b K_b^\top)\f$ at \f$O(b^2 d)\f$ instead of \f$O(b^2 r)\f$.
+/// Cost \f$O(n r d + n b d)\f$.
+///
+/// **Certificate.** Let \f$R = c \max_i\|q_i\|\max_j\|k_j\|\f$, so every score lies in \f$[-R, R]\f$, and let
+/// \f$\varepsilon = \max_{|x|\le R}|p(x)e^{-x} - 1|\f$ (certify_exp()). Then \f$\tilde A_{ij} = A_{ij}(1+\delta_{ij})\f$
+/// with \f$|\delta_{ij}|\le\varepsilon\f$, and for \f$\varepsilon < 1\f$
+/// \f[ \frac{\tilde P_{ij}}{P_{ij}} = \frac{1+\delta_{ij}}{\sum_l P_{il}(1+\delta_{il})}
+///     \in \Big[\frac{1-\varepsilon}{1+\varepsilon}, \frac{1+\varepsilon}{1-\varepsilon}\Big]
+///     \;\Rightarrow\; |\tilde P_{ij} - P_{ij}| \le \frac{2\varepsilon}{1-\varepsilon} P_{ij}, \f]
+/// hence \f$\|\tilde o_i - o_i\|_\infty \le \sum_j |\tilde P_{ij} - P_{ij}|\,\|v_j\|_\infty
+/// \le \frac{2\varepsilon}{1-\varepsilon}\max_j \|v_j\|_\infty\f$. The same holds under the causal mask
+/// (the sums run over \f$j \le i\f$) and per head. The bound is vacuous once \f$\varepsilon \ge 1\f$,
+/// which happens already at \f$g = 2\f$ for \f$R \approx 3\f$; the a-posteriori estimate (exact attention on
+/// a seeded sample of query rows) is then the useful figure.
+///
+/// \code
+///   polyattn::PolynomialAttentionOptions opt;
+///   opt.attention.causal = true;
+///   opt.degree = 4;
+///   opt.estimate_error = true;
+///   polyattn::PolynomialAttention<float> attn(opt);
+///   polyattn::Matrix<float> O(n, V.cols());
+///   polyattn::Certificate cert = attn.forward(Q, K, V, O);
+///   // cert.output_bound bounds every |O - O_exact| entry unless cert.vacuous();
+///   // cert.sampled_max_error is the measured relative row error on 32 sampled rows.
+/// \endcode
+#pragma once
+
+#include "exact_attention.hpp"
+#include "feature_map.hpp"
+#include "polynomial.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <memory>
+#include <random>
+#include <vector>
+
+namespace polyattn {
+
+/// What happens when the measured score radius \f$R\f$ exceeds the interval the polynomial was chosen for.
+enum class RangePolicy {
+  raise_degree,  ///< pick the smallest degree with the same certified error on \f$[-R, R]\f$
+  throw_error,   ///< throw std::domain_error
+  mark_invalid,  ///< compute anyway; the certificate says `valid = false`
+};
+
+/// Parameters of PolynomialAttention.
+struct PolynomialAttentionOptions {
+  /// Scale, mask and heads (attention_options.hpp).
+  AttentionOptions attention;
+  /// Taylor truncation (default) or a relative-error minimax fit on \f$[-\text{radius},\text{radius}]\f$.
+  PolynomialKind kind = PolynomialKind::taylor;
+  /// Degree g of p; even by default because even Taylor truncations are positive on the whole line.
+  int degree = 2;
+  /// Interval \f$[-\text{radius},\text{radius}]\f$ the polynomial is chosen for. 0 (default): the measured
+  /// \f$R\f$ of each call (the certificate is then always valid, though possibly vacuous).
+  double radius = 0;
+  /// Applies only when radius > 0 and the measured \f$R\f$ exceeds it.
+  RangePolicy range_policy = RangePolicy::mark_invalid;
+  /// Symmetric monomials (width \f$\binom{d+g}{g}\f$) or the authors' Kronecker powers (\f$\sum_t d^t\f$).
+  FeatureMapKind feature_map = FeatureMapKind::symmetric;
+  /// Rows per chunk; 0 picks a size that keeps a chunk of features in cache.
+  Index chunk_size = 0;
+  /// Largest allowed feature width r; a wider map throws std::invalid_argument naming 'degree'.
+  Index max_features = default_max_features;
+  /// Run exact attention on `estimate_rows` sampled query rows and report their relative errors.
+  bool estimate_error = false;
+  /// Number m of sampled rows for the a-posteriori estimate; costs \f$O(m n d)\f$.
+  Index estimate_rows = 32;
+  /// Seed of the row sample.
+  std::uint64_t seed = 20240826;
+
+  /// Throws std::invalid_argument naming the offending field.
+  void check() const {
+    constexpr const char* where = "polyattn::PolynomialAttentionOptions";
+    attention.check();
+    detail::require(degree >= 0, where, "'degree' must be >= 0, got ", degree);
+    detail::require(std::isfinite(radius) && radius >= 0, where, "'radius' must be finite and >= 0, got ", radius);
+    detail::require(chunk_size >= 0, where, "'chunk_size' must be >= 0 (0 = automatic), got ", chunk_size);
+    detail::require(max_features >= 1, where, "'max_features' must be >= 1, got ", max_features);
+    detail::require(estimate_rows >= 1, where, "'estimate_rows' must be >= 1, got ", estimate_rows);
+    detail::require(range_policy != RangePolicy::raise_degree || radius > 0, where,
+                    "'range_policy' raise_degree needs a 'radius' > 0 to define the target error");
+  }
+};
+
+/// Error statement of one approximate call.
+struct Certificate {
+  /// Measured score radius \f$R = c\max_i\|q_i\|\max_j\|k_j\|\f$ (maximum over heads).
+  double radius = 0;
+  /// The polynomial's certified interval \f$[-\text{interval}, \text{interval}]\f$.
+  double interval = 0;
+  /// Degree actually used (may exceed the requested one under RangePolicy::raise_degree).
+  int degree = 0;
+  /// Feature width r.
+  Index features = 0;
+  /// \f$\varepsilon\f$: certified \f$\max |p(x)e^{-x}-1|\f$ over the interval.
+  double poly_error = std::numeric_limits<double>::infinity();
+  /// p certified positive on the interval (keeps every normaliser \f$\tilde D_{ii} > 0\f$).
+  bool positive = false;
+  /// \f$\frac{2\varepsilon}{1-\varepsilon}\max_j\|v_j\|_\infty\f$: bounds every entry of \f$\tilde O - O\f$
+  /// unless vacuous(); \f$+\infty\f$ when \f$\varepsilon \ge 1\f$.
+  double output_bound = std::numeric_limits<double>::infinity();
+  /// False when \f$R\f$ exceeded the interval (RangePolicy::mark_invalid): no bound holds.
+  bool valid = true;
+  /// Number of sampled rows of the a-posteriori estimate (0: not run).
+  Index sampled_rows = 0;
+  /// Largest sampled \f$\|\tilde o_i - o_i\|_2 / \|o_i\|_2\f$.
+  double sampled_max_error = std::numeric_limits<double>::quiet_NaN();
+  /// Mean sampled \f$\|\tilde o_i - o_i\|_2 / \|o_i\|_2\f$.
+  double sampled_mean_error = std::numeric_limits<double>::quiet_NaN();
+
+  /// True when no a-priori bound holds (invalid interval or \f$\varepsilon \ge 1\f$).
+  bool vacuous() const { return !valid || !(poly_error < 1); }
+};
+
+namespace detail {
+
+/// \f$\max_i \|x_i\|_2\f$ over the rows of `X`.
+template <class Derived>
+double max_row_norm(const Eigen::MatrixBase<Derived>& X) {
+  return static_cast<double>(X.rowwise().norm().maxCoeff());
+}
+
+/// `count` distinct indices of [0, n), ascending (all of them when count >= n); Floyd's sampling.
+inline std::vector<Index> sample_rows(Index n, Index count, std::uint64_t seed) {
+  std::vector<Index> rows;
+  if (count >= n) {
+    for (Index i = 0; i < n; ++i) rows.push_back(i);
+    return rows;
+  }
+  std::mt19937_64 rng(seed);
+  for (Index j = n - count; j < n; ++j) {
+    const Index t = std::uniform_int_distribution<Index>(0, j)(rng);
+    rows.push_back(std::find(rows.begin(), rows.end(), t) == rows.end() ? t : j);
+  }
+  std::sort(rows.begin(), rows.end());
+  return rows;
+}
+
+/// The interval, polynomial and error statement one call uses: the policy applied to a measured R.
+struct PolynomialChoice {
+  Polynomial poly;
+  Certificate cert;
+};
+
+inline PolynomialChoice choose_polynomial(const PolynomialAttentionOptions& opt, double measured_radius) {
+  PolynomialChoice choice;
+  Certificate& cert = choice.cert;
+  cert.radius = measured_radius;
+  cert.degree = opt.degree;
+  cert.interval = opt.radius > 0 ? opt.radius : measured_radius;
+  if (opt.radius > 0 && measured_radius > opt.radius) {
+    switch (opt.range_policy) {
+      case RangePolicy::throw_error:
+        throw std::domain_error(concat("polyattn::PolynomialAttention: measured score radius R = ", measured_radius,
+                                       " exceeds 'radius' = ", opt.radius, " that the degree-", opt.degree,
+                                       " polynomial covers (RangePolicy::throw_error)"));
+      case RangePolicy::mark_invalid:
+        cert.valid = false;
+        break;
+      case RangePolicy::raise_degree: {
+        const double configured =
+            certify_exp(exp_polynomial(opt.kind, opt.degree, opt.radius), opt.radius).relative_error;
+        const bool even_only = opt.kind == PolynomialKind::taylor && opt.degree % 2 == 0;
+        cert.degree = std::max(opt.degree, select_degree(measured_radius, std::min(configured, 0.5), opt.kind,
+                                                         even_only));
+        cert.interval = measured_radius;
+        break;
+      }
+    }
+  }
+  choice.poly = exp_polynomial(opt.kind, cert.degree, std::max(cert.interval, 1e-300));
+  const ExpApproximationCertificate exp_cert = certify_exp(choice.poly, cert.interval);
+  cert.poly_error = exp_cert.relative_error;
+  cert.positive = exp_cert.positive;
+  return choice;
+}
+
+}  // namespace detail
+
+/// Approximate attention forward pass by the polynomial method; keeps its workspace between calls.
+/// See the file documentation for the algorithm, the causal scan and the certificate.
+template <class T>
+class PolynomialAttention {
+ public:
+  explicit PolynomialAttention(PolynomialAttentionOptions options = {})
+      : options_(std::move(options)), exact_(options_.attention) {
+    detail::static_check_scalar<T>();
+    options_.check();
+  }
+
+  const PolynomialAttentionOptions& options() const { return options_; }
+
+  /// Writes \f$\tilde O\f$ (n x h d_v) and returns its certificate.
+  /// Throws std::invalid_argument for bad shapes or non-finite input, std::domain_error when the
+  /// measured radius exceeds the interval under RangePolicy::throw_error or when an approximate
+  /// normaliser is not positive (p not positive on the scores: use an even degree).
+  Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                      MatrixRef<T> O) {
+    constexpr const char* where = "polyattn::PolynomialAttention::forward";
+    const auto shape = detail::check_qkv(where, Q, K, V, options_.attention);
+    detail::require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
+    const double c = options_.attention.resolved_scale(shape.dk);
+    double radius = 0;
+    for (Index h = 0; h < shape.heads; ++h)
+      radius = std::max(radius, c * detail::max_row_norm(Q.middleCols(h * shape.dk, shape.dk)) *
+                                    detail::max_row_norm(K.middleCols(h * shape.dk, shape.dk)));
+    Certificate cert = prepare(shape.dk, c, radius);
+    for (Index h = 0; h < shape.heads; ++h) {
+      const auto Qh = Q.middleCols(h * shape.dk, shape.dk);
+      const auto Kh = K.middleCols(h * shape.dk, shape.dk);
+      const auto Vh = V.middleCols(h * shape.dv, shape.dv);
+      auto Oh = O.middleCols(h * shape.dv, shape.dv);
+      if (options_.attention.causal)
+        forward_causal(Qh, Kh, Vh, Oh);
+      else
+        forward_full(Qh, Kh, Vh, Oh);
+    }
+    const double max_v = static_cast<double>(V.cwiseAbs().maxCoeff());
+    cert.output_bound = cert.poly_error < 1 ? 2 * cert.poly_error / (1 - cert.poly_error) * max_v
+                                            : std::numeric_limits<double>::infinity();
+    if (options_.estimate_error) estimate(Q, K, V, O, cert);
+    return cert;
+  }
+
+  /// Feature map of the last call (valid after forward()).
+  const FeatureMap<T>& feature_map() const {
+    detail::require(map_ != nullptr, "polyattn::PolynomialAttention::feature_map", "call forward() first");
+    return *map_;
+  }
+
+ private:
+  // Applies the range policy and (re)builds the feature map when degree, interval or shape changed.
+  Certificate prepare(Index dk, double c, double radius) {
+    detail::PolynomialChoice choice = detail::choose_polynomial(options_, radius);
+    if (!map_ || map_->dim() != dk || map_->scale() != c || map_poly_.coeffs != choice.poly.coeffs) {
+      map_ = std::make_unique<FeatureMap<T>>(options_.feature_map, dk, choice.poly, c, options_.max_features);
+      map_poly_ = choice.poly;
+    }
+    choice.cert.features = map_->width();
+    return choice.cert;
+  }
+
+  Index chunk_rows(Index n) const {
+    if (options_.chunk_size > 0) return std::min(options_.chunk_size, n);
+    if (options_.attention.causal) return std::min<Index>(64, n);
+    // Keep a chunk of features (rows x r) near 1 MiB: large enough for GEMM efficiency, small enough for L2.
+    const Index rows = (Index(1) << 20) / (static_cast<Index>(sizeof(T)) * map_->width());
+    return std::min(n, std::clamp<Index>(rows, 64, 2048));
+  }
+
+  template <class DQ, class DK, class DV, class DO>
+  void forward_full(const Eigen::MatrixBase<DQ>& Qh, const Eigen::MatrixBase<DK>& Kh, const Eigen::MatrixBase<DV>& Vh,
+                    Eigen::MatrixBase<DO>& Oh) {
+    const Index r = map_->width(), dv = Vh.cols();
+    state_.setZero(r, dv + 1);
+    const Index b = chunk_rows(Kh.rows());
+    for (Index k0 = 0; k0 < Kh.rows(); k0 += b) {
+      const Index bk = std::min(b, Kh.rows() - k0);
+      monomials(Kh.middleRows(k0, bk));
+      state_.leftCols(dv).noalias() += monomials_.transpose() * Vh.middleRows(k0, bk);
+      state_.col(dv).noalias() += monomials_.colwise().sum().transpose();
+    }
+    state_ = map_->weights().asDiagonal() * state_;
+    for (Index q0 = 0; q0 < Qh.rows(); q0 += b) {
+      const Index bq = std::min(b, Qh.rows() - q0);
+      monomials(Qh.middleRows(q0, bq));
+      auto Ob = Oh.middleRows(q0, bq);
+      Ob.noalias() = monomials_ * state_.leftCols(dv);
+      normaliser_.noalias() = monomials_ * state_.col(dv);
+      normalise(Ob, q0);
+    }
+  }
+
+  template <class DQ, class DK, class DV, class DO>
+  void forward_causal(const Eigen::MatrixBase<DQ>& Qh, const Eigen::MatrixBase<DK>& Kh,
+                      const Eigen::MatrixBase<DV>& Vh, Eigen::MatrixBase<DO>& Oh) {
+    const Index r = map_->width(), dv = Vh.cols(), n = Qh.rows();
+    const T sqrt_c = static_cast<T>(std::sqrt(map_->scale()));
+    state_.setZero(r, dv + 1);
+    const Index b = chunk_rows(n);
+    for (Index s = 0; s < n; s += b) {
+      const Index bs = std::min(b, n - s);
+      auto Ob = Oh.middleRows(s, bs);
+      const auto Vb = Vh.middleRows(s, bs);
+      // Earlier chunks through the prefix state.
+      monomials(Qh.middleRows(s, bs));
+      Ob.noalias() = monomials_ * state_.leftCols(dv);
+      normaliser_.noalias() = monomials_ * state_.col(dv);
+      // This chunk: p(c q.k) on the lower triangle, from the already scaled queries.
+      keys_scaled_.noalias() = sqrt_c * Kh.middleRows(s, bs);
+      block_.noalias() = scaled_ * keys_scaled_.transpose();
+      apply_polynomial(block_);
+      block_.template triangularView<Eigen::StrictlyUpper>().setZero();
+      Ob.noalias() += block_.template triangularView<Eigen::Lower>() * Vb;
+      normaliser_.noalias() += block_.rowwise().sum();
+      normalise(Ob, s);
+      // Fold this chunk's keys into the prefix state.
+      map_->monomials(Kh.middleRows(s, bs), keys_scaled_, monomials_);
+      chunk_state_.resize(r, dv + 1);
+      chunk_state_.leftCols(dv).noalias() = monomials_.transpose() * Vb;
+      chunk_state_.col(dv).noalias() = monomials_.colwise().sum().transpose();
+      state_.noalias() += map_->weights().asDiagonal() * chunk_state_;
+    }
+  }
+
+  template <class Derived>
+  void monomials(const Eigen::MatrixBase<Derived>& X) {
+    scaled_.resize(X.rows(), X.cols());
+    monomials_.resize(X.rows(), map_->width());
+    map_->monomials(X, scaled_, monomials_);
+  }
+
+  void apply_polynomial(Matrix<T>& S) {
+    const std::vector<double>& a = map_poly_.coeffs;
+    auto z = S.array();
+    block_poly_.setConstant(S.rows(), S.cols(), static_cast<T>(a.back()));
+    for (std::size_t t = a.size() - 1; t-- > 0;)
+      block_poly_.array() = block_poly_.array() * z + static_cast<T>(a[t]);
+    S.swap(block_poly_);
+  }
+
+  // Divides each row by its approximate normaliser; a non-positive one means p < 0 somewhere.
+  template <class DO>
+  void normalise(Eigen::MatrixBase<DO>& Ob, Index first_row) const {
+    const Index bad = first_bad_normaliser();
+    if (bad >= 0)
+      throw std::domain_error(detail::concat(
+          "polyattn::PolynomialAttention::forward: approximate normaliser of row ", first_row + bad, " is ",
+          static_cast<double>(normaliser_(bad)), " (not positive): the degree-", map_poly_.degree(),
+          " polynomial is not positive on the scores; use an even degree or a larger one"));
+    Ob = normaliser_.cwiseInverse().asDiagonal() * Ob;
+  }
+
+  Index first_bad_normaliser() const {
+    if ((normaliser_.array() > 0).all() && normaliser_.allFinite()) return -1;
+    for (Index i = 0; i < normaliser_.size(); ++i)
+      if (!(normaliser_(i) > 0) || !std::isfinite(static_cast<double>(normaliser_(i)))) return i;
+    return -1;
+  }
+
+  void estimate(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                const ConstMatrixRef<T>& O, Certificate& cert) {
+    const std::vector<Index> rows = detail::sample_rows(Q.rows(), options_.estimate_rows, options_.seed);
+    const auto m = static_cast<Index>(rows.size());
+    Matrix<T> sampled_queries(m, Q.cols()), exact_rows(m, V.cols());
+    for (Index i = 0; i < m; ++i) sampled_queries.row(i) = Q.row(rows[static_cast<std::size_t>(i)]);
+    exact_.forward_rows(sampled_queries, rows, K, V, exact_rows);
+    double max_error = 0, sum_error = 0;
+    for (Index i = 0; i < m; ++i) {
+      const auto approx = O.row(rows[static_cast<std::size_t>(i)]).template cast<double>();
+      const auto exact = exact_rows.row(i).template cast<double>();
+      const double error = (approx - exact).norm() / std::max(exact.norm(), std::numeric_limits<double>::min());
+      max_error = std::max(max_error, error);
+      sum_error += error;
+    }
+    cert.sampled_rows = m;
+    cert.sampled_max_error = max_error;
+    cert.sampled_mean_error = sum_error / static_cast<double>(m);
+  }
+
+  PolynomialAttentionOptions options_;
+  ExactAttention<T> exact_;
+  std::unique_ptr<FeatureMap<T>> map_;
+  Polynomial map_poly_;
+  Matrix<T> scaled_, keys_scaled_, monomials_, state_, chunk_state_, block_, block_poly_;
+  Vector<T> normaliser_;
+};
+
+}  // namespace polyattn
