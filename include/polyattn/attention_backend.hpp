@@ -1,0 +1,68 @@
+/// \file attention_backend.hpp
+/// One interface for every way polyattn computes attention and its gradients, so that a model can
+/// choose the method per layer at run time.
+///
+/// All methods work on the raw form: \f$Q, K\f$ (\f$n\times h d_k\f$), \f$V\f$ (\f$n\times h d_v\f$),
+/// \f$O = \mathrm{softmax}(c\,QK^\top\,[\circ M])V\f$ per head, and given \f$G = \partial L/\partial O\f$
+/// \f[ \partial L/\partial Q = c\,p\,K,\quad \partial L/\partial K = c\,p^\top Q,\quad
+///     \partial L/\partial V = P^\top G,\qquad p = P\circ(GV^\top) - \mathrm{diag}(\mathrm{rowsum}(O\circ G))P. \f]
+/// The layer forms (the paper's \f$X, W = W_QW_K^\top, W_V\f$ and the practical \f$W_Q, W_K, W_V\f$) are
+/// chain rules on top of these three products.
+///
+/// \code
+///   std::unique_ptr<polyattn::AttentionBackend<float>> attn = polyattn::make_attention_backend<float>(
+///       polyattn::AttentionMethod::adjoint, options);
+///   attn->forward(Q, K, V, O);
+///   attn->backward(Q, K, V, O, G, dQ, dK, dV);
+/// \endcode
+#pragma once
+
+#include "polynomial_attention.hpp"
+
+#include <limits>
+
+namespace polyattn {
+
+/// How attention and its gradient are computed.
+enum class AttentionMethod {
+  exact_reference,  ///< materialised \f$n\times n\f$ matrices: the readable reference, \f$O(n^2)\f$ memory
+  exact_blocked,    ///< streaming online softmax, FlashAttention-style recomputing backward, \f$O(nd)\f$ memory
+  paper,            ///< Algorithm 1 of Liang et al. 2024: low-rank \f$p \approx U_pV_p^\top\f$, \f$O(nrd^2)\f$
+  adjoint,          ///< exact gradient of the polynomial forward pass, \f$O(nrd)\f$
+};
+
+/// Error statement of one backward call. Exact methods leave every bound at zero.
+struct GradientCertificate {
+  /// The certificate of the forward pass whose gradient this is (R, \f$\varepsilon\f$, output bound).
+  Certificate forward;
+  /// A-priori bound on every entry of \f$\widetilde{dV} - dV\f$; \f$+\infty\f$ when vacuous.
+  double dv_bound = 0;
+  /// A-priori bound on every entry of \f$\widetilde{dQ} - dQ\f$ and \f$\widetilde{dK} - dK\f$; \f$+\infty\f$ when vacuous.
+  double dqk_bound = 0;
+};
+
+/// Attention forward and backward behind a virtual interface.
+///
+/// forward() saves what backward() needs; backward() must be called with the same Q, K, V and the O that
+/// forward() wrote, and *overwrites* dQ, dK, dV (they are intermediate products: a layer accumulates
+/// them into its own parameter gradients).
+template <class T>
+class AttentionBackend {
+ public:
+  virtual ~AttentionBackend() = default;
+
+  virtual AttentionMethod method() const = 0;
+
+  /// Writes \f$O\f$ (n x h d_v) and returns the error statement of the call.
+  virtual Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                              MatrixRef<T> O) = 0;
+
+  /// Writes \f$\partial L/\partial Q\f$, \f$\partial L/\partial K\f$, \f$\partial L/\partial V\f$ for
+  /// \f$G = \partial L/\partial O\f$.
+  virtual GradientCertificate backward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                                       const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& O,
+                                       const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
+                                       MatrixRef<T> dV) = 0;
+};
+
+}  // namespace polyattn
