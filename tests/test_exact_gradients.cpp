@@ -1,0 +1,259 @@
+#include <polyattn/exact_gradients.hpp>
+
+#include "gradient_check.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+
+using Catch::Contains;
+using polyattn::AttentionBackend;
+using polyattn::AttentionMethod;
+using polyattn::AttentionOptions;
+using polyattn::ExactBlockedBackend;
+using polyattn::ExactBlockedOptions;
+using polyattn::ExactReferenceBackend;
+using polyattn::Index;
+using polyattn::Matrix;
+using polyattn::testing::gradient_error;
+using polyattn::testing::random_matrix;
+using polyattn::testing::relative_error;
+
+namespace {
+
+// Random Q, K, V (n x h d_k, m x h d_k, m x h d_v) and upstream gradient G = R of the loss L = <R, O>.
+template <class T>
+struct Problem {
+  Matrix<T> Q, K, V, G;
+};
+
+template <class T>
+Problem<T> random_problem(Index n, Index m, Index heads, Index dk, Index dv, std::uint64_t seed) {
+  return {random_matrix<T>(n, heads * dk, seed), random_matrix<T>(m, heads * dk, seed + 1),
+          random_matrix<T>(m, heads * dv, seed + 2), random_matrix<T>(n, heads * dv, seed + 3)};
+}
+
+// L = <R, O>: a random linear functional of the output, so dL/dO = R exactly.
+double projected_loss(const Problem<double>& x, const AttentionOptions& opt) {
+  return (x.G.array() * polyattn::attention_reference(x.Q, x.K, x.V, opt).array()).sum();
+}
+
+struct Gradients {
+  Matrix<double> O, dQ, dK, dV;
+};
+
+// forward then backward; the outputs start as NaN so that a backend that reads them instead of overwriting
+// them fails.
+Gradients run(AttentionBackend<double>& backend, const Problem<double>& x) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  Gradients g{Matrix<double>::Constant(x.Q.rows(), x.V.cols(), nan),
+              Matrix<double>::Constant(x.Q.rows(), x.Q.cols(), nan),
+              Matrix<double>::Constant(x.K.rows(), x.K.cols(), nan),
+              Matrix<double>::Constant(x.V.rows(), x.V.cols(), nan)};
+  backend.forward(x.Q, x.K, x.V, g.O);
+  backend.backward(x.Q, x.K, x.V, g.O, x.G, g.dQ, g.dK, g.dV);
+  return g;
+}
+
+std::unique_ptr<AttentionBackend<double>> make_backend(bool blocked, const AttentionOptions& opt) {
+  if (!blocked) return std::make_unique<ExactReferenceBackend<double>>(opt);
+  // blocks of 4 x 3 do not divide n = 9 and exercise partial diagonal blocks under the mask
+  ExactBlockedOptions blocks;
+  blocks.query_block = 4;
+  blocks.key_block = 3;
+  blocks.forward_query_block = 4;
+  blocks.forward_key_block = 5;
+  return std::make_unique<ExactBlockedBackend<double>>(opt, blocks);
+}
+
+}  // namespace
+
+TEST_CASE("Exact dQ, dK, dV match central finite differences of the exact loss", "[exact_gradients]") {
+  // L = <R, O> is analytic in Q, K, V with O(1) derivatives for these O(1) inputs. Central differences with
+  // h = 1e-6 have truncation error h^2 L''' / 6 ~ 1e-13 and rounding error eps |L| / h ~ 1e-9 per entry,
+  // against gradient entries of order 0.1-1: relative Frobenius errors near 1e-9, so 1e-7 leaves a margin of
+  // about 100 while any wrong term (an O(1) relative error) fails by six orders of magnitude.
+  const double tolerance = 1e-7;
+  const Index n = 9, dk = 3, dv = 2;
+  for (const bool blocked : {false, true})
+    for (const bool causal : {false, true})
+      for (Index heads = 1; heads <= 4; ++heads)
+        for (const double scale : {1.0 / dk, 1.0 / std::sqrt(double(dk))}) {
+          CAPTURE(blocked, causal, heads, scale);
+          const AttentionOptions opt{scale, causal, heads};
+          Problem<double> x = random_problem<double>(n, n, heads, dk, dv, 100 + 10 * std::uint64_t(heads));
+          const auto backend = make_backend(blocked, opt);
+          const Gradients g = run(*backend, x);
+          REQUIRE(relative_error(g.O, polyattn::attention_reference(x.Q, x.K, x.V, opt)) < 1e-14);
+          const auto loss = [&] { return projected_loss(x, opt); };
+          REQUIRE(gradient_error(loss, x.Q, g.dQ) < tolerance);
+          REQUIRE(gradient_error(loss, x.K, g.dK) < tolerance);
+          REQUIRE(gradient_error(loss, x.V, g.dV) < tolerance);
+        }
+}
+
+TEST_CASE("Causal exact gradients do not reach keys after the query", "[exact_gradients]") {
+  // Under the causal mask query i never sees key j > i: the gradient of row i of O reaches only keys 0..i.
+  const Index n = 6;
+  Problem<double> x = random_problem<double>(n, n, 1, 2, 2, 7);
+  x.G.setZero();
+  x.G.row(2).setOnes();
+  ExactBlockedBackend<double> exact(AttentionOptions{std::nullopt, true, 1}, ExactBlockedOptions{4, 4, 4, 4});
+  const Gradients g = run(exact, x);
+  REQUIRE(g.dK.bottomRows(n - 3).isZero(0));
+  REQUIRE(g.dV.bottomRows(n - 3).isZero(0));
+  REQUIRE(g.dK.topRows(3).norm() > 0.01);
+}
+
+TEST_CASE("Blocked exact backward equals the materialised backward in double", "[exact_gradients]") {
+  // Both sum the same O(1) products in different orders: per entry <= m eps sum|terms| with m <= 40, so
+  // relative differences of ~1e-14, also after the cancellation in p = P o (G V^T) - diag(kappa) P (random
+  // inputs keep its relative size near 1). 1e-12 fails on any missing or doubled block.
+  const double tolerance = 1e-12;
+  struct Case {
+    Index n, m, query_block, key_block;
+  };
+  // block sizes that divide n, that do not, that differ from each other and that exceed n
+  const Case cases[] = {{32, 32, 8, 8}, {32, 32, 16, 4}, {37, 37, 8, 5}, {37, 37, 5, 8}, {37, 37, 64, 64},
+                        {37, 37, 1, 7}, {11, 23, 4, 6}};
+  for (const Case& k : cases)
+    for (const bool causal : {false, true})
+      for (const Index heads : {1, 3}) {
+        if (causal && k.n != k.m) continue;
+        CAPTURE(k.n, k.m, k.query_block, k.key_block, causal, heads);
+        const AttentionOptions opt{std::nullopt, causal, heads};
+        const Problem<double> x = random_problem<double>(k.n, k.m, heads, 4, 3, 200);
+        ExactReferenceBackend<double> reference(opt);
+        ExactBlockedBackend<double> blocked(opt, ExactBlockedOptions{k.query_block, k.key_block, k.query_block,
+                                                                     k.key_block});
+        const Gradients expected = run(reference, x);
+        const Gradients actual = run(blocked, x);
+        REQUIRE(relative_error(actual.O, expected.O) < tolerance);
+        REQUIRE(relative_error(actual.dQ, expected.dQ) < tolerance);
+        REQUIRE(relative_error(actual.dK, expected.dK) < tolerance);
+        REQUIRE(relative_error(actual.dV, expected.dV) < tolerance);
+      }
+}
+
+TEST_CASE("Blocked exact backward in float agrees with the double reference", "[exact_gradients]") {
+  // Float unit roundoff u = 6e-8. A score c q.k over d_h = 16 terms of size ~1 carries a rounding error of
+  // ~sqrt(16) u c |q||k| ~ 1e-7 (random signs), which is the relative error of exp(S - lse); sums over
+  // n = 300 keys add ~sqrt(log n) u in relative terms, and the cancellation in p magnifies relative errors
+  // only by a small factor for random inputs. Measured: 2e-7 to 4e-7 for O, dQ, dK and dV. The tolerance
+  // 1e-5 leaves a margin of 25 and still rejects any algebraic mistake (O(1) errors).
+  const double tolerance = 1e-5;
+  for (const bool causal : {false, true}) {
+    CAPTURE(causal);
+    const AttentionOptions opt{std::nullopt, causal, 2};
+    const Problem<double> x = random_problem<double>(300, 300, 2, 16, 16, 300);
+    ExactReferenceBackend<double> reference(opt);
+    const Gradients expected = run(reference, x);
+    ExactBlockedBackend<float> blocked(opt, ExactBlockedOptions{64, 128, 48, 80});
+    const Matrix<float> Q = x.Q.cast<float>(), K = x.K.cast<float>(), V = x.V.cast<float>(), G = x.G.cast<float>();
+    Matrix<float> O(300, 32), dQ(300, 32), dK(300, 32), dV(300, 32);
+    blocked.forward(Q, K, V, O);
+    blocked.backward(Q, K, V, O, G, dQ, dK, dV);
+    CHECK(relative_error(O, expected.O) < tolerance);
+    CHECK(relative_error(dQ, expected.dQ) < tolerance);
+    CHECK(relative_error(dK, expected.dK) < tolerance);
+    CHECK(relative_error(dV, expected.dV) < tolerance);
+  }
+}
+
+TEST_CASE("Exact backends report their method and an exact certificate", "[exact_gradients]") {
+  const AttentionOptions opt{std::nullopt, false, 1};
+  ExactReferenceBackend<double> reference(opt);
+  ExactBlockedBackend<double> blocked(opt);
+  REQUIRE(reference.method() == AttentionMethod::exact_reference);
+  REQUIRE(blocked.method() == AttentionMethod::exact_blocked);
+  const Problem<double> x = random_problem<double>(5, 5, 1, 2, 2, 9);
+  Matrix<double> O(5, 2), dQ(5, 2), dK(5, 2), dV(5, 2);
+  for (AttentionBackend<double>* backend : {static_cast<AttentionBackend<double>*>(&reference),
+                                            static_cast<AttentionBackend<double>*>(&blocked)}) {
+    const polyattn::Certificate forward = backend->forward(x.Q, x.K, x.V, O);
+    const polyattn::GradientCertificate backward = backend->backward(x.Q, x.K, x.V, O, x.G, dQ, dK, dV);
+    REQUIRE(forward.valid);
+    REQUIRE(!forward.vacuous());
+    REQUIRE(forward.poly_error == 0);
+    REQUIRE(forward.output_bound == 0);
+    REQUIRE(backward.forward.output_bound == 0);
+    REQUIRE(backward.dv_bound == 0);
+    REQUIRE(backward.dqk_bound == 0);
+  }
+}
+
+TEST_CASE("Exact backends take their options from PolynomialAttentionOptions::attention", "[exact_gradients]") {
+  polyattn::PolynomialAttentionOptions poly;
+  poly.attention = AttentionOptions{0.25, true, 2};
+  ExactReferenceBackend<double> reference(poly);
+  ExactBlockedBackend<double> blocked(poly);
+  REQUIRE(reference.options().causal);
+  REQUIRE(blocked.options().heads == 2);
+  REQUIRE(*blocked.options().scale == 0.25);
+}
+
+TEST_CASE("Exact backends reject bad input with the argument's name", "[exact_gradients]") {
+  const AttentionOptions opt{std::nullopt, true, 2};
+  const Problem<double> x = random_problem<double>(6, 6, 2, 3, 2, 11);
+  Matrix<double> O(6, 4), dQ(6, 6), dK(6, 6), dV(6, 4);
+  ExactBlockedBackend<double> blocked(opt);
+  ExactReferenceBackend<double> reference(opt);
+
+  SECTION("backward before forward") {
+    REQUIRE_THROWS_WITH(blocked.backward(x.Q, x.K, x.V, O, x.G, dQ, dK, dV), Contains("preceding forward()"));
+  }
+  SECTION("G of the wrong shape") {
+    blocked.forward(x.Q, x.K, x.V, O);
+    const Matrix<double> G = x.G.leftCols(3);
+    REQUIRE_THROWS_WITH(blocked.backward(x.Q, x.K, x.V, O, G, dQ, dK, dV), Contains("'G' must be 6x4, got 6x3"));
+    REQUIRE_THROWS_WITH(reference.backward(x.Q, x.K, x.V, O, G, dQ, dK, dV), Contains("'G' must be 6x4, got 6x3"));
+  }
+  SECTION("NaN in G") {
+    blocked.forward(x.Q, x.K, x.V, O);
+    Matrix<double> G = x.G;
+    G(4, 1) = std::numeric_limits<double>::quiet_NaN();
+    REQUIRE_THROWS_WITH(blocked.backward(x.Q, x.K, x.V, O, G, dQ, dK, dV),
+                        Contains("'G' has a non-finite entry") && Contains("(4, 1)"));
+    REQUIRE_THROWS_WITH(reference.backward(x.Q, x.K, x.V, O, G, dQ, dK, dV), Contains("'G' has a non-finite entry"));
+  }
+  SECTION("NaN in Q") {
+    Matrix<double> Q = x.Q;
+    Q(0, 0) = std::numeric_limits<double>::infinity();
+    REQUIRE_THROWS_WITH(blocked.forward(Q, x.K, x.V, O), Contains("'Q' has a non-finite entry"));
+  }
+  SECTION("gradient outputs of the wrong shape") {
+    blocked.forward(x.Q, x.K, x.V, O);
+    Matrix<double> wrong(6, 5);
+    REQUIRE_THROWS_WITH(blocked.backward(x.Q, x.K, x.V, O, x.G, wrong, dK, dV), Contains("'dQ' must be 6x6"));
+    REQUIRE_THROWS_WITH(blocked.backward(x.Q, x.K, x.V, O, x.G, dQ, wrong, dV), Contains("'dK' must be 6x6"));
+    REQUIRE_THROWS_WITH(blocked.backward(x.Q, x.K, x.V, O, x.G, dQ, dK, wrong), Contains("'dV' must be 6x4"));
+  }
+  SECTION("a different sequence length than the forward pass") {
+    blocked.forward(x.Q, x.K, x.V, O);
+    const Problem<double> y = random_problem<double>(5, 5, 2, 3, 2, 12);
+    Matrix<double> O5(5, 4), dQ5(5, 6), dK5(5, 6), dV5(5, 4);
+    REQUIRE_THROWS_WITH(blocked.backward(y.Q, y.K, y.V, O5, y.G, dQ5, dK5, dV5), Contains("preceding forward()"));
+  }
+  SECTION("n = 0") {
+    const Matrix<double> empty(0, 6), empty_v(0, 4);
+    Matrix<double> O0(0, 4);
+    REQUIRE_THROWS_AS(blocked.forward(empty, empty, empty_v, O0), std::invalid_argument);
+    REQUIRE_THROWS_WITH(blocked.forward(empty, empty, empty_v, O0), Contains("'Q' must be non-empty"));
+    REQUIRE_THROWS_WITH(reference.forward(empty, empty, empty_v, O0), Contains("'Q' must be non-empty"));
+  }
+  SECTION("block sizes") {
+    ExactBlockedOptions blocks;
+    blocks.key_block = 0;
+    REQUIRE_THROWS_WITH(ExactBlockedBackend<double>(opt, blocks), Contains("'key_block' must be >= 1, got 0"));
+    blocks = ExactBlockedOptions{};
+    blocks.forward_query_block = -3;
+    REQUIRE_THROWS_WITH(ExactBlockedBackend<double>(opt, blocks), Contains("'forward_query_block'"));
+  }
+  SECTION("options") {
+    REQUIRE_THROWS_WITH(ExactBlockedBackend<double>(AttentionOptions{-1.0, false, 1}), Contains("'scale'"));
+    REQUIRE_THROWS_WITH(ExactReferenceBackend<double>(AttentionOptions{std::nullopt, false, 0}), Contains("'heads'"));
+  }
+}
