@@ -10,8 +10,11 @@
 ///
 /// **Certificate.** certify_exp() returns a rigorous upper bound on
 /// \f$\varepsilon = \max_{|x|\le R}|e(x)|\f$, \f$e(x) = p(x)e^{-x} - 1\f$, as the smaller of two bounds:
-/// 1. (Taylor only) Lagrange's remainder \f$e^x - p(x) = e^{\xi}x^{g+1}/(g+1)!\f$ with \f$\xi\f$ between 0
-///    and \f$x\f$ gives \f$|e(x)| = e^{\xi - x}|x|^{g+1}/(g+1)! \le e^{R}R^{g+1}/(g+1)!\f$.
+/// 1. (Taylor only) Lagrange's remainder \f$e^x - T_g(x) = e^{\xi}x^{g+1}/(g+1)!\f$ with \f$\xi\f$ between 0
+///    and \f$x\f$ gives \f$|T_g(x)e^{-x} - 1| = e^{\xi - x}|x|^{g+1}/(g+1)! \le e^{R}R^{g+1}/(g+1)!\f$ for the exact
+///    truncation \f$T_g\f$. The stored coefficients \f$a_t = \mathrm{fl}(1/t!)\f$ come from \f$t\f$ roundings,
+///    \f$|a_t - 1/t!| \le 2tu\,a_t\f$, which adds \f$e^R\sum_t 2tu\,a_tR^t\f$ (without it the bound would
+///    claim errors far below what double coefficients can represent).
 /// 2. (any p) Dense evaluation on \f$N\f$ equal intervals of width \f$h\f$: on each interval \f$e\f$ differs
 ///    from its linear interpolant by at most \f$\tfrac{h^2}{8}\max|e''|\f$, and
 ///    \f$e'' = (p'' - 2p' + p)e^{-x}\f$, so \f$\max|e''| \le e^{R}\sum_t |b_t|R^t\f$ with \f$b\f$ the
@@ -185,8 +188,9 @@ inline Polynomial exp_polynomial(PolynomialKind kind, int degree, double radius)
 
 /// Certified bound on \f$\max_{|x|\le R}|p(x)e^{-x} - 1|\f$ and on the sign of p (see the file docs).
 /// `radius` = 0 certifies the single point 0. Throws std::invalid_argument for a negative or
-/// non-finite radius.
+/// non-finite radius and for a polynomial without coefficients.
 inline ExpApproximationCertificate certify_exp(const Polynomial& p, double radius) {
+  detail::require(!p.coeffs.empty(), "polyattn::certify_exp", "polynomial 'p' must have at least one coefficient");
   detail::require(std::isfinite(radius) && radius >= 0, "polyattn::certify_exp",
                   "'radius' must be finite and >= 0, got ", radius);
   const double u = std::numeric_limits<double>::epsilon() / 2;
@@ -200,6 +204,10 @@ inline ExpApproximationCertificate certify_exp(const Polynomial& p, double radiu
   if (p.coeffs == taylor_exp(p.degree()).coeffs) {
     double remainder = growth;
     for (int t = 1; t <= p.degree() + 1; ++t) remainder *= radius / t;
+    double coefficient_rounding = 0, power = 1;
+    for (int t = 0; t <= p.degree(); ++t, power *= radius)
+      coefficient_rounding += 2 * t * u * p.coeffs[static_cast<std::size_t>(t)] * power;
+    remainder += growth * coefficient_rounding;
     cert.relative_error = std::min(cert.relative_error, remainder);
     cert.positive = p.degree() % 2 == 0 || cert.relative_error < 1;
     if (cert.positive) return cert;
