@@ -39,8 +39,9 @@ struct LoRAOptions {
 /// \f[ Y = X W + \mathbf 1 b^\top + s\, X A B,\qquad s = \alpha / r, \f]
 /// \f$A\f$ (in x r), \f$B\f$ (r x out). Only \f$A\f$ and \f$B\f$ are trainable; with \f$G = \partial L/\partial Y\f$,
 /// backward accumulates
-/// \f[ \partial L/\partial A \mathrel{+}= s\, X^\top (G B^\top),\qquad \partial L/\partial B \mathrel{+}= s\,(XA)^\top G,
-///     \qquad \partial L/\partial X \mathrel{+}= G W^\top + s\,(G B^\top) A^\top, \f]
+/// \f[ \partial L/\partial A \mathrel{+}= s\, X^\top (G B^\top),\qquad
+///     \partial L/\partial B \mathrel{+}= s\,(XA)^\top G,\qquad
+///     \partial L/\partial X \mathrel{+}= G W^\top + s\,(G B^\top) A^\top, \f]
 /// at \f$O(n\,r\,(\text{in}+\text{out}))\f$ beyond the base layer. The base weight and bias are marked
 /// `trainable = false`, so they get no gradient and optimizers never change them. merge() folds the update into
 /// the base weight, \f$W \leftarrow W + sAB\f$, after which inference costs one GEMM again.
