@@ -70,7 +70,10 @@ Matrix<typename DQ::Scalar> attention_reference(const Eigen::MatrixBase<DQ>& Q, 
 template <class T>
 class ExactAttention {
  public:
-  explicit ExactAttention(AttentionOptions options = {}, Index query_block = 128, Index key_block = 256)
+  /// \param query_block rows \f$b_q\f$ of Q per block, \param key_block rows \f$b_k\f$ of K and V per block.
+  /// The workspace is \f$b_q b_k + b_q (d_k + d_v)\f$ scalars. The defaults (256 x 256 floats: 256 KiB of
+  /// scores, fits L2) measured fastest on AVX-512 for \f$d \in [8, 64]\f$; both must be \f$\ge 1\f$.
+  explicit ExactAttention(AttentionOptions options = {}, Index query_block = 256, Index key_block = 256)
       : options_(std::move(options)), query_block_(query_block), key_block_(key_block) {
     detail::static_check_scalar<T>();
     options_.check();
@@ -141,11 +144,18 @@ class ExactAttention {
       const Index bk = std::min(key_block_, key_end - k0);
       scores_.noalias() = Qs * Kh.middleRows(k0, bk).transpose();
       if (options_.causal && k0 + bk - 1 > positions[0]) detail::mask_future_keys(scores_, positions, k0);
-      block_max_ = running_max_.cwiseMax(scores_.rowwise().maxCoeff());
-      rescale_ = (running_max_ - block_max_).array().exp();
-      scores_ = (scores_.colwise() - block_max_).array().exp();
-      running_sum_ = rescale_.cwiseProduct(running_sum_) + scores_.rowwise().sum();
-      accumulator_ = rescale_.asDiagonal() * accumulator_;
+      // Column by column: each column is contiguous, so max, exp and sum run on full SIMD packets
+      // (a `colwise() - vector` expression would fall back to scalar exp).
+      block_max_ = running_max_;
+      for (Index j = 0; j < bk; ++j) block_max_ = block_max_.cwiseMax(scores_.col(j));
+      rescale_ = (running_max_ - block_max_).array().exp().matrix();
+      running_sum_.array() *= rescale_.array();
+      for (Index j = 0; j < bk; ++j) {
+        auto column = scores_.col(j).array();
+        column = (column - block_max_.array()).exp();
+        running_sum_.array() += column;
+      }
+      accumulator_.array().colwise() *= rescale_.array();
       accumulator_.noalias() += scores_ * Vh.middleRows(k0, bk);
       running_max_.swap(block_max_);
     }
