@@ -1,0 +1,104 @@
+#include <polyattn/attention_options.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+using polyattn::AttentionOptions;
+using polyattn::Matrix;
+using polyattn::detail::check_qkv;
+using Catch::Contains;
+
+namespace {
+constexpr const char* where = "test_where";
+}
+
+TEST_CASE("AttentionOptions defaults and resolved scale", "[attention_options]") {
+  const AttentionOptions defaults;
+  REQUIRE_FALSE(defaults.scale.has_value());
+  REQUIRE_FALSE(defaults.causal);
+  REQUIRE(defaults.heads == 1);
+  REQUIRE_NOTHROW(defaults.check());
+  REQUIRE(defaults.resolved_scale(16) == 0.25);
+  REQUIRE(defaults.resolved_scale(2) == Approx(1 / std::sqrt(2.0)).epsilon(1e-15));
+  AttentionOptions paper;
+  paper.scale = 1.0 / 16;
+  REQUIRE(paper.resolved_scale(4) == 1.0 / 16);
+}
+
+TEST_CASE("AttentionOptions::check names the offending field", "[attention_options]") {
+  for (const polyattn::Index heads : {0, -2}) {
+    AttentionOptions opt;
+    opt.heads = heads;
+    REQUIRE_THROWS_AS(opt.check(), std::invalid_argument);
+    REQUIRE_THROWS_WITH(opt.check(), Contains("'heads'"));
+  }
+  for (const double scale : {0.0, -1.0, std::numeric_limits<double>::quiet_NaN(),
+                             std::numeric_limits<double>::infinity()}) {
+    CAPTURE(scale);
+    AttentionOptions opt;
+    opt.scale = scale;
+    REQUIRE_THROWS_AS(opt.check(), std::invalid_argument);
+    REQUIRE_THROWS_WITH(opt.check(), Contains("'scale'"));
+  }
+}
+
+TEST_CASE("check_qkv returns the per-head shape", "[attention_options]") {
+  AttentionOptions opt;
+  opt.heads = 3;
+  const Matrix<double> Q = Matrix<double>::Zero(5, 12), K = Matrix<double>::Zero(7, 12), V = Matrix<double>::Zero(7, 6);
+  const auto shape = check_qkv(where, Q, K, V, opt);
+  REQUIRE(shape.n == 5);
+  REQUIRE(shape.m == 7);
+  REQUIRE(shape.dk == 4);
+  REQUIRE(shape.dv == 2);
+  REQUIRE(shape.heads == 3);
+}
+
+TEST_CASE("check_qkv rejects bad shapes and entries, naming the argument", "[attention_options]") {
+  const AttentionOptions opt;
+  const Matrix<float> Q = Matrix<float>::Ones(4, 6), K = Matrix<float>::Ones(4, 6), V = Matrix<float>::Ones(4, 2);
+  REQUIRE_NOTHROW(check_qkv(where, Q, K, V, opt));
+  // Empty arguments: n = 0, m = 0, d = 0.
+  REQUIRE_THROWS_WITH(check_qkv(where, Matrix<float>(0, 6), K, V, opt), Contains(where) && Contains("'Q'"));
+  REQUIRE_THROWS_WITH(check_qkv(where, Q, Matrix<float>(0, 6), Matrix<float>(0, 2), opt), Contains("'K'"));
+  REQUIRE_THROWS_WITH(check_qkv(where, Matrix<float>(4, 0), Matrix<float>(4, 0), V, opt), Contains("'Q'"));
+  REQUIRE_THROWS_WITH(check_qkv(where, Q, K, Matrix<float>(4, 0), opt), Contains("'V'"));
+  // Mismatched shapes.
+  REQUIRE_THROWS_AS(check_qkv(where, Q, Matrix<float>::Ones(4, 5), V, opt), std::invalid_argument);
+  REQUIRE_THROWS_WITH(check_qkv(where, Q, Matrix<float>::Ones(4, 5), V, opt), Contains("'Q'") && Contains("'K'"));
+  REQUIRE_THROWS_WITH(check_qkv(where, Q, K, Matrix<float>::Ones(3, 2), opt), Contains("'V'") && Contains("3"));
+  // Heads must divide the columns of Q/K and of V.
+  AttentionOptions four_heads;
+  four_heads.heads = 4;
+  REQUIRE_THROWS_WITH(check_qkv(where, Q, K, Matrix<float>::Ones(4, 4), four_heads), Contains("'heads'"));
+  AttentionOptions two_heads;
+  two_heads.heads = 2;
+  REQUIRE_NOTHROW(check_qkv(where, Q, K, V, two_heads));
+  REQUIRE_THROWS_WITH(check_qkv(where, Q, K, Matrix<float>::Ones(4, 3), two_heads), Contains("'heads'") &&
+                                                                                      Contains("'V'"));
+  // Causal attention needs n == m.
+  AttentionOptions causal;
+  causal.causal = true;
+  REQUIRE_NOTHROW(check_qkv(where, Q, K, V, causal));
+  REQUIRE_THROWS_AS(check_qkv(where, Matrix<float>::Ones(3, 6), K, V, causal), std::invalid_argument);
+  REQUIRE_THROWS_WITH(check_qkv(where, Matrix<float>::Ones(3, 6), K, V, causal), Contains("'Q'") && Contains("'K'"));
+  REQUIRE_NOTHROW(check_qkv(where, Matrix<float>::Ones(3, 6), K, V, opt));
+  // Non-finite entries, named with their position.
+  for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                          -std::numeric_limits<float>::infinity()}) {
+    Matrix<float> badQ = Q, badK = K, badV = V;
+    badQ(2, 3) = bad;
+    badK(0, 5) = bad;
+    badV(3, 1) = bad;
+    REQUIRE_THROWS_WITH(check_qkv(where, badQ, K, V, opt), Contains("'Q'") && Contains("(2, 3)"));
+    REQUIRE_THROWS_WITH(check_qkv(where, Q, badK, V, opt), Contains("'K'") && Contains("(0, 5)"));
+    REQUIRE_THROWS_WITH(check_qkv(where, Q, K, badV, opt), Contains("'V'") && Contains("(3, 1)"));
+  }
+  // Options are checked too.
+  AttentionOptions bad_scale;
+  bad_scale.scale = -1.0;
+  REQUIRE_THROWS_WITH(check_qkv(where, Q, K, V, bad_scale), Contains("'scale'"));
+}
