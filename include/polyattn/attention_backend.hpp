@@ -39,6 +39,14 @@ struct GradientCertificate {
   double dv_bound = 0;
   /// A-priori bound on every entry of \f$\widetilde{dQ} - dQ\f$ and \f$\widetilde{dK} - dK\f$; \f$+\infty\f$ when vacuous.
   double dqk_bound = 0;
+  /// A-priori bound on every entry of \f$\widetilde{dQ} - dQ\f$ alone (\f$\le\f$ dqk_bound), reported by the adjoint
+  /// method, whose dQ bound lacks the column-sum factor of its dK bound; 0 where a method reports only dqk_bound.
+  double dq_bound = 0;
+  /// A-priori bound on every entry of \f$\widetilde{dK} - dK\f$ alone (\f$\le\f$ dqk_bound); see dq_bound.
+  double dk_bound = 0;
+  /// \f$\varepsilon'\f$: certified \f$\max|p'(x)e^{-x} - 1|\f$ over the forward interval, for methods that
+  /// differentiate p (adjoint); 0 for exact methods.
+  double derivative_error = 0;
 };
 
 /// Attention forward and backward behind a virtual interface.
