@@ -28,6 +28,8 @@
 #include "common.hpp"
 #include "polynomial.hpp"
 
+#include <limits>
+#include <numeric>
 #include <vector>
 
 namespace polyattn {
@@ -39,20 +41,27 @@ enum class FeatureSide { query, key };
 /// Default cap on the feature width r; wider maps throw instead of exhausting memory.
 inline constexpr Index default_max_features = Index(1) << 20;
 
-/// Number of features of a map without building it; saturates at `cap + 1` so that it never overflows.
+/// Number of features of a map without building it (1 when `dim` <= 0 or `degree` <= 0). Saturates at
+/// `cap + 1` (at `cap` when `cap` is the largest Index) without any intermediate overflow.
 inline Index feature_width(FeatureMapKind kind, Index dim, int degree, Index cap = default_max_features) {
+  const Index saturated = cap < std::numeric_limits<Index>::max() ? cap + 1 : cap;
+  if (dim <= 0) return 1;
   Index total = 1;
   Index level = 1;  // number of monomials of the current degree
   for (int t = 1; t <= degree; ++t) {
-    if (kind == FeatureMapKind::kronecker) {
-      level = (level > cap / dim) ? cap + 1 : level * dim;
-    } else {
-      // C(dim + t - 1, t) from C(dim + t - 2, t - 1); the division is exact.
-      const Index grown = level * (dim + t - 1);
-      level = (level > cap * Index(t) / (dim + t - 1)) ? cap + 1 : grown / t;
+    // Next level = level * factor, checked as level <= cap / factor so that nothing overflows.
+    Index factor = dim;
+    if (kind == FeatureMapKind::symmetric) {
+      // C(dim + t - 1, t) = C(dim + t - 2, t - 1) * (dim + t - 1) / t with an exact division; with
+      // g = gcd(level, t), t / g divides dim + t - 1, so divide before multiplying.
+      const Index g = std::gcd(level, Index(t));
+      level /= g;
+      factor = (dim + t - 1) / (Index(t) / g);
     }
+    if (level > cap / factor) return saturated;
+    level *= factor;
+    if (total > cap - level) return saturated;
     total += level;
-    if (total > cap) return cap + 1;
   }
   return total;
 }
