@@ -1,0 +1,116 @@
+/// \file attention.hpp
+/// Run-time choice of the attention method: one factory that builds any AttentionBackend from a method
+/// name and one options object, so that a model can pick the method per layer (and tools per flag).
+///
+/// | method            | forward + backward cost        | memory       | gradient it returns                  |
+/// |-------------------|--------------------------------|--------------|--------------------------------------|
+/// | `exact_reference` | \f$O(n^2 d)\f$                 | \f$O(n^2)\f$ | exact                                |
+/// | `exact_blocked`   | \f$O(n^2 d)\f$                 | \f$O(nd)\f$  | exact                                |
+/// | `paper`           | \f$O(n r d^2)\f$               | \f$O(nd + rd)\f$ per chunk | low-rank approximation of the exact one |
+/// | `adjoint`         | \f$O(n r d)\f$                 | \f$O(nd + rd)\f$ per chunk | exact gradient of the polynomial forward |
+///
+/// (\f$r\f$ = feature width of the degree-\f$g\f$ polynomial, \f$\binom{d_h+g}{g}\f$ with symmetric monomials.)
+/// The approximate backends live in their own headers; this one includes those present in the installed
+/// library, and make_attention_backend() reports a method whose header is absent with an exception.
+///
+/// \code
+///   polyattn::PolynomialAttentionOptions options;
+///   options.attention.causal = true;
+///   options.attention.heads = 4;
+///   options.degree = 2;
+///   auto attn = polyattn::make_attention_backend<float>(polyattn::parse_attention_method("adjoint"), options);
+///   attn->forward(Q, K, V, O);
+///   attn->backward(Q, K, V, O, G, dQ, dK, dV);
+/// \endcode
+#pragma once
+
+#include "attention_backend.hpp"
+#include "exact_gradients.hpp"
+
+#if __has_include("adjoint_gradients.hpp")
+#include "adjoint_gradients.hpp"
+#define POLYATTN_HAS_ADJOINT_BACKEND 1
+#else
+#define POLYATTN_HAS_ADJOINT_BACKEND 0
+#endif
+#if __has_include("paper_gradients.hpp")
+#include "paper_gradients.hpp"
+#define POLYATTN_HAS_PAPER_BACKEND 1
+#else
+#define POLYATTN_HAS_PAPER_BACKEND 0
+#endif
+
+#include <array>
+#include <memory>
+#include <string>
+
+namespace polyattn {
+
+/// Every method, in the order of the enumeration.
+inline constexpr std::array<AttentionMethod, 4> all_attention_methods{
+    AttentionMethod::exact_reference, AttentionMethod::exact_blocked, AttentionMethod::paper,
+    AttentionMethod::adjoint};
+
+/// The method's name as spelled in the enumeration ("exact_blocked", "adjoint", ...).
+inline const char* attention_method_name(AttentionMethod method) {
+  switch (method) {
+    case AttentionMethod::exact_reference: return "exact_reference";
+    case AttentionMethod::exact_blocked: return "exact_blocked";
+    case AttentionMethod::paper: return "paper";
+    case AttentionMethod::adjoint: return "adjoint";
+  }
+  throw std::invalid_argument(detail::concat("polyattn::attention_method_name: argument 'method' has the invalid value ",
+                                             static_cast<int>(method)));
+}
+
+/// Inverse of attention_method_name(); throws std::invalid_argument listing the valid names.
+inline AttentionMethod parse_attention_method(const std::string& name) {
+  for (const AttentionMethod method : all_attention_methods)
+    if (name == attention_method_name(method)) return method;
+  throw std::invalid_argument(detail::concat("polyattn::parse_attention_method: argument 'name' must be one of "
+                                             "exact_reference, exact_blocked, paper, adjoint; got '",
+                                             name, "'"));
+}
+
+/// True when make_attention_backend() can build `method` in this build of the library.
+inline bool attention_method_available(AttentionMethod method) {
+  switch (method) {
+    case AttentionMethod::exact_reference:
+    case AttentionMethod::exact_blocked: return true;
+    case AttentionMethod::paper: return POLYATTN_HAS_PAPER_BACKEND != 0;
+    case AttentionMethod::adjoint: return POLYATTN_HAS_ADJOINT_BACKEND != 0;
+  }
+  return false;
+}
+
+/// A new backend computing attention by `method`, configured by `options` (exact methods read only
+/// `options.attention`). Throws std::invalid_argument for invalid options or a method this build lacks.
+template <class T>
+std::unique_ptr<AttentionBackend<T>> make_attention_backend(AttentionMethod method,
+                                                            const PolynomialAttentionOptions& options) {
+  detail::static_check_scalar<T>();
+  constexpr const char* where = "polyattn::make_attention_backend";
+  options.check();
+  switch (method) {
+    case AttentionMethod::exact_reference: return std::make_unique<ExactReferenceBackend<T>>(options);
+    case AttentionMethod::exact_blocked: return std::make_unique<ExactBlockedBackend<T>>(options);
+    case AttentionMethod::paper:
+#if POLYATTN_HAS_PAPER_BACKEND
+      return std::make_unique<PaperBackend<T>>(options);
+#else
+      break;
+#endif
+    case AttentionMethod::adjoint:
+#if POLYATTN_HAS_ADJOINT_BACKEND
+      return std::make_unique<AdjointBackend<T>>(options);
+#else
+      break;
+#endif
+  }
+  detail::require(attention_method_available(method), where, "method '", attention_method_name(method),
+                  "' is not available: its header is missing from this build of polyattn");
+  throw std::invalid_argument(detail::concat(where, ": argument 'method' has the invalid value ",
+                                             static_cast<int>(method)));
+}
+
+}  // namespace polyattn
