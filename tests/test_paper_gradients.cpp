@@ -1,0 +1,290 @@
+#include <polyattn/exact_gradients.hpp>
+#include <polyattn/paper_gradients.hpp>
+
+#include "gradient_check.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+using Catch::Contains;
+using polyattn::AttentionOptions;
+using polyattn::Certificate;
+using polyattn::FeatureMapKind;
+using polyattn::GradientCertificate;
+using polyattn::Index;
+using polyattn::Matrix;
+using polyattn::PaperBackend;
+using polyattn::PaperGradientOptions;
+using polyattn::PolynomialAttentionOptions;
+using polyattn::Vector;
+using polyattn::testing::random_matrix;
+using polyattn::testing::relative_error;
+
+namespace {
+
+struct Problem {
+  Matrix<double> Q, K, V, G;
+};
+
+// Queries and keys with small entries (the bounded-entry regime: R = c max|q| max|k| well below 1),
+// values and upstream gradient N(0, 1).
+Problem random_problem(Index n, Index dk, Index dv, Index heads, std::uint64_t seed, double qk_sigma) {
+  return {random_matrix<double>(n, heads * dk, seed, qk_sigma), random_matrix<double>(n, heads * dk, seed + 1, qk_sigma),
+          random_matrix<double>(n, heads * dv, seed + 2), random_matrix<double>(n, heads * dv, seed + 3)};
+}
+
+// Row-normalised (optionally causally masked) kernel matrix kernel(c Q_h K_h^T) of one head.
+template <class Kernel>
+Matrix<double> attention_matrix(const Matrix<double>& Qh, const Matrix<double>& Kh, double c, bool causal,
+                                Kernel kernel) {
+  Matrix<double> A = (c * Qh * Kh.transpose()).unaryExpr(kernel);
+  if (causal) A.triangularView<Eigen::StrictlyUpper>().setZero();
+  return A.rowwise().sum().cwiseInverse().asDiagonal() * A;
+}
+
+struct Gradients {
+  Matrix<double> O, dQ, dK, dV;
+  std::vector<Matrix<double>> P;  // per head
+};
+
+// The exact-gradient formulas with P replaced by the row-normalised polynomial kernel P~ (materialised):
+// what Algorithm 1 computes, up to rounding.
+Gradients formulas_with_approximate_p(const Problem& pr, const AttentionOptions& opt, const polyattn::Polynomial& poly) {
+  const Index heads = opt.heads, dk = pr.Q.cols() / heads, dv = pr.V.cols() / heads, n = pr.Q.rows();
+  const double c = opt.resolved_scale(dk);
+  Gradients out{Matrix<double>(n, heads * dv), Matrix<double>(n, heads * dk), Matrix<double>(n, heads * dk),
+                Matrix<double>(n, heads * dv), {}};
+  for (Index h = 0; h < heads; ++h) {
+    const Matrix<double> Qh = pr.Q.middleCols(h * dk, dk), Kh = pr.K.middleCols(h * dk, dk);
+    const Matrix<double> Vh = pr.V.middleCols(h * dv, dv), Gh = pr.G.middleCols(h * dv, dv);
+    const Matrix<double> P = attention_matrix(Qh, Kh, c, opt.causal, [&](double x) { return poly(x); });
+    const Matrix<double> O = P * Vh;
+    const Vector<double> kappa = O.cwiseProduct(Gh).rowwise().sum();
+    const Matrix<double> p = P.cwiseProduct(Gh * Vh.transpose()) - kappa.asDiagonal() * P;
+    out.O.middleCols(h * dv, dv) = O;
+    out.dQ.middleCols(h * dk, dk) = c * p * Kh;
+    out.dK.middleCols(h * dk, dk) = c * p.transpose() * Qh;
+    out.dV.middleCols(h * dv, dv) = P.transpose() * Gh;
+    out.P.push_back(P);
+  }
+  return out;
+}
+
+template <class T>
+struct PaperRun {
+  Matrix<T> O, dQ, dK, dV;
+  Certificate cert;
+  GradientCertificate grad;
+};
+
+template <class T>
+PaperRun<T> run_paper(const Problem& pr, const PolynomialAttentionOptions& opt, PaperGradientOptions gopt = {}) {
+  const Matrix<T> Q = pr.Q.cast<T>(), K = pr.K.cast<T>(), V = pr.V.cast<T>(), G = pr.G.cast<T>();
+  PaperRun<T> run{Matrix<T>(Q.rows(), V.cols()), Matrix<T>(Q.rows(), Q.cols()), Matrix<T>(K.rows(), K.cols()),
+                  Matrix<T>(K.rows(), V.cols()), {}, {}};
+  PaperBackend<T> paper(opt, gopt);
+  run.cert = paper.forward(Q, K, V, run.O);
+  run.grad = paper.backward(Q, K, V, run.O, G, run.dQ, run.dK, run.dV);
+  return run;
+}
+
+PolynomialAttentionOptions polynomial_options(bool causal, Index heads, int degree, FeatureMapKind map, Index chunk) {
+  PolynomialAttentionOptions opt;
+  opt.attention.causal = causal;
+  opt.attention.heads = heads;
+  opt.degree = degree;
+  opt.feature_map = map;
+  opt.chunk_size = chunk;
+  return opt;
+}
+
+double max_abs_difference(const Matrix<double>& a, const Matrix<double>& b) { return (a - b).cwiseAbs().maxCoeff(); }
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("Paper backward equals the exact-gradient formulas evaluated with the approximate P",
+                   "[paper_gradients]", float, double) {
+  using T = TestType;
+  // Both sides compute the same function of the inputs in different orders. In double the rounding is a
+  // few hundred u relative to the result's norm (sums of <= n r (d+1) ~ 1e4 terms, and p~ is a difference
+  // of O(1) terms whose result is O(0.1)): 1e-11 leaves margin. In float u = 6e-8 and the same
+  // amplification gives ~1e-5; 2e-4 leaves margin.
+  const double tolerance = std::is_same<T, double>::value ? 1e-11 : 2e-4;
+  const Index n = 19, dk = 3, dv = 2;
+  for (const bool causal : {false, true})
+    for (const Index heads : {Index(1), Index(2), Index(3)})
+      for (const int degree : {2, 4})
+        for (const FeatureMapKind map : {FeatureMapKind::symmetric, FeatureMapKind::kronecker})
+          for (const Index chunk : {Index(4), Index(5), Index(19)}) {  // 19 rows: 5 does not divide, 19 is one chunk
+            CAPTURE(causal, heads, degree, map == FeatureMapKind::symmetric, chunk);
+            const Problem pr = random_problem(n, dk, dv, heads, 100 + static_cast<std::uint64_t>(heads), 0.5);
+            const PolynomialAttentionOptions opt = polynomial_options(causal, heads, degree, map, chunk);
+            const PaperRun<T> run = run_paper<T>(pr, opt, {1});
+            const Gradients ref = formulas_with_approximate_p(pr, opt.attention, polyattn::taylor_exp(degree));
+            CHECK(relative_error(run.O, ref.O) < tolerance);
+            CHECK(relative_error(run.dQ, ref.dQ) < tolerance);
+            CHECK(relative_error(run.dK, ref.dK) < tolerance);
+            CHECK(relative_error(run.dV, ref.dV) < tolerance);
+          }
+}
+
+TEST_CASE("Kronecker factors reproduce p~ and the tiled products equal the untiled ones", "[paper_gradients]") {
+  const Index n = 13, dk = 3, dv = 3;
+  const Problem pr = random_problem(n, dk, dv, 1, 200, 0.5);
+  const double c = 1 / std::sqrt(3.0);
+  const polyattn::FeatureMap<double> map(FeatureMapKind::symmetric, dk, polyattn::taylor_exp(2), c);
+  Matrix<double> Fq(n, map.width()), Fk(n, map.width());
+  map.features(pr.Q, polyattn::FeatureSide::query, Fq);
+  map.features(pr.K, polyattn::FeatureSide::key, Fk);
+  for (const bool causal : {false, true}) {
+    CAPTURE(causal);
+    Matrix<double> A = Fq * Fk.transpose();
+    if (causal) A.triangularView<Eigen::StrictlyUpper>().setZero();
+    const Vector<double> normaliser = A.rowwise().sum();
+    const Matrix<double> U1 = normaliser.cwiseInverse().asDiagonal() * Fq, &V1 = Fk;
+    const Matrix<double> P = normaliser.cwiseInverse().asDiagonal() * A;
+    const Vector<double> kappa = (P * pr.V).cwiseProduct(pr.G).rowwise().sum();
+    Matrix<double> Up, Vp;
+    polyattn::detail::kronecker_groups(U1, pr.G, -kappa, 0, dv + 1, Up);
+    polyattn::detail::kronecker_groups(V1, pr.V, Vector<double>::Ones(n), 0, dv + 1, Vp);
+    REQUIRE(Up.cols() == map.width() * (dv + 1));
+    // Fact C.2: (U1 (/) G)(V1 (/) V)^T = (U1 V1^T) o (G V^T); the mask commutes with the Hadamard product.
+    Matrix<double> p_lowrank = Up * Vp.transpose();
+    if (causal) p_lowrank.triangularView<Eigen::StrictlyUpper>().setZero();
+    const Matrix<double> p = P.cwiseProduct(pr.G * pr.V.transpose()) - kappa.asDiagonal() * P;
+    CHECK(relative_error(p_lowrank, p) < 1e-13);
+    // Untiled, right to left: c U_p (V_p^T K) etc. (causal: masked products of the whole factors).
+    const Matrix<double> dQ = c * p_lowrank * pr.K, dK = c * p_lowrank.transpose() * pr.Q;
+    for (const Index tile : {Index(0), Index(1), Index(2), Index(4), Index(100)}) {
+      CAPTURE(tile);
+      for (const Index chunk : {Index(3), Index(13)}) {
+        CAPTURE(chunk);
+        PolynomialAttentionOptions opt = polynomial_options(causal, 1, 2, FeatureMapKind::symmetric, chunk);
+        opt.attention.scale = c;
+        const PaperRun<double> run = run_paper<double>(pr, opt, {tile});
+        // Sums of <= n r (d+1) = 520 O(1) products in different orders: 1e-12 relative has margin.
+        CHECK(relative_error(run.dQ, dQ) < 1e-12);
+        CHECK(relative_error(run.dK, dK) < 1e-12);
+        CHECK(relative_error(run.dV, P.transpose() * pr.G) < 1e-12);
+      }
+    }
+  }
+}
+
+TEST_CASE("Paper gradients are within the epsilon-derived bound of the exact gradients", "[paper_gradients]") {
+  // Tolerance derivation. With eps the certified max |p(x) e^{-x} - 1| on [-R, R] (eps < 1), every entry
+  // obeys |P~ - P| <= delta P with delta = 2 eps / (1 - eps). With a = max ||g_i|| max ||v_j|| (which bounds
+  // |(G V^T)_ij| and |kappa_i|): |kappa~_i - kappa_i| <= delta a and |p~_ij - p_ij| <= 2 a delta P_ij +
+  // a delta P~_ij, so
+  //   |dQ~ - dQ| <= 3 c delta a max|K|,
+  //   |dK~ - dK|_j <= c delta a max|Q| (2 colsum(P)_j + colsum(P~)_j),
+  //   |dV~ - dV|_j <= delta max|G| colsum(P)_j,
+  // computed here from the materialised exact P and P~. Rounding (double) is ~1e-15 relative, negligible
+  // against delta >= 1e-6 here. The certificate's bounds use only P~ (colsum(P) <= rho colsum(P~)), so they
+  // must be at least these.
+  const Index n = 24, dk = 4, dv = 3;
+  for (const bool causal : {false, true})
+    for (const Index heads : {Index(1), Index(2), Index(3)})
+      for (const int degree : {2, 4})
+        for (const FeatureMapKind map : {FeatureMapKind::symmetric, FeatureMapKind::kronecker}) {
+          CAPTURE(causal, heads, degree, map == FeatureMapKind::symmetric);
+          const Problem pr = random_problem(n, dk, dv, heads, 300 + static_cast<std::uint64_t>(heads), 0.2);
+          const PolynomialAttentionOptions opt = polynomial_options(causal, heads, degree, map, 7);
+          const PaperRun<double> run = run_paper<double>(pr, opt);
+          REQUIRE(run.cert.radius < 0.5);
+          REQUIRE_FALSE(run.cert.vacuous());
+          const double eps = run.cert.poly_error, delta = 2 * eps / (1 - eps);
+          Matrix<double> dQ(n, heads * dk), dK(n, heads * dk), dV(n, heads * dv);
+          polyattn::attention_backward_reference<double>(pr.Q, pr.K, pr.V, pr.G, opt.attention, dQ, dK, dV);
+          const Gradients approx = formulas_with_approximate_p(pr, opt.attention, polyattn::taylor_exp(degree));
+          double bound_q = 0, bound_k = 0, bound_v = 0;
+          for (Index h = 0; h < heads; ++h) {
+            const Matrix<double> Qh = pr.Q.middleCols(h * dk, dk), Kh = pr.K.middleCols(h * dk, dk);
+            const Matrix<double> Vh = pr.V.middleCols(h * dv, dv), Gh = pr.G.middleCols(h * dv, dv);
+            const double c = opt.attention.resolved_scale(dk);
+            const double a = Gh.rowwise().norm().maxCoeff() * Vh.rowwise().norm().maxCoeff();
+            const Matrix<double> P = attention_matrix(Qh, Kh, c, causal, [](double x) { return std::exp(x); });
+            const Vector<double> col_exact = P.colwise().sum().transpose();
+            const Vector<double> col_approx = approx.P[static_cast<std::size_t>(h)].colwise().sum().transpose();
+            bound_q = std::max(bound_q, 3 * c * delta * a * Kh.cwiseAbs().maxCoeff());
+            bound_k = std::max(bound_k, c * delta * a * Qh.cwiseAbs().maxCoeff() * (2 * col_exact + col_approx).maxCoeff());
+            bound_v = std::max(bound_v, delta * Gh.cwiseAbs().maxCoeff() * col_exact.maxCoeff());
+          }
+          CAPTURE(eps, bound_q, bound_k, bound_v, dQ.cwiseAbs().maxCoeff(), dK.cwiseAbs().maxCoeff(),
+                  dV.cwiseAbs().maxCoeff());
+          CHECK(max_abs_difference(run.dQ, dQ) <= bound_q);
+          CHECK(max_abs_difference(run.dK, dK) <= bound_k);
+          CHECK(max_abs_difference(run.dV, dV) <= bound_v);
+          CHECK(run.grad.dqk_bound >= std::max(bound_q, bound_k));
+          CHECK(run.grad.dv_bound >= bound_v);
+          if (degree == 4) {
+            // The bound is small against the gradients here, so a wrong formula (e.g. the paper's printed
+            // f instead of f^T) could not hide under it.
+            CHECK(bound_q < 0.05 * dQ.cwiseAbs().maxCoeff());
+            CHECK(bound_k < 0.05 * dK.cwiseAbs().maxCoeff());
+            CHECK(bound_v < 0.05 * dV.cwiseAbs().maxCoeff());
+          }
+        }
+}
+
+TEST_CASE("Paper gradients at negligible epsilon match central finite differences of the exact loss",
+          "[paper_gradients]") {
+  // At R ~ 0.3 the degree-12 Taylor truncation has eps ~ 1e-18, certified <= 1e-12 (the certificate's
+  // rounding term dominates), so the paper's gradients equal the exact ones to ~1e-11 (bound above) and
+  // must agree with central differences of the exact loss L = <G, O> to their accuracy, ~1e-9
+  // (gradient_check.hpp): 1e-7 as for every double gradient check.
+  const Index n = 7, dk = 3, dv = 2, heads = 2;
+  for (const bool causal : {false, true}) {
+    CAPTURE(causal);
+    Problem pr = random_problem(n, dk, dv, heads, 400, 0.25);
+    const PolynomialAttentionOptions opt = polynomial_options(causal, heads, 12, FeatureMapKind::symmetric, 3);
+    const PaperRun<double> run = run_paper<double>(pr, opt);
+    REQUIRE(run.cert.poly_error < 1e-12);
+    auto loss = [&] {
+      return (polyattn::attention_reference(pr.Q, pr.K, pr.V, opt.attention).array() * pr.G.array()).sum();
+    };
+    CHECK(polyattn::testing::gradient_error(loss, pr.Q, run.dQ) < 1e-7);
+    CHECK(polyattn::testing::gradient_error(loss, pr.K, run.dK) < 1e-7);
+    CHECK(polyattn::testing::gradient_error(loss, pr.V, run.dV) < 1e-7);
+  }
+}
+
+TEST_CASE("Paper backward rejects bad input naming the argument", "[paper_gradients]") {
+  const Index n = 6, dk = 2, dv = 2;
+  const Problem pr = random_problem(n, dk, dv, 1, 500, 0.5);
+  Matrix<double> O(n, dv), dQ(n, dk), dK(n, dk), dV(n, dv);
+  PaperBackend<double> paper(PolynomialAttentionOptions{});
+  CHECK(paper.method() == polyattn::AttentionMethod::paper);
+  CHECK_THROWS_WITH(paper.backward(pr.Q, pr.K, pr.V, O, pr.G, dQ, dK, dV), Contains("forward() first"));
+  paper.forward(pr.Q, pr.K, pr.V, O);
+  const Matrix<double> short_g = pr.G.topRows(n - 1);
+  CHECK_THROWS_WITH(paper.backward(pr.Q, pr.K, pr.V, O, short_g, dQ, dK, dV),
+                    Contains("PaperBackend::backward") && Contains("'G'") && Contains("6x2") && Contains("5x2"));
+  Matrix<double> wide_dv(n, dv + 1);
+  CHECK_THROWS_WITH(paper.backward(pr.Q, pr.K, pr.V, O, pr.G, dQ, dK, wide_dv), Contains("'dV'") && Contains("6x3"));
+  Matrix<double> nan_g = pr.G;
+  nan_g(3, 1) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(paper.backward(pr.Q, pr.K, pr.V, O, nan_g, dQ, dK, dV), Contains("'G'") && Contains("(3, 1)"));
+  Matrix<double> nan_q = pr.Q;
+  nan_q(0, 0) = std::numeric_limits<double>::infinity();
+  CHECK_THROWS_WITH(paper.backward(nan_q, pr.K, pr.V, O, pr.G, dQ, dK, dV), Contains("'Q'"));
+  const Matrix<double> longer = random_matrix<double>(n + 1, dk, 501);
+  Matrix<double> dK_longer(n + 1, dk), dV_longer(n + 1, dv);
+  CHECK_THROWS_WITH(paper.backward(pr.Q, longer, random_matrix<double>(n + 1, dv, 502), O, pr.G, dQ, dK_longer,
+                                   dV_longer),
+                    Contains("last forward()"));
+  const Matrix<double> empty(0, dk), empty_v(0, dv);
+  Matrix<double> empty_dq(0, dk), empty_dv(0, dv);
+  CHECK_THROWS_WITH(paper.backward(empty, empty, empty_v, empty_v, empty_v, empty_dq, empty_dq, empty_dv),
+                    Contains("'Q'") && Contains("non-empty"));
+  CHECK_THROWS_AS(PaperBackend<double>(PolynomialAttentionOptions{}, PaperGradientOptions{-1}), std::invalid_argument);
+  CHECK_THROWS_WITH(PaperBackend<double>(PolynomialAttentionOptions{}, PaperGradientOptions{-1}),
+                    Contains("kronecker_tile"));
+  PolynomialAttentionOptions bad_degree;
+  bad_degree.degree = -1;
+  CHECK_THROWS_WITH(PaperBackend<double>(bad_degree), Contains("'degree'"));
+}
