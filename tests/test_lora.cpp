@@ -171,7 +171,8 @@ TEST_CASE("LoRA rejects bad options and a backward without forward", "[lora]") {
   REQUIRE_THROWS_WITH(lora.backward(Matrix<double>::Ones(5, 4), Matrix<double>::Ones(5, 3), dX),
                       Contains("LoRALinear::backward") && Contains("forward pass"));
   Matrix<double> Y(5, 3);
-  REQUIRE_THROWS_WITH(lora.forward(Matrix<double>::Ones(5, 2), Y), Contains("'X'") && Contains("5x4"));
+  REQUIRE_THROWS_WITH(lora.forward(Matrix<double>::Ones(5, 2), Y),
+                      Contains("LoRALinear::forward") && Contains("'X'") && Contains("5x4") && Contains("5x2"));
   lora.B.value.resize(3, 3);
   REQUIRE_THROWS_WITH(lora.forward(Matrix<double>::Ones(5, 4), Y),
                       Contains("'proj.weight.lora_B'") && Contains("2x3") && Contains("3x3"));

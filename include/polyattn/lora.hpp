@@ -95,6 +95,10 @@ class LoRALinear {
   void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
     constexpr const char* where = "polyattn::LoRALinear::forward";
     check_adapter(where);
+    detail::require_nonempty(where, "X", X);
+    detail::require_shape(where, "X", X, X.rows(), in_features());
+    detail::require_shape(where, "Y", Y, X.rows(), out_features());
+    detail::require_finite(where, "X", X);
     base.forward(X, Y);
     input_times_A_.noalias() = X * A.value;
     Y.noalias() += static_cast<T>(scale()) * input_times_A_ * B.value;
@@ -105,10 +109,15 @@ class LoRALinear {
   void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) {
     constexpr const char* where = "polyattn::LoRALinear::backward";
     check_adapter(where);
-    base.backward(X, dY, dX);
+    detail::require_nonempty(where, "X", X);
+    detail::require_shape(where, "X", X, X.rows(), in_features());
+    detail::require_shape(where, "dY", dY, X.rows(), out_features());
+    detail::require_shape(where, "dX", dX, X.rows(), in_features());
     detail::require(input_times_A_.rows() == X.rows() && input_times_A_.cols() == rank(), where,
                     "needs the forward pass of the same 'X' first: saved XA is ", input_times_A_.rows(), "x",
                     input_times_A_.cols(), ", expected ", X.rows(), "x", rank());
+    detail::require_finite(where, "dY", dY);
+    base.backward(X, dY, dX);
     const T s = static_cast<T>(scale());
     output_grad_times_Bt_.noalias() = dY * B.value.transpose();
     if (B.trainable) B.grad.noalias() += s * input_times_A_.transpose() * dY;

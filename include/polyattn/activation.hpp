@@ -1,0 +1,95 @@
+/// \file activation.hpp
+/// Element-wise activations (GELU in its tanh approximation, ReLU), forward and backward.
+#pragma once
+
+#include "parameter.hpp"
+
+#include <vector>
+
+namespace polyattn {
+
+/// Which element-wise nonlinearity Activation applies.
+enum class ActivationKind {
+  /// \f$\mathrm{GELU}(x) \approx \tfrac12 x\,(1 + \tanh(\sqrt{2/\pi}\,(x + 0.044715\,x^3)))\f$ (GPT-2's form).
+  gelu,
+  /// \f$\max(0, x)\f$; its derivative is taken as 0 at \f$x = 0\f$.
+  relu,
+};
+
+/// Element-wise activation \f$Y = f(X)\f$; backward accumulates \f$\partial L/\partial X \mathrel{+}= f'(X)\circ G\f$.
+///
+/// For GELU, with \f$k = \sqrt{2/\pi}\f$, \f$a = 0.044715\f$, \f$u = k(x + a x^3)\f$ and \f$t = \tanh u\f$:
+/// \f[ f(x) = \tfrac12 x (1 + t),\qquad f'(x) = \tfrac12 (1 + t) + \tfrac12 x\,(1 - t^2)\,k\,(1 + 3 a x^2). \f]
+/// Both are evaluated through \f$e = \exp(-2|u|) \in [0, 1]\f$, which forward saves for backward:
+/// \f[ 1 + t = \frac{2w}{1+e},\quad w = \begin{cases}1 & x \ge 0\\ e & x < 0\end{cases},\qquad
+///     1 - t^2 = \frac{4e}{(1+e)^2}. \f]
+/// Unlike \f$1 + \tanh u\f$ and \f$1 - \tanh^2 u\f$ these do not cancel, so \f$f\f$ and \f$f'\f$ keep full
+/// relative accuracy in the tails (in float \f$1+t\f$ at \f$x = -3\f$ would lose four digits). Huge inputs
+/// saturate without NaN: \f$x^3\f$ may overflow, but then \f$e = 0\f$; in the derivative the factor
+/// \f$x(1 + 3ax^2)\f$ is evaluated at \f$x\f$ clamped to \f$[-10, 10]\f$, beyond which \f$e < 10^{-37}\f$ makes
+/// the term vanish to working precision anyway.
+/// Activation has no parameters; collect_parameters() exists so it composes like every other layer.
+///
+/// \code
+///   polyattn::Activation<float> gelu(polyattn::ActivationKind::gelu);
+///   gelu.forward(H, A);
+///   gelu.backward(H, dA, dH);          // dH += GELU'(H) o dA
+/// \endcode
+template <class T>
+class Activation {
+ public:
+  explicit Activation(ActivationKind kind = ActivationKind::gelu) : kind_(kind) { detail::static_check_scalar<T>(); }
+
+  ActivationKind kind() const { return kind_; }
+
+  /// Appends nothing: an activation has no parameters.
+  void collect_parameters(std::vector<Parameter<T>*>&) {}
+
+  /// Writes \f$Y = f(X)\f$ (same shape as X).
+  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
+    constexpr const char* where = "polyattn::Activation::forward";
+    detail::require_nonempty(where, "X", X);
+    detail::require_shape(where, "Y", Y, X.rows(), X.cols());
+    detail::require_finite(where, "X", X);
+    if (kind_ == ActivationKind::relu) {
+      Y = X.array().max(T(0));
+      return;
+    }
+    const auto x = X.array();
+    exp_term_ = (T(-2 * root_two_over_pi) * (x + T(gelu_cubic) * x.cube()).abs()).exp();
+    const auto e = exp_term_.array();
+    Y = x * (x >= T(0)).select(T(1), e) / (T(1) + e);
+  }
+
+  /// Accumulates \f$f'(X)\circ\f$ `dY` into `dX`, for the X of the preceding forward().
+  void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) {
+    constexpr const char* where = "polyattn::Activation::backward";
+    detail::require_nonempty(where, "X", X);
+    detail::require_shape(where, "dY", dY, X.rows(), X.cols());
+    detail::require_shape(where, "dX", dX, X.rows(), X.cols());
+    detail::require_finite(where, "dY", dY);
+    if (kind_ == ActivationKind::relu) {
+      dX.array() += (X.array() > T(0)).select(dY.array(), T(0));
+      return;
+    }
+    detail::require(exp_term_.rows() == X.rows() && exp_term_.cols() == X.cols(), where,
+                    "needs the forward pass of the same 'X' first: saved state is ", exp_term_.rows(), "x",
+                    exp_term_.cols(), ", got 'X' ", X.rows(), "x", X.cols());
+    const auto x = X.array();
+    const auto clamped = x.max(T(-gelu_saturation)).min(T(gelu_saturation));
+    const auto e = exp_term_.array();
+    dX.array() += dY.array() * ((x >= T(0)).select(T(1), e) / (T(1) + e) +
+                                T(2 * root_two_over_pi) * e * clamped *
+                                    (T(1) + T(3 * gelu_cubic) * clamped.square()) / (T(1) + e).square());
+  }
+
+ private:
+  static constexpr double root_two_over_pi = 0.79788456080286535587989211986876;
+  static constexpr double gelu_cubic = 0.044715;
+  static constexpr double gelu_saturation = 10;
+
+  ActivationKind kind_;
+  Matrix<T> exp_term_;  // e = exp(-2|u|) of the last forward (GELU only)
+};
+
+}  // namespace polyattn
