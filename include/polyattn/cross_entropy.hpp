@@ -1,0 +1,141 @@
+/// \file cross_entropy.hpp
+/// Mean softmax cross-entropy of next-token logits, forward and backward.
+#pragma once
+
+#include "common.hpp"
+
+#include <optional>
+#include <vector>
+
+namespace polyattn {
+
+/// Options of CrossEntropy.
+struct CrossEntropyOptions {
+  /// Rows whose target equals this id are not scored (padding, or positions without a next token). Empty
+  /// (default): every row is scored and every target must be a valid id. When set it must lie outside
+  /// \f$[0, V)\f$, so it can never hide a real token.
+  std::optional<Index> ignore_target;
+
+  /// Throws std::invalid_argument if `ignore_target` is a valid token id for a vocabulary of `vocab_size`.
+  void check(Index vocab_size) const {
+    if (ignore_target)
+      detail::require(*ignore_target < 0 || *ignore_target >= vocab_size, "polyattn::CrossEntropyOptions",
+                      "'ignore_target' must lie outside [0, ", vocab_size, ") (it would hide a real token), got ",
+                      *ignore_target);
+  }
+};
+
+/// Mean cross-entropy of the softmax of each logits row against its integer target:
+/// \f[ L = \frac1{|S|}\sum_{i\in S}\Big(\log\sum_v e^{z_{iv}} - z_{i t_i}\Big)
+///       = \frac1{|S|}\sum_{i\in S}\Big((m_i - z_{i t_i}) + \log\sum_v e^{z_{iv}-m_i}\Big),\qquad
+///     m_i = \max_v z_{iv}, \f]
+/// over the scored rows \f$S\f$ (all rows unless an ignore target is set). Subtracting \f$m_i\f$ makes every
+/// exponent \f$\le 0\f$ and the sum \f$\ge 1\f$, so nothing overflows and the logarithm is well conditioned for any
+/// finite logits; \f$m_i - z_{it_i} \ge 0\f$ is formed before adding the logarithm, which huge logits would
+/// otherwise absorb. The caller aligns the targets: for next-token prediction \f$t_i\f$ is the token at position
+/// \f$i+1\f$. With \f$P\f$ = softmax rows (saved by forward), backward accumulates
+/// \f[ \partial L/\partial z_{i\cdot} \mathrel{+}= \tfrac1{|S|}\,(P_{i\cdot} - e_{t_i}^\top)\quad (i \in S). \f]
+/// Forward also counts the scored rows whose target attains the row maximum (ties count as correct).
+///
+/// \code
+///   polyattn::CrossEntropy<float> loss;
+///   const double value = loss.forward(logits, targets);       // logits n x V, targets[i] = tokens[i + 1]
+///   polyattn::Matrix<float> dlogits = polyattn::Matrix<float>::Zero(n, V);
+///   loss.backward(logits, targets, dlogits);
+///   double acc = loss.accuracy();
+/// \endcode
+template <class T>
+class CrossEntropy {
+ public:
+  explicit CrossEntropy(CrossEntropyOptions options = {}) : options_(options) { detail::static_check_scalar<T>(); }
+
+  const CrossEntropyOptions& options() const { return options_; }
+
+  /// Returns the mean loss over the scored rows (0 when no row is scored) for `logits` (n x V) and the n
+  /// `targets`; saves the probabilities for backward.
+  double forward(const ConstMatrixRef<T>& logits, const std::vector<Index>& targets) {
+    constexpr const char* where = "polyattn::CrossEntropy::forward";
+    check_input(where, logits, targets);
+    detail::require_finite(where, "logits", logits);
+    row_max_ = logits.rowwise().maxCoeff();
+    probabilities_ = (logits.colwise() - row_max_).array().exp();
+    row_sum_ = probabilities_.rowwise().sum();
+    probabilities_.array().colwise() /= row_sum_.array();
+    targets_ = targets;
+    scored_ = 0;
+    correct_ = 0;
+    double total = 0;
+    for (Index i = 0; i < logits.rows(); ++i) {
+      const Index target = targets[static_cast<std::size_t>(i)];
+      if (is_ignored(target)) continue;
+      ++scored_;
+      const T target_logit = logits(i, target);
+      if (target_logit == row_max_(i)) ++correct_;
+      // (m - z_t) first: with huge logits m + log s would absorb log s before z_t cancels m.
+      total += (static_cast<double>(row_max_(i)) - static_cast<double>(target_logit)) +
+               std::log(static_cast<double>(row_sum_(i)));
+    }
+    return scored_ > 0 ? total / static_cast<double>(scored_) : 0.0;
+  }
+
+  /// Accumulates \f$\partial L/\partial z\f$ into `dlogits` (n x V), for the logits and targets of the
+  /// preceding forward().
+  void backward(const ConstMatrixRef<T>& logits, const std::vector<Index>& targets, MatrixRef<T> dlogits) {
+    constexpr const char* where = "polyattn::CrossEntropy::backward";
+    check_input(where, logits, targets);
+    detail::require_shape(where, "dlogits", dlogits, logits.rows(), logits.cols());
+    detail::require(probabilities_.rows() == logits.rows() && probabilities_.cols() == logits.cols() &&
+                        targets_ == targets,
+                    where, "needs the forward pass of the same 'logits' and 'targets' first (saved state is ",
+                    probabilities_.rows(), "x", probabilities_.cols(), " with ", targets_.size(), " targets)");
+    if (scored_ == 0) return;
+    const T weight = static_cast<T>(1.0 / static_cast<double>(scored_));
+    if (scored_ == logits.rows()) {
+      dlogits.noalias() += weight * probabilities_;
+    } else {
+      row_weight_.resize(logits.rows());
+      for (Index i = 0; i < logits.rows(); ++i)
+        row_weight_(i) = is_ignored(targets[static_cast<std::size_t>(i)]) ? T(0) : weight;
+      dlogits.noalias() += row_weight_.asDiagonal() * probabilities_;
+    }
+    for (Index i = 0; i < logits.rows(); ++i) {
+      const Index target = targets[static_cast<std::size_t>(i)];
+      if (!is_ignored(target)) dlogits(i, target) -= weight;
+    }
+  }
+
+  /// Softmax of each logits row of the last forward call (n x V).
+  const Matrix<T>& probabilities() const { return probabilities_; }
+  /// Number of rows the last forward call scored.
+  Index scored() const { return scored_; }
+  /// Number of scored rows whose target attained the row maximum.
+  Index correct() const { return correct_; }
+  /// correct() / scored() (0 when nothing was scored).
+  double accuracy() const {
+    return scored_ > 0 ? static_cast<double>(correct_) / static_cast<double>(scored_) : 0.0;
+  }
+
+ private:
+  bool is_ignored(Index target) const { return options_.ignore_target && target == *options_.ignore_target; }
+
+  void check_input(const char* where, const ConstMatrixRef<T>& logits, const std::vector<Index>& targets) const {
+    detail::require_nonempty(where, "logits", logits);
+    options_.check(logits.cols());
+    detail::require(static_cast<Index>(targets.size()) == logits.rows(), where,
+                    "argument 'targets' must have one entry per logits row (", logits.rows(), "), got ",
+                    targets.size());
+    for (std::size_t i = 0; i < targets.size(); ++i)
+      detail::require(is_ignored(targets[i]) || (targets[i] >= 0 && targets[i] < logits.cols()), where,
+                      "argument 'targets' entry ", i, " must be in [0, ", logits.cols(), ")",
+                      options_.ignore_target ? " or the ignore target" : "", ", got ", targets[i]);
+  }
+
+  CrossEntropyOptions options_;
+  Matrix<T> probabilities_;
+  Vector<T> row_max_, row_sum_, row_weight_;
+  std::vector<Index> targets_;
+  Index scored_ = 0;
+  Index correct_ = 0;
+};
+
+}  // namespace polyattn

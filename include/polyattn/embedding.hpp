@@ -1,0 +1,124 @@
+/// \file embedding.hpp
+/// Token embedding plus learned positional embedding, forward and backward.
+#pragma once
+
+#include "parameter.hpp"
+
+#include <string>
+#include <vector>
+
+namespace polyattn {
+
+/// Options of Embedding.
+struct EmbeddingOptions {
+  /// Number of token ids \f$V\f$ (rows of the token table). Required, >= 1.
+  Index vocab_size = 0;
+  /// Longest sequence \f$N\f$ (rows of the position table). Required, >= 1.
+  Index max_positions = 0;
+  /// Width \f$d\f$ of the embeddings. Required, >= 1.
+  Index d_model = 0;
+  /// Standard deviation of the initial token table (default 0.02, GPT-2's).
+  double token_init_std = 0.02;
+  /// Standard deviation of the initial position table (default 0.01, GPT-2's).
+  double position_init_std = 0.01;
+  /// Seed; the tables draw from derive_seed(seed, 0) and derive_seed(seed, 1).
+  std::uint64_t seed = 0;
+
+  /// Throws std::invalid_argument naming the offending field.
+  void check() const {
+    constexpr const char* where = "polyattn::EmbeddingOptions";
+    detail::require(vocab_size >= 1, where, "'vocab_size' must be >= 1, got ", vocab_size);
+    detail::require(max_positions >= 1, where, "'max_positions' must be >= 1, got ", max_positions);
+    detail::require(d_model >= 1, where, "'d_model' must be >= 1, got ", d_model);
+    detail::require(std::isfinite(token_init_std) && token_init_std >= 0, where,
+                    "'token_init_std' must be finite and >= 0, got ", token_init_std);
+    detail::require(std::isfinite(position_init_std) && position_init_std >= 0, where,
+                    "'position_init_std' must be finite and >= 0, got ", position_init_std);
+  }
+};
+
+/// Row \f$i\f$ of the output is the embedding of token \f$t_i\f$ at position \f$i\f$:
+/// \f[ Y_{i,\cdot} = E^{\text{tok}}_{t_i,\cdot} + E^{\text{pos}}_{i,\cdot},\qquad i = 0, \dots, n-1 \le N-1. \f]
+/// Tokens are discrete, so there is no input gradient; with \f$G = \partial L/\partial Y\f$ backward scatters
+/// \f[ \partial L/\partial E^{\text{tok}}_{t,\cdot} \mathrel{+}= \textstyle\sum_{i:\,t_i = t} G_{i,\cdot},\qquad
+///     \partial L/\partial E^{\text{pos}}_{i,\cdot} \mathrel{+}= G_{i,\cdot}. \f]
+/// Every token id is checked against \f$[0, V)\f$ in both passes, so a bad id can never index out of the table.
+///
+/// \code
+///   polyattn::Embedding<float> embed({/*vocab_size=*/256, /*max_positions=*/1024, /*d_model=*/64});
+///   std::vector<polyattn::Index> tokens = {72, 105, 33};
+///   polyattn::Matrix<float> X(3, 64);
+///   embed.forward(tokens, X);
+///   embed.backward(tokens, dX);       // scatters into embed.token_table.grad and embed.position_table.grad
+/// \endcode
+template <class T>
+class Embedding {
+ public:
+  /// \f$E^{\text{tok}}\f$ (V x d), named "<name>wte" ("wte" by default).
+  Parameter<T> token_table;
+  /// \f$E^{\text{pos}}\f$ (N x d), named "<name>wpe" ("wpe" by default).
+  Parameter<T> position_table;
+
+  /// `name` prefixes the parameter names, e.g. "encoder." gives "encoder.wte".
+  explicit Embedding(const EmbeddingOptions& options, const std::string& name = "") : options_(options) {
+    detail::static_check_scalar<T>();
+    options_.check();
+    token_table = Parameter<T>(name + "wte", options_.vocab_size, options_.d_model);
+    position_table = Parameter<T>(name + "wpe", options_.max_positions, options_.d_model);
+    init_normal(token_table, options_.token_init_std, derive_seed(options_.seed, 0));
+    init_normal(position_table, options_.position_init_std, derive_seed(options_.seed, 1));
+  }
+
+  const EmbeddingOptions& options() const { return options_; }
+  Index vocab_size() const { return options_.vocab_size; }
+  Index max_positions() const { return options_.max_positions; }
+  Index d_model() const { return options_.d_model; }
+
+  /// Appends the token table and the position table to `out`.
+  void collect_parameters(std::vector<Parameter<T>*>& out) {
+    out.push_back(&token_table);
+    out.push_back(&position_table);
+  }
+
+  /// Writes \f$Y\f$ (n x d) for the n token ids `tokens` (1 <= n <= max_positions).
+  void forward(const std::vector<Index>& tokens, MatrixRef<T> Y) const {
+    constexpr const char* where = "polyattn::Embedding::forward";
+    const Index n = check_tokens(where, tokens);
+    detail::require_shape(where, "Y", Y, n, d_model());
+    // Column by column: Y and each table column are contiguous, the token gather stays inside one column.
+    Y = position_table.value.topRows(n);
+    for (Index j = 0; j < d_model(); ++j)
+      for (Index i = 0; i < n; ++i) Y(i, j) += token_table.value(tokens[static_cast<std::size_t>(i)], j);
+  }
+
+  /// Scatters `dY` \f$= \partial L/\partial Y\f$ (n x d) into the table gradients (trainable tables only).
+  void backward(const std::vector<Index>& tokens, const ConstMatrixRef<T>& dY) {
+    constexpr const char* where = "polyattn::Embedding::backward";
+    const Index n = check_tokens(where, tokens);
+    detail::require_shape(where, "dY", dY, n, d_model());
+    detail::require_finite(where, "dY", dY);
+    if (position_table.trainable) position_table.grad.topRows(n) += dY;
+    if (token_table.trainable)
+      for (Index j = 0; j < d_model(); ++j)
+        for (Index i = 0; i < n; ++i) token_table.grad(tokens[static_cast<std::size_t>(i)], j) += dY(i, j);
+  }
+
+ private:
+  Index check_tokens(const char* where, const std::vector<Index>& tokens) const {
+    detail::require_parameter_shape(where, token_table, vocab_size(), d_model());
+    detail::require_parameter_shape(where, position_table, max_positions(), d_model());
+    const Index n = static_cast<Index>(tokens.size());
+    detail::require(n >= 1 && n <= max_positions(), where, "argument 'tokens' must have between 1 and ",
+                    max_positions(), " (max_positions) entries, got ", n);
+    for (Index i = 0; i < n; ++i) {
+      const Index token = tokens[static_cast<std::size_t>(i)];
+      detail::require(token >= 0 && token < vocab_size(), where, "argument 'tokens' entry ", i, " must be in [0, ",
+                      vocab_size(), "), got ", token);
+    }
+    return n;
+  }
+
+  EmbeddingOptions options_;
+};
+
+}  // namespace polyattn
