@@ -49,7 +49,8 @@ void attention_backward_reference(const ConstMatrixRef<T>& Q, const ConstMatrixR
     Matrix<T> P = c * Qh * Kh.transpose();
     if (opt.causal) P.template triangularView<Eigen::StrictlyUpper>().setConstant(-std::numeric_limits<T>::infinity());
     const Vector<T> row_max = P.rowwise().maxCoeff();
-    P = (P.colwise() - row_max).array().exp();
+    P.colwise() -= row_max;  // apart from exp(): Eigen 3.4 vectorises exp() of a plain matrix only
+    P = P.array().exp();
     const Vector<T> inverse_row_sum = P.rowwise().sum().cwiseInverse();
     P = inverse_row_sum.asDiagonal() * P;
     const Matrix<T> O = P * Vh;
@@ -122,15 +123,17 @@ class ExactReferenceBackend final : public AttentionBackend<T> {
   AttentionOptions options_;
 };
 
-/// Block sizes of ExactBlockedBackend. The defaults were chosen by measurement (bench_exact_gradients.cpp)
-/// for \f$d_h \in \{8, 16\}\f$ on AVX-512: a \f$b_q\times b_k\f$ score block of floats then stays in L2.
+/// Block sizes of ExactBlockedBackend. The backward defaults were chosen by measurement for
+/// \f$d_h \in \{8, 16\}\f$ in float on AVX-512 (Zen 4): \f$b_q, b_k \in [64, 256]\f$ perform within the noise of
+/// a shared machine, 64 x 64 is slower (GEMM packing dominates), and the two \f$b_q\times b_k\f$ workspaces
+/// (256 KB in float) stay in L2.
 struct ExactBlockedOptions {
   /// Queries per block of the forward pass (ExactAttention). Default 128.
   Index forward_query_block = 128;
   /// Keys per block of the forward pass (ExactAttention). Default 256.
   Index forward_key_block = 256;
-  /// Queries per block \f$b_q\f$ of the backward pass. Default 128.
-  Index query_block = 128;
+  /// Queries per block \f$b_q\f$ of the backward pass. Default 256.
+  Index query_block = 256;
   /// Keys per block \f$b_k\f$ of the backward pass. Default 128.
   Index key_block = 128;
 
@@ -154,7 +157,7 @@ struct ExactBlockedOptions {
 ///     dS = P\circ(G_bV_k^\top - \kappa_b\mathbf 1^\top),\quad dQ_b \mathrel{+}= c\,dS\,K_k,\quad
 ///     dK_k \mathrel{+}= c\,dS^\top Q_b. \f]
 /// The loop runs over key blocks outside, so \f$dK_k, dV_k\f$ live in a small workspace and \f$dQ\f$
-/// accumulates in the output. The cost is \f$(2d_k + 3d_v)\f$ multiply-adds per computed score plus one
+/// accumulates in the output. The cost is \f$3d_k + 2d_v\f$ multiply-adds per computed score plus one
 /// exponential, against \f$d_k + d_v\f$ and one exponential in the forward pass.
 ///
 /// backward() uses the log-sum-exp of the last forward() call: call it with the Q, K, V passed to that
