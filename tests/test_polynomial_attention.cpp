@@ -1,0 +1,581 @@
+#include <polyattn/polynomial_attention.hpp>
+
+#include "gradient_check.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+using polyattn::AttentionOptions;
+using polyattn::Certificate;
+using polyattn::FeatureMap;
+using polyattn::FeatureMapKind;
+using polyattn::FeatureSide;
+using polyattn::Index;
+using polyattn::Matrix;
+using polyattn::Polynomial;
+using polyattn::PolynomialAttention;
+using polyattn::PolynomialAttentionOptions;
+using polyattn::PolynomialKind;
+using polyattn::RangePolicy;
+using polyattn::Vector;
+using polyattn::attention_reference;
+using polyattn::certify_exp;
+using polyattn::taylor_exp;
+using polyattn::testing::random_matrix;
+using polyattn::testing::relative_error;
+using Catch::Contains;
+
+namespace {
+
+// R = c max_i ||q_i|| max_j ||k_j||, maximum over heads, measured independently of the library.
+double score_radius(const Matrix<double>& Q, const Matrix<double>& K, const AttentionOptions& opt) {
+  const Index dk = Q.cols() / opt.heads;
+  double radius = 0;
+  for (Index h = 0; h < opt.heads; ++h)
+    radius = std::max(radius, opt.resolved_scale(dk) * Q.middleCols(h * dk, dk).rowwise().norm().maxCoeff() *
+                                  K.middleCols(h * dk, dk).rowwise().norm().maxCoeff());
+  return radius;
+}
+
+// One randomised problem: q, k ~ N(0, I/d), v ~ N(0, 1); when `radius` > 0, Q and K are then both scaled
+// by sqrt(radius / R) so that the score radius is `radius` (which decides whether epsilon < 1).
+struct Problem {
+  Index n, m, dk, dv, heads;
+  double radius;
+  std::uint64_t seed;
+
+  struct Inputs {
+    Matrix<double> Q, K, V;
+  };
+  // Rounded to T and back, so that the double reference sees exactly the inputs of a T computation.
+  template <class T = double>
+  Inputs make(const AttentionOptions& opt) const {
+    const double sigma = 1 / std::sqrt(static_cast<double>(dk));
+    Inputs in{random_matrix<double>(n, heads * dk, seed, sigma), random_matrix<double>(m, heads * dk, seed + 1, sigma),
+              random_matrix<double>(m, heads * dv, seed + 2)};
+    if (radius > 0) {
+      const double shrink = std::sqrt(radius / score_radius(in.Q, in.K, opt));
+      in.Q *= shrink;
+      in.K *= shrink;
+    }
+    in.Q = in.Q.template cast<T>().template cast<double>();
+    in.K = in.K.template cast<T>().template cast<double>();
+    in.V = in.V.template cast<T>().template cast<double>();
+    return in;
+  }
+};
+
+// Exact softmax matrix of one head (materialised, double).
+Matrix<double> softmax_matrix(const Matrix<double>& Qh, const Matrix<double>& Kh, double c, bool causal) {
+  Matrix<double> S = c * Qh * Kh.transpose();
+  if (causal) S.triangularView<Eigen::StrictlyUpper>().setConstant(-std::numeric_limits<double>::infinity());
+  const Vector<double> top = S.rowwise().maxCoeff();
+  S = (S.colwise() - top).array().exp();
+  const Vector<double> total = S.rowwise().sum();
+  return total.cwiseInverse().asDiagonal() * S;
+}
+
+// The low-rank product computed directly: per head A = phi_Q(Q) phi_K(K)^T (o lower-triangular mask),
+// O = diag(A 1)^-1 A V. The reference for the chunked and streaming evaluation.
+Matrix<double> direct_low_rank(const Matrix<double>& Q, const Matrix<double>& K, const Matrix<double>& V,
+                               const AttentionOptions& opt, FeatureMapKind kind, const Polynomial& p) {
+  const Index dk = Q.cols() / opt.heads, dv = V.cols() / opt.heads;
+  const double c = opt.resolved_scale(dk);
+  Matrix<double> O(Q.rows(), V.cols());
+  for (Index h = 0; h < opt.heads; ++h) {
+    const FeatureMap<double> map(kind, dk, p, c);
+    Matrix<double> Fq(Q.rows(), map.width()), Fk(K.rows(), map.width());
+    map.features(Q.middleCols(h * dk, dk), FeatureSide::query, Fq);
+    map.features(K.middleCols(h * dk, dk), FeatureSide::key, Fk);
+    Matrix<double> A = Fq * Fk.transpose();
+    if (opt.causal) A.triangularView<Eigen::StrictlyUpper>().setZero();
+    const Vector<double> normaliser = A.rowwise().sum();
+    O.middleCols(h * dv, dv) = normaliser.cwiseInverse().asDiagonal() * (A * V.middleCols(h * dv, dv));
+  }
+  return O;
+}
+
+// Rounding of the approximate path in precision u. A kernel value p(c q.k) is a sum whose absolute terms
+// add up to at most P(R) = sum_t |a_t| R^t (test_feature_map.cpp), each term built with r + g + 3
+// roundings, while the exact value is at least p_min >= (1 - eps) e^{-R} (p >= (1 - eps) e^x on [-R, R]).
+// Each weight is therefore off relatively by (r + g + 3) u P(R) e^R / (1 - eps), the normaliser and the
+// weighted sums of m terms add m u, and a relative perturbation eta of every weight moves an output entry by
+// at most 2 eta max|v|. Returns 4 eta max|v| (a factor 2 margin).
+double rounding_slack(const Certificate& cert, const Polynomial& p, Index m, double max_v, double u) {
+  const double eta = (static_cast<double>(cert.features + cert.degree + 3) * p.absolute_bound(cert.radius) *
+                          std::exp(cert.radius) / (1 - cert.poly_error) +
+                      static_cast<double>(m) + 2) *
+                     u;
+  return 4 * eta * max_v;
+}
+
+struct AccuracyCase {
+  Problem problem;
+  std::optional<double> scale;
+  bool causal;
+  int degree;
+  FeatureMapKind map;
+  PolynomialKind kind;
+};
+
+const char* map_name(FeatureMapKind kind) { return kind == FeatureMapKind::symmetric ? "symmetric" : "kronecker"; }
+
+// Approximate vs materialised exact on one case; returns the certificate.
+template <class T>
+Certificate check_against_exact(const AccuracyCase& test) {
+  const Problem& pr = test.problem;
+  PolynomialAttentionOptions opt;
+  opt.attention.scale = test.scale;
+  opt.attention.causal = test.causal;
+  opt.attention.heads = pr.heads;
+  opt.degree = test.degree;
+  opt.feature_map = test.map;
+  opt.kind = test.kind;
+  const Problem::Inputs in = pr.make<T>(opt.attention);
+  const Matrix<double>&Q = in.Q, &K = in.K, &V = in.V;
+  const Matrix<T> Qt = Q.template cast<T>(), Kt = K.template cast<T>(), Vt = V.template cast<T>();
+  PolynomialAttention<T> attn(opt);
+  Matrix<T> Ot(pr.n, pr.heads * pr.dv);
+  const Certificate cert = attn.forward(Qt, Kt, Vt, Ot);
+  const Matrix<double> O = Ot.template cast<double>();
+  const Matrix<double> exact = attention_reference(Q, K, V, opt.attention);
+  REQUIRE(O.allFinite());
+
+  const double radius = score_radius(Q, K, opt.attention);
+  const double u = std::numeric_limits<T>::epsilon() / 2;
+  CAPTURE(radius, cert.radius, cert.poly_error, cert.output_bound, cert.features);
+  // R is measured on the inputs (in T, hence d u relative).
+  REQUIRE(cert.radius == Approx(radius).epsilon(8 * static_cast<double>(pr.dk) * u));
+  REQUIRE(cert.interval == cert.radius);  // radius option 0: the interval is the measured R
+  REQUIRE(cert.valid);
+  REQUIRE(cert.degree == test.degree);
+  REQUIRE(cert.features == polyattn::feature_width(test.map, pr.dk, test.degree));
+  const Polynomial p = test.kind == PolynomialKind::taylor ? taylor_exp(test.degree)
+                                                          : polyattn::minimax_exp(test.degree, cert.interval);
+  // epsilon is the certified error of the polynomial on [-R, R].
+  REQUIRE(cert.poly_error == Approx(certify_exp(p, cert.interval).relative_error).epsilon(1e-6));
+
+  const double max_v = V.cwiseAbs().maxCoeff();
+  const double max_error = (O - exact).cwiseAbs().maxCoeff();
+  CAPTURE(max_error);
+  if (cert.vacuous()) {
+    REQUIRE(cert.output_bound == std::numeric_limits<double>::infinity());
+    return cert;
+  }
+  REQUIRE(cert.positive);
+  REQUIRE(cert.output_bound == Approx(2 * cert.poly_error / (1 - cert.poly_error) * max_v).epsilon(1e-12));
+  const double slack = rounding_slack(cert, p, pr.m, max_v, u);
+  CAPTURE(slack);
+  REQUIRE(max_error <= cert.output_bound + slack);
+  // Relative (Frobenius) tolerance from epsilon: |P~_ij - P_ij| <= 2 eps/(1 - eps) P_ij gives
+  // ||o~_i - o_i||_2 <= 2 eps/(1 - eps) sum_j P_ij ||v_j||_2 per row and head; the squares of these row
+  // bounds (plus the rounding slack) sum to the squared Frobenius bound.
+  const double factor = 2 * cert.poly_error / (1 - cert.poly_error);
+  const double c = opt.attention.resolved_scale(pr.dk);
+  double bound_squared = 0;
+  for (Index h = 0; h < pr.heads; ++h) {
+    const Matrix<double> P = softmax_matrix(Q.middleCols(h * pr.dk, pr.dk), K.middleCols(h * pr.dk, pr.dk), c,
+                                            test.causal);
+    const Vector<double> row_bound = factor * (P * V.middleCols(h * pr.dv, pr.dv).rowwise().norm());
+    bound_squared += (row_bound.array() + std::sqrt(static_cast<double>(pr.dv)) * slack).square().sum();
+  }
+  const double tolerance = std::sqrt(bound_squared) / exact.norm();
+  CAPTURE(tolerance);
+  REQUIRE(relative_error(O, exact) <= tolerance);
+  return cert;
+}
+
+}  // namespace
+
+TEST_CASE("approximate attention stays within its certificate (double)", "[polynomial_attention]") {
+  using FM = FeatureMapKind;
+  using PK = PolynomialKind;
+  // The radii R = 0.7 ... 2.5 keep epsilon < 1 for the chosen degrees, so every certificate is a real bound.
+  const std::vector<AccuracyCase> cases{
+      {{50, 50, 4, 3, 1, 0.9, 1}, std::nullopt, false, 2, FM::symmetric, PK::taylor},
+      {{50, 50, 4, 3, 1, 1.5, 2}, std::nullopt, true, 4, FM::symmetric, PK::taylor},
+      {{64, 64, 8, 4, 2, 1.0, 3}, 1.0 / 8, true, 2, FM::kronecker, PK::taylor},
+      {{33, 41, 3, 2, 4, 0.7, 4}, std::nullopt, false, 3, FM::symmetric, PK::taylor},
+      {{40, 40, 6, 3, 3, 1.8, 5}, 0.5, false, 6, FM::symmetric, PK::taylor},
+      {{48, 48, 4, 3, 2, 1.5, 6}, std::nullopt, true, 4, FM::symmetric, PK::minimax},
+      {{30, 30, 3, 2, 1, 1.0, 7}, 1.0, true, 3, FM::kronecker, PK::minimax},
+      {{70, 70, 5, 4, 1, 2.5, 8}, std::nullopt, true, 8, FM::symmetric, PK::taylor},
+  };
+  for (const AccuracyCase& test : cases) {
+    CAPTURE(test.problem.n, test.problem.m, test.problem.dk, test.problem.heads, test.causal, test.degree,
+            map_name(test.map), test.kind == PK::taylor);
+    const Certificate cert = check_against_exact<double>(test);
+    REQUIRE_FALSE(cert.vacuous());  // every case above was chosen to give a real bound
+  }
+}
+
+TEST_CASE("approximate attention stays within its certificate (float)", "[polynomial_attention]") {
+  const AccuracyCase test{{64, 64, 8, 4, 2, 1.2, 11}, std::nullopt, true, 4, FeatureMapKind::symmetric,
+                          PolynomialKind::taylor};
+  REQUIRE_FALSE(check_against_exact<float>(test).vacuous());
+  const AccuracyCase full{{50, 60, 4, 4, 1, 0.9, 12}, 0.5, false, 2, FeatureMapKind::kronecker,
+                          PolynomialKind::taylor};
+  REQUIRE_FALSE(check_against_exact<float>(full).vacuous());
+}
+
+TEST_CASE("the authors' setting at g = 2 has a vacuous certificate, reported as such", "[polynomial_attention]") {
+  // d = 4, q, k ~ N(0, 1/d), scale 1: R ~ 3, where 1 - x + x^2/2 at x = -3 is 2.5 = 50 e^{-3}: eps >= 1.
+  const AccuracyCase test{{80, 80, 4, 4, 1, 0.0, 21}, 1.0, false, 2, FeatureMapKind::kronecker,
+                          PolynomialKind::taylor};
+  const Certificate cert = check_against_exact<double>(test);
+  REQUIRE(cert.radius > 2.5);
+  REQUIRE(cert.vacuous());
+  REQUIRE(cert.poly_error >= 1);
+}
+
+TEST_CASE("causal chunked result equals the masked low-rank product computed directly", "[polynomial_attention]") {
+  // Entries of A are computed two ways (prefix state over features vs p(c Q_b K_b^T) inside a chunk), each
+  // within (r + g + 3) u P(R) of the exact kernel value while A_ij >= p_min; with R = 1.2, r <= 40 and
+  // P(R)/p_min <= 14 (p(-1.2) = 0.23 for g = 3) every weight agrees to < 7e-14 relatively, and each
+  // normalised row to twice that times max|v|/|o| ~ 5: the 1e-12 holds.
+  const Index n = 50, dk = 3, dv = 2;
+  for (const FeatureMapKind kind : {FeatureMapKind::symmetric, FeatureMapKind::kronecker})
+    for (const int degree : {2, 3})
+      for (const Index heads : {1, 2}) {
+        PolynomialAttentionOptions opt;
+        opt.attention.causal = true;
+        opt.attention.heads = heads;
+        opt.degree = degree;
+        opt.feature_map = kind;
+        const auto [Q, K, V] = Problem{n, n, dk, dv, heads, 1.2, 31}.make(opt.attention);
+        const Matrix<double> direct = direct_low_rank(Q, K, V, opt.attention, kind, taylor_exp(degree));
+        for (const Index chunk : {1, 7, 10, 25, 49, 50, 64, 0}) {  // 0: automatic
+          CAPTURE(map_name(kind), degree, heads, chunk);
+          opt.chunk_size = chunk;
+          PolynomialAttention<double> attn(opt);
+          Matrix<double> O(n, heads * dv);
+          attn.forward(Q, K, V, O);
+          REQUIRE(relative_error(O, direct) <= 1e-12);
+          REQUIRE(attn.feature_map().width() == polyattn::feature_width(kind, dk, degree));
+        }
+      }
+}
+
+TEST_CASE("non-causal streaming result equals the low-rank product computed directly", "[polynomial_attention]") {
+  // As in the causal test, but every entry of A comes from the features: 1e-12 with a wide margin.
+  const Index n = 37, m = 29, dk = 4, dv = 3, heads = 2;
+  AttentionOptions shape;
+  shape.heads = heads;
+  const auto [Q, K, V] = Problem{n, m, dk, dv, heads, 1.2, 41}.make(shape);
+  for (const FeatureMapKind kind : {FeatureMapKind::symmetric, FeatureMapKind::kronecker}) {
+    PolynomialAttentionOptions opt;
+    opt.attention.heads = heads;
+    opt.degree = 4;
+    opt.feature_map = kind;
+    const Matrix<double> direct = direct_low_rank(Q, K, V, opt.attention, kind, taylor_exp(4));
+    for (const Index chunk : {1, 5, 29, 37, 100, 0}) {
+      CAPTURE(map_name(kind), chunk);
+      opt.chunk_size = chunk;
+      PolynomialAttention<double> attn(opt);
+      Matrix<double> O(n, heads * dv);
+      attn.forward(Q, K, V, O);
+      REQUIRE(relative_error(O, direct) <= 1e-12);
+    }
+  }
+}
+
+TEST_CASE("a minimax polynomial fitted to the measured R matches the direct product", "[polynomial_attention]") {
+  // With radius 0 the minimax fit is made for the measured R of the call: rebuild it from cert.interval.
+  const Index n = 40, dk = 3, dv = 2;
+  const auto [Q, K, V] = Problem{n, n, dk, dv, 1, 2.0, 45}.make(AttentionOptions{});
+  for (const bool causal : {false, true}) {
+    CAPTURE(causal);
+    PolynomialAttentionOptions opt;
+    opt.attention.causal = causal;
+    opt.degree = 4;
+    opt.kind = PolynomialKind::minimax;
+    opt.chunk_size = 9;
+    PolynomialAttention<double> attn(opt);
+    Matrix<double> O(n, dv);
+    const Certificate cert = attn.forward(Q, K, V, O);
+    const Polynomial p = polyattn::minimax_exp(4, cert.interval);
+    REQUIRE(cert.interval == Approx(2.0).epsilon(1e-12));
+    REQUIRE(p.coeffs != taylor_exp(4).coeffs);
+    REQUIRE(relative_error(O, direct_low_rank(Q, K, V, opt.attention, FeatureMapKind::symmetric, p)) <= 1e-12);
+  }
+}
+
+TEST_CASE("the a-posteriori estimate equals the error on the sampled rows and is reproducible",
+          "[polynomial_attention]") {
+  const Index n = 80, dk = 4, dv = 3, heads = 2, sampled = 10;
+  AttentionOptions shape;
+  shape.heads = heads;
+  shape.scale = 1.0;
+  const auto [Q, K, V] = Problem{n, n, dk, dv, heads, 2.0, 51}.make(shape);
+  for (const bool causal : {false, true}) {
+    CAPTURE(causal);
+    PolynomialAttentionOptions opt;
+    opt.attention.causal = causal;
+    opt.attention.heads = heads;
+    opt.attention.scale = 1.0;
+    opt.degree = 2;
+    opt.estimate_error = true;
+    opt.estimate_rows = sampled;
+    opt.seed = 987654321;
+    PolynomialAttention<double> attn(opt);
+    Matrix<double> O(n, heads * dv);
+    const Certificate cert = attn.forward(Q, K, V, O);
+    REQUIRE(cert.sampled_rows == sampled);
+
+    const std::vector<Index> rows = polyattn::detail::sample_rows(n, sampled, opt.seed);
+    REQUIRE(static_cast<Index>(rows.size()) == sampled);
+    REQUIRE(std::is_sorted(rows.begin(), rows.end()));
+    REQUIRE(std::adjacent_find(rows.begin(), rows.end()) == rows.end());
+    REQUIRE(rows.front() >= 0);
+    REQUIRE(rows.back() < n);
+    // Recompute the row errors ||o~_i - o_i|| / ||o_i|| from the materialised reference. The blocked exact
+    // rows the library uses agree with it to ~1e-14 relatively, so each row error agrees to 1e-13 absolutely:
+    // compared with 1e-8 relative and 1e-12 absolute tolerance (causal row 0 has error 0).
+    const Matrix<double> exact = attention_reference(Q, K, V, opt.attention);
+    std::vector<double> errors(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i)
+      errors[static_cast<std::size_t>(i)] = (O.row(i) - exact.row(i)).norm() / exact.row(i).norm();
+    double max_error = 0, sum_error = 0;
+    for (const Index i : rows) {
+      max_error = std::max(max_error, errors[static_cast<std::size_t>(i)]);
+      sum_error += errors[static_cast<std::size_t>(i)];
+    }
+    REQUIRE(max_error > 1e-3);  // the comparison below is about a real error, not rounding
+    CHECK(cert.sampled_max_error == Approx(max_error).epsilon(1e-8).margin(1e-12));
+    CHECK(cert.sampled_mean_error == Approx(sum_error / sampled).epsilon(1e-8).margin(1e-12));
+
+    // Reproducible: a fresh object with the same seed reports bit-identical figures ...
+    PolynomialAttention<double> again(opt);
+    Matrix<double> O2(n, heads * dv);
+    const Certificate repeat = again.forward(Q, K, V, O2);
+    REQUIRE(repeat.sampled_max_error == cert.sampled_max_error);
+    REQUIRE(repeat.sampled_mean_error == cert.sampled_mean_error);
+    // ... and another seed samples other rows.
+    opt.seed = 12345;
+    const std::vector<Index> other_rows = polyattn::detail::sample_rows(n, sampled, opt.seed);
+    REQUIRE(other_rows != rows);
+    PolynomialAttention<double> reseeded(opt);
+    const Certificate other = reseeded.forward(Q, K, V, O2);
+    double other_sum = 0;
+    for (const Index i : other_rows) other_sum += errors[static_cast<std::size_t>(i)];
+    CHECK(other.sampled_mean_error == Approx(other_sum / sampled).epsilon(1e-8).margin(1e-12));
+
+    // At least as many requested rows as queries: every row is used.
+    opt.estimate_rows = n + 5;
+    PolynomialAttention<double> everything(opt);
+    const Certificate all = everything.forward(Q, K, V, O2);
+    REQUIRE(all.sampled_rows == n);
+    CHECK(all.sampled_max_error == Approx(*std::max_element(errors.begin(), errors.end())).epsilon(1e-8).margin(1e-12));
+  }
+  // Without estimate_error nothing is sampled.
+  PolynomialAttention<double> plain;
+  Matrix<double> O(n, heads * dv);
+  const Certificate cert = plain.forward(Q, K, V, O);
+  REQUIRE(cert.sampled_rows == 0);
+  REQUIRE(std::isnan(cert.sampled_max_error));
+}
+
+TEST_CASE("range policies when R exceeds the configured radius", "[polynomial_attention]") {
+  const Index n = 40, dk = 4, dv = 2;
+  const auto [Q, K, V] = Problem{n, n, dk, dv, 1, 4.0, 61}.make(AttentionOptions{});
+  PolynomialAttentionOptions opt;
+  opt.attention.causal = true;
+  opt.degree = 2;
+  opt.radius = 1.0;
+  const double radius = score_radius(Q, K, opt.attention);
+  REQUIRE(radius > 2 * opt.radius);
+  Matrix<double> O(n, dv);
+  const Matrix<double> exact = attention_reference(Q, K, V, opt.attention);
+
+  SECTION("throw_error throws std::domain_error naming 'radius'") {
+    opt.range_policy = RangePolicy::throw_error;
+    PolynomialAttention<double> attn(opt);
+    REQUIRE_THROWS_AS(attn.forward(Q, K, V, O), std::domain_error);
+    REQUIRE_THROWS_WITH(attn.forward(Q, K, V, O), Contains("'radius'"));
+    // Inside the interval the same policy computes normally.
+    const Matrix<double> small_Q = Q * (0.5 * opt.radius / radius);
+    const Certificate cert = attn.forward(small_Q, K, V, O);
+    REQUIRE(cert.valid);
+    REQUIRE(cert.interval == opt.radius);
+    REQUIRE(cert.poly_error == Approx(certify_exp(taylor_exp(2), opt.radius).relative_error).epsilon(1e-12));
+  }
+  SECTION("mark_invalid computes but marks the certificate invalid") {
+    opt.range_policy = RangePolicy::mark_invalid;
+    PolynomialAttention<double> attn(opt);
+    const Certificate cert = attn.forward(Q, K, V, O);
+    REQUIRE_FALSE(cert.valid);
+    REQUIRE(cert.vacuous());
+    REQUIRE(cert.radius == Approx(radius).epsilon(1e-12));
+    REQUIRE(cert.interval == opt.radius);
+    REQUIRE(O.allFinite());
+  }
+  SECTION("raise_degree raises the degree and keeps the certificate valid") {
+    opt.range_policy = RangePolicy::raise_degree;
+    PolynomialAttention<double> attn(opt);
+    const Certificate cert = attn.forward(Q, K, V, O);
+    const double configured = certify_exp(taylor_exp(2), opt.radius).relative_error;
+    const double target = std::min(configured, 0.5);
+    CAPTURE(cert.degree, cert.poly_error, configured);
+    REQUIRE(cert.valid);
+    REQUIRE(cert.degree > opt.degree);
+    REQUIRE(cert.degree % 2 == 0);  // an even Taylor request stays even (positive)
+    REQUIRE(cert.interval >= cert.radius);
+    REQUIRE(cert.radius == Approx(radius).epsilon(1e-12));
+    REQUIRE(cert.poly_error <= target);
+    REQUIRE_FALSE(cert.vacuous());
+    // Smallest such degree: two less would not reach the target on the measured interval.
+    REQUIRE(certify_exp(taylor_exp(cert.degree - 2), cert.interval).relative_error > target);
+    REQUIRE(cert.features == polyattn::feature_width(FeatureMapKind::symmetric, dk, cert.degree));
+    const double max_v = V.cwiseAbs().maxCoeff();
+    REQUIRE((O - exact).cwiseAbs().maxCoeff() <=
+            cert.output_bound + rounding_slack(cert, taylor_exp(cert.degree), n, max_v, 0x1p-53));
+  }
+  SECTION("raise_degree with a minimax polynomial") {
+    opt.range_policy = RangePolicy::raise_degree;
+    opt.kind = PolynomialKind::minimax;
+    opt.degree = 3;
+    PolynomialAttention<double> attn(opt);
+    const Certificate cert = attn.forward(Q, K, V, O);
+    const double configured = certify_exp(polyattn::minimax_exp(3, opt.radius), opt.radius).relative_error;
+    REQUIRE(cert.valid);
+    REQUIRE(cert.degree > 3);
+    REQUIRE(cert.interval >= cert.radius);
+    REQUIRE(cert.poly_error <= std::min(configured, 0.5));
+    const double max_v = V.cwiseAbs().maxCoeff();
+    const Polynomial p = polyattn::minimax_exp(cert.degree, cert.interval);
+    REQUIRE((O - exact).cwiseAbs().maxCoeff() <= cert.output_bound + rounding_slack(cert, p, n, max_v, 0x1p-53));
+  }
+}
+
+TEST_CASE("a feature width above max_features throws naming 'degree'", "[polynomial_attention]") {
+  const auto [Q, K, V] = Problem{10, 10, 4, 2, 1, 1.0, 71}.make(AttentionOptions{});
+  Matrix<double> O(10, 2);
+  PolynomialAttentionOptions opt;
+  opt.degree = 2;  // C(4 + 2, 2) = 15 features
+  opt.max_features = 15;
+  REQUIRE_NOTHROW(PolynomialAttention<double>(opt).forward(Q, K, V, O));
+  opt.max_features = 14;
+  PolynomialAttention<double> capped(opt);
+  REQUIRE_THROWS_AS(capped.forward(Q, K, V, O), std::invalid_argument);
+  REQUIRE_THROWS_WITH(capped.forward(Q, K, V, O), Contains("'degree'"));
+  // Default cap 2^20 with d = 64 and g = 8: C(72, 8) ~ 1.1e10 features.
+  const auto wide = Problem{4, 4, 64, 2, 1, 1.0, 72}.make(AttentionOptions{});
+  PolynomialAttentionOptions big;
+  big.degree = 8;
+  PolynomialAttention<double> huge(big);
+  Matrix<double> Ow(4, 2);
+  REQUIRE_THROWS_WITH(huge.forward(wide.Q, wide.K, wide.V, Ow), Contains("'degree'"));
+}
+
+TEST_CASE("an odd degree with a negative normaliser throws std::domain_error", "[polynomial_attention]") {
+  // q_i = 2 e_1 + noise, k_j = -2 e_1 + noise, scale 1: scores ~ -4, so p(x) = 1 + x ~ -3 for every pair and
+  // every normaliser sum_j p(s_ij) is negative, in the first chunk already.
+  const Index n = 12, dk = 3;
+  Matrix<double> Q = random_matrix<double>(n, dk, 81, 0.05), K = random_matrix<double>(n, dk, 82, 0.05);
+  Q.col(0).array() += 2;
+  K.col(0).array() -= 2;
+  const Matrix<double> V = random_matrix<double>(n, 2, 83);
+  for (const bool causal : {false, true})
+    for (const Index chunk : {0, 5}) {
+      CAPTURE(causal, chunk);
+      PolynomialAttentionOptions opt;
+      opt.attention.scale = 1.0;
+      opt.attention.causal = causal;
+      opt.degree = 1;
+      opt.chunk_size = chunk;
+      PolynomialAttention<double> attn(opt);
+      Matrix<double> O(n, 2);
+      REQUIRE_THROWS_AS(attn.forward(Q, K, V, O), std::domain_error);
+      // Degree 2 is positive everywhere and computes.
+      opt.degree = 2;
+      PolynomialAttention<double> even(opt);
+      even.forward(Q, K, V, O);
+      REQUIRE(O.allFinite());
+    }
+}
+
+TEST_CASE("bad polynomial-attention input throws std::invalid_argument naming the argument",
+          "[polynomial_attention]") {
+  const auto [Q, K, V] = Problem{6, 6, 4, 2, 1, 1.0, 91}.make(AttentionOptions{});
+  Matrix<double> O(6, 2);
+  PolynomialAttention<double> attn;
+  REQUIRE_THROWS_AS(attn.feature_map(), std::invalid_argument);  // before the first call
+  REQUIRE_NOTHROW(attn.forward(Q, K, V, O));
+
+  const auto expect = [&](const Matrix<double>& q, const Matrix<double>& k, const Matrix<double>& v,
+                          Matrix<double>& o, const char* name) {
+    CAPTURE(name);
+    REQUIRE_THROWS_AS(attn.forward(q, k, v, o), std::invalid_argument);
+    REQUIRE_THROWS_WITH(attn.forward(q, k, v, o), Contains("PolynomialAttention") && Contains(name));
+  };
+  expect(Q, random_matrix<double>(6, 3, 92), V, O, "'K'");
+  expect(Q, K, random_matrix<double>(5, 2, 93), O, "'V'");
+  Matrix<double> wrong_output(6, 3);
+  expect(Q, K, V, wrong_output, "'O'");
+  Matrix<double> empty_output(0, 2);
+  expect(Matrix<double>(0, 4), K, V, empty_output, "'Q'");
+  expect(Q, Matrix<double>(0, 4), Matrix<double>(0, 2), O, "'K'");
+  expect(Matrix<double>(6, 0), Matrix<double>(6, 0), V, O, "'Q'");
+  for (const double bad : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity(),
+                           -std::numeric_limits<double>::infinity()}) {
+    CAPTURE(bad);
+    Matrix<double> badQ = Q, badK = K, badV = V;
+    badQ(4, 1) = bad;
+    badK(0, 3) = bad;
+    badV(2, 0) = bad;
+    expect(badQ, K, V, O, "'Q'");
+    expect(Q, badK, V, O, "'K'");
+    expect(Q, K, badV, O, "'V'");
+  }
+  // Heads must divide the columns; causal needs n == m.
+  PolynomialAttentionOptions three_heads;
+  three_heads.attention.heads = 3;
+  PolynomialAttention<double> split(three_heads);
+  REQUIRE_THROWS_WITH(split.forward(Q, K, V, O), Contains("'heads'"));
+  PolynomialAttentionOptions causal;
+  causal.attention.causal = true;
+  PolynomialAttention<double> masked(causal);
+  const Matrix<double> longer_K = random_matrix<double>(8, 4, 94), longer_V = random_matrix<double>(8, 2, 95);
+  REQUIRE_THROWS_AS(masked.forward(Q, longer_K, longer_V, O), std::invalid_argument);
+  REQUIRE_THROWS_WITH(masked.forward(Q, longer_K, longer_V, O), Contains("'Q'") && Contains("'K'"));
+
+  // Options are checked when the object is built.
+  const auto options_error = [](const PolynomialAttentionOptions& opt, const char* name) {
+    CAPTURE(name);
+    REQUIRE_THROWS_AS(PolynomialAttention<float>(opt), std::invalid_argument);
+    REQUIRE_THROWS_WITH(PolynomialAttention<float>(opt), Contains(name));
+  };
+  for (const double bad : {0.0, -1.0, std::numeric_limits<double>::quiet_NaN()}) {
+    PolynomialAttentionOptions opt;
+    opt.attention.scale = bad;
+    options_error(opt, "'scale'");
+  }
+  PolynomialAttentionOptions opt;
+  opt.degree = -1;
+  options_error(opt, "'degree'");
+  opt = {};
+  opt.radius = -1;
+  options_error(opt, "'radius'");
+  opt.radius = std::numeric_limits<double>::quiet_NaN();
+  options_error(opt, "'radius'");
+  opt = {};
+  opt.chunk_size = -1;
+  options_error(opt, "'chunk_size'");
+  opt = {};
+  opt.max_features = 0;
+  options_error(opt, "'max_features'");
+  opt = {};
+  opt.estimate_rows = 0;
+  options_error(opt, "'estimate_rows'");
+  opt = {};
+  opt.attention.heads = 0;
+  options_error(opt, "'heads'");
+  opt = {};
+  opt.range_policy = RangePolicy::raise_degree;  // needs radius > 0
+  options_error(opt, "'radius'");
+}
