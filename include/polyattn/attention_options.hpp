@@ -52,11 +52,12 @@ struct HeadShape {
   Index heads;
 };
 
-/// Validates Q (n x h dk), K (m x h dk), V (m x h dv) against the options; throws std::invalid_argument
-/// naming the argument. Causal attention needs n == m (query i and key i are the same position).
+/// Validates the shapes of Q (n x h dk), K (m x h dk), V (m x h dv) against the options, but not their
+/// entries; throws std::invalid_argument naming the argument. Causal attention needs n == m (query i and
+/// key i are the same position). For callers that detect non-finite entries in a pass they make anyway.
 template <class DQ, class DK, class DV>
-HeadShape check_qkv(const char* where, const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
-                    const Eigen::MatrixBase<DV>& V, const AttentionOptions& opt) {
+HeadShape check_qkv_shapes(const char* where, const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                           const Eigen::MatrixBase<DV>& V, const AttentionOptions& opt) {
   opt.check();
   require_nonempty(where, "Q", Q);
   require_nonempty(where, "K", K);
@@ -72,10 +73,18 @@ HeadShape check_qkv(const char* where, const Eigen::MatrixBase<DQ>& Q, const Eig
   if (opt.causal)
     require(Q.rows() == K.rows(), where, "causal attention needs as many queries as keys, got 'Q' with ",
             Q.rows(), " rows and 'K' with ", K.rows());
+  return {Q.rows(), K.rows(), Q.cols() / opt.heads, V.cols() / opt.heads, opt.heads};
+}
+
+/// check_qkv_shapes() and, in addition, every entry of Q, K and V finite.
+template <class DQ, class DK, class DV>
+HeadShape check_qkv(const char* where, const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                    const Eigen::MatrixBase<DV>& V, const AttentionOptions& opt) {
+  const HeadShape shape = check_qkv_shapes(where, Q, K, V, opt);
   require_finite(where, "Q", Q);
   require_finite(where, "K", K);
   require_finite(where, "V", V);
-  return {Q.rows(), K.rows(), Q.cols() / opt.heads, V.cols() / opt.heads, opt.heads};
+  return shape;
 }
 
 }  // namespace detail

@@ -18,9 +18,17 @@ namespace polyattn {
 
 namespace detail {
 
+/// Resizes `m` only when its shape differs, so a workspace reused with the same shape is never
+/// reallocated (fresh pages cost a page fault each; freed large blocks go back to the kernel).
+template <class Derived>
+void ensure_shape(Eigen::PlainObjectBase<Derived>& m, Index rows, Index cols) {
+  if (m.rows() != rows || m.cols() != cols) m.resize(rows, cols);
+}
+
 /// Sets `S(i, j) = -inf` where key `first_key + j` lies after query position `positions[i]`.
-template <class T>
-void mask_future_keys(Matrix<T>& S, const Index* positions, Index first_key) {
+template <class Derived>
+void mask_future_keys(Eigen::MatrixBase<Derived>& S, const Index* positions, Index first_key) {
+  using T = typename Derived::Scalar;
   const T minus_inf = -std::numeric_limits<T>::infinity();
   for (Index i = 0; i < S.rows(); ++i)
     for (Index j = std::max<Index>(0, positions[i] - first_key + 1); j < S.cols(); ++j) S(i, j) = minus_inf;
@@ -87,8 +95,9 @@ class ExactAttention {
   void forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V, MatrixRef<T> O) {
     const auto shape = detail::check_qkv("polyattn::ExactAttention::forward", Q, K, V, options_);
     detail::require_shape("polyattn::ExactAttention::forward", "O", O, shape.n, shape.heads * shape.dv);
-    logsumexp_.resize(shape.n, shape.heads);
+    detail::ensure_shape(logsumexp_, shape.n, shape.heads);
     positions_.resize(static_cast<std::size_t>(query_block_));
+    reserve(std::min(query_block_, shape.n), shape);
     const T c = static_cast<T>(options_.resolved_scale(shape.dk));
     for (Index h = 0; h < shape.heads; ++h) {
       const auto Kh = K.middleCols(h * shape.dk, shape.dk);
@@ -96,8 +105,9 @@ class ExactAttention {
       for (Index q0 = 0; q0 < shape.n; q0 += query_block_) {
         const Index bq = std::min(query_block_, shape.n - q0);
         for (Index i = 0; i < bq; ++i) positions_[static_cast<std::size_t>(i)] = q0 + i;
-        scaled_queries_.noalias() = c * Q.block(q0, h * shape.dk, bq, shape.dk);
-        rows(scaled_queries_, positions_.data(), Kh, Vh, O.block(q0, h * shape.dv, bq, shape.dv),
+        auto Qs = scaled_queries_.topRows(bq);
+        Qs.noalias() = c * Q.block(q0, h * shape.dk, bq, shape.dk);
+        rows(Qs, positions_.data(), Kh, Vh, O.block(q0, h * shape.dv, bq, shape.dv),
              logsumexp_.col(h).segment(q0, bq));
       }
     }
@@ -119,7 +129,8 @@ class ExactAttention {
       detail::require(positions[i] >= 0 && positions[i] < shape.m && (i == 0 || positions[i] >= positions[i - 1]),
                       where, "'positions' must be ascending within [0, ", shape.m, "), got ", positions[i],
                       " at index ", i);
-    logsumexp_.resize(shape.n, shape.heads);
+    detail::ensure_shape(logsumexp_, shape.n, shape.heads);
+    reserve(shape.n, shape);
     const T c = static_cast<T>(options_.resolved_scale(shape.dk));
     for (Index h = 0; h < shape.heads; ++h) {
       scaled_queries_.noalias() = c * Q.middleCols(h * shape.dk, shape.dk);
@@ -132,35 +143,49 @@ class ExactAttention {
   const Matrix<T>& logsumexp() const { return logsumexp_; }
 
  private:
-  // Online softmax of the (already scaled) queries `Qs` at `positions` over all keys.
-  void rows(const Matrix<T>& Qs, const Index* positions, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
-            MatrixRef<T> O, Eigen::Ref<Vector<T>> lse) {
+  // Sizes the workspaces for blocks of up to `query_rows` queries; a later call of the same shape reuses them.
+  void reserve(Index query_rows, const detail::HeadShape& shape) {
+    const Index key_rows = std::min(key_block_, shape.m);
+    detail::ensure_shape(scaled_queries_, query_rows, shape.dk);
+    detail::ensure_shape(scores_, query_rows, key_rows);
+    detail::ensure_shape(accumulator_, query_rows, shape.dv);
+    for (Vector<T>* v : {&running_max_, &running_sum_, &block_max_, &rescale_}) detail::ensure_shape(*v, query_rows, 1);
+  }
+
+  // Online softmax of the (already scaled) queries `Qs` at `positions` over all keys, in the top rows of the
+  // workspaces.
+  void rows(const ConstMatrixRef<T>& Qs, const Index* positions, const ConstMatrixRef<T>& Kh,
+            const ConstMatrixRef<T>& Vh, MatrixRef<T> O, Eigen::Ref<Vector<T>> lse) {
     const Index bq = Qs.rows();
     const Index key_end = options_.causal ? positions[bq - 1] + 1 : Kh.rows();
-    running_max_.setConstant(bq, -std::numeric_limits<T>::infinity());
-    running_sum_.setZero(bq);
-    accumulator_.setZero(bq, Vh.cols());
+    auto running_max = running_max_.head(bq), running_sum = running_sum_.head(bq);
+    auto block_max = block_max_.head(bq), rescale = rescale_.head(bq);
+    auto accumulator = accumulator_.topRows(bq);
+    running_max.setConstant(-std::numeric_limits<T>::infinity());
+    running_sum.setZero();
+    accumulator.setZero();
     for (Index k0 = 0; k0 < key_end; k0 += key_block_) {
       const Index bk = std::min(key_block_, key_end - k0);
-      scores_.noalias() = Qs * Kh.middleRows(k0, bk).transpose();
-      if (options_.causal && k0 + bk - 1 > positions[0]) detail::mask_future_keys(scores_, positions, k0);
+      auto scores = scores_.topLeftCorner(bq, bk);
+      scores.noalias() = Qs * Kh.middleRows(k0, bk).transpose();
+      if (options_.causal && k0 + bk - 1 > positions[0]) detail::mask_future_keys(scores, positions, k0);
       // Column by column: each column is contiguous, so max, exp and sum run on full SIMD packets
       // (a `colwise() - vector` expression would fall back to scalar exp).
-      block_max_ = running_max_;
-      for (Index j = 0; j < bk; ++j) block_max_ = block_max_.cwiseMax(scores_.col(j));
-      rescale_ = (running_max_ - block_max_).array().exp().matrix();
-      running_sum_.array() *= rescale_.array();
+      block_max = running_max;
+      for (Index j = 0; j < bk; ++j) block_max = block_max.cwiseMax(scores.col(j));
+      rescale = (running_max - block_max).array().exp().matrix();
+      running_sum.array() *= rescale.array();
       for (Index j = 0; j < bk; ++j) {
-        auto column = scores_.col(j).array();
-        column = (column - block_max_.array()).exp();
-        running_sum_.array() += column;
+        auto column = scores.col(j).array();
+        column = (column - block_max.array()).exp();
+        running_sum.array() += column;
       }
-      accumulator_.array().colwise() *= rescale_.array();
-      accumulator_.noalias() += scores_ * Vh.middleRows(k0, bk);
-      running_max_.swap(block_max_);
+      accumulator.array().colwise() *= rescale.array();
+      accumulator.noalias() += scores * Vh.middleRows(k0, bk);
+      running_max = block_max;
     }
-    O.noalias() = running_sum_.cwiseInverse().asDiagonal() * accumulator_;
-    lse = running_max_ + running_sum_.array().log().matrix();
+    O.noalias() = running_sum.cwiseInverse().asDiagonal() * accumulator;
+    lse = running_max + running_sum.array().log().matrix();
   }
 
   AttentionOptions options_;

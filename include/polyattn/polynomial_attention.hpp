@@ -130,10 +130,24 @@ struct Certificate {
 
 namespace detail {
 
-/// \f$\max_i \|x_i\|_2\f$ over the rows of `X`.
+/// \f$\max_i \|x_i\|_2\f$ over the rows of `X`: NaN if an entry is NaN, \f$+\infty\f$ if one is infinite.
+/// Accumulates squared columns over blocks of rows, so each pass is contiguous, vectorised and in cache.
 template <class Derived>
 double max_row_norm(const Eigen::MatrixBase<Derived>& X) {
-  return static_cast<double>(X.rowwise().norm().maxCoeff());
+  using T = typename Derived::Scalar;
+  constexpr Index rows_per_block = 1024;
+  Eigen::Array<T, Eigen::Dynamic, 1> squares(std::min(X.rows(), rows_per_block));
+  double largest = 0;
+  for (Index i0 = 0; i0 < X.rows(); i0 += rows_per_block) {
+    const Index b = std::min(rows_per_block, X.rows() - i0);
+    auto block_squares = squares.head(b);
+    block_squares = X.col(0).segment(i0, b).array().square();
+    for (Index j = 1; j < X.cols(); ++j) block_squares += X.col(j).segment(i0, b).array().square();
+    const double block_largest = static_cast<double>(block_squares.template maxCoeff<Eigen::PropagateNaN>());
+    if (std::isnan(block_largest)) return block_largest;
+    largest = std::max(largest, block_largest);
+  }
+  return std::sqrt(largest);
 }
 
 /// `count` distinct indices of [0, n), ascending (all of them when count >= n); Floyd's sampling.
@@ -213,13 +227,21 @@ class PolynomialAttention {
   Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                       MatrixRef<T> O) {
     constexpr const char* where = "polyattn::PolynomialAttention::forward";
-    const auto shape = detail::check_qkv(where, Q, K, V, options_.attention);
+    const auto shape = detail::check_qkv_shapes(where, Q, K, V, options_.attention);
     detail::require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
+    // The passes that measure R and max|v| for the certificate also detect non-finite entries (they make
+    // the result NaN or infinite); only then are the entries searched for the error message.
     const double c = options_.attention.resolved_scale(shape.dk);
     double radius = 0;
-    for (Index h = 0; h < shape.heads; ++h)
-      radius = std::max(radius, c * detail::max_row_norm(Q.middleCols(h * shape.dk, shape.dk)) *
-                                    detail::max_row_norm(K.middleCols(h * shape.dk, shape.dk)));
+    for (Index h = 0; h < shape.heads; ++h) {
+      const double max_q = detail::max_row_norm(Q.middleCols(h * shape.dk, shape.dk));
+      if (!std::isfinite(max_q)) detail::require_finite(where, "Q", Q);
+      const double max_k = detail::max_row_norm(K.middleCols(h * shape.dk, shape.dk));
+      if (!std::isfinite(max_k)) detail::require_finite(where, "K", K);
+      radius = std::max(radius, c * max_q * max_k);
+    }
+    const double max_v = static_cast<double>(V.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
+    if (!std::isfinite(max_v)) detail::require_finite(where, "V", V);
     Certificate cert = prepare(shape.dk, c, radius);
     for (Index h = 0; h < shape.heads; ++h) {
       const auto Qh = Q.middleCols(h * shape.dk, shape.dk);
@@ -231,7 +253,6 @@ class PolynomialAttention {
       else
         forward_full(Qh, Kh, Vh, Oh);
     }
-    const double max_v = static_cast<double>(V.cwiseAbs().maxCoeff());
     cert.output_bound = cert.poly_error < 1 ? 2 * cert.poly_error / (1 - cert.poly_error) * max_v
                                             : std::numeric_limits<double>::infinity();
     if (options_.estimate_error) estimate(Q, K, V, O, cert);
@@ -256,101 +277,133 @@ class PolynomialAttention {
     return choice.cert;
   }
 
-  Index chunk_rows(Index n) const {
-    if (options_.chunk_size > 0) return std::min(options_.chunk_size, n);
-    if (options_.attention.causal) return std::min<Index>(64, n);
-    // Keep a chunk of features (rows x r) near 1 MiB: large enough for GEMM efficiency, small enough for L2.
-    const Index rows = (Index(1) << 20) / (static_cast<Index>(sizeof(T)) * map_->width());
-    return std::min(n, std::clamp<Index>(rows, 64, 2048));
+  // Rows of features generated at once: about 256 KiB of them, so a batch stays in L2 while the GEMMs that
+  // consume it still have long panels.
+  Index feature_rows() const {
+    const Index rows = (Index(256) << 10) / (static_cast<Index>(sizeof(T)) * map_->width());
+    return std::clamp<Index>(rows, 64, 2048);
   }
 
+  // Default chunk of the causal scan: the masked in-chunk block costs O(b d) per row, the prefix state one
+  // small GEMM per chunk; 64 balances the two for d <= 32 and r ~ 150.
+  static constexpr Index default_scan_rows = 64;
+
+  // Sizes the workspaces for feature batches of `batch` rows and scan chunks of `chunk` rows; a later call of
+  // the same shape reuses them.
+  void reserve(Index batch, Index chunk, Index dk, Index dv) {
+    const Index r = map_->width();
+    detail::ensure_shape(queries_scaled_, batch, dk);
+    detail::ensure_shape(keys_scaled_, batch, dk);
+    detail::ensure_shape(query_monomials_, batch, r);
+    detail::ensure_shape(key_monomials_, batch, r);
+    detail::ensure_shape(values_, batch, dv + 1);
+    detail::ensure_shape(state_, r, dv + 1);
+    detail::ensure_shape(output_, chunk, dv + 1);
+    detail::ensure_shape(inverse_normaliser_, chunk, 1);
+    if (options_.attention.causal) {
+      detail::ensure_shape(block_, chunk, chunk);
+      detail::ensure_shape(block_poly_, chunk, chunk);
+    }
+  }
+
+  // Non-causal: Z = W U_2^T [V, 1] over key batches, then [O~ | D~] = U_1 Z over query batches.
   template <class DQ, class DK, class DV, class DO>
   void forward_full(const Eigen::MatrixBase<DQ>& Qh, const Eigen::MatrixBase<DK>& Kh, const Eigen::MatrixBase<DV>& Vh,
                     Eigen::MatrixBase<DO>& Oh) {
-    const Index r = map_->width(), dv = Vh.cols();
-    state_.setZero(r, dv + 1);
-    const Index b = chunk_rows(Kh.rows());
+    const Index dv = Vh.cols();
+    const Index b = options_.chunk_size > 0 ? options_.chunk_size : feature_rows();
+    reserve(std::min(b, std::max(Qh.rows(), Kh.rows())), std::min(b, Qh.rows()), Qh.cols(), dv);
+    state_.setZero();
     for (Index k0 = 0; k0 < Kh.rows(); k0 += b) {
       const Index bk = std::min(b, Kh.rows() - k0);
-      monomials(Kh.middleRows(k0, bk));
-      state_.leftCols(dv).noalias() += monomials_.transpose() * Vh.middleRows(k0, bk);
-      state_.col(dv).noalias() += monomials_.colwise().sum().transpose();
+      auto monomials = key_monomials_.topRows(bk);
+      map_->monomials(Kh.middleRows(k0, bk), keys_scaled_.topRows(bk), monomials);
+      auto values = values_with_ones(Vh.middleRows(k0, bk));
+      state_.noalias() += monomials.transpose() * values;
     }
     state_ = map_->weights().asDiagonal() * state_;
     for (Index q0 = 0; q0 < Qh.rows(); q0 += b) {
       const Index bq = std::min(b, Qh.rows() - q0);
-      monomials(Qh.middleRows(q0, bq));
-      auto Ob = Oh.middleRows(q0, bq);
-      Ob.noalias() = monomials_ * state_.leftCols(dv);
-      normaliser_.noalias() = monomials_ * state_.col(dv);
-      normalise(Ob, q0);
+      auto monomials = query_monomials_.topRows(bq);
+      map_->monomials(Qh.middleRows(q0, bq), queries_scaled_.topRows(bq), monomials);
+      output_.topRows(bq).noalias() = monomials * state_;
+      normalise(Oh.middleRows(q0, bq), q0);
     }
   }
 
+  // Causal: features for a batch of several scan chunks at once; per chunk of b rows, the earlier chunks
+  // through the prefix state Z (r x (d+1), unweighted: the weights are folded into the query monomials) and
+  // the chunk itself through p(c Q_b K_b^T) on its lower triangle.
   template <class DQ, class DK, class DV, class DO>
   void forward_causal(const Eigen::MatrixBase<DQ>& Qh, const Eigen::MatrixBase<DK>& Kh,
                       const Eigen::MatrixBase<DV>& Vh, Eigen::MatrixBase<DO>& Oh) {
-    const Index r = map_->width(), dv = Vh.cols(), n = Qh.rows();
-    const T sqrt_c = static_cast<T>(std::sqrt(map_->scale()));
-    state_.setZero(r, dv + 1);
-    const Index b = chunk_rows(n);
-    for (Index s = 0; s < n; s += b) {
-      const Index bs = std::min(b, n - s);
-      auto Ob = Oh.middleRows(s, bs);
-      const auto Vb = Vh.middleRows(s, bs);
-      // Earlier chunks through the prefix state.
-      monomials(Qh.middleRows(s, bs));
-      Ob.noalias() = monomials_ * state_.leftCols(dv);
-      normaliser_.noalias() = monomials_ * state_.col(dv);
-      // This chunk: p(c q.k) on the lower triangle, from the already scaled queries.
-      keys_scaled_.noalias() = sqrt_c * Kh.middleRows(s, bs);
-      block_.noalias() = scaled_ * keys_scaled_.transpose();
-      apply_polynomial(block_);
-      block_.template triangularView<Eigen::StrictlyUpper>().setZero();
-      Ob.noalias() += block_.template triangularView<Eigen::Lower>() * Vb;
-      normaliser_.noalias() += block_.rowwise().sum();
-      normalise(Ob, s);
-      // Fold this chunk's keys into the prefix state.
-      map_->monomials(Kh.middleRows(s, bs), keys_scaled_, monomials_);
-      chunk_state_.resize(r, dv + 1);
-      chunk_state_.leftCols(dv).noalias() = monomials_.transpose() * Vb;
-      chunk_state_.col(dv).noalias() = monomials_.colwise().sum().transpose();
-      state_.noalias() += map_->weights().asDiagonal() * chunk_state_;
+    const Index n = Qh.rows();
+    const Index b = std::min(n, options_.chunk_size > 0 ? options_.chunk_size : default_scan_rows);
+    const Index batch = b * std::max<Index>(1, feature_rows() / b);
+    reserve(std::min(batch, n), b, Qh.cols(), Vh.cols());
+    state_.setZero();
+    for (Index s0 = 0; s0 < n; s0 += batch) {
+      const Index bs = std::min(batch, n - s0);
+      auto query_monomials = query_monomials_.topRows(bs), key_monomials = key_monomials_.topRows(bs);
+      auto queries_scaled = queries_scaled_.topRows(bs), keys_scaled = keys_scaled_.topRows(bs);
+      map_->monomials(Qh.middleRows(s0, bs), queries_scaled, query_monomials);
+      query_monomials.array().rowwise() *= map_->weights().transpose().array();
+      map_->monomials(Kh.middleRows(s0, bs), keys_scaled, key_monomials);
+      const auto values = values_with_ones(Vh.middleRows(s0, bs));
+      for (Index t0 = 0; t0 < bs; t0 += b) {
+        const Index bt = std::min(b, bs - t0);
+        auto output = output_.topRows(bt);
+        auto scores = block_.topLeftCorner(bt, bt);
+        output.noalias() = query_monomials.middleRows(t0, bt) * state_;
+        scores.noalias() = queries_scaled.middleRows(t0, bt) * keys_scaled.middleRows(t0, bt).transpose();
+        auto weights = apply_polynomial(scores);
+        output.noalias() += weights.template triangularView<Eigen::Lower>() * values.middleRows(t0, bt);
+        normalise(Oh.middleRows(s0 + t0, bt), s0 + t0);
+        state_.noalias() += key_monomials.middleRows(t0, bt).transpose() * values.middleRows(t0, bt);
+      }
     }
   }
 
+  // The top rows of values_ set to [V_b, 1]: one GEMM then yields the numerators and the normaliser together.
   template <class Derived>
-  void monomials(const Eigen::MatrixBase<Derived>& X) {
-    scaled_.resize(X.rows(), X.cols());
-    monomials_.resize(X.rows(), map_->width());
-    map_->monomials(X, scaled_, monomials_);
+  Eigen::Block<Matrix<T>> values_with_ones(const Eigen::MatrixBase<Derived>& Vb) {
+    auto values = values_.topRows(Vb.rows());
+    values.leftCols(Vb.cols()) = Vb;
+    values.col(Vb.cols()).setOnes();
+    return values;
   }
 
-  void apply_polynomial(Matrix<T>& S) {
+  // p(S) elementwise by Horner's rule, into the same-shaped top-left corner of block_poly_.
+  Eigen::Block<Matrix<T>> apply_polynomial(const Eigen::Block<Matrix<T>>& S) {
     const std::vector<double>& a = map_poly_.coeffs;
-    auto z = S.array();
-    block_poly_.setConstant(S.rows(), S.cols(), static_cast<T>(a.back()));
-    for (std::size_t t = a.size() - 1; t-- > 0;)
-      block_poly_.array() = block_poly_.array() * z + static_cast<T>(a[t]);
-    S.swap(block_poly_);
+    auto poly = block_poly_.topLeftCorner(S.rows(), S.cols());
+    poly.setConstant(static_cast<T>(a.back()));
+    for (std::size_t t = a.size() - 1; t-- > 0;) poly.array() = poly.array() * S.array() + static_cast<T>(a[t]);
+    return poly;
   }
 
-  // Divides each row by its approximate normaliser; a non-positive one means p < 0 somewhere.
+  // Ob = numerators / normaliser from output_ = [numerators | normaliser]; a non-positive normaliser means
+  // p < 0 somewhere.
   template <class DO>
-  void normalise(Eigen::MatrixBase<DO>& Ob, Index first_row) const {
-    const Index bad = first_bad_normaliser();
+  void normalise(Eigen::MatrixBase<DO>&& Ob, Index first_row) {
+    const Index rows = Ob.rows(), dv = Ob.cols();
+    const auto output = output_.topRows(rows);
+    const Index bad = first_bad_normaliser(output.col(dv));
     if (bad >= 0)
       throw std::domain_error(detail::concat(
           "polyattn::PolynomialAttention::forward: approximate normaliser of row ", first_row + bad, " is ",
-          static_cast<double>(normaliser_(bad)), " (not positive): the degree-", map_poly_.degree(),
+          static_cast<double>(output_(bad, dv)), " (not positive): the degree-", map_poly_.degree(),
           " polynomial is not positive on the scores; use an even degree or a larger one"));
-    Ob = normaliser_.cwiseInverse().asDiagonal() * Ob;
+    auto inverse_normaliser = inverse_normaliser_.head(rows);
+    inverse_normaliser = output.col(dv).cwiseInverse();
+    Ob.noalias() = inverse_normaliser.asDiagonal() * output.leftCols(dv);
   }
 
-  Index first_bad_normaliser() const {
-    if ((normaliser_.array() > 0).all() && normaliser_.allFinite()) return -1;
-    for (Index i = 0; i < normaliser_.size(); ++i)
-      if (!(normaliser_(i) > 0) || !std::isfinite(static_cast<double>(normaliser_(i)))) return i;
+  template <class Derived>
+  static Index first_bad_normaliser(const Eigen::MatrixBase<Derived>& normaliser) {
+    if ((normaliser.array() > 0).all() && normaliser.allFinite()) return -1;
+    for (Index i = 0; i < normaliser.size(); ++i)
+      if (!(normaliser(i) > 0) || !std::isfinite(static_cast<double>(normaliser(i)))) return i;
     return -1;
   }
 
@@ -378,8 +431,9 @@ class PolynomialAttention {
   ExactAttention<T> exact_;
   std::unique_ptr<FeatureMap<T>> map_;
   Polynomial map_poly_;
-  Matrix<T> scaled_, keys_scaled_, monomials_, state_, chunk_state_, block_, block_poly_;
-  Vector<T> normaliser_;
+  Matrix<T> queries_scaled_, keys_scaled_, query_monomials_, key_monomials_, values_, state_, output_, block_,
+      block_poly_;
+  Vector<T> inverse_normaliser_;
 };
 
 }  // namespace polyattn
