@@ -125,7 +125,7 @@ class LoRALinear {
     dX.noalias() += s * output_grad_times_Bt_ * A.value.transpose();
   }
 
-  /// A plain Linear with weight \f$W + sAB\f$ and the base bias: the same forward, one GEMM.
+  /// A plain, trainable Linear with weight \f$W + sAB\f$ and the base bias: the same forward, one GEMM.
   Linear<T> merged() const {
     check_adapter("polyattn::LoRALinear::merged");
     Linear<T> result = base;

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace polyattn {
@@ -92,6 +93,14 @@ double clip_grad_norm(const std::vector<Parameter<T>*>& parameters, double max_n
 }
 
 /// Common interface of the optimizers, so that a training loop can choose one at run time.
+///
+/// \code
+///   std::unique_ptr<polyattn::Optimizer<float>> optimizer;
+///   if (use_adam) optimizer = std::make_unique<polyattn::AdamW<float>>(parameters, polyattn::AdamWOptions{});
+///   else optimizer = std::make_unique<polyattn::SGD<float>>(parameters, polyattn::SGDOptions{});
+///   optimizer->set_learning_rate(schedule(step));
+///   optimizer->step();
+/// \endcode
 template <class T>
 class Optimizer {
  public:
