@@ -244,24 +244,47 @@ class AdjointBackend final : public AttentionBackend<T> {
     return std::min(n, std::clamp<Index>(rows, 64, 2048));
   }
 
-  // Monomials of a chunk of rows into monomials_; `scaled` receives sqrt(c) X.
+  // Sizes every chunk workspace for `rows` rows once per head; chunks use their top rows, so a short last
+  // chunk does not reallocate (and page-fault) megabytes per call.
+  void reserve_chunks(Index rows, Index dk, Index dv) {
+    const Index r = map_->width();
+    scaled_queries_.resize(rows, dk);
+    scaled_keys_.resize(rows, dk);
+    monomials_.resize(rows, r);
+    monomial_grads_.resize(rows, r);
+    values_.resize(rows, dv + 1);
+    products_.resize(rows, dv + 2);
+    adjoints_.resize(rows, dv + 2);
+    inverse_normalisers_.resize(rows);
+    if (options_.attention.causal) {
+      block_.resize(rows, rows);
+      block_value_.resize(rows, rows);
+      derivative_block_.resize(rows, rows);
+      score_grads_.resize(rows, rows);
+      column_sums_.resize(rows);
+    }
+  }
+
+  // The first `rows` rows of a chunk workspace.
+  static auto top(Matrix<T>& workspace, Index rows) { return workspace.topRows(rows); }
+
+  // Monomials of a chunk of rows into the top of monomials_; the top of `scaled` receives sqrt(c) X.
   void expand(const ConstMatrixRef<T>& X, Matrix<T>& scaled) {
-    scaled.resize(X.rows(), X.cols());
-    monomials_.resize(X.rows(), map_->width());
-    map_->monomials(X, scaled, monomials_);
+    map_->monomials(X, top(scaled, X.rows()), top(monomials_, X.rows()));
   }
 
-  // values_ = [V_b, 1].
+  // Top of values_ = [V_b, 1].
   void load_values(const ConstMatrixRef<T>& Vb) {
-    values_.resize(Vb.rows(), Vb.cols() + 1);
-    values_.leftCols(Vb.cols()) = Vb;
-    values_.col(Vb.cols()).setOnes();
+    auto values = top(values_, Vb.rows());
+    values.leftCols(Vb.cols()) = Vb;
+    values.col(Vb.cols()).setOnes();
   }
 
-  // Divides products_.leftCols(dv) by the normaliser column into Ob and saves the normalisers.
+  // Divides the top of products_ (N and the normaliser column) into Ob and saves the normalisers.
   void normalise(MatrixRef<T> Ob, Index first_row, Index head) {
     const Index dv = Ob.cols();
-    const auto denominators = products_.col(dv);
+    const auto products = top(products_, Ob.rows());
+    const auto denominators = products.col(dv);
     if (!((denominators.array() > 0).all() && denominators.allFinite()))
       for (Index i = 0; i < denominators.size(); ++i)
         if (!(denominators(i) > 0) || !std::isfinite(static_cast<double>(denominators(i))))
@@ -270,109 +293,123 @@ class AdjointBackend final : public AttentionBackend<T> {
               static_cast<double>(denominators(i)), " (not positive): the degree-", poly_.degree(),
               " polynomial is not positive on the scores; use an even degree or a larger one"));
     normalisers_.col(head).segment(first_row, Ob.rows()) = denominators;
-    Ob.noalias() = denominators.cwiseInverse().asDiagonal() * products_.leftCols(dv);
+    Ob.noalias() = denominators.cwiseInverse().asDiagonal() * products.leftCols(dv);
   }
 
   void forward_full(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
                     MatrixRef<T> Oh, Index head) {
     const Index dv = Vh.cols(), m = Kh.rows(), n = Qh.rows();
+    const Index b = chunk_rows(std::max(n, m));
+    reserve_chunks(b, Qh.cols(), dv);
     auto state = states_.middleCols(head * (dv + 1), dv + 1);
     state.setZero();
-    const Index bk = chunk_rows(m);
-    for (Index k0 = 0; k0 < m; k0 += bk) {
-      const Index rows = std::min(bk, m - k0);
+    for (Index k0 = 0; k0 < m; k0 += b) {
+      const Index rows = std::min(b, m - k0);
       expand(Kh.middleRows(k0, rows), scaled_keys_);
       load_values(Vh.middleRows(k0, rows));
-      state.noalias() += monomials_.transpose() * values_;
+      state.noalias() += top(monomials_, rows).transpose() * top(values_, rows);
     }
     state = map_->weights().asDiagonal() * state;
-    const Index bq = chunk_rows(n);
-    for (Index q0 = 0; q0 < n; q0 += bq) {
-      const Index rows = std::min(bq, n - q0);
+    for (Index q0 = 0; q0 < n; q0 += b) {
+      const Index rows = std::min(b, n - q0);
       expand(Qh.middleRows(q0, rows), scaled_queries_);
-      products_.noalias() = monomials_ * state;
+      top(products_, rows).leftCols(dv + 1).noalias() = top(monomials_, rows) * state;
       normalise(Oh.middleRows(q0, rows), q0, head);
     }
   }
 
-  // E = [G/D, -rowsum(G o O)/D, 1/D] for one chunk (the last column gives the column sums of P~).
+  // Top of adjoints_ = [G/D, -rowsum(G o O)/D, 1/D] for one chunk (the last column gives the column sums of P~).
   void load_adjoints(const ConstMatrixRef<T>& Gb, const ConstMatrixRef<T>& Ob, Index first_row, Index head) {
-    const Index dv = Gb.cols();
-    inverse_normalisers_ = normalisers_.col(head).segment(first_row, Gb.rows()).cwiseInverse();
-    adjoints_.resize(Gb.rows(), dv + 2);
-    adjoints_.leftCols(dv).noalias() = inverse_normalisers_.asDiagonal() * Gb;
-    adjoints_.col(dv) = -Gb.cwiseProduct(Ob).rowwise().sum().cwiseProduct(inverse_normalisers_);
-    adjoints_.col(dv + 1) = inverse_normalisers_;
+    const Index dv = Gb.cols(), rows = Gb.rows();
+    auto inverse = inverse_normalisers_.head(rows);
+    auto adjoints = top(adjoints_, rows);
+    inverse = normalisers_.col(head).segment(first_row, rows).cwiseInverse();
+    adjoints.leftCols(dv).noalias() = inverse.asDiagonal() * Gb;
+    adjoints.col(dv) = -Gb.cwiseProduct(Ob).rowwise().sum().cwiseProduct(inverse);
+    adjoints.col(dv + 1) = inverse;
   }
 
   double backward_full(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
                        const ConstMatrixRef<T>& Oh, const ConstMatrixRef<T>& Gh, MatrixRef<T> dQh, MatrixRef<T> dKh,
                        MatrixRef<T> dVh, Index head) {
     const Index dv = Vh.cols(), m = Kh.rows(), n = Qh.rows();
+    const Index b = chunk_rows(std::max(n, m));
+    reserve_chunks(b, Qh.cols(), dv);
     const auto state = states_.middleCols(head * (dv + 1), dv + 1);
     state_grads_.setZero(map_->width(), dv + 2);
-    const Index bq = chunk_rows(n);
-    for (Index q0 = 0; q0 < n; q0 += bq) {
-      const Index rows = std::min(bq, n - q0);
+    for (Index q0 = 0; q0 < n; q0 += b) {
+      const Index rows = std::min(b, n - q0);
       expand(Qh.middleRows(q0, rows), scaled_queries_);
       load_adjoints(Gh.middleRows(q0, rows), Oh.middleRows(q0, rows), q0, head);
-      monomial_grads_.noalias() = adjoints_.leftCols(dv + 1) * state.transpose();
-      state_grads_.noalias() += monomials_.transpose() * adjoints_;
+      const auto monomials = top(monomials_, rows);
+      const auto adjoints = top(adjoints_, rows);
+      auto monomial_grads = top(monomial_grads_, rows);
+      monomial_grads.noalias() = adjoints.leftCols(dv + 1) * state.transpose();
+      state_grads_.noalias() += monomials.transpose() * adjoints;
       auto dQb = dQh.middleRows(q0, rows);
       dQb.setZero();
-      map_->monomials_backward(monomial_grads_, scaled_queries_, monomials_, dQb);
+      map_->monomials_backward(monomial_grads, top(scaled_queries_, rows), monomials, dQb);
     }
     state_grads_ = map_->weights().asDiagonal() * state_grads_;
     double column_sum = 0;
-    const Index bk = chunk_rows(m);
-    for (Index k0 = 0; k0 < m; k0 += bk) {
-      const Index rows = std::min(bk, m - k0);
+    for (Index k0 = 0; k0 < m; k0 += b) {
+      const Index rows = std::min(b, m - k0);
       expand(Kh.middleRows(k0, rows), scaled_keys_);
       load_values(Vh.middleRows(k0, rows));
-      monomial_grads_.noalias() = values_ * state_grads_.leftCols(dv + 1).transpose();
+      const auto monomials = top(monomials_, rows);
+      auto monomial_grads = top(monomial_grads_, rows);
+      auto products = top(products_, rows);
+      monomial_grads.noalias() = top(values_, rows) * state_grads_.leftCols(dv + 1).transpose();
       // One product for dV and the column sums of P~; its column dv (M_K times the normaliser adjoint) is unused.
-      products_.noalias() = monomials_ * state_grads_;
-      dVh.middleRows(k0, rows) = products_.leftCols(dv);
-      column_sum = std::max(column_sum, static_cast<double>(products_.col(dv + 1).maxCoeff()));
+      products.noalias() = monomials * state_grads_;
+      dVh.middleRows(k0, rows) = products.leftCols(dv);
+      column_sum = std::max(column_sum, static_cast<double>(products.col(dv + 1).maxCoeff()));
       auto dKb = dKh.middleRows(k0, rows);
       dKb.setZero();
-      map_->monomials_backward(monomial_grads_, scaled_keys_, monomials_, dKb);
+      map_->monomials_backward(monomial_grads, top(scaled_keys_, rows), monomials, dKb);
     }
     return column_sum;
   }
 
-  // block_ = tril(p(S)) for S = scaled_queries_ scaled_keys_^T and, when asked, derivative_block_ = p'(S).
-  void in_chunk_block(bool with_derivative) {
-    block_.noalias() = scaled_queries_ * scaled_keys_.transpose();
+  // Top-left rows x rows of block_ = tril(p(S)) for S = sqrt(c)Q_s (sqrt(c)K_s)^T from the tops of
+  // scaled_queries_ and scaled_keys_; with `with_derivative`, derivative_block_ = p'(S) likewise.
+  void in_chunk_block(Index rows, bool with_derivative) {
+    auto block = block_.topLeftCorner(rows, rows);
+    auto value = block_value_.topLeftCorner(rows, rows);
+    auto derivative = derivative_block_.topLeftCorner(rows, rows);
+    block.noalias() = top(scaled_queries_, rows) * top(scaled_keys_, rows).transpose();
     const std::vector<double>& a = poly_.coeffs;
-    const auto z = block_.array();
-    block_value_.setConstant(block_.rows(), block_.cols(), static_cast<T>(a.back()));
-    if (with_derivative) derivative_block_.setZero(block_.rows(), block_.cols());
+    value.setConstant(static_cast<T>(a.back()));
+    if (with_derivative) derivative.setZero();
     for (std::size_t t = a.size() - 1; t-- > 0;) {
-      if (with_derivative) derivative_block_.array() = derivative_block_.array() * z + block_value_.array();
-      block_value_.array() = block_value_.array() * z + static_cast<T>(a[t]);
+      if (with_derivative) derivative.array() = derivative.array() * block.array() + value.array();
+      value.array() = value.array() * block.array() + static_cast<T>(a[t]);
     }
-    block_.swap(block_value_);
-    block_.template triangularView<Eigen::StrictlyUpper>().setZero();
+    block = value;
+    block.template triangularView<Eigen::StrictlyUpper>().setZero();
   }
 
   void forward_causal(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
                       MatrixRef<T> Oh, Index head) {
     const Index r = map_->width(), dv = Vh.cols(), n = Qh.rows();
     const T sqrt_c = static_cast<T>(std::sqrt(map_->scale()));
-    causal_state_.setZero(r, dv + 1);
     const Index b = chunk_rows(n);
+    reserve_chunks(b, Qh.cols(), dv);
+    causal_state_.setZero(r, dv + 1);
     for (Index s = 0; s < n; s += b) {
       const Index rows = std::min(b, n - s);
+      const auto monomials = top(monomials_, rows);
+      const auto values = top(values_, rows);
+      auto products = top(products_, rows).leftCols(dv + 1);
       expand(Qh.middleRows(s, rows), scaled_queries_);
       load_values(Vh.middleRows(s, rows));
-      products_.noalias() = monomials_ * causal_state_;
-      scaled_keys_.noalias() = sqrt_c * Kh.middleRows(s, rows);
-      in_chunk_block(false);
-      products_.noalias() += block_.template triangularView<Eigen::Lower>() * values_;
+      products.noalias() = monomials * causal_state_;
+      top(scaled_keys_, rows).noalias() = sqrt_c * Kh.middleRows(s, rows);
+      in_chunk_block(rows, false);
+      products.noalias() += block_.topLeftCorner(rows, rows).template triangularView<Eigen::Lower>() * values;
       normalise(Oh.middleRows(s, rows), s, head);
       expand(Kh.middleRows(s, rows), scaled_keys_);
-      chunk_state_.noalias() = monomials_.transpose() * values_;
+      chunk_state_.noalias() = monomials.transpose() * values;
       causal_state_.noalias() += map_->weights().asDiagonal() * chunk_state_;
     }
   }
@@ -383,19 +420,22 @@ class AdjointBackend final : public AttentionBackend<T> {
     const Index r = map_->width(), dv = Vh.cols(), n = Qh.rows();
     const T sqrt_c = static_cast<T>(std::sqrt(map_->scale()));
     const Index b = chunk_rows(n);
+    reserve_chunks(b, Qh.cols(), dv);
     // Prefix scan: dQ from the earlier chunks, through the running state Z^{<s}.
     causal_state_.setZero(r, dv + 1);
     for (Index s = 0; s < n; s += b) {
       const Index rows = std::min(b, n - s);
+      const auto monomials = top(monomials_, rows);
+      auto monomial_grads = top(monomial_grads_, rows);
       expand(Qh.middleRows(s, rows), scaled_queries_);
       load_adjoints(Gh.middleRows(s, rows), Oh.middleRows(s, rows), s, head);
-      monomial_grads_.noalias() = adjoints_.leftCols(dv + 1) * causal_state_.transpose();
+      monomial_grads.noalias() = top(adjoints_, rows).leftCols(dv + 1) * causal_state_.transpose();
       auto dQb = dQh.middleRows(s, rows);
       dQb.setZero();
-      map_->monomials_backward(monomial_grads_, scaled_queries_, monomials_, dQb);
+      map_->monomials_backward(monomial_grads, top(scaled_queries_, rows), monomials, dQb);
       expand(Kh.middleRows(s, rows), scaled_keys_);
       load_values(Vh.middleRows(s, rows));
-      chunk_state_.noalias() = monomials_.transpose() * values_;
+      chunk_state_.noalias() = monomials.transpose() * top(values_, rows);
       causal_state_.noalias() += map_->weights().asDiagonal() * chunk_state_;
     }
     // Suffix scan: dK, dV from the later chunks through Y^{>s}, then the chunk's own block.
@@ -403,31 +443,40 @@ class AdjointBackend final : public AttentionBackend<T> {
     double column_sum = 0;
     for (Index s = ((n - 1) / b) * b; s >= 0; s -= b) {
       const Index rows = std::min(b, n - s);
+      const auto monomials = top(monomials_, rows);
+      const auto values = top(values_, rows);
+      const auto adjoints = top(adjoints_, rows);
+      const auto block = block_.topLeftCorner(rows, rows);
+      auto monomial_grads = top(monomial_grads_, rows);
+      auto products = top(products_, rows);
+      auto score_grads = score_grads_.topLeftCorner(rows, rows);
+      auto column_sums = column_sums_.head(rows);
       auto dQb = dQh.middleRows(s, rows);
       auto dKb = dKh.middleRows(s, rows);
       auto dVb = dVh.middleRows(s, rows);
+
       expand(Kh.middleRows(s, rows), scaled_keys_);
       load_values(Vh.middleRows(s, rows));
       weighted_state_grads_.noalias() = map_->weights().asDiagonal() * state_grads_;
-      monomial_grads_.noalias() = values_ * weighted_state_grads_.leftCols(dv + 1).transpose();
-      products_.noalias() = monomials_ * weighted_state_grads_;
-      dVb = products_.leftCols(dv);
-      column_sums_ = products_.col(dv + 1);
+      monomial_grads.noalias() = values * weighted_state_grads_.leftCols(dv + 1).transpose();
+      products.noalias() = monomials * weighted_state_grads_;
+      dVb = products.leftCols(dv);
+      column_sums = products.col(dv + 1);
       dKb.setZero();
-      map_->monomials_backward(monomial_grads_, scaled_keys_, monomials_, dKb);
+      map_->monomials_backward(monomial_grads, top(scaled_keys_, rows), monomials, dKb);
 
       expand(Qh.middleRows(s, rows), scaled_queries_);
       load_adjoints(Gh.middleRows(s, rows), Oh.middleRows(s, rows), s, head);
-      in_chunk_block(true);
-      score_grads_.noalias() = adjoints_.leftCols(dv + 1) * values_.transpose();
+      in_chunk_block(rows, true);
+      score_grads.noalias() = adjoints.leftCols(dv + 1) * values.transpose();
       // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K) and likewise for dK.
-      score_grads_.array() *= sqrt_c * derivative_block_.array();
-      dQb.noalias() += score_grads_.template triangularView<Eigen::Lower>() * scaled_keys_;
-      dKb.noalias() += score_grads_.transpose().template triangularView<Eigen::Upper>() * scaled_queries_;
-      dVb.noalias() += block_.transpose().template triangularView<Eigen::Upper>() * adjoints_.leftCols(dv);
-      column_sums_.noalias() += block_.transpose().template triangularView<Eigen::Upper>() * adjoints_.col(dv + 1);
-      column_sum = std::max(column_sum, static_cast<double>(column_sums_.maxCoeff()));
-      state_grads_.noalias() += monomials_.transpose() * adjoints_;
+      score_grads.array() *= sqrt_c * derivative_block_.topLeftCorner(rows, rows).array();
+      dQb.noalias() += score_grads.template triangularView<Eigen::Lower>() * top(scaled_keys_, rows);
+      dKb.noalias() += score_grads.transpose().template triangularView<Eigen::Upper>() * top(scaled_queries_, rows);
+      dVb.noalias() += block.transpose().template triangularView<Eigen::Upper>() * adjoints.leftCols(dv);
+      column_sums.noalias() += block.transpose().template triangularView<Eigen::Upper>() * adjoints.col(dv + 1);
+      column_sum = std::max(column_sum, static_cast<double>(column_sums.maxCoeff()));
+      state_grads_.noalias() += monomials.transpose() * adjoints;
     }
     return column_sum;
   }

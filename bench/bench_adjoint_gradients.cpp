@@ -1,0 +1,158 @@
+// Benchmarks of the adjoint method (AdjointBackend): forward + backward, float, single-threaded.
+//
+// Inputs follow the polynomial-attention authors' setup: q, k ~ N(0, 1)/sqrt(d), v, G ~ N(0, 1), score
+// scale c = 1, one head.
+//
+// Names (select with --benchmark_filter):
+//   adjoint/causal:C/g:G/d:D/n:N                 AdjointBackend forward + backward, Taylor degree G
+//   adjoint_baseline/exact_blocked/causal:C/d:16/n:65536
+//                                                ExactBlockedBackend forward + backward, the baseline of the
+//                                                issue-3 speed-up target (about 10 s per call)
+// Counters: gflops (flops by the count below), features (r); for n <= 2^13 also rel_error_dQ, rel_error_dK,
+// rel_error_dV = ||dX~ - dX||_F / ||dX||_F against ExactBlockedBackend on the same inputs (computed once,
+// outside the timed loop).
+//
+// Flop count of the adjoint method: 7 products of n x r x (d + 1) shape (forward: key state and query
+// product; backward: dM_Q, dZ, dM_K, dV and, under the mask, the prefix state again), 2 flops each, i.e.
+// 14 n r (d + 1) for causal and non-causal alike, so that their gflops compare as speeds. The exact
+// baseline counts (4 + 10) n^2 d (forward: QK^T, PV; backward: QK^T, dV, dP, dQ, dK), halved under the mask.
+//
+// Targets of issue 3 (one run, e.g.
+//   --benchmark_filter='adjoint.*/d:16/n:65536$' --benchmark_repetitions=3):
+//   adjoint/causal:0/g:2/d:16/n:65536 >= 100x faster than adjoint_baseline/exact_blocked/causal:0/d:16/n:65536;
+//   adjoint/causal:1/g:2/d:16/n:65536 within 1.5x of adjoint/causal:0/g:2/d:16/n:65536.
+#include <polyattn/adjoint_gradients.hpp>
+#include <polyattn/exact_gradients.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <map>
+#include <random>
+#include <string>
+#include <tuple>
+
+namespace {
+
+using polyattn::Index;
+using Mat = polyattn::Matrix<float>;
+
+constexpr Index max_error_n = Index(1) << 13;
+constexpr Index baseline_n = Index(1) << 16;
+constexpr Index baseline_d = 16;
+
+struct Problem {
+  Mat Q, K, V, G;
+};
+
+// Inputs of each (n, d), generated once and shared by every benchmark of that shape.
+const Problem& problem(Index n, Index d) {
+  static std::map<std::pair<Index, Index>, Problem> cache;
+  auto found = cache.find({n, d});
+  if (found != cache.end()) return found->second;
+  std::mt19937 rng(static_cast<std::mt19937::result_type>(7919 * n + d));
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const float qk_scale = 1.0f / std::sqrt(static_cast<float>(d));
+  Problem p{Mat(n, d), Mat(n, d), Mat(n, d), Mat(n, d)};
+  for (Index j = 0; j < d; ++j)
+    for (Index i = 0; i < n; ++i) {
+      p.Q(i, j) = qk_scale * normal(rng);
+      p.K(i, j) = qk_scale * normal(rng);
+      p.V(i, j) = normal(rng);
+      p.G(i, j) = normal(rng);
+    }
+  return cache.emplace(std::make_pair(n, d), std::move(p)).first->second;
+}
+
+polyattn::PolynomialAttentionOptions adjoint_options(bool causal, int degree) {
+  polyattn::PolynomialAttentionOptions opt;
+  opt.attention.scale = 1.0;
+  opt.attention.causal = causal;
+  opt.degree = degree;
+  return opt;
+}
+
+struct Gradients {
+  Mat dQ, dK, dV;
+};
+
+Gradients run_backend(polyattn::AttentionBackend<float>& backend, const Problem& p) {
+  Mat O(p.Q.rows(), p.V.cols());
+  Gradients g{Mat(p.Q.rows(), p.Q.cols()), Mat(p.K.rows(), p.K.cols()), Mat(p.V.rows(), p.V.cols())};
+  backend.forward(p.Q, p.K, p.V, O);
+  backend.backward(p.Q, p.K, p.V, O, p.G, g.dQ, g.dK, g.dV);
+  return g;
+}
+
+// Exact gradients, computed at most once per (n, d, causal) for the rel_error counters.
+const Gradients& exact_gradients(Index n, Index d, bool causal) {
+  static std::map<std::tuple<Index, Index, bool>, Gradients> cache;
+  auto found = cache.find({n, d, causal});
+  if (found != cache.end()) return found->second;
+  polyattn::ExactBlockedBackend<float> exact(adjoint_options(causal, 2));
+  return cache.emplace(std::make_tuple(n, d, causal), run_backend(exact, problem(n, d))).first->second;
+}
+
+double relative_error(const Mat& approx, const Mat& exact) {
+  return static_cast<double>((approx - exact).norm() / exact.norm());
+}
+
+void adjoint_forward_backward(benchmark::State& state, bool causal, int degree, Index d, Index n) {
+  const Problem& p = problem(n, d);
+  polyattn::AdjointBackend<float> adjoint(adjoint_options(causal, degree));
+  Mat O(n, d), dQ(n, d), dK(n, d), dV(n, d);
+  for (auto _ : state) {
+    adjoint.forward(p.Q, p.K, p.V, O);
+    adjoint.backward(p.Q, p.K, p.V, O, p.G, dQ, dK, dV);
+    benchmark::DoNotOptimize(dV.data());
+    benchmark::ClobberMemory();
+  }
+  const auto r = static_cast<double>(adjoint.feature_map().width());
+  const double flops = 14.0 * static_cast<double>(n) * r * static_cast<double>(d + 1);
+  state.counters["features"] = r;
+  state.counters["gflops"] =
+      benchmark::Counter(flops * 1e-9 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  if (n <= max_error_n) {
+    const Gradients& exact = exact_gradients(n, d, causal);
+    state.counters["rel_error_dQ"] = relative_error(dQ, exact.dQ);
+    state.counters["rel_error_dK"] = relative_error(dK, exact.dK);
+    state.counters["rel_error_dV"] = relative_error(dV, exact.dV);
+  }
+}
+
+void exact_blocked_forward_backward(benchmark::State& state, bool causal) {
+  const Problem& p = problem(baseline_n, baseline_d);
+  polyattn::ExactBlockedBackend<float> exact(adjoint_options(causal, 2));
+  Mat O(baseline_n, baseline_d), dQ(baseline_n, baseline_d), dK(baseline_n, baseline_d), dV(baseline_n, baseline_d);
+  for (auto _ : state) {
+    exact.forward(p.Q, p.K, p.V, O);
+    exact.backward(p.Q, p.K, p.V, O, p.G, dQ, dK, dV);
+    benchmark::DoNotOptimize(dV.data());
+    benchmark::ClobberMemory();
+  }
+  const double n = static_cast<double>(baseline_n);
+  const double flops = 14.0 * n * n * static_cast<double>(baseline_d) * (causal ? 0.5 : 1.0);
+  state.counters["gflops"] =
+      benchmark::Counter(flops * 1e-9 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+
+const bool registered = [] {
+  for (const bool causal : {false, true})
+    for (const int degree : {2, 4})
+      for (const Index d : {8, 16})
+        for (Index n = Index(1) << 10; n <= (Index(1) << 18); n *= 4) {
+          const std::string name = "adjoint/causal:" + std::to_string(causal) + "/g:" + std::to_string(degree) +
+                                   "/d:" + std::to_string(d) + "/n:" + std::to_string(n);
+          benchmark::RegisterBenchmark(name.c_str(), adjoint_forward_backward, causal, degree, d, n)
+              ->Unit(benchmark::kMillisecond);
+        }
+  for (const bool causal : {false, true}) {
+    const std::string name = "adjoint_baseline/exact_blocked/causal:" + std::to_string(causal) +
+                             "/d:" + std::to_string(baseline_d) + "/n:" + std::to_string(baseline_n);
+    benchmark::RegisterBenchmark(name.c_str(), exact_blocked_forward_backward, causal)
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(1);
+  }
+  return true;
+}();
+
+}  // namespace
