@@ -4,15 +4,17 @@
 /// With \f$p \approx \exp\f$ on \f$[-R, R]\f$ and features \f$U_1 = \varphi_Q(Q)\f$, \f$U_2 = \varphi_K(K)\f$
 /// (feature_map.hpp), \f$\tilde A = U_1 U_2^\top \approx \exp(c\,QK^\top)\f$ and
 /// \f[ \tilde O = \tilde D^{-1} U_1 (U_2^\top V), \qquad \tilde D = \mathrm{diag}(U_1 (U_2^\top \mathbf 1)), \f]
-/// in \f$O(n r d)\f$ time for \f$r\f$ features. Features are generated chunk by chunk, so beyond inputs
-/// and output the memory is \f$O(b r + r d)\f$ for chunk size \f$b\f$; the \f$n \times r\f$ factors are
-/// never stored.
+/// in \f$O(n r d)\f$ time for \f$r\f$ features. Numerator and normaliser come out of one product with
+/// \f$[V, \mathbf 1]\f$. Features are generated in batches of \f$B\f$ rows (about 256 KiB of them, so a
+/// batch stays in L2), so beyond inputs and output the memory is \f$O(B (r + d) + r d)\f$, kept between
+/// calls; the \f$n \times r\f$ factors are never stored.
 ///
-/// **Causal mask.** Chunk \f$k\f$ of queries sees all earlier chunks through a running state
-/// \f$Z = \sum_{\text{earlier}} U_2^\top [V, \mathbf 1]\f$ (an \f$r \times (d+1)\f$ prefix sum) and its own
+/// **Causal mask.** Chunk \f$k\f$ of \f$b\f$ queries (default 64) sees all earlier chunks through a running
+/// state \f$Z = \sum_{\text{earlier}} U_2^\top [V, \mathbf 1]\f$ (an \f$r \times (d+1)\f$ prefix sum) and its own
 /// chunk through the masked \f$b\times b\f$ block. Inside the block \f$\varphi_Q(q)^\top\varphi_K(k) = p(c\,q^\top k)\f$
 /// exactly, so the block is evaluated as \f$p(c\,Q_b K_b^\top)\f$ at \f$O(b^2 d)\f$ instead of \f$O(b^2 r)\f$.
-/// Cost \f$O(n r d + n b d)\f$.
+/// Features are still generated for a batch of several chunks at once. Cost \f$O(n r d + n b d)\f$, memory
+/// \f$O(B (r + d) + b^2 + r d)\f$.
 ///
 /// **Certificate.** Let \f$R = c \max_i\|q_i\|\max_j\|k_j\|\f$, so every score lies in \f$[-R, R]\f$, and let
 /// \f$\varepsilon = \max_{|x|\le R}|p(x)e^{-x} - 1|\f$ (certify_exp()). Then \f$\tilde A_{ij} = A_{ij}(1+\delta_{ij})\f$
@@ -73,7 +75,8 @@ struct PolynomialAttentionOptions {
   RangePolicy range_policy = RangePolicy::mark_invalid;
   /// Symmetric monomials (width \f$\binom{d+g}{g}\f$) or the authors' Kronecker powers (\f$\sum_t d^t\f$).
   FeatureMapKind feature_map = FeatureMapKind::symmetric;
-  /// Rows per chunk; 0 picks a size that keeps a chunk of features in cache.
+  /// Rows per chunk: the feature batch \f$B\f$ when non-causal, the scan chunk \f$b\f$ (masked block) when
+  /// causal. 0 (default): about 256 KiB of features per batch; \f$b = 64\f$.
   Index chunk_size = 0;
   /// Largest allowed feature width r; a wider map throws std::invalid_argument naming 'degree'.
   Index max_features = default_max_features;
