@@ -1,0 +1,371 @@
+#include <polyattn/adjoint_gradients.hpp>
+#include <polyattn/exact_gradients.hpp>
+
+#include "gradient_check.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+using Catch::Contains;
+using polyattn::AdjointBackend;
+using polyattn::AttentionBackend;
+using polyattn::AttentionMethod;
+using polyattn::Certificate;
+using polyattn::FeatureMapKind;
+using polyattn::GradientCertificate;
+using polyattn::Index;
+using polyattn::Matrix;
+using polyattn::PolynomialAttention;
+using polyattn::PolynomialAttentionOptions;
+using polyattn::PolynomialKind;
+using polyattn::testing::gradient_error;
+using polyattn::testing::random_matrix;
+using polyattn::testing::relative_error;
+
+namespace {
+
+template <class T>
+struct Problem {
+  Matrix<T> Q, K, V, G;
+};
+
+// Q, K ~ N(0, qk_sigma^2) (n x h d_k), V, G ~ N(0, 1) (n x h d_v); G is the weight W of the loss <W, O~>.
+template <class T>
+Problem<T> random_problem(Index n, Index heads, Index dk, Index dv, std::uint64_t seed, double qk_sigma) {
+  return {random_matrix<T>(n, heads * dk, seed, qk_sigma), random_matrix<T>(n, heads * dk, seed + 1, qk_sigma),
+          random_matrix<T>(n, heads * dv, seed + 2), random_matrix<T>(n, heads * dv, seed + 3)};
+}
+
+template <class T>
+struct Result {
+  Matrix<T> O, dQ, dK, dV;
+  Certificate certificate;
+  GradientCertificate gradient;
+};
+
+// forward then backward; the outputs start as NaN so that a backend that reads them instead of overwriting
+// them fails.
+template <class T>
+Result<T> run(AttentionBackend<T>& backend, const Problem<T>& x) {
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  Result<T> r{Matrix<T>::Constant(x.Q.rows(), x.V.cols(), nan), Matrix<T>::Constant(x.Q.rows(), x.Q.cols(), nan),
+              Matrix<T>::Constant(x.K.rows(), x.K.cols(), nan), Matrix<T>::Constant(x.V.rows(), x.V.cols(), nan),
+              {}, {}};
+  r.certificate = backend.forward(x.Q, x.K, x.V, r.O);
+  r.gradient = backend.backward(x.Q, x.K, x.V, r.O, x.G, r.dQ, r.dK, r.dV);
+  return r;
+}
+
+PolynomialAttentionOptions options(bool causal, Index heads, int degree, FeatureMapKind map, Index chunk) {
+  PolynomialAttentionOptions opt;
+  opt.attention.causal = causal;
+  opt.attention.heads = heads;
+  opt.degree = degree;
+  opt.feature_map = map;
+  opt.chunk_size = chunk;
+  return opt;
+}
+
+// The gradient of the approximate function written densely, independently of the feature map and of the
+// scans: A~ = p(S) (o M), D~ = A~ 1, O~ = D~^{-1} A~ V, kappa~ = rowsum(G o O~),
+// dS = (p'(S) (o M) / D~) o (G V^T - kappa~ 1^T), dQ = c dS K, dK = c dS^T Q, dV = (D~^{-1} A~)^T G.
+Result<double> dense_adjoint(const Problem<double>& x, const polyattn::Polynomial& p, double c, bool causal,
+                             Index heads) {
+  const Index dk = x.Q.cols() / heads, dv = x.V.cols() / heads, n = x.Q.rows();
+  const polyattn::Polynomial dp = p.derivative();
+  Result<double> r{Matrix<double>(n, x.V.cols()), Matrix<double>(n, x.Q.cols()), Matrix<double>(n, x.K.cols()),
+                   Matrix<double>(n, x.V.cols()), {}, {}};
+  for (Index h = 0; h < heads; ++h) {
+    const Matrix<double> Qh = x.Q.middleCols(h * dk, dk), Kh = x.K.middleCols(h * dk, dk);
+    const Matrix<double> Vh = x.V.middleCols(h * dv, dv), Gh = x.G.middleCols(h * dv, dv);
+    const Matrix<double> S = c * Qh * Kh.transpose();
+    Matrix<double> A = S.unaryExpr([&](double s) { return p(s); });
+    Matrix<double> dA = S.unaryExpr([&](double s) { return dp(s); });
+    if (causal) {
+      A.triangularView<Eigen::StrictlyUpper>().setZero();
+      dA.triangularView<Eigen::StrictlyUpper>().setZero();
+    }
+    const Eigen::VectorXd inverse_d = A.rowwise().sum().cwiseInverse();
+    const Matrix<double> P = inverse_d.asDiagonal() * A;
+    const Matrix<double> O = P * Vh;
+    const Eigen::VectorXd kappa = O.cwiseProduct(Gh).rowwise().sum();
+    Matrix<double> centred = Gh * Vh.transpose();
+    centred.colwise() -= kappa;
+    const Matrix<double> dS = (inverse_d.asDiagonal() * dA).cwiseProduct(centred);
+    r.O.middleCols(h * dv, dv) = O;
+    r.dQ.middleCols(h * dk, dk) = c * dS * Kh;
+    r.dK.middleCols(h * dk, dk) = c * dS.transpose() * Qh;
+    r.dV.middleCols(h * dv, dv) = P.transpose() * Gh;
+  }
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("AdjointBackend forward equals PolynomialAttention forward and certificate", "[adjoint_gradients]") {
+  // Same function computed in the same order up to chunking: agreement to rounding, 1e-12 relative in double.
+  const Problem<double> x = random_problem<double>(23, 3, 4, 1, 11, 1.0);
+  for (const bool causal : {false, true})
+    for (const Index heads : {1, 3})
+      for (const int degree : {2, 4})
+        for (const Index chunk : {0, 5}) {
+          CAPTURE(causal, heads, degree, chunk);
+          PolynomialAttentionOptions opt = options(causal, heads, degree, FeatureMapKind::symmetric, chunk);
+          opt.estimate_error = true;
+          opt.estimate_rows = 7;
+          // V has 3 columns: d_v = 3 for one head, 1 for three.
+          const Matrix<double> Q = x.Q.leftCols(4 * heads), K = x.K.leftCols(4 * heads);
+          AdjointBackend<double> adjoint(opt);
+          PolynomialAttention<double> reference(opt);
+          Matrix<double> O(23, 3), O_reference(23, 3);
+          const Certificate cert = adjoint.forward(Q, K, x.V, O);
+          const Certificate cert_reference = reference.forward(Q, K, x.V, O_reference);
+          CHECK(relative_error(O, O_reference) < 1e-12);
+          CHECK(cert.radius == cert_reference.radius);
+          CHECK(cert.interval == cert_reference.interval);
+          CHECK(cert.degree == cert_reference.degree);
+          CHECK(cert.features == cert_reference.features);
+          CHECK(cert.poly_error == cert_reference.poly_error);
+          CHECK(cert.positive == cert_reference.positive);
+          CHECK(cert.valid == cert_reference.valid);
+          CHECK(cert.output_bound == cert_reference.output_bound);
+          CHECK(cert.sampled_rows == 7);
+          CHECK(cert.sampled_max_error == Approx(cert_reference.sampled_max_error).epsilon(1e-9));
+          CHECK(cert.sampled_mean_error == Approx(cert_reference.sampled_mean_error).epsilon(1e-9));
+        }
+}
+
+TEST_CASE("AdjointBackend backward is the gradient of its forward (finite differences)", "[adjoint_gradients]") {
+  // backward() differentiates O~ exactly, so central differences of L = <G, O~> agree up to their own
+  // truncation and rounding error, about 1e-10 relative here (gradient_check.hpp); 1e-7 leaves margin for
+  // the conditioning of the normaliser without admitting any modelling error (a wrong term is O(1)).
+  // n = 11 with chunks 4 (does not divide n), 11 (one chunk) and 0 (automatic); d_k = 3, d_v = 2.
+  const Index n = 11, dk = 3, dv = 2;
+  for (const bool causal : {false, true})
+    for (const Index heads : {1, 2, 3})
+      for (const int degree : {2, 4})
+        for (const FeatureMapKind map : {FeatureMapKind::symmetric, FeatureMapKind::kronecker})
+          for (const Index chunk : {4, 11, 0}) {
+            CAPTURE(causal, heads, degree, map == FeatureMapKind::kronecker, chunk);
+            const PolynomialAttentionOptions opt = options(causal, heads, degree, map, chunk);
+            Problem<double> x = random_problem<double>(n, heads, dk, dv, 100 + 7 * static_cast<std::uint64_t>(heads),
+                                                       1.0);
+            AdjointBackend<double> adjoint(opt);
+            const Result<double> r = run<double>(adjoint, x);
+            Matrix<double> O(n, heads * dv);
+            AdjointBackend<double> evaluator(opt);
+            auto loss = [&] {
+              evaluator.forward(x.Q, x.K, x.V, O);
+              return (x.G.array() * O.array()).sum();
+            };
+            CHECK(gradient_error(loss, x.Q, r.dQ) < 1e-7);
+            CHECK(gradient_error(loss, x.K, r.dK) < 1e-7);
+            CHECK(gradient_error(loss, x.V, r.dV) < 1e-7);
+          }
+}
+
+TEST_CASE("AdjointBackend differentiates a minimax polynomial with a fixed interval", "[adjoint_gradients]") {
+  // With radius > 0 the polynomial is fixed (not re-fitted to each perturbed input), so O~ is a smooth
+  // function of Q, K, V and the same 1e-7 finite-difference tolerance applies. q, k ~ N(0, 0.6^2) with
+  // d_k = 3 keep R = c max|q| max|k| near 2, inside [-4, 4] (checked by the certificate's `valid`).
+  for (const bool causal : {false, true}) {
+    CAPTURE(causal);
+    PolynomialAttentionOptions opt = options(causal, 2, 4, FeatureMapKind::symmetric, 3);
+    opt.kind = PolynomialKind::minimax;
+    opt.radius = 4;
+    Problem<double> x = random_problem<double>(9, 2, 3, 2, 300, 0.6);
+    AdjointBackend<double> adjoint(opt);
+    const Result<double> r = run<double>(adjoint, x);
+    REQUIRE(r.certificate.valid);
+    Matrix<double> O(9, 4);
+    AdjointBackend<double> evaluator(opt);
+    auto loss = [&] {
+      evaluator.forward(x.Q, x.K, x.V, O);
+      return (x.G.array() * O.array()).sum();
+    };
+    CHECK(gradient_error(loss, x.Q, r.dQ) < 1e-7);
+    CHECK(gradient_error(loss, x.K, r.dK) < 1e-7);
+    CHECK(gradient_error(loss, x.V, r.dV) < 1e-7);
+  }
+}
+
+TEST_CASE("AdjointBackend equals the dense gradient of the approximate function for every chunk size",
+          "[adjoint_gradients]") {
+  // The scans (prefix state, suffix state, in-chunk block) against the masked n x n formulas: the same
+  // numbers summed in a different order, so 1e-12 relative in double. Chunk sizes 1, 4, 7 do not divide
+  // n = 30; 5 and 30 do.
+  const Index n = 30, heads = 2;
+  const Problem<double> x = random_problem<double>(n, heads, 4, 3, 500, 1.0);
+  for (const bool causal : {false, true})
+    for (const int degree : {2, 4})
+      for (const Index chunk : {1, 4, 5, 7, 30}) {
+        CAPTURE(causal, degree, chunk);
+        AdjointBackend<double> adjoint(options(causal, heads, degree, FeatureMapKind::symmetric, chunk));
+        const Result<double> r = run<double>(adjoint, x);
+        const Result<double> dense = dense_adjoint(x, polyattn::taylor_exp(degree), 0.5, causal, heads);
+        CHECK(relative_error(r.O, dense.O) < 1e-12);
+        CHECK(relative_error(r.dQ, dense.dQ) < 1e-12);
+        CHECK(relative_error(r.dK, dense.dK) < 1e-12);
+        CHECK(relative_error(r.dV, dense.dV) < 1e-12);
+      }
+}
+
+TEST_CASE("AdjointBackend against exact gradients within the certified bounds", "[adjoint_gradients]") {
+  // Bounded-entry regime: q, k ~ N(0, 0.3^2) with d_k = 4 and c = 1/2 give R = c max|q| max|k| ~ 0.5, and
+  // degree 4 certifies eps ~ R^5/5! e^R. The tolerance is the derived bound itself (file docs of
+  // adjoint_gradients.hpp): every entry of dQ~ - dQ, dK~ - dK, dV~ - dV within dq_bound, dk_bound,
+  // dv_bound, and O~ - O within the forward output_bound. Rounding (~1e-15) is negligible against them.
+  const Index n = 40;
+  for (const bool causal : {false, true})
+    for (const Index heads : {1, 2}) {
+      CAPTURE(causal, heads);
+      const Problem<double> x = random_problem<double>(n, heads, 4, 3, 700, 0.3);
+      AdjointBackend<double> adjoint(options(causal, heads, 4, FeatureMapKind::symmetric, 16));
+      const Result<double> r = run<double>(adjoint, x);
+      REQUIRE(!r.certificate.vacuous());
+      REQUIRE(r.gradient.forward.poly_error == r.certificate.poly_error);
+      REQUIRE(r.gradient.derivative_error > r.certificate.poly_error);
+      REQUIRE(r.gradient.dqk_bound == std::max(r.gradient.dq_bound, r.gradient.dk_bound));
+      REQUIRE(std::isfinite(r.gradient.dqk_bound));
+      REQUIRE(std::isfinite(r.gradient.dv_bound));
+      Matrix<double> O(n, heads * 3), dQ(n, heads * 4), dK(n, heads * 4), dV(n, heads * 3);
+      O = polyattn::attention_reference(x.Q, x.K, x.V, polyattn::AttentionOptions{0.5, causal, heads});
+      polyattn::attention_backward_reference<double>(x.Q, x.K, x.V, x.G, {0.5, causal, heads}, dQ, dK, dV);
+      CHECK((r.O - O).cwiseAbs().maxCoeff() <= r.certificate.output_bound);
+      CHECK((r.dQ - dQ).cwiseAbs().maxCoeff() <= r.gradient.dq_bound);
+      CHECK((r.dK - dK).cwiseAbs().maxCoeff() <= r.gradient.dk_bound);
+      CHECK((r.dV - dV).cwiseAbs().maxCoeff() <= r.gradient.dv_bound);
+      // The approximation is real but small: a bound of 0 or a copy of the exact gradient would fail here.
+      CHECK(relative_error(r.dQ, dQ) > 0);
+      CHECK(relative_error(r.dQ, dQ) < 1e-2);
+    }
+}
+
+TEST_CASE("AdjointBackend gradient bounds are infinite when the forward certificate is vacuous",
+          "[adjoint_gradients]") {
+  // q, k ~ N(0, 2^2): R far beyond where degree 2 has eps < 1.
+  const Problem<double> x = random_problem<double>(12, 1, 4, 2, 800, 2.0);
+  AdjointBackend<double> adjoint(options(false, 1, 2, FeatureMapKind::symmetric, 0));
+  const Result<double> r = run<double>(adjoint, x);
+  REQUIRE(r.certificate.vacuous());
+  CHECK(std::isinf(r.gradient.dq_bound));
+  CHECK(std::isinf(r.gradient.dk_bound));
+  CHECK(std::isinf(r.gradient.dqk_bound));
+  CHECK(std::isinf(r.gradient.dv_bound));
+}
+
+TEST_CASE("AdjointBackend in float agrees with double", "[adjoint_gradients]") {
+  // Float rounding of O(n r d) sums of O(1) terms: ~1e-6 relative, conditioned by the normaliser; 1e-4.
+  const Index n = 100;
+  const Problem<double> x = random_problem<double>(n, 2, 8, 8, 900, 0.5);
+  const Problem<float> xf{x.Q.cast<float>(), x.K.cast<float>(), x.V.cast<float>(), x.G.cast<float>()};
+  for (const bool causal : {false, true}) {
+    CAPTURE(causal);
+    const PolynomialAttentionOptions opt = options(causal, 2, 2, FeatureMapKind::symmetric, 0);
+    AdjointBackend<double> adjoint(opt);
+    AdjointBackend<float> adjoint_float(opt);
+    const Result<double> r = run<double>(adjoint, x);
+    const Result<float> rf = run<float>(adjoint_float, xf);
+    CHECK(relative_error(rf.O, r.O) < 1e-4);
+    CHECK(relative_error(rf.dQ, r.dQ) < 1e-4);
+    CHECK(relative_error(rf.dK, r.dK) < 1e-4);
+    CHECK(relative_error(rf.dV, r.dV) < 1e-4);
+  }
+}
+
+TEST_CASE("AdjointBackend reuses its workspaces across shapes", "[adjoint_gradients]") {
+  // One object through n = 17, then n = 9 and back: each call must match a fresh object exactly.
+  for (const bool causal : {false, true}) {
+    CAPTURE(causal);
+    const PolynomialAttentionOptions opt = options(causal, 1, 2, FeatureMapKind::symmetric, 5);
+    AdjointBackend<double> reused(opt);
+    for (const Index n : {17, 9, 17}) {
+      const Problem<double> x = random_problem<double>(n, 1, 3, 2, 1000 + static_cast<std::uint64_t>(n), 1.0);
+      AdjointBackend<double> fresh(opt);
+      const Result<double> a = run<double>(reused, x);
+      const Result<double> b = run<double>(fresh, x);
+      CHECK(a.O == b.O);
+      CHECK(a.dQ == b.dQ);
+      CHECK(a.dK == b.dK);
+      CHECK(a.dV == b.dV);
+    }
+  }
+}
+
+TEST_CASE("AdjointBackend through the backend interface", "[adjoint_gradients]") {
+  std::unique_ptr<AttentionBackend<double>> backend =
+      std::make_unique<AdjointBackend<double>>(options(true, 1, 2, FeatureMapKind::symmetric, 0));
+  CHECK(backend->method() == AttentionMethod::adjoint);
+  const Problem<double> x = random_problem<double>(6, 1, 2, 2, 1100, 1.0);
+  const Result<double> r = run<double>(*backend, x);
+  CHECK(r.dQ.allFinite());
+  CHECK(r.dK.allFinite());
+  CHECK(r.dV.allFinite());
+}
+
+TEST_CASE("AdjointBackend rejects bad input naming the argument", "[adjoint_gradients]") {
+  const Index n = 6;
+  const Problem<double> x = random_problem<double>(n, 1, 3, 2, 1200, 1.0);
+  Matrix<double> O(n, 2), dQ(n, 3), dK(n, 3), dV(n, 2);
+  AdjointBackend<double> adjoint(options(false, 1, 2, FeatureMapKind::symmetric, 0));
+
+  CHECK_THROWS_WITH(adjoint.backward(x.Q, x.K, x.V, O, x.G, dQ, dK, dV), Contains("call forward() first"));
+  CHECK_THROWS_AS(adjoint.backward(x.Q, x.K, x.V, O, x.G, dQ, dK, dV), std::invalid_argument);
+
+  Matrix<double> wrong_O(n, 3);
+  CHECK_THROWS_WITH(adjoint.forward(x.Q, x.K, x.V, wrong_O), Contains("'O'"));
+  CHECK_THROWS_WITH(adjoint.forward(x.Q, x.K.topRows(n - 1), x.V, O), Contains("'V'"));
+  Matrix<double> empty_O(0, 2);
+  CHECK_THROWS_WITH(adjoint.forward(Matrix<double>(0, 3), x.K, x.V, empty_O), Contains("'Q'"));
+  Matrix<double> bad_Q = x.Q;
+  bad_Q(2, 1) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(adjoint.forward(bad_Q, x.K, x.V, O), Contains("'Q'") && Contains("non-finite"));
+
+  adjoint.forward(x.Q, x.K, x.V, O);
+  CHECK_THROWS_WITH(adjoint.backward(x.Q, x.K, x.V, O, x.G.leftCols(1), dQ, dK, dV), Contains("'G'"));
+  Matrix<double> bad_G = x.G;
+  bad_G(0, 0) = std::numeric_limits<double>::infinity();
+  CHECK_THROWS_WITH(adjoint.backward(x.Q, x.K, x.V, O, bad_G, dQ, dK, dV), Contains("'G'") && Contains("non-finite"));
+  CHECK_THROWS_AS(adjoint.backward(x.Q, x.K, x.V, O, bad_G, dQ, dK, dV), std::invalid_argument);
+  Matrix<double> wrong_dQ(n, 2), wrong_dK(n + 1, 3), wrong_dV(n, 3);
+  CHECK_THROWS_WITH(adjoint.backward(x.Q, x.K, x.V, O, x.G, wrong_dQ, dK, dV), Contains("'dQ'"));
+  CHECK_THROWS_WITH(adjoint.backward(x.Q, x.K, x.V, O, x.G, dQ, wrong_dK, dV), Contains("'dK'"));
+  CHECK_THROWS_WITH(adjoint.backward(x.Q, x.K, x.V, O, x.G, dQ, dK, wrong_dV), Contains("'dV'"));
+  const Problem<double> longer = random_problem<double>(n + 2, 1, 3, 2, 1300, 1.0);
+  Matrix<double> longer_O(n + 2, 2), longer_dQ(n + 2, 3), longer_dK(n + 2, 3), longer_dV(n + 2, 2);
+  CHECK_THROWS_WITH(adjoint.backward(longer.Q, longer.K, longer.V, longer_O, longer.G, longer_dQ, longer_dK,
+                                     longer_dV),
+                    Contains("shapes of the last forward()"));
+
+  PolynomialAttentionOptions bad = options(false, 1, -1, FeatureMapKind::symmetric, 0);
+  CHECK_THROWS_WITH(AdjointBackend<double>(bad), Contains("'degree'"));
+  bad = options(false, 1, 2, FeatureMapKind::symmetric, -3);
+  CHECK_THROWS_WITH(AdjointBackend<double>(bad), Contains("'chunk_size'"));
+  bad = options(false, 0, 2, FeatureMapKind::symmetric, 0);
+  CHECK_THROWS_WITH(AdjointBackend<double>(bad), Contains("'heads'"));
+  bad = options(false, 2, 2, FeatureMapKind::symmetric, 0);
+  AdjointBackend<double> two_heads(bad);
+  CHECK_THROWS_WITH(two_heads.forward(x.Q, x.K, x.V, O), Contains("'heads'"));
+
+  PolynomialAttentionOptions strict = options(false, 1, 2, FeatureMapKind::symmetric, 0);
+  strict.radius = 0.01;
+  strict.range_policy = polyattn::RangePolicy::throw_error;
+  AdjointBackend<double> strict_adjoint(strict);
+  CHECK_THROWS_AS(strict_adjoint.forward(x.Q, x.K, x.V, O), std::domain_error);
+}
+
+TEST_CASE("AdjointBackend rejects a polynomial that is not positive on the scores", "[adjoint_gradients]") {
+  // Degree 1 (1 + x) is negative for scores below -1: the normaliser of some row is not positive.
+  Matrix<double> Q = Matrix<double>::Constant(3, 2, 2.0), K = -Matrix<double>::Constant(3, 2, 2.0);
+  const Matrix<double> V = random_matrix<double>(3, 2, 1400);
+  Matrix<double> O(3, 2);
+  for (const bool causal : {false, true}) {
+    AdjointBackend<double> adjoint(options(causal, 1, 1, FeatureMapKind::symmetric, 0));
+    CHECK_THROWS_AS(adjoint.forward(Q, K, V, O), std::domain_error);
+  }
+}
