@@ -106,6 +106,18 @@ TEST_CASE("certify_exp at radius 0 certifies the single point 0", "[polynomial]"
   REQUIRE(cert.relative_error <= 1e-14);
 }
 
+TEST_CASE("certify_exp beyond the range of exp reports an infinite error, never NaN", "[polynomial]") {
+  // e^800 overflows double: no finite bound can be certified, and none may be claimed.
+  for (const int degree : {0, 1, 2, 5}) {
+    CAPTURE(degree);
+    for (const PolynomialKind kind : {PolynomialKind::taylor, PolynomialKind::minimax}) {
+      const auto cert = certify_exp(exp_polynomial(kind, degree, 800.0), 800.0);
+      REQUIRE(cert.relative_error == inf_value);
+    }
+    REQUIRE(certify_exp(taylor_exp(degree), 800.0).positive == (degree % 2 == 0));
+  }
+}
+
 TEST_CASE("even Taylor truncations are certified positive, odd ones on a large interval are not",
           "[polynomial]") {
   for (const double radius : {1.0, 5.0, 20.0, 50.0})

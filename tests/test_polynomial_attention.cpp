@@ -305,6 +305,69 @@ TEST_CASE("a minimax polynomial fitted to the measured R matches the direct prod
   }
 }
 
+TEST_CASE("zero queries attend uniformly: prefix means of the values", "[polynomial_attention]") {
+  // All scores are 0 and p(0) = a_0 = 1 for both kinds (Taylor exactly; the minimax fit for R = 0 too), so
+  // row i is the mean of v_0..v_i (causal) or of all v_j. Sums of at most m terms: (m + 2) u max|v| each,
+  // doubled for the ratio of two such sums.
+  const Index n = 23, dk = 3, dv = 2;
+  const Matrix<double> Q = Matrix<double>::Zero(n, dk), K = random_matrix<double>(n, dk, 55);
+  const Matrix<double> V = random_matrix<double>(n, dv, 56);
+  const double tolerance = 2 * (n + 2) * 0x1p-53 * V.cwiseAbs().maxCoeff();
+  for (const PolynomialKind kind : {PolynomialKind::taylor, PolynomialKind::minimax})
+    for (const bool causal : {false, true})
+      for (const Index chunk : {0, 4}) {
+        CAPTURE(kind == PolynomialKind::taylor, causal, chunk);
+        PolynomialAttentionOptions opt;
+        opt.attention.causal = causal;
+        opt.kind = kind;
+        opt.degree = 4;
+        opt.chunk_size = chunk;
+        PolynomialAttention<double> attn(opt);
+        Matrix<double> O(n, dv);
+        const Certificate cert = attn.forward(Q, K, V, O);
+        REQUIRE(cert.radius == 0);
+        REQUIRE_FALSE(cert.vacuous());
+        Matrix<double> expected(n, dv);
+        for (Index i = 0; i < n; ++i)
+          expected.row(i) = V.topRows(causal ? i + 1 : n).colwise().mean();
+        REQUIRE((O - expected).cwiseAbs().maxCoeff() <= tolerance);
+      }
+}
+
+TEST_CASE("a reused object gives the results of a fresh one when shapes and R change", "[polynomial_attention]") {
+  // The feature map and the workspaces are kept between calls; another head dimension, sequence length or
+  // radius (minimax: another polynomial) must not leak from one call into the next. Same inputs, same
+  // chunking, same arithmetic: the results must be identical.
+  struct Call {
+    Index n, dk;
+    double radius;
+  };
+  std::uint64_t seed = 57;
+  for (const PolynomialKind kind : {PolynomialKind::taylor, PolynomialKind::minimax})
+    for (const bool causal : {false, true}) {
+      PolynomialAttentionOptions opt;
+      opt.kind = kind;
+      opt.degree = 4;
+      opt.chunk_size = 6;
+      opt.attention.causal = causal;
+      opt.estimate_error = true;
+      opt.estimate_rows = 5;
+      PolynomialAttention<double> reused(opt);
+      for (const Call call : {Call{30, 4, 1.0}, Call{17, 3, 2.0}, Call{40, 4, 0.5}, Call{9, 4, 1.0}}) {
+        CAPTURE(kind == PolynomialKind::taylor, causal, call.n, call.dk, call.radius);
+        const auto [Q, K, V] = Problem{call.n, call.n, call.dk, 2, 1, call.radius, seed++}.make(opt.attention);
+        PolynomialAttention<double> fresh(opt);
+        Matrix<double> expected(call.n, 2), O(call.n, 2);
+        const Certificate fresh_cert = fresh.forward(Q, K, V, expected);
+        const Certificate cert = reused.forward(Q, K, V, O);
+        REQUIRE(O == expected);
+        REQUIRE(cert.poly_error == fresh_cert.poly_error);
+        REQUIRE(cert.features == fresh_cert.features);
+        REQUIRE(cert.sampled_max_error == fresh_cert.sampled_max_error);
+      }
+    }
+}
+
 TEST_CASE("the a-posteriori estimate equals the error on the sampled rows and is reproducible",
           "[polynomial_attention]") {
   const Index n = 80, dk = 4, dv = 3, heads = 2, sampled = 10;

@@ -118,6 +118,7 @@ inline double sampled_exp_error(const Polynomial& p, double radius, int samples,
   for (int k = 0; k <= samples; ++k) {
     const double x = -radius + 2 * radius * k / samples;
     const double e = p(x) * std::exp(-x) - 1;
+    if (std::isnan(e)) return std::numeric_limits<double>::infinity();  // 0 * inf once e^R overflows
     worst = std::max(worst, std::abs(e));
     if (extrema && k > 0) {
       const double new_slope = e - previous;
@@ -132,6 +133,7 @@ inline double sampled_exp_error(const Polynomial& p, double radius, int samples,
 /// Remez exchange for the relative-error minimax polynomial of exp on [-R, R], solved in the scaled
 /// variable y = x/R (whose Vandermonde system is well conditioned) and returned in x.
 inline Polynomial remez_exp(int degree, double radius) {
+  if (!std::isfinite(std::exp(radius))) return taylor_exp(degree);  // the exchange needs e^{\pm R} in double
   const int points = degree + 2;
   std::vector<double> nodes(static_cast<std::size_t>(points));
   for (int i = 0; i < points; ++i)
@@ -174,6 +176,8 @@ inline Polynomial remez_exp(int degree, double radius) {
 }  // namespace detail
 
 /// Relative-error minimax polynomial of degree `degree` for exp on [-radius, radius].
+/// Beyond radius ~709.78, where \f$e^R\f$ overflows double, the exchange cannot run and the Taylor
+/// truncation is returned (certify_exp() then reports an infinite error, so nothing is claimed).
 /// Throws std::invalid_argument for a negative degree or a non-positive radius.
 inline Polynomial minimax_exp(int degree, double radius) {
   detail::require(degree >= 0, "polyattn::minimax_exp", "'degree' must be >= 0, got ", degree);
@@ -187,7 +191,8 @@ inline Polynomial exp_polynomial(PolynomialKind kind, int degree, double radius)
 }
 
 /// Certified bound on \f$\max_{|x|\le R}|p(x)e^{-x} - 1|\f$ and on the sign of p (see the file docs).
-/// `radius` = 0 certifies the single point 0. Throws std::invalid_argument for a negative or
+/// `radius` = 0 certifies the single point 0. The error is \f$+\infty\f$ (never NaN) when the bound cannot
+/// be evaluated in double (\f$e^R\f$ overflows). Throws std::invalid_argument for a negative or
 /// non-finite radius and for a polynomial without coefficients.
 inline ExpApproximationCertificate certify_exp(const Polynomial& p, double radius) {
   detail::require(!p.coeffs.empty(), "polyattn::certify_exp", "polynomial 'p' must have at least one coefficient");
@@ -195,19 +200,21 @@ inline ExpApproximationCertificate certify_exp(const Polynomial& p, double radiu
                   "'radius' must be finite and >= 0, got ", radius);
   const double u = std::numeric_limits<double>::epsilon() / 2;
   const double growth = std::exp(radius);
-  const double rounding = 4 * (p.degree() + 2) * u * growth * p.absolute_bound(radius) + 2 * u;
+  const double evaluation_rounding = 4 * (p.degree() + 2) * u * p.absolute_bound(radius);  // of p alone
+  const double rounding = evaluation_rounding * growth + 2 * u;
   const double h = 2 * radius / detail::certify_intervals;
   const double interpolation =
       h * h / 8 * growth * detail::exp_error_second_derivative(p).absolute_bound(radius);
   ExpApproximationCertificate cert;
   cert.relative_error = detail::sampled_exp_error(p, radius, detail::certify_intervals) + interpolation + rounding;
+  if (std::isnan(cert.relative_error)) cert.relative_error = std::numeric_limits<double>::infinity();
   if (p.coeffs == taylor_exp(p.degree()).coeffs) {
     double remainder = growth;
     for (int t = 1; t <= p.degree() + 1; ++t) remainder *= radius / t;
     double coefficient_rounding = 0, power = 1;
     for (int t = 0; t <= p.degree(); ++t, power *= radius)
       coefficient_rounding += 2 * t * u * p.coeffs[static_cast<std::size_t>(t)] * power;
-    remainder += growth * coefficient_rounding;
+    if (coefficient_rounding > 0) remainder += growth * coefficient_rounding;  // inf * 0 when R overflows exp
     cert.relative_error = std::min(cert.relative_error, remainder);
     cert.positive = p.degree() % 2 == 0 || cert.relative_error < 1;
     if (cert.positive) return cert;
@@ -219,7 +226,7 @@ inline ExpApproximationCertificate certify_exp(const Polynomial& p, double radiu
   double lowest = std::numeric_limits<double>::infinity();
   for (int k = 0; k <= detail::certify_intervals; ++k) lowest = std::min(lowest, p(-radius + h * k));
   const double curvature = p.derivative().derivative().absolute_bound(radius);
-  cert.positive = lowest - h * h / 8 * curvature - rounding / growth > 0;
+  cert.positive = lowest - h * h / 8 * curvature - evaluation_rounding > 0;
   return cert;
 }
 
