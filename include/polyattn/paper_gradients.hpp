@@ -196,7 +196,7 @@ class PaperBackend final : public AttentionBackend<T> {
     const Index requested = options().chunk_size;
     if (requested > 0) return std::min(requested, n);
     // Causal chunks pay O(b^2 r d) for the in-chunk block against O(b r d^2) for the state products.
-    return std::min<Index>(options().attention.causal ? 32 : 256, n);
+    return std::min<Index>(options().attention.causal ? 16 : 256, n);
   }
 
   Index tile_groups(Index chunk, Index r, Index groups) const {
