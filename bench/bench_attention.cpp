@@ -1,4 +1,6 @@
-// Benchmarks of exact and approximate attention (float, single-threaded).
+// Benchmarks of exact and approximate attention (float). Every benchmark calls Eigen::setNbThreads(1), so
+// the library and the GEMM reference run on one core even when OpenMP is linked. On a shared machine
+// compare CPU times (and gflops, which are per CPU second) measured in the same run.
 //
 // Inputs follow the polynomial-attention authors' setup: q, k ~ N(0, 1)/sqrt(d), v ~ N(0, 1), score
 // scale c = 1, so every score lies in a few units around 0 and degree-2 Taylor features are meaningful.
