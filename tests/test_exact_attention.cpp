@@ -205,6 +205,26 @@ TEST_CASE("forward_rows equals the matching rows of forward", "[exact_attention]
   REQUIRE(relative_error(rows, naive_attention(Q, K, V, opt)) <= 1e-12);
 }
 
+TEST_CASE("inputs and output may be blocks of larger matrices", "[exact_attention]") {
+  // Eigen::Ref with an outer stride; the output block is written in place and nothing around it changes.
+  const Index n = 19, dk = 4, dv = 3;
+  for (const bool causal : {false, true}) {
+    CAPTURE(causal);
+    const AttentionOptions opt = make_options(std::nullopt, causal, 1);
+    const Matrix<double> wide_Q = random_matrix<double>(n + 2, dk + 3, 61);
+    const Matrix<double> K = random_matrix<double>(n, dk, 62), V = random_matrix<double>(n, dv, 63);
+    Matrix<double> big = Matrix<double>::Constant(n + 5, dv + 2, -7.0);
+    ExactAttention<double> exact(opt, 8, 8);
+    exact.forward(wide_Q.block(1, 2, n, dk), K, V, big.block(4, 1, n, dv));
+    const Matrix<double> Q = wide_Q.block(1, 2, n, dk);
+    Matrix<double> O(n, dv);
+    ExactAttention<double>(opt, 8, 8).forward(Q, K, V, O);
+    REQUIRE(Matrix<double>(big.block(4, 1, n, dv)) == O);
+    big.block(4, 1, n, dv).setConstant(-7.0);
+    REQUIRE((big.array() == -7.0).all());
+  }
+}
+
 TEST_CASE("float agrees with double within the float rounding bound", "[exact_attention]") {
   const Index n = 64, dk = 16, dv = 8;
   for (const bool causal : {false, true}) {

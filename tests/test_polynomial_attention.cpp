@@ -368,6 +368,32 @@ TEST_CASE("a reused object gives the results of a fresh one when shapes and R ch
     }
 }
 
+TEST_CASE("inputs and output may be blocks of larger matrices", "[polynomial_attention]") {
+  // Q, K, V bind to Eigen::Ref with an outer stride; O is written in place into a block, leaving the rest of
+  // the larger matrix untouched. Same arithmetic as on plain matrices: identical results.
+  const Index n = 21, dk = 3, dv = 2;
+  for (const bool causal : {false, true}) {
+    CAPTURE(causal);
+    PolynomialAttentionOptions opt;
+    opt.attention.causal = causal;
+    opt.chunk_size = 5;
+    const auto [Q, K, V] = Problem{n, n, dk, dv, 1, 1.0, 58}.make(opt.attention);
+    Matrix<double> wide_Q = random_matrix<double>(n + 3, dk + 4, 59);
+    wide_Q.block(2, 1, n, dk) = Q;
+    Matrix<double> wide_K = random_matrix<double>(n + 1, dk + 2, 60);
+    wide_K.block(1, 2, n, dk) = K;
+    Matrix<double> big = Matrix<double>::Constant(n + 4, dv + 3, -7.0);
+    PolynomialAttention<double> attn(opt);
+    attn.forward(wide_Q.block(2, 1, n, dk), wide_K.block(1, 2, n, dk), V, big.block(3, 1, n, dv));
+    Matrix<double> O(n, dv);
+    PolynomialAttention<double> plain(opt);
+    plain.forward(Q, K, V, O);
+    REQUIRE(Matrix<double>(big.block(3, 1, n, dv)) == O);
+    big.block(3, 1, n, dv).setConstant(-7.0);
+    REQUIRE((big.array() == -7.0).all());
+  }
+}
+
 TEST_CASE("the a-posteriori estimate equals the error on the sampled rows and is reproducible",
           "[polynomial_attention]") {
   const Index n = 80, dk = 4, dv = 3, heads = 2, sampled = 10;
