@@ -1,0 +1,515 @@
+/// \file model.hpp
+/// The multi-layer driver: the paper's general form
+/// \f[ F = g_m \circ \mathrm{Attn}_m \circ g_{m-1} \circ \dots \circ g_1 \circ \mathrm{Attn}_1 \circ g_0 \f]
+/// (Liang et al. 2024, Def. 1.3) as a Composition of Components, each with a forward and a backward pass,
+/// and a GPT-style language model built as one such composition.
+///
+/// **Components.** A Component maps an \f$n\times d_{in}\f$ matrix (one token per row) to \f$n\times d_{out}\f$;
+/// forward() saves what backward() needs, backward() accumulates parameter gradients and
+/// \f$\partial L/\partial X\f$ (llm.c style). Any layer with `forward(X, Y)`, `backward(X, dY, dX)` and
+/// `collect_parameters(out)` becomes one through make_component() (Linear, LayerNorm, SelfAttention, the MLP,
+/// LoRALinear, ...). Composition applies its parts in order and, in backward(), runs them in reverse, feeding
+/// each the gradient of its output; Residual computes \f$X + f(X)\f$. A composition is itself a component, so
+/// blocks nest.
+///
+/// **The GPT block** is the composition
+/// \f[ Z = X + \mathrm{Attn}(\mathrm{LN}_1(X)),\qquad Y = Z + \mathrm{MLP}(\mathrm{LN}_2(Z)), \f]
+/// i.e. Residual(LN → attention) followed by Residual(LN → MLP). In the paper's form, \f$g_0\f$ is the token and
+/// positional embedding, \f$\mathrm{Attn}_i\f$ the attention of block \f$i\f$ with its residual branch (Def. J.1),
+/// \f$g_i\f$ the MLP half of block \f$i\f$ and the next block's LayerNorm, and \f$g_m\f$ also holds the final
+/// LayerNorm, the language-model head and the loss. Every \f$g_i\f$ costs \f$O(n)\f$ in the sequence length, so
+/// the cost of a training step is that of the attention method chosen per layer (Theorem 4.2: almost linear
+/// with the paper's or the adjoint method).
+///
+/// **Loss.** Mean softmax cross-entropy of next-token prediction over the positions whose target is not
+/// `ignore_target` (so a task can score only its answer positions); backward() differentiates that mean.
+///
+/// \code
+///   polyattn::GPTConfig config;
+///   config.vocab_size = 256;
+///   config.context = 1024;
+///   config.d_model = 64;
+///   config.heads = 4;
+///   config.layers = 2;
+///   config.method = polyattn::AttentionMethod::adjoint;
+///   polyattn::GPT<float> model(config);
+///   polyattn::AdamW<float> adam(model.parameters(), {3e-3});
+///   adam.zero_grad();
+///   const double loss = model.forward(tokens, targets);   // tokens, targets: std::vector<polyattn::Index>
+///   model.backward();
+///   adam.step();
+/// \endcode
+#pragma once
+
+#include "layer_norm.hpp"
+#include "linear.hpp"
+#include "mlp.hpp"
+#include "self_attention.hpp"
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace polyattn {
+
+/// One stage \f$X \mapsto Y\f$ of a Composition (\f$n\times d_{in} \to n\times d_{out}\f$, one token per row).
+template <class T>
+class Component {
+ public:
+  virtual ~Component() = default;
+  virtual Index input_width() const = 0;
+  virtual Index output_width() const = 0;
+  /// Writes \f$Y\f$ (n x output_width()) for \f$X\f$ (n x input_width()), saving what backward() needs.
+  virtual void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) = 0;
+  /// Accumulates the parameter gradients and \f$\partial L/\partial X\f$ into `dX`, for \f$\partial L/\partial Y\f$
+  /// = `dY` and the X of the preceding forward().
+  virtual void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) = 0;
+  /// Appends this component's parameters to `out`.
+  virtual void collect_parameters(std::vector<Parameter<T>*>& out) = 0;
+};
+
+/// Adapts a layer with `forward(X, Y)`, `backward(X, dY, dX)` and `collect_parameters(out)` to a Component.
+template <class T, class Layer>
+class LayerComponent final : public Component<T> {
+ public:
+  LayerComponent(Index input_width, Index output_width, Layer layer)
+      : layer_(std::move(layer)), input_width_(input_width), output_width_(output_width) {
+    detail::require(input_width >= 1 && output_width >= 1, "polyattn::LayerComponent",
+                    "widths must be >= 1, got ", input_width, " -> ", output_width);
+  }
+  Index input_width() const override { return input_width_; }
+  Index output_width() const override { return output_width_; }
+  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) override { layer_.forward(X, Y); }
+  void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) override {
+    layer_.backward(X, dY, dX);
+  }
+  void collect_parameters(std::vector<Parameter<T>*>& out) override { layer_.collect_parameters(out); }
+  /// The adapted layer (stays at the same address for the component's lifetime).
+  Layer& layer() { return layer_; }
+
+ private:
+  Layer layer_;
+  Index input_width_, output_width_;
+};
+
+/// A heap-allocated LayerComponent owning `layer`.
+template <class T, class Layer>
+std::unique_ptr<LayerComponent<T, Layer>> make_component(Index input_width, Index output_width, Layer layer) {
+  return std::make_unique<LayerComponent<T, Layer>>(input_width, output_width, std::move(layer));
+}
+
+/// \f$Y = f_k \circ \dots \circ f_1(X)\f$: the driver. forward() keeps every intermediate activation (the inputs
+/// the parts' backward passes take again); backward() runs the parts in reverse, each accumulating into the
+/// gradient of its input, which is zeroed first except for the caller's `dX`.
+///
+/// \code
+///   polyattn::Composition<double> body;
+///   body.add(polyattn::make_component<double>(8, 8, polyattn::LayerNorm<double>({8}, "ln")));
+///   body.add(polyattn::make_component<double>(8, 4, polyattn::Linear<double>({8, 4}, "fc")));
+///   body.forward(X, Y);
+///   body.backward(X, dY, dX);
+/// \endcode
+template <class T>
+class Composition final : public Component<T> {
+ public:
+  Composition() { detail::static_check_scalar<T>(); }
+
+  /// Appends a part; its input width must equal the previous part's output width.
+  template <class Part>
+  Part& add(std::unique_ptr<Part> part) {
+    detail::require(part != nullptr, "polyattn::Composition::add", "argument 'part' is null");
+    if (!parts_.empty())
+      detail::require(part->input_width() == parts_.back()->output_width(), "polyattn::Composition::add",
+                      "argument 'part' takes width ", part->input_width(), " but the previous part outputs width ",
+                      parts_.back()->output_width());
+    Part& added = *part;
+    parts_.push_back(std::move(part));
+    activations_.resize(parts_.size() - 1);
+    gradients_.resize(parts_.size() - 1);
+    return added;
+  }
+
+  Index size() const { return static_cast<Index>(parts_.size()); }
+  Component<T>& part(Index k) { return *parts_.at(static_cast<std::size_t>(k)); }
+  Index input_width() const override { return nonempty().front()->input_width(); }
+  Index output_width() const override { return nonempty().back()->output_width(); }
+
+  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) override {
+    constexpr const char* where = "polyattn::Composition::forward";
+    nonempty();
+    detail::require_shape(where, "X", X, X.rows(), input_width());
+    detail::require_shape(where, "Y", Y, X.rows(), output_width());
+    const std::size_t last = parts_.size() - 1;
+    for (std::size_t k = 0; k < last; ++k) {
+      activations_[k].resize(X.rows(), parts_[k]->output_width());
+      if (k == 0)
+        parts_[k]->forward(X, activations_[k]);
+      else
+        parts_[k]->forward(activations_[k - 1], activations_[k]);
+    }
+    if (last == 0)
+      parts_[last]->forward(X, Y);
+    else
+      parts_[last]->forward(activations_[last - 1], Y);
+  }
+
+  void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) override {
+    constexpr const char* where = "polyattn::Composition::backward";
+    nonempty();
+    detail::require_shape(where, "X", X, X.rows(), input_width());
+    detail::require_shape(where, "dY", dY, X.rows(), output_width());
+    detail::require_shape(where, "dX", dX, X.rows(), input_width());
+    for (std::size_t k = 0; k + 1 < parts_.size(); ++k)
+      detail::require(activations_[k].rows() == X.rows(), where, "needs a preceding forward() with the same X (",
+                      X.rows(), " rows), saved activations have ", activations_[k].rows());
+    for (std::size_t k = parts_.size(); k-- > 0;) {
+      const bool first = k == 0, last = k + 1 == parts_.size();
+      if (!first) gradients_[k - 1].setZero(X.rows(), parts_[k]->input_width());
+      const ConstMatrixRef<T> input = first ? X : ConstMatrixRef<T>(activations_[k - 1]);
+      const ConstMatrixRef<T> output_grad = last ? dY : ConstMatrixRef<T>(gradients_[k]);
+      if (first)
+        parts_[k]->backward(input, output_grad, dX);
+      else
+        parts_[k]->backward(input, output_grad, gradients_[k - 1]);
+    }
+  }
+
+  void collect_parameters(std::vector<Parameter<T>*>& out) override {
+    for (auto& part : parts_) part->collect_parameters(out);
+  }
+
+ private:
+  const std::vector<std::unique_ptr<Component<T>>>& nonempty() const {
+    detail::require(!parts_.empty(), "polyattn::Composition", "has no parts: add() at least one");
+    return parts_;
+  }
+
+  std::vector<std::unique_ptr<Component<T>>> parts_;
+  std::vector<Matrix<T>> activations_, gradients_;  // [k]: output of part k and its gradient, k < size - 1
+};
+
+/// \f$Y = X + f(X)\f$ for a width-preserving component \f$f\f$ (a residual connection); backward adds
+/// \f$\partial L/\partial Y\f$ to \f$\partial L/\partial X\f$ besides \f$f\f$'s own backward.
+template <class T>
+class Residual final : public Component<T> {
+ public:
+  explicit Residual(std::unique_ptr<Component<T>> body) : body_(std::move(body)) {
+    detail::require(body_ != nullptr, "polyattn::Residual", "argument 'body' is null");
+    detail::require(body_->input_width() == body_->output_width(), "polyattn::Residual",
+                    "argument 'body' must preserve the width, got ", body_->input_width(), " -> ",
+                    body_->output_width());
+  }
+  Index input_width() const override { return body_->input_width(); }
+  Index output_width() const override { return body_->output_width(); }
+  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) override {
+    body_->forward(X, Y);
+    Y += X;
+  }
+  void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) override {
+    detail::require_shape("polyattn::Residual::backward", "dX", dX, dY.rows(), dY.cols());
+    dX += dY;
+    body_->backward(X, dY, dX);
+  }
+  void collect_parameters(std::vector<Parameter<T>*>& out) override { body_->collect_parameters(out); }
+  Component<T>& body() { return *body_; }
+
+ private:
+  std::unique_ptr<Component<T>> body_;
+};
+
+namespace detail {
+
+// Private stand-in for embedding.hpp: X_i = E_tok[t_i] + E_pos[i].
+template <class T>
+class TokenPositionEmbedding {
+ public:
+  Parameter<T> tokens, positions;
+
+  TokenPositionEmbedding(Index vocab, Index context, Index width, std::uint64_t seed)
+      : tokens("wte", vocab, width), positions("wpe", context, width) {
+    init_normal(tokens, 1.0, derive_seed(seed, 0));
+    init_normal(positions, 0.1, derive_seed(seed, 1));
+  }
+
+  void collect_parameters(std::vector<Parameter<T>*>& out) {
+    out.push_back(&tokens);
+    out.push_back(&positions);
+  }
+
+  void forward(const std::vector<Index>& ids, MatrixRef<T> X) const {
+    for (Index i = 0; i < static_cast<Index>(ids.size()); ++i)
+      X.row(i) = tokens.value.row(ids[static_cast<std::size_t>(i)]) + positions.value.row(i);
+  }
+
+  void backward(const std::vector<Index>& ids, const ConstMatrixRef<T>& dX) {
+    for (Index i = 0; i < static_cast<Index>(ids.size()); ++i) {
+      if (tokens.trainable) tokens.grad.row(ids[static_cast<std::size_t>(i)]) += dX.row(i);
+      if (positions.trainable) positions.grad.row(i) += dX.row(i);
+    }
+  }
+};
+
+// Private stand-in for cross_entropy.hpp: mean over scored rows of logsumexp(z_i) - z_i[t_i].
+template <class T>
+class SoftmaxCrossEntropy {
+ public:
+  double forward(const ConstMatrixRef<T>& logits, const std::vector<Index>& targets, Index ignore) {
+    probabilities_ = logits.transpose();  // one column per token: contiguous softmax
+    scored_ = 0;
+    double total = 0;
+    for (Index i = 0; i < probabilities_.cols(); ++i) {
+      auto column = probabilities_.col(i);
+      const T top = column.maxCoeff();
+      column = (column.array() - top).exp().matrix();
+      const T sum = column.sum();
+      column /= sum;
+      const Index target = targets[static_cast<std::size_t>(i)];
+      if (target == ignore) continue;
+      ++scored_;
+      total += static_cast<double>(std::log(sum)) + static_cast<double>(top) - static_cast<double>(logits(i, target));
+    }
+    return scored_ > 0 ? total / static_cast<double>(scored_) : 0.0;
+  }
+
+  void backward(const std::vector<Index>& targets, Index ignore, MatrixRef<T> dlogits) const {
+    if (scored_ == 0) return;
+    const T weight = static_cast<T>(1.0 / static_cast<double>(scored_));
+    for (Index i = 0; i < probabilities_.cols(); ++i) {
+      const Index target = targets[static_cast<std::size_t>(i)];
+      if (target == ignore) continue;
+      dlogits.row(i) += weight * probabilities_.col(i).transpose();
+      dlogits(i, target) -= weight;
+    }
+  }
+
+  Index scored() const { return scored_; }
+
+ private:
+  Matrix<T> probabilities_;  // vocab x n
+  Index scored_ = 0;
+};
+
+}  // namespace detail
+
+/// Configuration of GPT.
+struct GPTConfig {
+  /// Number of token ids (256 for bytes). Required, >= 1.
+  Index vocab_size = 256;
+  /// Largest sequence length (rows of the positional embedding). Default 1024.
+  Index context = 1024;
+  /// Width \f$d\f$ of the residual stream. Default 64.
+  Index d_model = 64;
+  /// Attention heads per layer; must divide `d_model`. Default 4 (\f$d_h = 16\f$).
+  Index heads = 4;
+  /// Number of transformer blocks \f$m\f$. Default 2.
+  Index layers = 2;
+  /// Hidden width of the MLP; 0 (default) means \f$4d\f$.
+  Index mlp_hidden = 0;
+  /// Activation of the MLP (default GELU, tanh form).
+  ActivationKind activation = ActivationKind::gelu;
+  /// Attention method of every layer unless `layer_methods` is given. Default exact_blocked.
+  AttentionMethod method = AttentionMethod::exact_blocked;
+  /// Per-layer methods (size `layers`), overriding `method`; empty (default) uses `method` everywhere.
+  std::vector<AttentionMethod> layer_methods;
+  /// Degree, polynomial and chunking of approximate attention (its heads and mask are set per layer).
+  PolynomialAttentionOptions attention;
+  /// Targets equal to this are not scored by the loss. Default -1.
+  Index ignore_target = -1;
+  /// Seed of the whole initialisation; every parameter draws from its own derived stream.
+  std::uint64_t seed = 0;
+
+  /// Throws std::invalid_argument naming the offending field.
+  void check() const {
+    constexpr const char* where = "polyattn::GPTConfig";
+    detail::require(vocab_size >= 1, where, "'vocab_size' must be >= 1, got ", vocab_size);
+    detail::require(context >= 1, where, "'context' must be >= 1, got ", context);
+    detail::require(d_model >= 1, where, "'d_model' must be >= 1, got ", d_model);
+    detail::require(heads >= 1 && d_model % heads == 0, where, "'heads' must be >= 1 and divide 'd_model' = ",
+                    d_model, ", got ", heads);
+    detail::require(layers >= 1, where, "'layers' must be >= 1, got ", layers);
+    detail::require(mlp_hidden >= 0, where, "'mlp_hidden' must be >= 0 (0 = 4 d_model), got ", mlp_hidden);
+    detail::require(layer_methods.empty() || static_cast<Index>(layer_methods.size()) == layers, where,
+                    "'layer_methods' must be empty or have 'layers' = ", layers, " entries, got ",
+                    layer_methods.size());
+    detail::require(ignore_target < 0 || ignore_target >= vocab_size, where,
+                    "'ignore_target' must not be a valid token id, got ", ignore_target);
+    attention.check();
+  }
+
+  /// The attention method of block `layer`.
+  AttentionMethod method_of(Index layer) const {
+    return layer_methods.empty() ? method : layer_methods.at(static_cast<std::size_t>(layer));
+  }
+};
+
+/// A GPT-style decoder: embedding, `layers` pre-LN blocks (see the file documentation), final LayerNorm,
+/// language-model head (no bias) and mean next-token cross-entropy.
+///
+/// Parameters (in parameters() order): `wte`, `wpe`, then per block `block<i>.ln1.{gain,bias}`,
+/// `block<i>.attn.{wq,wk,wv,wo}.weight`, `block<i>.ln2.{gain,bias}`, `block<i>.mlp.{fc,proj}.{weight,bias}`,
+/// then `ln_f.{gain,bias}` and `lm_head.weight`. Initialisation is deterministic in `config.seed`: the same
+/// seed gives the same model in float and double (the float weights are the rounded double weights) whatever
+/// the attention method, so runs that differ only in the method start from the same point. Projections into
+/// the residual stream (W_O, the MLP's output) are scaled by \f$1/\sqrt{2m}\f$ as in GPT-2.
+///
+/// forward() keeps every activation backward() needs; backward() accumulates into the gradients (call the
+/// optimizer's zero_grad() first). See the file documentation for a training loop.
+template <class T>
+class GPT {
+ public:
+  explicit GPT(const GPTConfig& config) : config_(checked(config)), embedding_(config_.vocab_size, config_.context,
+                                                                                 config_.d_model, derive_seed(config_.seed, 0)) {
+    const Index d = config_.d_model;
+    const double residual_gain = 1.0 / std::sqrt(2.0 * static_cast<double>(config_.layers));
+    for (Index layer = 0; layer < config_.layers; ++layer) {
+      const std::string name = "block" + std::to_string(layer);
+      const std::uint64_t seed = derive_seed(config_.seed, static_cast<std::uint64_t>(1 + layer));
+      SelfAttentionOptions attention;
+      attention.d_model = d;
+      attention.heads = config_.heads;
+      attention.causal = true;
+      attention.method = config_.method_of(layer);
+      attention.attention = config_.attention;
+      attention.output_gain = residual_gain;
+      attention.seed = derive_seed(seed, 0);
+      auto attention_branch = std::make_unique<Composition<T>>();
+      attention_branch->add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), name + ".ln1")));
+      attention_layers_.push_back(
+          &attention_branch->add(make_component<T>(d, d, SelfAttention<T>(attention, name + ".attn"))).layer());
+      auto mlp_branch = std::make_unique<Composition<T>>();
+      mlp_branch->add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), name + ".ln2")));
+      MLPOptions mlp;
+      mlp.d_model = d;
+      mlp.hidden = config_.mlp_hidden;
+      mlp.activation = config_.activation;
+      mlp.output_gain = residual_gain;
+      mlp.seed = derive_seed(seed, 1);
+      mlp_branch->add(make_component<T>(d, d, MLP<T>(mlp, name + ".mlp")));
+      body_.add(std::make_unique<Residual<T>>(std::move(attention_branch)));
+      body_.add(std::make_unique<Residual<T>>(std::move(mlp_branch)));
+    }
+    body_.add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), "ln_f")));
+    body_.add(make_component<T>(
+        d, config_.vocab_size,
+        Linear<T>(LinearOptions{d, config_.vocab_size, false, 0, derive_seed(config_.seed, 1000)}, "lm_head")));
+  }
+
+  GPT(const GPT&) = delete;             // attention_layers_ points into body_
+  GPT& operator=(const GPT&) = delete;
+
+  const GPTConfig& config() const { return config_; }
+
+  /// Every parameter with its gradient, in a fixed order (see the class documentation).
+  std::vector<Parameter<T>*> parameters() {
+    std::vector<Parameter<T>*> out;
+    embedding_.collect_parameters(out);
+    body_.collect_parameters(out);
+    return out;
+  }
+
+  /// The composition after the embedding (blocks, final LayerNorm, head): the driver.
+  Composition<T>& body() { return body_; }
+  /// The attention layer of block `layer`.
+  SelfAttention<T>& attention(Index layer) {
+    detail::require(layer >= 0 && layer < config_.layers, "polyattn::GPT::attention", "argument 'layer' must be in [0, ",
+                    config_.layers, "), got ", layer);
+    return *attention_layers_[static_cast<std::size_t>(layer)];
+  }
+  /// Switches every layer to `method` (weights unchanged).
+  void set_attention_method(AttentionMethod method) {
+    for (SelfAttention<T>* layer : attention_layers_) layer->set_method(method);
+  }
+
+  /// Computes the logits (n x vocab) of `tokens` (1 <= n <= context ids in [0, vocab)) without a loss.
+  const Matrix<T>& forward(const std::vector<Index>& tokens) {
+    constexpr const char* where = "polyattn::GPT::forward";
+    check_ids(where, "tokens", tokens, false);
+    const Index n = static_cast<Index>(tokens.size());
+    tokens_ = tokens;
+    embedded_.resize(n, config_.d_model);
+    logits_.resize(n, config_.vocab_size);
+    embedding_.forward(tokens_, embedded_);
+    body_.forward(embedded_, logits_);
+    targets_.clear();
+    return logits_;
+  }
+
+  /// Forward pass and mean cross-entropy of predicting `targets[i]` from `tokens[0..i]`, over the positions
+  /// whose target is not `ignore_target` (0 when there are none). `targets` has the length of `tokens`.
+  double forward(const std::vector<Index>& tokens, const std::vector<Index>& targets) {
+    constexpr const char* where = "polyattn::GPT::forward";
+    detail::require(targets.size() == tokens.size(), where, "argument 'targets' must have the length of 'tokens' (",
+                    tokens.size(), "), got ", targets.size());
+    check_ids(where, "targets", targets, true);
+    forward(tokens);
+    targets_ = targets;
+    loss_ = loss_function_.forward(logits_, targets_, config_.ignore_target);
+    return loss_;
+  }
+
+  /// Accumulates \f$\partial L/\partial\theta\f$ of the loss of the last forward(tokens, targets) into every
+  /// parameter's gradient.
+  void backward() {
+    constexpr const char* where = "polyattn::GPT::backward";
+    detail::require(!targets_.empty(), where, "needs a preceding forward(tokens, targets)");
+    const Index n = static_cast<Index>(tokens_.size());
+    logits_grad_.setZero(n, config_.vocab_size);
+    loss_function_.backward(targets_, config_.ignore_target, logits_grad_);
+    embedded_grad_.setZero(n, config_.d_model);
+    body_.backward(embedded_, logits_grad_, embedded_grad_);
+    embedding_.backward(tokens_, embedded_grad_);
+  }
+
+  /// Logits of the last forward() (n x vocab).
+  const Matrix<T>& logits() const { return logits_; }
+  /// Loss of the last forward(tokens, targets).
+  double loss() const { return loss_; }
+  /// Fraction of scored positions of the last forward(tokens, targets) whose largest logit is the target.
+  double accuracy() const {
+    Index scored = 0, correct = 0;
+    for (std::size_t i = 0; i < targets_.size(); ++i) {
+      if (targets_[i] == config_.ignore_target) continue;
+      ++scored;
+      Index best = 0;
+      logits_.row(static_cast<Index>(i)).maxCoeff(&best);
+      correct += best == targets_[i];
+    }
+    return scored > 0 ? static_cast<double>(correct) / static_cast<double>(scored) : 0.0;
+  }
+
+ private:
+  static LayerNormOptions layer_norm_options(Index width) {
+    LayerNormOptions options;
+    options.features = width;
+    return options;
+  }
+
+  static const GPTConfig& checked(const GPTConfig& config) {
+    config.check();
+    return config;
+  }
+
+  void check_ids(const char* where, const char* name, const std::vector<Index>& ids, bool allow_ignore) const {
+    const Index n = static_cast<Index>(ids.size());
+    detail::require(n >= 1 && n <= config_.context, where, "argument '", name, "' must have 1 to 'context' = ",
+                    config_.context, " entries, got ", n);
+    for (Index i = 0; i < n; ++i) {
+      const Index id = ids[static_cast<std::size_t>(i)];
+      detail::require((id >= 0 && id < config_.vocab_size) || (allow_ignore && id == config_.ignore_target), where,
+                      "argument '", name, "' has id ", id, " at position ", i, ", expected [0, ", config_.vocab_size,
+                      ")", allow_ignore ? " or 'ignore_target'" : "");
+    }
+  }
+
+  GPTConfig config_;
+  detail::TokenPositionEmbedding<T> embedding_;
+  Composition<T> body_;
+  std::vector<SelfAttention<T>*> attention_layers_;
+  detail::SoftmaxCrossEntropy<T> loss_function_;
+  std::vector<Index> tokens_, targets_;
+  Matrix<T> embedded_, logits_, embedded_grad_, logits_grad_;
+  double loss_ = 0;
+};
+
+}  // namespace polyattn
