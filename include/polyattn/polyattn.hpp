@@ -1,5 +1,6 @@
 /// \file polyattn.hpp
-/// Umbrella header: includes every public polyattn header, in data-flow order.
+/// Umbrella header: includes every public polyattn header, in data-flow order
+/// (polynomial -> feature map -> attention -> gradients -> layers -> model).
 #pragma once
 
 #include "common.hpp"
@@ -8,3 +9,22 @@
 #include "attention_options.hpp"
 #include "exact_attention.hpp"
 #include "polynomial_attention.hpp"
+#include "attention_backend.hpp"
+#include "causal_scan.hpp"
+#include "exact_gradients.hpp"
+#include "paper_gradients.hpp"
+#include "adjoint_gradients.hpp"
+#include "attention.hpp"
+#include "layer_gradients.hpp"
+#include "parameter.hpp"
+#include "linear.hpp"
+#include "lora.hpp"
+#include "layer_norm.hpp"
+#include "activation.hpp"
+#include "mlp.hpp"
+#include "embedding.hpp"
+#include "cross_entropy.hpp"
+#include "self_attention.hpp"
+#include "optimizer.hpp"
+#include "model.hpp"
+#include "serialization.hpp"
