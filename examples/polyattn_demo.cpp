@@ -225,8 +225,21 @@ class TablePrinter {
     std::cout << std::endl;  // flush: rows of the large sizes arrive seconds apart
   }
 
+  // RFC 4180: a cell holding a comma or a quote is quoted, its quotes doubled.
   void write_csv(const std::vector<std::string>& cells) {
-    for (std::size_t i = 0; i < cells.size(); ++i) csv_ << (i ? "," : "") << cells[i];
+    for (std::size_t i = 0; i < cells.size(); ++i) {
+      if (i) csv_ << ',';
+      if (cells[i].find_first_of(",\"") == std::string::npos) {
+        csv_ << cells[i];
+        continue;
+      }
+      csv_ << '"';
+      for (char c : cells[i]) {
+        if (c == '"') csv_ << '"';
+        csv_ << c;
+      }
+      csv_ << '"';
+    }
     csv_ << '\n';
   }
 
