@@ -17,20 +17,23 @@
 ///   method (exact gradient of the approximate forward) and of the paper's Algorithm 1 against the
 ///   blocked exact backward, the forward+backward speed-up, and a check of the adjoint against the
 ///   independent reference figures quoted in issue 3.
-#include <polyattn/polyattn.hpp>
-#include <polyattn/adjoint_gradients.hpp>
-#include <polyattn/exact_gradients.hpp>
-#include <polyattn/paper_gradients.hpp>
-
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <map>
+#include <polyattn/adjoint_gradients.hpp>
+#include <polyattn/exact_gradients.hpp>
+#include <polyattn/paper_gradients.hpp>
+#include <polyattn/polyattn.hpp>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -94,8 +97,8 @@ long long parse_integer(const std::string& option, const std::string& text, long
     used = 0;
   }
   if (used != text.size() || text.empty() || value < lo || value > hi)
-    throw std::invalid_argument(option + " expects an integer in [" + std::to_string(lo) + ", " +
-                                std::to_string(hi) + "], got '" + text + "'");
+    throw std::invalid_argument(option + " expects an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                                "], got '" + text + "'");
   return value;
 }
 
@@ -148,9 +151,9 @@ struct AuthorsRow {
 };
 
 constexpr AuthorsRow authors_cpu[] = {
-    {4, 4.673, 1.010, 0.710, 1.42},  {5, 2.505, 1.090, 0.630, 1.73},   {6, 2.846, 2.19, 0.85, 2.58},
-    {7, 1.838, 3.78, 0.97, 3.90},    {8, 2.005, 12.16, 1.29, 9.43},    {9, 1.620, 47.3, 1.79, 26.4},
-    {10, 1.286, 192.3, 7.2, 26.7},   {11, 1.558, 807.7, 20.0, 40.3},   {12, 0.773, 3297.4, 41.75, 79.0},
+    {4, 4.673, 1.010, 0.710, 1.42}, {5, 2.505, 1.090, 0.630, 1.73}, {6, 2.846, 2.19, 0.85, 2.58},
+    {7, 1.838, 3.78, 0.97, 3.90},   {8, 2.005, 12.16, 1.29, 9.43},  {9, 1.620, 47.3, 1.79, 26.4},
+    {10, 1.286, 192.3, 7.2, 26.7},  {11, 1.558, 807.7, 20.0, 40.3}, {12, 0.773, 3297.4, 41.75, 79.0},
 };
 
 const AuthorsRow* authors_row(int d) {
@@ -192,7 +195,8 @@ class TablePrinter {
     print(headers);
     if (markdown_) {
       std::cout << '|';
-      for (const Column& column : columns_) std::cout << std::string(static_cast<std::size_t>(column.width + 1), '-') << ":|";
+      for (const Column& column : columns_)
+        std::cout << std::string(static_cast<std::size_t>(column.width + 1), '-') << ":|";
       std::cout << '\n';
     } else {
       int total = 0;
@@ -219,7 +223,8 @@ class TablePrinter {
   void print(const std::vector<std::string>& cells) const {
     if (markdown_) std::cout << '|';
     for (std::size_t i = 0; i < cells.size(); ++i) {
-      const std::string pad(static_cast<std::size_t>(std::max(0, columns_[i].width - static_cast<int>(cells[i].size()))), ' ');
+      const std::string pad(
+          static_cast<std::size_t>(std::max(0, columns_[i].width - static_cast<int>(cells[i].size()))), ' ');
       std::cout << (markdown_ ? " " : "  ") << pad << cells[i] << (markdown_ ? " |" : "");
     }
     std::cout << std::endl;  // flush: rows of the large sizes arrive seconds apart
@@ -416,10 +421,9 @@ struct ForwardTable {
 };
 
 void forward_table(const ForwardTable& table, const Settings& settings, Measurements& measurements) {
-  std::vector<Column> columns = {{"d", 2},          {"n", 6},         {"r", 5},         {"R", 5},
-                                 {"eps", 7},        {"metric%", 7},   {"relF%", 7},     {"bound", 7},
-                                 {"est.mean%", 7},  {"est.max%", 7},  {"exact ms", 8},  {"approx ms", 8},
-                                 {"speed-up", 7}};
+  std::vector<Column> columns = {{"d", 2},        {"n", 6},         {"r", 5},       {"R", 5},         {"eps", 7},
+                                 {"metric%", 7},  {"relF%", 7},     {"bound", 7},   {"est.mean%", 7}, {"est.max%", 7},
+                                 {"exact ms", 8}, {"approx ms", 8}, {"speed-up", 7}};
   if (table.with_authors) {
     columns.push_back({"authors metric%", 7});
     columns.push_back({"authors speed-up", 7});
@@ -457,19 +461,20 @@ void forward_table(const ForwardTable& table, const Settings& settings, Measurem
 /// Both maps compute the same polynomial kernel; the symmetric one (polyattn's default) merges the
 /// d^t ordered monomials of degree t into C(d+t-1, t) unordered ones.
 void feature_map_table(const Settings& settings, Measurements& measurements) {
-  TablePrinter printer("Same polynomial, two feature maps: Kronecker (authors) vs symmetric (polyattn default), non-causal",
-                       {{"g", 1},
-                        {"d", 2},
-                        {"n", 6},
-                        {"r kron", 5},
-                        {"r sym", 5},
-                        {"exact ms", 8},
-                        {"kron ms", 8},
-                        {"sym ms", 8},
-                        {"kron speed-up", 7},
-                        {"sym speed-up", 7},
-                        {"|sym-kron|/|kron|", 8}},
-                       settings, "feature_maps");
+  TablePrinter printer(
+      "Same polynomial, two feature maps: Kronecker (authors) vs symmetric (polyattn default), non-causal",
+      {{"g", 1},
+       {"d", 2},
+       {"n", 6},
+       {"r kron", 5},
+       {"r sym", 5},
+       {"exact ms", 8},
+       {"kron ms", 8},
+       {"sym ms", 8},
+       {"kron speed-up", 7},
+       {"sym speed-up", 7},
+       {"|sym-kron|/|kron|", 8}},
+      settings, "feature_maps");
   for (int degree : {2, 4}) {
     for (int d = settings.d_min; d <= settings.d_max; ++d) {
       const Problem problem = authors_problem(d, settings.seed);
@@ -478,8 +483,8 @@ void feature_map_table(const Settings& settings, Measurements& measurements) {
       const ApproxRun& sym = measurements.approx(problem, degree, false, polyattn::FeatureMapKind::symmetric);
       printer.row({std::to_string(degree), std::to_string(d), std::to_string(problem.n),
                    std::to_string(kron.cert.features), std::to_string(sym.cert.features), milliseconds(exact.ms),
-                   milliseconds(kron.ms), milliseconds(sym.ms), speedup(exact.ms / kron.ms),
-                   speedup(exact.ms / sym.ms), format("%.2g", compare(sym.O, kron.O).relative)});
+                   milliseconds(kron.ms), milliseconds(sym.ms), speedup(exact.ms / kron.ms), speedup(exact.ms / sym.ms),
+                   format("%.2g", compare(sym.O, kron.O).relative)});
     }
   }
 }
@@ -537,8 +542,7 @@ void gradient_table(const Settings& settings, bool causal) {
                         {"f+b ms", 8},
                         {"speed-up", 7}},
                        settings, causal ? "gradients_causal" : "gradients");
-  const polyattn::PolynomialAttentionOptions options =
-      approximation(2, causal, polyattn::FeatureMapKind::kronecker);
+  const polyattn::PolynomialAttentionOptions options = approximation(2, causal, polyattn::FeatureMapKind::kronecker);
   for (int d = settings.d_min; d <= settings.d_max; ++d) {
     const Problem problem = authors_problem(d, settings.seed);
     polyattn::ExactBlockedBackend<float> exact_backend(options);
@@ -573,16 +577,12 @@ void reference_check_table(const Settings& settings) {
   constexpr int d = 12;
   constexpr Index n = 4096;
   constexpr int draws = 8;
-  TablePrinter printer("Adjoint gradient vs the independent reference of issue 3 (double, n = 4096, d = 12, non-causal;"
-                       " ours: mean [min, max] over " + std::to_string(draws) + " draws)",
-                       {{"g", 1},
-                        {"O relF%", 22},
-                        {"ref O%", 6},
-                        {"dQ relF%", 22},
-                        {"ref dQ%", 6},
-                        {"dV relF%", 22},
-                        {"ref dV%", 6}},
-                       settings, "reference_check");
+  TablePrinter printer(
+      "Adjoint gradient vs the independent reference of issue 3 (double, n = 4096, d = 12, non-causal;"
+      " ours: mean [min, max] over " +
+          std::to_string(draws) + " draws)",
+      {{"g", 1}, {"O relF%", 22}, {"ref O%", 6}, {"dQ relF%", 22}, {"ref dQ%", 6}, {"dV relF%", 22}, {"ref dV%", 6}},
+      settings, "reference_check");
   // errors[g][quantity][draw] with quantity 0, 1, 2 = O, dQ, dV
   std::vector<std::vector<std::vector<double>>> errors(std::size(references), std::vector<std::vector<double>>(3));
   for (int draw = 0; draw < draws; ++draw) {
@@ -618,32 +618,33 @@ void reference_check_table(const Settings& settings) {
 }
 
 void print_legend(const Settings& settings) {
-  std::cout << "\nLegend (x = approximate result, y = exact fp32 result of the blocked exact method):\n"
-               "  r          feature width (Kronecker map: sum over t <= g of d^t; symmetric: C(d+g, g))\n"
-               "  R          c max_i |q_i| max_j |k_j|: every score lies in [-R, R]\n"
-               "  eps        certified max |p(x) e^-x - 1| over [-R, R]\n"
-               "  metric%    100 |x-y|_F / |x+y|_F, the authors' metric (about half of relF%)\n"
-               "  relF%      100 |x-y|_F / |y|_F, the usual relative error\n"
-               "  bound      certified bound 2 eps/(1-eps) max|v| on every entry of x-y; 'vacuous' when eps >= 1,\n"
-               "             as always here: at x = -R (about -3.5) the Taylor polynomial is many times exp(x)\n"
-               "  est.*%     mean / max relative row error on 32 seeded rows recomputed exactly: the a-posteriori\n"
-               "             estimate, O(32 n d) extra work, not included in approx ms\n"
-               "  exact ms   blocked exact attention (ExactAttention: online softmax, never forms the n x n matrix)\n"
-               "  approx ms  PolynomialAttention forward, including its certificate (R, eps) but not the estimate;\n"
-               "             speed-up = exact ms / approx ms\n"
-               "  method     adjoint: the exact gradient of the approximate forward pass (AdjointBackend, O(n r d));\n"
-               "             paper: Algorithm 1 of the paper, each term of the exact gradient with P~ for P\n"
-               "             (PaperBackend, O(n r d^2)). The paper's gradient is closer to the exact one: the adjoint\n"
-               "             also differentiates the polynomial, and p' is one Taylor order worse than p; but only\n"
-               "             the adjoint's is the gradient of the function the forward pass computed.\n"
-               "  dQ,dK bound  certified entrywise bound on the dQ and dK errors (GradientCertificate::dqk_bound)\n"
-               "  f+b ms     forward + backward; exact: ExactBlockedBackend (FlashAttention-style recomputing backward)\n"
-            << "Timing: " << (time_source(settings) == TimeSource::process_cpu ? "process CPU time" : "wall clock")
-            << ", " << Eigen::nbThreads() << " Eigen thread(s); one warm-up, then the median of " << settings.reps
-            << " runs (of up to " << max_short_work_reps << "\nfor work under "
-            << format("%.0f", short_work_budget_ms / settings.reps)
-            << " ms). The machine may be shared with other jobs: expect some noise.\n"
-               "Authors (cpu_log.txt): numpy, exact materialises the n x n matrix; one unwarmed time.time() run each.\n";
+  std::cout
+      << "\nLegend (x = approximate result, y = exact fp32 result of the blocked exact method):\n"
+         "  r          feature width (Kronecker map: sum over t <= g of d^t; symmetric: C(d+g, g))\n"
+         "  R          c max_i |q_i| max_j |k_j|: every score lies in [-R, R]\n"
+         "  eps        certified max |p(x) e^-x - 1| over [-R, R]\n"
+         "  metric%    100 |x-y|_F / |x+y|_F, the authors' metric (about half of relF%)\n"
+         "  relF%      100 |x-y|_F / |y|_F, the usual relative error\n"
+         "  bound      certified bound 2 eps/(1-eps) max|v| on every entry of x-y; 'vacuous' when eps >= 1,\n"
+         "             as always here: at x = -R (about -3.5) the Taylor polynomial is many times exp(x)\n"
+         "  est.*%     mean / max relative row error on 32 seeded rows recomputed exactly: the a-posteriori\n"
+         "             estimate, O(32 n d) extra work, not included in approx ms\n"
+         "  exact ms   blocked exact attention (ExactAttention: online softmax, never forms the n x n matrix)\n"
+         "  approx ms  PolynomialAttention forward, including its certificate (R, eps) but not the estimate;\n"
+         "             speed-up = exact ms / approx ms\n"
+         "  method     adjoint: the exact gradient of the approximate forward pass (AdjointBackend, O(n r d));\n"
+         "             paper: Algorithm 1 of the paper, each term of the exact gradient with P~ for P\n"
+         "             (PaperBackend, O(n r d^2)). The paper's gradient is closer to the exact one: the adjoint\n"
+         "             also differentiates the polynomial, and p' is one Taylor order worse than p; but only\n"
+         "             the adjoint's is the gradient of the function the forward pass computed.\n"
+         "  dQ,dK bound  certified entrywise bound on the dQ and dK errors (GradientCertificate::dqk_bound)\n"
+         "  f+b ms     forward + backward; exact: ExactBlockedBackend (FlashAttention-style recomputing backward)\n"
+      << "Timing: " << (time_source(settings) == TimeSource::process_cpu ? "process CPU time" : "wall clock") << ", "
+      << Eigen::nbThreads() << " Eigen thread(s); one warm-up, then the median of " << settings.reps
+      << " runs (of up to " << max_short_work_reps << "\nfor work under "
+      << format("%.0f", short_work_budget_ms / settings.reps)
+      << " ms). The machine may be shared with other jobs: expect some noise.\n"
+         "Authors (cpu_log.txt): numpy, exact materialises the n x n matrix; one unwarmed time.time() run each.\n";
 }
 
 }  // namespace
@@ -661,17 +662,18 @@ int main(int argc, char** argv) {
   try {
     Eigen::setNbThreads(settings.threads);
     const auto start = Clock::now();
+    const double cpu_start_ms = now_ms(TimeSource::process_cpu);
     std::cout << "polyattn demo: the authors' experiment (JamesSand/MultiLayer) and beyond\n"
               << "d = " << settings.d_min << ".." << settings.d_max
               << ", n = 10*2^d, q,k ~ N(0,1)/sqrt(d), v ~ N(0,1), fp32, exact = softmax(q k^T) (scale 1),\n"
-              << "Taylor features on the Kronecker map; seed " << settings.seed << "; Eigen " << EIGEN_WORLD_VERSION
-              << "." << EIGEN_MAJOR_VERSION << "." << EIGEN_MINOR_VERSION << ", " << Eigen::nbThreads()
-              << " thread(s), SIMD: " << Eigen::SimdInstructionSetsInUse() << "\n";
+              << "Taylor features on the authors' Kronecker map unless stated; seed " << settings.seed << "; Eigen "
+              << EIGEN_WORLD_VERSION << "." << EIGEN_MAJOR_VERSION << "." << EIGEN_MINOR_VERSION << ", "
+              << Eigen::nbThreads() << " thread(s), SIMD: " << Eigen::SimdInstructionSetsInUse() << "\n";
 
     Measurements measurements(time_source(settings), settings.reps);
-    forward_table({"Forward, degree-2 Taylor, Kronecker map, non-causal (the authors' setup)", "forward_g2", 2, false,
-                   true},
-                  settings, measurements);
+    forward_table(
+        {"Forward, degree-2 Taylor, Kronecker map, non-causal (the authors' setup)", "forward_g2", 2, false, true},
+        settings, measurements);
     forward_table({"Forward, degree-4 Taylor, Kronecker map, non-causal (same inputs)", "forward_g4", 4, false, false},
                   settings, measurements);
     forward_table({"Forward, degree-2 Taylor, Kronecker map, causal mask", "forward_g2_causal", 2, true, false},
@@ -683,7 +685,9 @@ int main(int argc, char** argv) {
     print_legend(settings);
 
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-    std::cout << "\nTotal demo time: " << format("%.1f", seconds) << " s\n";
+    const double cpu_seconds = (now_ms(TimeSource::process_cpu) - cpu_start_ms) / 1e3;
+    std::cout << "\nTotal demo time: " << format("%.1f", seconds) << " s wall clock, " << format("%.1f", cpu_seconds)
+              << " s process CPU time\n";
   } catch (const std::exception& error) {
     std::cerr << "polyattn_demo: " << error.what() << '\n';
     return EXIT_FAILURE;
