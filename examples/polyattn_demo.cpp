@@ -17,6 +17,11 @@
 ///   method (exact gradient of the approximate forward) and of the paper's Algorithm 1 against the
 ///   blocked exact backward, the forward+backward speed-up, and a check of the adjoint against the
 ///   independent reference figures quoted in issue 3.
+#include <polyattn/adjoint_gradients.hpp>
+#include <polyattn/exact_gradients.hpp>
+#include <polyattn/paper_gradients.hpp>
+#include <polyattn/polyattn.hpp>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -28,10 +33,6 @@
 #include <iostream>
 #include <iterator>
 #include <map>
-#include <polyattn/adjoint_gradients.hpp>
-#include <polyattn/exact_gradients.hpp>
-#include <polyattn/paper_gradients.hpp>
-#include <polyattn/polyattn.hpp>
 #include <random>
 #include <stdexcept>
 #include <string>
