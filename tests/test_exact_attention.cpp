@@ -207,7 +207,7 @@ TEST_CASE("forward_rows equals the matching rows of forward", "[exact_attention]
   REQUIRE(relative_error(rows, naive_attention(Q, K, V, opt)) <= 1e-12);
 }
 
-TEST_CASE("inputs and output may be blocks of larger matrices", "[exact_attention]") {
+TEST_CASE("exact attention accepts inputs and output that are blocks of larger matrices", "[exact_attention]") {
   // Eigen::Ref with an outer stride; the output block is written in place and nothing around it changes.
   const Index n = 19, dk = 4, dv = 3;
   for (const bool causal : {false, true}) {

@@ -370,7 +370,7 @@ TEST_CASE("a reused object gives the results of a fresh one when shapes and R ch
     }
 }
 
-TEST_CASE("inputs and output may be blocks of larger matrices", "[polynomial_attention]") {
+TEST_CASE("polynomial attention accepts inputs and output that are blocks of larger matrices", "[polynomial_attention]") {
   // Q, K, V bind to Eigen::Ref with an outer stride; O is written in place into a block, leaving the rest of
   // the larger matrix untouched. Same arithmetic as on plain matrices: identical results.
   const Index n = 21, dk = 3, dv = 2;
