@@ -41,6 +41,8 @@
 /// \endcode
 #pragma once
 
+#include "cross_entropy.hpp"
+#include "embedding.hpp"
 #include "layer_norm.hpp"
 #include "linear.hpp"
 #include "mlp.hpp"
@@ -218,79 +220,6 @@ class Residual final : public Component<T> {
   std::unique_ptr<Component<T>> body_;
 };
 
-namespace detail {
-
-// Private stand-in for embedding.hpp: X_i = E_tok[t_i] + E_pos[i].
-template <class T>
-class TokenPositionEmbedding {
- public:
-  Parameter<T> tokens, positions;
-
-  TokenPositionEmbedding(Index vocab, Index context, Index width, std::uint64_t seed)
-      : tokens("wte", vocab, width), positions("wpe", context, width) {
-    init_normal(tokens, 1.0, derive_seed(seed, 0));
-    init_normal(positions, 0.1, derive_seed(seed, 1));
-  }
-
-  void collect_parameters(std::vector<Parameter<T>*>& out) {
-    out.push_back(&tokens);
-    out.push_back(&positions);
-  }
-
-  void forward(const std::vector<Index>& ids, MatrixRef<T> X) const {
-    for (Index i = 0; i < static_cast<Index>(ids.size()); ++i)
-      X.row(i) = tokens.value.row(ids[static_cast<std::size_t>(i)]) + positions.value.row(i);
-  }
-
-  void backward(const std::vector<Index>& ids, const ConstMatrixRef<T>& dX) {
-    for (Index i = 0; i < static_cast<Index>(ids.size()); ++i) {
-      if (tokens.trainable) tokens.grad.row(ids[static_cast<std::size_t>(i)]) += dX.row(i);
-      if (positions.trainable) positions.grad.row(i) += dX.row(i);
-    }
-  }
-};
-
-// Private stand-in for cross_entropy.hpp: mean over scored rows of logsumexp(z_i) - z_i[t_i].
-template <class T>
-class SoftmaxCrossEntropy {
- public:
-  double forward(const ConstMatrixRef<T>& logits, const std::vector<Index>& targets, Index ignore) {
-    probabilities_ = logits.transpose();  // one column per token: contiguous softmax
-    scored_ = 0;
-    double total = 0;
-    for (Index i = 0; i < probabilities_.cols(); ++i) {
-      auto column = probabilities_.col(i);
-      const T top = column.maxCoeff();
-      column = (column.array() - top).exp().matrix();
-      const T sum = column.sum();
-      column /= sum;
-      const Index target = targets[static_cast<std::size_t>(i)];
-      if (target == ignore) continue;
-      ++scored_;
-      total += static_cast<double>(std::log(sum)) + static_cast<double>(top) - static_cast<double>(logits(i, target));
-    }
-    return scored_ > 0 ? total / static_cast<double>(scored_) : 0.0;
-  }
-
-  void backward(const std::vector<Index>& targets, Index ignore, MatrixRef<T> dlogits) const {
-    if (scored_ == 0) return;
-    const T weight = static_cast<T>(1.0 / static_cast<double>(scored_));
-    for (Index i = 0; i < probabilities_.cols(); ++i) {
-      const Index target = targets[static_cast<std::size_t>(i)];
-      if (target == ignore) continue;
-      dlogits.row(i) += weight * probabilities_.col(i).transpose();
-      dlogits(i, target) -= weight;
-    }
-  }
-
-  Index scored() const { return scored_; }
-
- private:
-  Matrix<T> probabilities_;  // vocab x n
-  Index scored_ = 0;
-};
-
-}  // namespace detail
 
 /// Configuration of GPT.
 struct GPTConfig {
@@ -358,8 +287,8 @@ struct GPTConfig {
 template <class T>
 class GPT {
  public:
-  explicit GPT(const GPTConfig& config) : config_(checked(config)), embedding_(config_.vocab_size, config_.context,
-                                                                                 config_.d_model, derive_seed(config_.seed, 0)) {
+  explicit GPT(const GPTConfig& config) : config_(checked(config)), embedding_(embedding_options(config_), ""),
+        loss_function_(CrossEntropyOptions{config_.ignore_target}) {
     const Index d = config_.d_model;
     const double residual_gain = 1.0 / std::sqrt(2.0 * static_cast<double>(config_.layers));
     for (Index layer = 0; layer < config_.layers; ++layer) {
@@ -444,7 +373,7 @@ class GPT {
     check_ids(where, "targets", targets, true);
     forward(tokens);
     targets_ = targets;
-    loss_ = loss_function_.forward(logits_, targets_, config_.ignore_target);
+    loss_ = loss_function_.forward(logits_, targets_);
     return loss_;
   }
 
@@ -455,7 +384,7 @@ class GPT {
     detail::require(!targets_.empty(), where, "needs a preceding forward(tokens, targets)");
     const Index n = static_cast<Index>(tokens_.size());
     logits_grad_.setZero(n, config_.vocab_size);
-    loss_function_.backward(targets_, config_.ignore_target, logits_grad_);
+    loss_function_.backward(logits_, targets_, logits_grad_);
     embedded_grad_.setZero(n, config_.d_model);
     body_.backward(embedded_, logits_grad_, embedded_grad_);
     embedding_.backward(tokens_, embedded_grad_);
@@ -485,6 +414,18 @@ class GPT {
     return options;
   }
 
+  // The embedding tables start at the scales the driver was tuned with: unit-variance tokens, small positions.
+  static EmbeddingOptions embedding_options(const GPTConfig& config) {
+    EmbeddingOptions options;
+    options.vocab_size = config.vocab_size;
+    options.max_positions = config.context;
+    options.d_model = config.d_model;
+    options.token_init_std = 1.0;
+    options.position_init_std = 0.1;
+    options.seed = derive_seed(config.seed, 0);
+    return options;
+  }
+
   static const GPTConfig& checked(const GPTConfig& config) {
     config.check();
     return config;
@@ -503,10 +444,10 @@ class GPT {
   }
 
   GPTConfig config_;
-  detail::TokenPositionEmbedding<T> embedding_;
+  Embedding<T> embedding_;
   Composition<T> body_;
   std::vector<SelfAttention<T>*> attention_layers_;
-  detail::SoftmaxCrossEntropy<T> loss_function_;
+  CrossEntropy<T> loss_function_;
   std::vector<Index> tokens_, targets_;
   Matrix<T> embedded_, logits_, embedded_grad_, logits_grad_;
   double loss_ = 0;
