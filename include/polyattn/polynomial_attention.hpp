@@ -208,6 +208,30 @@ inline PolynomialChoice choose_polynomial(const PolynomialAttentionOptions& opt,
   return choice;
 }
 
+/// The a-posteriori estimate: exact attention on `options.estimate_rows` seeded random query rows and the
+/// maximum and mean relative row error of the approximate output `O` on them, written into `cert`.
+template <class T>
+void estimate_sampled_error(ExactAttention<T>& exact, const PolynomialAttentionOptions& options,
+                            const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                            const ConstMatrixRef<T>& O, Certificate& cert) {
+  const std::vector<Index> rows = sample_rows(Q.rows(), options.estimate_rows, options.seed);
+  const auto m = static_cast<Index>(rows.size());
+  Matrix<T> sampled_queries(m, Q.cols()), exact_rows(m, V.cols());
+  for (Index i = 0; i < m; ++i) sampled_queries.row(i) = Q.row(rows[static_cast<std::size_t>(i)]);
+  exact.forward_rows(sampled_queries, rows, K, V, exact_rows);
+  double max_error = 0, sum_error = 0;
+  for (Index i = 0; i < m; ++i) {
+    const auto approx = O.row(rows[static_cast<std::size_t>(i)]).template cast<double>();
+    const auto exact_row = exact_rows.row(i).template cast<double>();
+    const double error = (approx - exact_row).norm() / std::max(exact_row.norm(), std::numeric_limits<double>::min());
+    max_error = std::max(max_error, error);
+    sum_error += error;
+  }
+  cert.sampled_rows = m;
+  cert.sampled_max_error = max_error;
+  cert.sampled_mean_error = sum_error / static_cast<double>(m);
+}
+
 }  // namespace detail
 
 /// Approximate attention forward pass by the polynomial method; keeps its workspace between calls.
@@ -412,22 +436,7 @@ class PolynomialAttention {
 
   void estimate(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                 const ConstMatrixRef<T>& O, Certificate& cert) {
-    const std::vector<Index> rows = detail::sample_rows(Q.rows(), options_.estimate_rows, options_.seed);
-    const auto m = static_cast<Index>(rows.size());
-    Matrix<T> sampled_queries(m, Q.cols()), exact_rows(m, V.cols());
-    for (Index i = 0; i < m; ++i) sampled_queries.row(i) = Q.row(rows[static_cast<std::size_t>(i)]);
-    exact_.forward_rows(sampled_queries, rows, K, V, exact_rows);
-    double max_error = 0, sum_error = 0;
-    for (Index i = 0; i < m; ++i) {
-      const auto approx = O.row(rows[static_cast<std::size_t>(i)]).template cast<double>();
-      const auto exact = exact_rows.row(i).template cast<double>();
-      const double error = (approx - exact).norm() / std::max(exact.norm(), std::numeric_limits<double>::min());
-      max_error = std::max(max_error, error);
-      sum_error += error;
-    }
-    cert.sampled_rows = m;
-    cert.sampled_max_error = max_error;
-    cert.sampled_mean_error = sum_error / static_cast<double>(m);
+    detail::estimate_sampled_error(exact_, options_, Q, K, V, O, cert);
   }
 
   PolynomialAttentionOptions options_;
