@@ -148,7 +148,6 @@ TEST_CASE("SelfAttention works in float", "[self_attention]") {
   REQUIRE(relative_error(single.key.weight.grad, twin.key.weight.grad) < 1e-4);
 }
 
-#if POLYATTN_HAS_ADJOINT_BACKEND
 TEST_CASE("SelfAttention with the adjoint backend is the exact gradient of the approximate layer",
           "[self_attention]") {
   // The adjoint method differentiates the polynomial forward pass exactly, so finite differences of that
@@ -201,7 +200,6 @@ TEST_CASE("SelfAttention: adjoint and exact gradients agree within the certified
   // The bound is not vacuous: the error is small in absolute terms too.
   CHECK(relative_error(dX_approx, dX_exact) < 1e-2);
 }
-#endif
 
 TEST_CASE("SelfAttention set_method keeps the weights", "[self_attention]") {
   const Index n = 6, d = 4;

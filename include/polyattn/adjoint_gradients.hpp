@@ -170,10 +170,8 @@ class AdjointBackend final : public AttentionBackend<T> {
       else
         forward_full(Qh, Kh, Vh, Oh, h);
     }
-    const double max_v = static_cast<double>(V.cwiseAbs().maxCoeff());
-    certificate_.output_bound = certificate_.poly_error < 1
-                                    ? 2 * certificate_.poly_error / (1 - certificate_.poly_error) * max_v
-                                    : std::numeric_limits<double>::infinity();
+    certificate_.output_bound =
+        detail::apriori_output_bound(certificate_.poly_error, static_cast<double>(V.cwiseAbs().maxCoeff()));
     if (options_.estimate_error) estimate(Q, K, V, O, certificate_);
     forward_shape_ = {Q.rows(), K.rows(), Q.cols(), V.cols()};
     has_forward_ = true;
@@ -187,19 +185,8 @@ class AdjointBackend final : public AttentionBackend<T> {
                                const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G, MatrixRef<T> dQ,
                                MatrixRef<T> dK, MatrixRef<T> dV) override {
     constexpr const char* where = "polyattn::AdjointBackend::backward";
-    const auto shape = detail::check_qkv(where, Q, K, V, options_.attention);
-    detail::require(has_forward_, where, "call forward() first");
-    detail::require(forward_shape_ == std::array<Index, 4>{Q.rows(), K.rows(), Q.cols(), V.cols()}, where,
-                    "'Q', 'K', 'V' must have the shapes of the last forward() call (", forward_shape_[0], "x",
-                    forward_shape_[2], ", ", forward_shape_[1], "x", forward_shape_[2], ", ", forward_shape_[1],
-                    "x", forward_shape_[3], ")");
-    detail::require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
-    detail::require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
-    detail::require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
-    detail::require_shape(where, "dK", dK, shape.m, shape.heads * shape.dk);
-    detail::require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
-    detail::require_finite(where, "O", O);
-    detail::require_finite(where, "G", G);
+    const auto shape = detail::check_backward_arguments<T>(where, options_.attention, Q, K, V, O, G, dQ, dK, dV);
+    detail::require_same_forward<T>(where, has_forward_, forward_shape_, Q, K, V);
 
     const double eps = certificate_.poly_error;
     GradientCertificate result;

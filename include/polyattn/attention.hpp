@@ -10,9 +10,6 @@
 /// | `adjoint`         | \f$O(n r d)\f$                 | \f$O(nd + rd)\f$ per chunk | exact gradient of the polynomial forward |
 ///
 /// (\f$r\f$ = feature width of the degree-\f$g\f$ polynomial, \f$\binom{d_h+g}{g}\f$ with symmetric monomials.)
-/// The approximate backends live in their own headers; this one includes those present in the installed
-/// library, and make_attention_backend() reports a method whose header is absent with an exception.
-///
 /// \code
 ///   polyattn::PolynomialAttentionOptions options;
 ///   options.attention.causal = true;
@@ -24,21 +21,10 @@
 /// \endcode
 #pragma once
 
+#include "adjoint_gradients.hpp"
 #include "attention_backend.hpp"
 #include "exact_gradients.hpp"
-
-#if __has_include("adjoint_gradients.hpp")
-#include "adjoint_gradients.hpp"
-#define POLYATTN_HAS_ADJOINT_BACKEND 1
-#else
-#define POLYATTN_HAS_ADJOINT_BACKEND 0
-#endif
-#if __has_include("paper_gradients.hpp")
 #include "paper_gradients.hpp"
-#define POLYATTN_HAS_PAPER_BACKEND 1
-#else
-#define POLYATTN_HAS_PAPER_BACKEND 0
-#endif
 
 #include <array>
 #include <memory>
@@ -72,19 +58,8 @@ inline AttentionMethod parse_attention_method(const std::string& name) {
                                              name, "'"));
 }
 
-/// True when make_attention_backend() can build `method` in this build of the library.
-inline bool attention_method_available(AttentionMethod method) {
-  switch (method) {
-    case AttentionMethod::exact_reference:
-    case AttentionMethod::exact_blocked: return true;
-    case AttentionMethod::paper: return POLYATTN_HAS_PAPER_BACKEND != 0;
-    case AttentionMethod::adjoint: return POLYATTN_HAS_ADJOINT_BACKEND != 0;
-  }
-  return false;
-}
-
 /// A new backend computing attention by `method`, configured by `options` (exact methods read only
-/// `options.attention`). Throws std::invalid_argument for invalid options or a method this build lacks.
+/// `options.attention`). Throws std::invalid_argument for invalid options or an invalid method value.
 template <class T>
 std::unique_ptr<AttentionBackend<T>> make_attention_backend(AttentionMethod method,
                                                             const PolynomialAttentionOptions& options) {
@@ -94,21 +69,9 @@ std::unique_ptr<AttentionBackend<T>> make_attention_backend(AttentionMethod meth
   switch (method) {
     case AttentionMethod::exact_reference: return std::make_unique<ExactReferenceBackend<T>>(options);
     case AttentionMethod::exact_blocked: return std::make_unique<ExactBlockedBackend<T>>(options);
-    case AttentionMethod::paper:
-#if POLYATTN_HAS_PAPER_BACKEND
-      return std::make_unique<PaperBackend<T>>(options);
-#else
-      break;
-#endif
-    case AttentionMethod::adjoint:
-#if POLYATTN_HAS_ADJOINT_BACKEND
-      return std::make_unique<AdjointBackend<T>>(options);
-#else
-      break;
-#endif
+    case AttentionMethod::paper: return std::make_unique<PaperBackend<T>>(options);
+    case AttentionMethod::adjoint: return std::make_unique<AdjointBackend<T>>(options);
   }
-  detail::require(attention_method_available(method), where, "method '", attention_method_name(method),
-                  "' is not available: its header is missing from this build of polyattn");
   throw std::invalid_argument(detail::concat(where, ": argument 'method' has the invalid value ",
                                              static_cast<int>(method)));
 }

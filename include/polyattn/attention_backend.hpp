@@ -19,6 +19,7 @@
 
 #include "polynomial_attention.hpp"
 
+#include <array>
 #include <limits>
 
 namespace polyattn {
@@ -48,6 +49,39 @@ struct GradientCertificate {
   /// differentiate p (adjoint); 0 for exact methods.
   double derivative_error = 0;
 };
+
+namespace detail {
+
+/// Checks the arguments of a backward() call: Q, K, V as check_qkv(), O and G (n x h d_v, finite) and the
+/// outputs dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v). Returns the head shape.
+template <class T>
+HeadShape check_backward_arguments(const char* where, const AttentionOptions& opt, const ConstMatrixRef<T>& Q,
+                                   const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                                   const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G,
+                                   const MatrixRef<T>& dQ, const MatrixRef<T>& dK, const MatrixRef<T>& dV) {
+  const HeadShape shape = check_qkv(where, Q, K, V, opt);
+  require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
+  require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
+  require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
+  require_shape(where, "dK", dK, shape.m, shape.heads * shape.dk);
+  require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
+  require_finite(where, "O", O);
+  require_finite(where, "G", G);
+  return shape;
+}
+
+/// Throws unless a forward() ran (`has_forward`) on Q, K, V of the shapes `forward_shape`
+/// = {rows of Q, rows of K, columns of Q, columns of V}.
+template <class T>
+void require_same_forward(const char* where, bool has_forward, const std::array<Index, 4>& forward_shape,
+                          const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V) {
+  require(has_forward, where, "call forward() first");
+  require(forward_shape == std::array<Index, 4>{Q.rows(), K.rows(), Q.cols(), V.cols()}, where,
+          "'Q', 'K', 'V' must have the shapes of the last forward() call (", forward_shape[0], "x", forward_shape[2],
+          ", ", forward_shape[1], "x", forward_shape[2], ", ", forward_shape[1], "x", forward_shape[3], ")");
+}
+
+}  // namespace detail
 
 /// Attention forward and backward behind a virtual interface.
 ///

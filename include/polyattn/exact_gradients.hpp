@@ -198,14 +198,7 @@ class ExactBlockedBackend final : public AttentionBackend<T> {
                                const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G, MatrixRef<T> dQ,
                                MatrixRef<T> dK, MatrixRef<T> dV) override {
     constexpr const char* where = "polyattn::ExactBlockedBackend::backward";
-    const auto shape = detail::check_qkv(where, Q, K, V, options_);
-    detail::require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
-    detail::require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
-    detail::require_finite(where, "O", O);
-    detail::require_finite(where, "G", G);
-    detail::require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
-    detail::require_shape(where, "dK", dK, shape.m, shape.heads * shape.dk);
-    detail::require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
+    const auto shape = detail::check_backward_arguments<T>(where, options_, Q, K, V, O, G, dQ, dK, dV);
     const Matrix<T>& logsumexp = forward_.logsumexp();
     detail::require(logsumexp.rows() == shape.n && logsumexp.cols() == shape.heads, where,
                     "needs the log-sum-exp of a preceding forward() with the same shapes: saved ", logsumexp.rows(),

@@ -145,19 +145,8 @@ class PaperBackend final : public AttentionBackend<T> {
                                MatrixRef<T> dK, MatrixRef<T> dV) override {
     constexpr const char* where = "polyattn::PaperBackend::backward";
     const AttentionOptions& opt = options().attention;
-    const auto shape = detail::check_qkv(where, Q, K, V, opt);
-    detail::require(has_forward_, where, "call forward() first");
-    detail::require(forward_shape_ == std::array<Index, 4>{Q.rows(), K.rows(), Q.cols(), V.cols()}, where,
-                    "'Q', 'K', 'V' must have the shapes of the last forward() call (", forward_shape_[0], "x",
-                    forward_shape_[2], ", ", forward_shape_[1], "x", forward_shape_[2], ", ", forward_shape_[1],
-                    "x", forward_shape_[3], ")");
-    detail::require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
-    detail::require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
-    detail::require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
-    detail::require_shape(where, "dK", dK, shape.m, shape.heads * shape.dk);
-    detail::require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
-    detail::require_finite(where, "O", O);
-    detail::require_finite(where, "G", G);
+    const auto shape = detail::check_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
+    detail::require_same_forward<T>(where, has_forward_, forward_shape_, Q, K, V);
 
     const FeatureMap<T>& map = attention_.feature_map();
     const double c = map.scale();

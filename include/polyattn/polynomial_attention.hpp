@@ -175,6 +175,12 @@ struct PolynomialChoice {
   Certificate cert;
 };
 
+/// The a-priori bound \f$\frac{2\varepsilon}{1-\varepsilon}\max_j\|v_j\|_\infty\f$ on every entry of
+/// \f$\tilde O - O\f$ (see Certificate::output_bound); \f$+\infty\f$ once \f$\varepsilon \ge 1\f$.
+inline double apriori_output_bound(double poly_error, double max_abs_value) {
+  return poly_error < 1 ? 2 * poly_error / (1 - poly_error) * max_abs_value : std::numeric_limits<double>::infinity();
+}
+
 inline PolynomialChoice choose_polynomial(const PolynomialAttentionOptions& opt, double measured_radius) {
   PolynomialChoice choice;
   Certificate& cert = choice.cert;
@@ -280,8 +286,7 @@ class PolynomialAttention {
       else
         forward_full(Qh, Kh, Vh, Oh);
     }
-    cert.output_bound = cert.poly_error < 1 ? 2 * cert.poly_error / (1 - cert.poly_error) * max_v
-                                            : std::numeric_limits<double>::infinity();
+    cert.output_bound = detail::apriori_output_bound(cert.poly_error, max_v);
     if (options_.estimate_error) estimate(Q, K, V, O, cert);
     return cert;
   }
