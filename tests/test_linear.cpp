@@ -19,7 +19,7 @@ using polyattn::testing::relative_error;
 namespace {
 
 // L = <R, Y>: a random linear functional of the output, so dL/dY = R exactly.
-double linear_projected_loss(const Linear<double>& layer, const Matrix<double>& X, const Matrix<double>& R) {
+double linear_projected_loss(Linear<double>& layer, const Matrix<double>& X, const Matrix<double>& R) {
   Matrix<double> Y(X.rows(), layer.out_features());
   layer.forward(X, Y);
   return (R.array() * Y.array()).sum();

@@ -1,10 +1,13 @@
 #include <polyattn/model.hpp>
 #include <polyattn/optimizer.hpp>
+#include <polyattn/serialization.hpp>
 
 #include "gradient_check.hpp"
 
 #include <catch2/catch.hpp>
 
+#include <cstdint>
+#include <cstdio>
 #include <random>
 #include <set>
 #include <stdexcept>
@@ -17,6 +20,8 @@ using polyattn::Composition;
 using polyattn::GPT;
 using polyattn::GPTConfig;
 using polyattn::Index;
+using polyattn::LoRAOptions;
+using polyattn::LoRATargets;
 using polyattn::Matrix;
 using polyattn::Parameter;
 using polyattn::testing::gradient_error;
@@ -45,17 +50,35 @@ std::vector<Index> random_ids(std::size_t n, Index vocab, std::uint64_t seed) {
   return ids;
 }
 
-// Checks every parameter gradient of `model` at (tokens, targets) against central differences of the loss.
-void check_model_gradient(GPT<double>& model, const std::vector<Index>& tokens, const std::vector<Index>& targets,
-                          double tolerance) {
+// Checks every trainable parameter gradient of `model` at (tokens, targets) against central differences of the
+// loss; returns how many parameters it checked.
+std::size_t check_model_gradient(GPT<double>& model, const std::vector<Index>& tokens,
+                                 const std::vector<Index>& targets, double tolerance) {
   polyattn::zero_grads(model.parameters());
   model.forward(tokens, targets);
   model.backward();
   const auto loss = [&] { return model.forward(tokens, targets); };
+  std::size_t checked = 0;
   for (Parameter<double>* p : model.parameters()) {
+    if (!p->trainable) continue;
     CAPTURE(p->name);
     CHECK(gradient_error(loss, p->value, p->grad) < tolerance);
+    ++checked;
   }
+  return checked;
+}
+
+bool ends_with(const std::string& name, const std::string& suffix) {
+  return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+bool is_adapter(const Parameter<double>& p) { return ends_with(p.name, ".lora_A") || ends_with(p.name, ".lora_B"); }
+
+// Gives every adapter of `model` a random B (a fresh adapter has B = 0, which hides the gradient of A and the
+// update s A B from every check).
+void randomize_adapters(GPT<double>& model, std::uint64_t seed) {
+  for (Parameter<double>* p : model.parameters())
+    if (ends_with(p->name, ".lora_B")) p->value = random_matrix<double>(p->rows(), p->cols(), seed++, 0.5);
 }
 
 }  // namespace
@@ -242,4 +265,200 @@ TEST_CASE("GPT rejects bad configurations and input", "[model]") {
   REQUIRE(model.logits().rows() == 3);
   REQUIRE(model.logits().cols() == 7);
   REQUIRE_THROWS_WITH(model.backward(), Contains("forward(tokens, targets)"));
+}
+
+TEST_CASE("GPT::add_lora adapts the chosen Linears, freezes everything else and keeps the logits", "[model][lora]") {
+  GPT<double> model(tiny_config(AttentionMethod::exact_blocked));
+  const std::vector<Index> tokens = random_ids(11, 7, 20);
+  const Matrix<double> before = model.forward(tokens);
+  const std::size_t plain_count = model.parameters().size();
+  model.add_lora({2, 4.0, 0, 99});  // default targets: W_Q and W_V of every block
+  const Matrix<double> after = model.forward(tokens);
+  CHECK(after == before);  // B = 0 adds exact zeros
+
+  const auto parameters = model.parameters();
+  REQUIRE(parameters.size() == plain_count + 2 * 2 * 2);  // 2 blocks x (wq, wv) x (A, B)
+  std::vector<std::string> trainable;
+  for (const Parameter<double>* p : parameters)
+    if (p->trainable) trainable.push_back(p->name);
+  const std::vector<std::string> expected = {
+      "block0.attn.wq.weight.lora_A", "block0.attn.wq.weight.lora_B", "block0.attn.wv.weight.lora_A",
+      "block0.attn.wv.weight.lora_B", "block1.attn.wq.weight.lora_A", "block1.attn.wq.weight.lora_B",
+      "block1.attn.wv.weight.lora_A", "block1.attn.wv.weight.lora_B"};
+  CHECK(trainable == expected);
+  CHECK(polyattn::count_trainable(parameters) == 4 * (8 * 2 + 2 * 8));
+  // the adapter follows its weight in parameters()
+  for (std::size_t k = 0; k < parameters.size(); ++k)
+    if (ends_with(parameters[k]->name, ".lora_A")) {
+      CAPTURE(parameters[k]->name);
+      CHECK(parameters[k - 1]->name + ".lora_A" == parameters[k]->name);
+    }
+  // every adapter draws A from its own seed, independent of the other targets
+  polyattn::SelfAttention<double>& block0 = model.attention(0);
+  CHECK(block0.query.lora_A.value != block0.value.lora_A.value);
+  CHECK(block0.query.lora_A.value != model.attention(1).query.lora_A.value);
+  CHECK_FALSE(block0.key.has_lora());
+  CHECK_FALSE(model.mlp(0).fc.has_lora());
+  CHECK_FALSE(model.lm_head().has_lora());
+  GPT<double> everywhere(tiny_config(AttentionMethod::exact_blocked));
+  everywhere.add_lora({2, 4.0, 0, 99}, LoRATargets::all());
+  CHECK(everywhere.attention(0).value.lora_A.value == block0.value.lora_A.value);
+  CHECK(everywhere.attention(1).query.lora_A.value == model.attention(1).query.lora_A.value);
+  CHECK(everywhere.parameters().size() == plain_count + 2 * (2 * 6 + 1));  // 13 Linears
+  GPT<double> attention_only(tiny_config(AttentionMethod::exact_blocked));
+  attention_only.add_lora({2, 4.0, 0, 99}, LoRATargets::attention());
+  CHECK(attention_only.attention(1).output.has_lora());
+  CHECK_FALSE(attention_only.mlp(1).proj.has_lora());
+}
+
+TEST_CASE("GPT LoRA gradients of every adapter match central finite differences", "[model][lora]") {
+  // Adapters on every Linear (attention, MLP and head) with random B, so that every A and B has a non-trivial
+  // gradient; the tolerance is that of the full-model check above (same smooth loss, same step).
+  const double tolerance = 1e-6;
+  GPT<double> model(tiny_config(AttentionMethod::exact_reference));
+  model.add_lora({2, 3.0, 0, 5}, LoRATargets::all());
+  randomize_adapters(model, 50);
+  std::vector<Index> targets = random_ids(12, 7, 22);
+  targets[5] = -1;
+  const std::size_t checked = check_model_gradient(model, random_ids(12, 7, 21), targets, tolerance);
+  CHECK(checked == 2 * (2 * 6 + 1));  // every adapter, nothing else
+  for (const Parameter<double>* p : model.parameters()) {
+    CAPTURE(p->name);
+    CHECK(p->trainable == is_adapter(*p));
+    if (!p->trainable) CHECK(p->grad.isZero(0));
+    if (p->trainable) CHECK(p->grad.norm() > 0);
+  }
+}
+
+TEST_CASE("GPT LoRA fine-tuning with AdamW changes only the adapters", "[model][lora]") {
+  GPT<double> model(tiny_config(AttentionMethod::exact_blocked));
+  model.add_lora({2, 8.0, 0, 7}, LoRATargets::attention());
+  const auto parameters = model.parameters();
+  std::vector<Matrix<double>> initial;
+  for (const Parameter<double>* p : parameters) initial.push_back(p->value);
+  polyattn::AdamWOptions adam_options;
+  adam_options.learning_rate = 1e-2;
+  adam_options.weight_decay = 0.1;  // decay must not reach the frozen weights either
+  polyattn::AdamW<double> adam(parameters, adam_options);
+  const std::vector<Index> tokens = random_ids(12, 7, 30), targets = random_ids(12, 7, 31);
+  double first = 0, last = 0;
+  for (int step = 0; step < 20; ++step) {
+    adam.zero_grad();
+    last = model.forward(tokens, targets);
+    if (step == 0) first = last;
+    model.backward();
+    for (const Parameter<double>* p : parameters)
+      if (!is_adapter(*p)) {
+        CAPTURE(p->name);
+        REQUIRE(p->grad.isZero(0));
+      }
+    adam.step();
+  }
+  CAPTURE(first, last);
+  CHECK(last < first - 0.05);  // the adapters alone fit the fixed batch
+  for (std::size_t k = 0; k < parameters.size(); ++k) {
+    CAPTURE(parameters[k]->name);
+    if (is_adapter(*parameters[k]))
+      CHECK(parameters[k]->value != initial[k]);
+    else
+      CHECK(parameters[k]->value == initial[k]);
+  }
+}
+
+TEST_CASE("GPT::merge_lora folds every adapter into its weight with the same logits", "[model][lora]") {
+  GPT<double> model(tiny_config(AttentionMethod::exact_reference));
+  model.add_lora({3, 6.0, 0, 11}, LoRATargets::all());
+  randomize_adapters(model, 70);
+  const std::vector<Index> tokens = random_ids(12, 7, 40);
+  const Matrix<double> adapted = model.forward(tokens);
+  GPT<double> plain(tiny_config(AttentionMethod::exact_reference));
+  CHECK(relative_error(plain.forward(tokens), adapted) > 1e-3);  // the adapters do change the function
+
+  model.merge_lora();
+  // X (W + s A B) against X W + s (X A) B through two blocks: sums in another order, O(width * eps) relative.
+  CHECK(relative_error(model.forward(tokens), adapted) < 1e-12);
+  for (const Parameter<double>* p : model.parameters())
+    if (ends_with(p->name, ".lora_B")) {
+      CAPTURE(p->name);
+      CHECK(p->value.isZero(0));
+    }
+  // The merged weights alone deploy to a model without adapters: copy them by name into `plain`.
+  const auto merged = model.parameters();
+  for (Parameter<double>* target : plain.parameters())
+    for (const Parameter<double>* source : merged)
+      if (source->name == target->name) target->value = source->value;
+  CHECK(relative_error(plain.forward(tokens), adapted) < 1e-12);
+  model.merge_lora();  // merging again adds s A 0: nothing changes
+  CHECK(relative_error(model.forward(tokens), adapted) < 1e-12);
+}
+
+TEST_CASE("GPT with LoRA adapters saves and loads its parameters", "[model][lora]") {
+  const LoRAOptions options{2, 4.0, 0, 13};
+  GPT<double> trained(tiny_config(AttentionMethod::exact_blocked));
+  trained.add_lora(options);
+  randomize_adapters(trained, 90);
+  const std::vector<Index> tokens = random_ids(10, 7, 50);
+  const Matrix<double> expected = trained.forward(tokens);
+  const std::string path = "polyattn_test_model_lora.bin";
+  polyattn::save_parameters(path, trained.parameters());
+
+  // The same architecture with adapters from another seed: loading restores the trained adapters exactly.
+  GPT<double> fresh(tiny_config(AttentionMethod::exact_blocked));
+  fresh.add_lora({2, 4.0, 0, 14});
+  CHECK(fresh.forward(tokens) != expected);  // B = 0 before loading
+  polyattn::load_parameters(path, fresh.parameters());
+  CHECK(fresh.forward(tokens) == expected);
+  const auto a = trained.parameters(), b = fresh.parameters();
+  REQUIRE(a.size() == b.size());
+  for (std::size_t k = 0; k < a.size(); ++k) CHECK(a[k]->trainable == b[k]->trainable);
+
+  // A model without adapters, or with as many on other targets, does not match the file and is left unchanged.
+  GPT<double> plain(tiny_config(AttentionMethod::exact_blocked));
+  const Matrix<double> plain_logits = plain.forward(tokens);
+  REQUIRE_THROWS_WITH(polyattn::load_parameters(path, plain.parameters()),
+                      Contains("holds 37 parameters") && Contains("has 29"));
+  CHECK(plain.forward(tokens) == plain_logits);
+  LoRATargets query_and_key;
+  query_and_key.wv = false;
+  query_and_key.wk = true;
+  GPT<double> other(tiny_config(AttentionMethod::exact_blocked));
+  other.add_lora(options, query_and_key);
+  const Matrix<double> other_logits = other.forward(tokens);
+  REQUIRE_THROWS_WITH(polyattn::load_parameters(path, other.parameters()),
+                      Contains("'block0.attn.wv.weight' in the file") && Contains("'block0.attn.wk.weight.lora_A'"));
+  CHECK(other.forward(tokens) == other_logits);
+  std::remove(path.c_str());
+}
+
+TEST_CASE("GPT::add_lora rejects bad options and targets and changes nothing", "[model][lora]") {
+  GPT<double> model(tiny_config(AttentionMethod::exact_blocked));
+  const std::size_t count = model.parameters().size();
+  const auto unchanged = [&] {
+    const auto parameters = model.parameters();
+    bool all_trainable = true;
+    for (const Parameter<double>* p : parameters) all_trainable = all_trainable && p->trainable;
+    return parameters.size() == count && all_trainable;
+  };
+  LoRATargets none;
+  none.wq = none.wv = false;
+  REQUIRE_THROWS_WITH(model.add_lora({2, 8.0}, none), Contains("LoRATargets") && Contains("no layer"));
+  REQUIRE_THROWS_WITH(model.add_lora({0, 8.0}), Contains("LoRAOptions") && Contains("'rank'"));
+  // d_model 8, vocab 7: rank 8 fits the attention projections but not the head, checked before any change
+  REQUIRE_THROWS_WITH(model.add_lora({8, 8.0}, LoRATargets::all()),
+                      Contains("GPT::add_lora") && Contains("'lm_head.weight'") && Contains("min(in, out) = 7"));
+  CHECK(unchanged());
+  model.merge_lora();  // no adapters: nothing to do
+  CHECK(unchanged());
+  REQUIRE_THROWS_WITH(model.mlp(2), Contains("GPT::mlp") && Contains("'layer'"));
+
+  model.add_lora({2, 8.0}, LoRATargets::attention());
+  const Index adapters = polyattn::count_trainable(model.parameters());
+  LoRATargets mlp_and_query;
+  mlp_and_query.wv = false;
+  mlp_and_query.fc = true;
+  REQUIRE_THROWS_WITH(model.add_lora({2, 8.0}, mlp_and_query),
+                      Contains("GPT::add_lora") && Contains("'block0.attn.wq.weight'") &&
+                          Contains("already has an adapter"));
+  CHECK(polyattn::count_trainable(model.parameters()) == adapters);
+  CHECK_FALSE(model.mlp(0).fc.has_lora());
 }

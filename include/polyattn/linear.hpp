@@ -1,9 +1,12 @@
 /// \file linear.hpp
-/// Affine layer \f$Y = XW + \mathbf 1 b^\top\f$ on row tokens, forward and backward.
+/// Affine layer \f$Y = XW + \mathbf 1 b^\top\f$ on row tokens, forward and backward, with an optional low-rank
+/// adapter (LoRA) on the weight.
 #pragma once
 
+#include "lora.hpp"
 #include "parameter.hpp"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -40,11 +43,28 @@ struct LinearOptions {
 ///     \partial L/\partial X \mathrel{+}= G W^\top. \f]
 /// Parameters marked `trainable = false` get no gradient (the product is skipped).
 ///
+/// **Low-rank adapter (LoRA, Hu et al. 2021).** add_lora() freezes \f$W\f$ and \f$b\f$ and adds a trainable
+/// low-rank update of the weight,
+/// \f[ Y = XW + \mathbf 1 b^\top + s\,(XA)B,\qquad s = \alpha / r, \f]
+/// with \f$A\f$ (in x r) drawn from \f$\mathcal N(0, \sigma^2)\f$ and \f$B\f$ (r x out) starting at zero, so
+/// that a fresh adapter leaves the output unchanged. Backward then also accumulates
+/// \f[ \partial L/\partial A \mathrel{+}= s\,X^\top (G B^\top),\qquad
+///     \partial L/\partial B \mathrel{+}= s\,(XA)^\top G,\qquad
+///     \partial L/\partial X \mathrel{+}= s\,(G B^\top) A^\top, \f]
+/// at \f$O(n\,r\,(\text{in}+\text{out}))\f$ beyond the plain layer; forward() keeps \f$XA\f$ (n x r) for it.
+/// merge_lora() folds the update into the weight, \f$W \leftarrow W + sAB\f$, and resets \f$B = 0\f$; merged()
+/// returns a plain, trainable Linear with weight \f$W + sAB\f$, which costs one GEMM again at inference.
+///
 /// \code
 ///   polyattn::Linear<float> fc({/*in=*/64, /*out=*/256}, "block0.mlp.fc");
 ///   polyattn::Matrix<float> Y(n, 256), dX = polyattn::Matrix<float>::Zero(n, 64);
 ///   fc.forward(X, Y);
 ///   fc.backward(X, dY, dX);           // fc.weight.grad, fc.bias.grad and dX accumulate
+///
+///   fc.add_lora({/*rank=*/4, /*alpha=*/8});   // weight and bias frozen; fc.lora_A, fc.lora_B trainable
+///   fc.forward(X, Y);
+///   fc.backward(X, dY, dX);           // fc.lora_A.grad, fc.lora_B.grad and dX accumulate
+///   polyattn::Linear<float> deployed = fc.merged();
 /// \endcode
 template <class T>
 class Linear {
@@ -53,6 +73,10 @@ class Linear {
   Parameter<T> weight;
   /// \f$b^\top\f$ (1 x out), named "<name>.bias"; 0 x 0 when the layer has no bias.
   Parameter<T> bias;
+  /// The adapter's \f$A\f$ (in x r), named "<name>.weight.lora_A"; 0 x 0 without an adapter.
+  Parameter<T> lora_A;
+  /// The adapter's \f$B\f$ (r x out), named "<name>.weight.lora_B"; 0 x 0 without an adapter.
+  Parameter<T> lora_B;
 
   explicit Linear(const LinearOptions& options, const std::string& name = "linear") : options_(options) {
     detail::static_check_scalar<T>();
@@ -63,6 +87,7 @@ class Linear {
     init_normal(weight, stddev, options_.seed);
     bias = options_.bias ? Parameter<T>(name + ".bias", 1, options_.out_features, true, false)
                          : Parameter<T>(name + ".bias", 0, 0, true, false);
+    remove_adapter();
   }
 
   const LinearOptions& options() const { return options_; }
@@ -70,14 +95,82 @@ class Linear {
   Index out_features() const { return options_.out_features; }
   bool has_bias() const { return options_.bias; }
 
-  /// Appends the weight (and the bias, if any) to `out`.
+  /// Whether add_lora() has given the layer an adapter.
+  bool has_lora() const { return lora_rank_ > 0; }
+  /// Rank \f$r\f$ of the adapter; 0 without one.
+  Index lora_rank() const { return lora_rank_; }
+  /// \f$s = \alpha / r\f$ of the adapter; 0 without one (no update).
+  double lora_scale() const { return has_lora() ? lora_options_.scale() : 0.0; }
+
+  /// Adds a LoRA adapter: freezes `weight` and `bias` (`trainable = false`), sets `lora_A` (in x r) to
+  /// \f$\mathcal N(0, \sigma^2)\f$ entries drawn from `options.seed` (\f$\sigma\f$ = `options.init_std`, or
+  /// \f$1/\sqrt{\text{in}}\f$ when it is 0) and `lora_B` (r x out) to zero, so the output is unchanged.
+  /// collect_parameters() lists the two new parameters from now on: build optimizers afterwards.
+  ///
+  /// Throws std::invalid_argument, changing nothing, on bad options, a rank above \f$\min(\text{in},
+  /// \text{out})\f$ or when the layer already has an adapter.
+  void add_lora(const LoRAOptions& options) {
+    constexpr const char* where = "polyattn::Linear::add_lora";
+    check_lora_options(where, options);
+    const std::string& base_name = weight.name;
+    lora_A = Parameter<T>(base_name + ".lora_A", in_features(), options.rank);
+    lora_B = Parameter<T>(base_name + ".lora_B", options.rank, out_features());
+    const double stddev =
+        options.init_std > 0 ? options.init_std : 1.0 / std::sqrt(static_cast<double>(in_features()));
+    init_normal(lora_A, stddev, options.seed);
+    lora_options_ = options;
+    lora_rank_ = options.rank;
+    weight.trainable = false;
+    bias.trainable = false;
+  }
+
+  /// Throws std::invalid_argument (naming `where`) unless add_lora(`options`) would succeed.
+  void check_lora_options(const char* where, const LoRAOptions& options) const {
+    options.check();
+    detail::require(!has_lora(), where, "'", weight.name, "' already has an adapter (rank ", lora_rank_,
+                    "); merge_lora() folds it into the weight");
+    const Index max_rank = std::min(in_features(), out_features());
+    detail::require(options.rank <= max_rank, where, "'rank' of the adapter of '", weight.name,
+                    "' must be <= min(in, out) = ", max_rank, ", got ", options.rank);
+  }
+
+  /// Folds the adapter into the weight, \f$W \leftarrow W + sAB\f$, and resets \f$B = 0\f$: the output is
+  /// unchanged. The adapter stays (so parameters() and optimizers keep their lists, and a further update can be
+  /// trained on top; \f$A\f$ keeps its values), and so does the freezing of the weight and bias. Throws
+  /// std::invalid_argument without an adapter.
+  void merge_lora() {
+    constexpr const char* where = "polyattn::Linear::merge_lora";
+    detail::require(has_lora(), where, "'", weight.name, "' has no adapter (add_lora() first)");
+    check_parameters(where);
+    weight.value.noalias() += static_cast<T>(lora_scale()) * lora_A.value * lora_B.value;
+    lora_B.value.setZero();
+  }
+
+  /// A plain Linear without adapter, with weight \f$W + sAB\f$ (just \f$W\f$ without an adapter), the same bias
+  /// and the same forward output, whose weight and bias are trainable.
+  Linear<T> merged() const {
+    check_parameters("polyattn::Linear::merged");
+    Linear<T> result = *this;
+    if (has_lora()) result.weight.value.noalias() += static_cast<T>(lora_scale()) * lora_A.value * lora_B.value;
+    result.remove_adapter();
+    result.weight.trainable = true;
+    result.bias.trainable = true;
+    return result;
+  }
+
+  /// Appends the weight, the bias (if any) and the adapter's \f$A\f$, \f$B\f$ (if any) to `out`.
   void collect_parameters(std::vector<Parameter<T>*>& out) {
     out.push_back(&weight);
     if (has_bias()) out.push_back(&bias);
+    if (has_lora()) {
+      out.push_back(&lora_A);
+      out.push_back(&lora_B);
+    }
   }
 
-  /// Writes \f$Y = XW + \mathbf 1 b^\top\f$ (n x out) for \f$X\f$ (n x in). Saves nothing: backward takes X again.
-  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) const {
+  /// Writes \f$Y = XW + \mathbf 1 b^\top\f$ (plus \f$s\,(XA)B\f$ with an adapter) (n x out) for \f$X\f$ (n x in).
+  /// Saves \f$XA\f$ with an adapter, nothing otherwise: backward takes X again.
+  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
     constexpr const char* where = "polyattn::Linear::forward";
     check_parameters(where);
     detail::require_nonempty(where, "X", X);
@@ -86,10 +179,15 @@ class Linear {
     detail::require_finite(where, "X", X);
     Y.noalias() = X * weight.value;
     if (has_bias()) Y.rowwise() += bias.value.row(0);
+    if (has_lora()) {
+      input_times_A_.noalias() = X * lora_A.value;
+      Y.noalias() += static_cast<T>(lora_scale()) * input_times_A_ * lora_B.value;
+    }
   }
 
-  /// Accumulates \f$X^\top G\f$ into `weight.grad`, \f$G^\top\mathbf 1\f$ into `bias.grad` and \f$GW^\top\f$
-  /// into `dX`, for the X of forward() and \f$G\f$ = `dY`.
+  /// Accumulates \f$X^\top G\f$ into `weight.grad`, \f$G^\top\mathbf 1\f$ into `bias.grad`, the adapter's
+  /// gradients into `lora_A.grad` and `lora_B.grad`, and \f$\partial L/\partial X\f$ into `dX`, for the X of the
+  /// preceding forward() and \f$G\f$ = `dY`. Frozen parameters get no gradient.
   void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) {
     constexpr const char* where = "polyattn::Linear::backward";
     check_parameters(where);
@@ -97,19 +195,46 @@ class Linear {
     detail::require_shape(where, "X", X, X.rows(), in_features());
     detail::require_shape(where, "dY", dY, X.rows(), out_features());
     detail::require_shape(where, "dX", dX, X.rows(), in_features());
+    if (has_lora())
+      detail::require(input_times_A_.rows() == X.rows() && input_times_A_.cols() == lora_rank_, where,
+                      "needs the forward pass of the same 'X' first: saved XA is ", input_times_A_.rows(), "x",
+                      input_times_A_.cols(), ", expected ", X.rows(), "x", lora_rank_);
     detail::require_finite(where, "dY", dY);
     if (weight.trainable) weight.grad.noalias() += X.transpose() * dY;
     if (has_bias() && bias.trainable) bias.grad.row(0) += dY.colwise().sum();
     dX.noalias() += dY * weight.value.transpose();
+    if (!has_lora()) return;
+    const T s = static_cast<T>(lora_scale());
+    output_grad_times_Bt_.noalias() = dY * lora_B.value.transpose();
+    if (lora_B.trainable) lora_B.grad.noalias() += s * input_times_A_.transpose() * dY;
+    if (lora_A.trainable) lora_A.grad.noalias() += s * X.transpose() * output_grad_times_Bt_;
+    dX.noalias() += s * output_grad_times_Bt_ * lora_A.value.transpose();
   }
 
  private:
   void check_parameters(const char* where) const {
     detail::require_parameter_shape(where, weight, in_features(), out_features());
     if (has_bias()) detail::require_parameter_shape(where, bias, 1, out_features());
+    if (has_lora()) {
+      detail::require_parameter_shape(where, lora_A, in_features(), lora_rank_);
+      detail::require_parameter_shape(where, lora_B, lora_rank_, out_features());
+    }
+  }
+
+  // Empty adapter parameters and workspaces: the state of a layer without adapter.
+  void remove_adapter() {
+    lora_A = Parameter<T>(weight.name + ".lora_A", 0, 0);
+    lora_B = Parameter<T>(weight.name + ".lora_B", 0, 0);
+    lora_options_ = LoRAOptions{};
+    lora_rank_ = 0;
+    input_times_A_.resize(0, 0);
+    output_grad_times_Bt_.resize(0, 0);
   }
 
   LinearOptions options_;
+  LoRAOptions lora_options_;
+  Index lora_rank_ = 0;
+  Matrix<T> input_times_A_, output_grad_times_Bt_;
 };
 
 }  // namespace polyattn

@@ -7,10 +7,10 @@
 /// **Components.** A Component maps an \f$n\times d_{in}\f$ matrix (one token per row) to \f$n\times d_{out}\f$;
 /// forward() saves what backward() needs, backward() accumulates parameter gradients and
 /// \f$\partial L/\partial X\f$ (llm.c style). Any layer with `forward(X, Y)`, `backward(X, dY, dX)` and
-/// `collect_parameters(out)` becomes one through make_component() (Linear, LayerNorm, SelfAttention, the MLP,
-/// LoRALinear, ...). Composition applies its parts in order and, in backward(), runs them in reverse, feeding
-/// each the gradient of its output; Residual computes \f$X + f(X)\f$. A composition is itself a component, so
-/// blocks nest.
+/// `collect_parameters(out)` becomes one through make_component() (Linear, with or without a LoRA adapter,
+/// LayerNorm, SelfAttention, the MLP, ...). Composition applies its parts in order and, in backward(), runs them
+/// in reverse, feeding each the gradient of its output; Residual computes \f$X + f(X)\f$. A composition is itself
+/// a component, so blocks nest.
 ///
 /// **The GPT block** is the composition
 /// \f[ Z = X + \mathrm{Attn}(\mathrm{LN}_1(X)),\qquad Y = Z + \mathrm{MLP}(\mathrm{LN}_2(Z)), \f]
@@ -48,6 +48,7 @@
 #include "mlp.hpp"
 #include "self_attention.hpp"
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
@@ -221,6 +222,46 @@ class Residual final : public Component<T> {
 };
 
 
+/// Which Linear layers of a GPT get a LoRA adapter in GPT::add_lora(). The default adapts the query and value
+/// projections of every block, the setting of the main experiments of Hu et al. (2021; their Sec. 7.1 compares
+/// it with other choices at a fixed budget of trainable parameters); attention() adapts all four attention
+/// projections, all() every Linear of the model.
+struct LoRATargets {
+  /// \f$W_Q\f$ of every block, "block<i>.attn.wq" (default true).
+  bool wq = true;
+  /// \f$W_K\f$ of every block, "block<i>.attn.wk" (default false).
+  bool wk = false;
+  /// \f$W_V\f$ of every block, "block<i>.attn.wv" (default true).
+  bool wv = true;
+  /// \f$W_O\f$ of every block, "block<i>.attn.wo" (default false).
+  bool wo = false;
+  /// The MLP's first layer of every block, "block<i>.mlp.fc" (default false).
+  bool fc = false;
+  /// The MLP's second layer of every block, "block<i>.mlp.proj" (default false).
+  bool proj = false;
+  /// The language-model head, "lm_head" (default false).
+  bool lm_head = false;
+
+  /// \f$W_Q, W_K, W_V, W_O\f$ of every block.
+  static LoRATargets attention() {
+    LoRATargets targets;
+    targets.wk = targets.wo = true;
+    return targets;
+  }
+  /// Every Linear: the four attention projections and the MLP of every block, and the head.
+  static LoRATargets all() {
+    LoRATargets targets = attention();
+    targets.fc = targets.proj = targets.lm_head = true;
+    return targets;
+  }
+
+  /// Throws std::invalid_argument unless at least one target is chosen.
+  void check() const {
+    detail::require(wq || wk || wv || wo || fc || proj || lm_head, "polyattn::LoRATargets",
+                    "chooses no layer: set at least one of wq, wk, wv, wo, fc, proj, lm_head");
+  }
+};
+
 /// Configuration of GPT.
 struct GPTConfig {
   /// Number of token ids (256 for bytes). Required, >= 1.
@@ -284,6 +325,22 @@ struct GPTConfig {
 ///
 /// forward() keeps every activation backward() needs; backward() accumulates into the gradients (call the
 /// optimizer's zero_grad() first). See the file documentation for a training loop.
+///
+/// **LoRA fine-tuning.** add_lora() gives the chosen Linears (LoRATargets; by default \f$W_Q\f$ and \f$W_V\f$
+/// of every block) a low-rank adapter \f$W + s\,AB\f$ (see Linear) and freezes every other parameter, so that
+/// only the adapters train. It changes parameters(): each adapted Linear's `<name>.weight.lora_A` and
+/// `<name>.weight.lora_B` follow its weight (and bias), so build the optimizer, and save or load checkpoints,
+/// after it. merge_lora() folds every adapter into its weight for deployment.
+///
+/// \code
+///   polyattn::GPT<float> model(config);
+///   polyattn::load_parameters("pretrained.bin", model.parameters());   // before the adapters: plain names
+///   model.add_lora({/*rank=*/4, /*alpha=*/8}, polyattn::LoRATargets::attention());
+///   polyattn::AdamW<float> adam(model.parameters(), {1e-3});       // steps only the adapters
+///   // ... train as above ...
+///   polyattn::save_parameters("finetuned.bin", model.parameters());  // with the adapters
+///   model.merge_lora();                                              // W += s A B, B = 0: same logits
+/// \endcode
 template <class T>
 class GPT {
  public:
@@ -314,17 +371,16 @@ class GPT {
       mlp.activation = config_.activation;
       mlp.output_gain = residual_gain;
       mlp.seed = derive_seed(seed, 1);
-      mlp_branch->add(make_component<T>(d, d, MLP<T>(mlp, name + ".mlp")));
+      mlp_layers_.push_back(&mlp_branch->add(make_component<T>(d, d, MLP<T>(mlp, name + ".mlp"))).layer());
       body_.add(std::make_unique<Residual<T>>(std::move(attention_branch)));
       body_.add(std::make_unique<Residual<T>>(std::move(mlp_branch)));
     }
     body_.add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), "ln_f")));
-    body_.add(make_component<T>(
-        d, config_.vocab_size,
-        Linear<T>(LinearOptions{d, config_.vocab_size, false, 0, derive_seed(config_.seed, 1000)}, "lm_head")));
+    const LinearOptions head{d, config_.vocab_size, false, 0, derive_seed(config_.seed, 1000)};
+    lm_head_ = &body_.add(make_component<T>(d, config_.vocab_size, Linear<T>(head, "lm_head"))).layer();
   }
 
-  GPT(const GPT&) = delete;             // attention_layers_ points into body_
+  GPT(const GPT&) = delete;             // attention_layers_, mlp_layers_ and lm_head_ point into body_
   GPT& operator=(const GPT&) = delete;
 
   const GPTConfig& config() const { return config_; }
@@ -345,6 +401,41 @@ class GPT {
                     config_.layers, "), got ", layer);
     return *attention_layers_[static_cast<std::size_t>(layer)];
   }
+  /// The MLP of block `layer`.
+  MLP<T>& mlp(Index layer) {
+    detail::require(layer >= 0 && layer < config_.layers, "polyattn::GPT::mlp", "argument 'layer' must be in [0, ",
+                    config_.layers, "), got ", layer);
+    return *mlp_layers_[static_cast<std::size_t>(layer)];
+  }
+  /// The language-model head (d x vocab, no bias).
+  Linear<T>& lm_head() { return *lm_head_; }
+
+  /// Adds a LoRA adapter to every Linear chosen by `targets` and freezes every other parameter (embeddings,
+  /// LayerNorms, the remaining Linears, the adapted weights and any adapter added before), so that exactly the
+  /// new \f$A\f$, \f$B\f$ are trainable and the model's output is unchanged (\f$B = 0\f$). Every adapter
+  /// uses `options` except its seed: the adapter of block \f$i\f$'s wq, wk, wv, wo, mlp.fc, mlp.proj draws
+  /// \f$A\f$ from derive_seed(options.seed, 6i + 0..5), that of the head from derive_seed(options.seed, 6m),
+  /// whatever the other targets. parameters() then lists the adapters (see the class documentation): construct
+  /// the optimizer after this call.
+  ///
+  /// Throws std::invalid_argument, changing nothing, on bad options, no target, a rank above
+  /// \f$\min(\text{in}, \text{out})\f$ of a chosen Linear, or a chosen Linear that already has an adapter.
+  void add_lora(const LoRAOptions& options, const LoRATargets& targets = LoRATargets{}) {
+    constexpr const char* where = "polyattn::GPT::add_lora";
+    targets.check();
+    const std::vector<std::pair<Linear<T>*, std::uint64_t>> chosen = linears(targets);
+    for (const auto& [linear, slot] : chosen) linear->check_lora_options(where, adapter_options(options, slot));
+    for (Parameter<T>* p : parameters()) p->trainable = false;
+    for (const auto& [linear, slot] : chosen) linear->add_lora(adapter_options(options, slot));
+  }
+
+  /// Folds every adapter into its weight (Linear::merge_lora(): \f$W \leftarrow W + sAB\f$, \f$B = 0\f$); the
+  /// logits are unchanged and parameters() keeps its list. Does nothing without adapters.
+  void merge_lora() {
+    for (const auto& [linear, slot] : linears(LoRATargets::all()))
+      if (linear->has_lora()) linear->merge_lora();
+  }
+
   /// Switches every layer to `method` (weights unchanged).
   void set_attention_method(AttentionMethod method) {
     for (SelfAttention<T>* layer : attention_layers_) layer->set_method(method);
@@ -426,6 +517,29 @@ class GPT {
     return options;
   }
 
+  // The Linears chosen by `targets`, each with its slot: 6i + 0..5 for block i's wq, wk, wv, wo, mlp.fc,
+  // mlp.proj, and 6m for the head.
+  std::vector<std::pair<Linear<T>*, std::uint64_t>> linears(const LoRATargets& targets) {
+    std::vector<std::pair<Linear<T>*, std::uint64_t>> out;
+    for (std::size_t layer = 0; layer < attention_layers_.size(); ++layer) {
+      SelfAttention<T>& attention = *attention_layers_[layer];
+      MLP<T>& mlp = *mlp_layers_[layer];
+      const std::pair<Linear<T>*, bool> block[] = {{&attention.query, targets.wq}, {&attention.key, targets.wk},
+                                                   {&attention.value, targets.wv}, {&attention.output, targets.wo},
+                                                   {&mlp.fc, targets.fc},          {&mlp.proj, targets.proj}};
+      for (std::size_t k = 0; k < 6; ++k)
+        if (block[k].second) out.emplace_back(block[k].first, 6 * layer + k);
+    }
+    if (targets.lm_head) out.emplace_back(lm_head_, 6 * attention_layers_.size());
+    return out;
+  }
+
+  static LoRAOptions adapter_options(const LoRAOptions& options, std::uint64_t slot) {
+    LoRAOptions adapter = options;
+    adapter.seed = derive_seed(options.seed, slot);
+    return adapter;
+  }
+
   static const GPTConfig& checked(const GPTConfig& config) {
     config.check();
     return config;
@@ -447,6 +561,8 @@ class GPT {
   Embedding<T> embedding_;
   Composition<T> body_;
   std::vector<SelfAttention<T>*> attention_layers_;
+  std::vector<MLP<T>*> mlp_layers_;
+  Linear<T>* lm_head_ = nullptr;
   CrossEntropy<T> loss_function_;
   std::vector<Index> tokens_, targets_;
   Matrix<T> embedded_, logits_, embedded_grad_, logits_grad_;
