@@ -198,21 +198,25 @@ TEST_CASE("AdjointBackend equals the dense gradient of the approximate function 
           "[adjoint_gradients]") {
   // The scans (prefix state, suffix state, in-chunk block) against the masked n x n formulas: the same
   // numbers summed in a different order, so 1e-12 relative in double. Chunk sizes 1, 4, 7 do not divide
-  // n = 30; 5 and 30 do.
+  // n = 30; 5 and 30 do. The causal backward runs with the forward's prefix-state checkpoints and, with a
+  // zero memory budget, with the prefix scan that recomputes them.
   const Index n = 30, heads = 2;
   const Problem<double> x = random_problem<double>(n, heads, 4, 3, 500, 1.0);
   for (const bool causal : {false, true})
-    for (const int degree : {2, 4})
-      for (const Index chunk : {1, 4, 5, 7, 30}) {
-        CAPTURE(causal, degree, chunk);
-        AdjointBackend<double> adjoint(options(causal, heads, degree, FeatureMapKind::symmetric, chunk));
-        const Result<double> r = run<double>(adjoint, x);
-        const Result<double> dense = dense_adjoint(x, polyattn::taylor_exp(degree), 0.5, causal, heads);
-        CHECK(relative_error(r.O, dense.O) < 1e-12);
-        CHECK(relative_error(r.dQ, dense.dQ) < 1e-12);
-        CHECK(relative_error(r.dK, dense.dK) < 1e-12);
-        CHECK(relative_error(r.dV, dense.dV) < 1e-12);
-      }
+    for (const bool checkpoint : {true, false})
+      for (const int degree : {2, 4})
+        for (const Index chunk : {1, 4, 5, 7, 30}) {
+          CAPTURE(causal, checkpoint, degree, chunk);
+          AdjointBackend<double> adjoint(options(causal, heads, degree, FeatureMapKind::symmetric, chunk));
+          if (!checkpoint) adjoint.set_max_checkpoint_bytes(0);
+          const Result<double> r = run<double>(adjoint, x);
+          CHECK(adjoint.checkpointed() == (checkpoint || !causal));
+          const Result<double> dense = dense_adjoint(x, polyattn::taylor_exp(degree), 0.5, causal, heads);
+          CHECK(relative_error(r.O, dense.O) < 1e-12);
+          CHECK(relative_error(r.dQ, dense.dQ) < 1e-12);
+          CHECK(relative_error(r.dK, dense.dK) < 1e-12);
+          CHECK(relative_error(r.dV, dense.dV) < 1e-12);
+        }
 }
 
 TEST_CASE("AdjointBackend against exact gradients within the certified bounds", "[adjoint_gradients]") {

@@ -57,12 +57,14 @@
 /// Frobenius errors: g = 2: \f$\tilde O\f$ 3.3%, dQ 8.4%, dK 8.3%, dV 2.2%; g = 4: \f$\tilde O\f$ 0.17%, dQ 0.52%,
 /// dK 0.51%, dV 0.11%.
 ///
-/// **Why the causal backward scans twice.** The suffix scan needs \f$Z^{<s}\f$ for \f$\partial M_{Q,s}\f$ while
-/// running last to first. Storing it per chunk costs \f$O(nr d_v/b)\f$ memory; recovering it as
-/// \f$Z - \sum_{t\ge s}\f$ costs an absolute rounding error of order \f$u\|Z\|\f$ in the early rows (relative
-/// \f$\sim u\,n/s\f$ for chunk start s, by estimate 1e-4 in float for the first chunks at n = 65536). So a
-/// prefix scan recomputes it, at the price of one more feature expansion per row for keys and queries
-/// and one more state product; the causal forward+backward costs about 1.5x the non-causal one.
+/// **Prefix states are checkpointed.** The causal backward runs one suffix scan, last chunk to first, and needs
+/// the prefix state \f$Z^{<s}\f$ of every chunk for \f$\partial M_{Q,s}\f$. Recovering it as
+/// \f$Z - \sum_{t\ge s}\f$ would cost an absolute rounding error of order \f$u\|Z\|\f$ in the early rows (relative
+/// \f$\sim u\,n/s\f$ for chunk start s, by estimate 1e-4 in float for the first chunks at n = 65536), so forward()
+/// stores every \f$Z^{<s}\f$: \f$r(d_v+1)\f$ numbers per chunk and head, \f$(n/b)\,h\,r(d_v+1)\f$ in all
+/// (42 MB in float for n = 65536, 4 heads, d = 16, g = 2, b = 64). Above set_max_checkpoint_bytes() (256 MiB by default; high degrees at
+/// long contexts) it stores nothing and backward() recomputes the states by a prefix scan instead, at the price
+/// of one more feature expansion of every key and query and one more state product per chunk.
 ///
 /// \code
 ///   polyattn::PolynomialAttentionOptions opt;
@@ -84,6 +86,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstddef>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -127,6 +130,9 @@ inline void fold_adjoint_bounds(double eps, double eps_derivative, double c, dou
 template <class T>
 class AdjointBackend final : public AttentionBackend<T> {
  public:
+  /// Default of set_max_checkpoint_bytes(): 256 MiB.
+  static constexpr std::size_t default_max_checkpoint_bytes = std::size_t(256) << 20;
+
   explicit AdjointBackend(PolynomialAttentionOptions options = {})
       : options_(std::move(options)), exact_(options_.attention) {
     detail::static_check_scalar<T>();
@@ -134,6 +140,12 @@ class AdjointBackend final : public AttentionBackend<T> {
   }
 
   AttentionMethod method() const override { return AttentionMethod::adjoint; }
+
+  /// Largest memory the causal forward() may spend on prefix-state checkpoints (see the file documentation);
+  /// when they would need more, backward() recomputes them instead. Takes effect at the next forward().
+  void set_max_checkpoint_bytes(std::size_t bytes) { max_checkpoint_bytes_ = bytes; }
+  /// Whether the last causal forward() stored its prefix states (always true without the mask).
+  bool checkpointed() const { return checkpointed_; }
   const PolynomialAttentionOptions& options() const { return options_; }
 
   /// Feature map of the last forward() call.
@@ -159,7 +171,11 @@ class AdjointBackend final : public AttentionBackend<T> {
     certificate_ = prepare(shape.dk, c, radius);
     const Index r = map_->width(), dv = shape.dv;
     normalisers_.resize(shape.n, shape.heads);
-    if (!options_.attention.causal) states_.resize(r, shape.heads * (dv + 1));
+    const Index chunks = options_.attention.causal ? (shape.n + chunk_rows(shape.n) - 1) / chunk_rows(shape.n) : 1;
+    const double state_bytes = static_cast<double>(sizeof(T)) * static_cast<double>(r) *
+                               static_cast<double>(shape.heads * chunks * (dv + 1));
+    checkpointed_ = !options_.attention.causal || state_bytes <= static_cast<double>(max_checkpoint_bytes_);
+    if (checkpointed_) states_.resize(r, shape.heads * chunks * (dv + 1));
     for (Index h = 0; h < shape.heads; ++h) {
       const ConstMatrixRef<T> Qh = Q.middleCols(h * shape.dk, shape.dk);
       const ConstMatrixRef<T> Kh = K.middleCols(h * shape.dk, shape.dk);
@@ -325,6 +341,20 @@ class AdjointBackend final : public AttentionBackend<T> {
     adjoints.col(dv + 1) = inverse;
   }
 
+  // Adds to dQb the query gradient through a key state Z (r x (d_v+1)): M'_Q = [G/D, -kappa/D] Z^T, pulled
+  // back through the monomials; uses the query monomials, scaled queries and adjoints of the current chunk.
+  void add_query_grads_through(const Eigen::Ref<const Matrix<T>>& state, MatrixRef<T> dQb) {
+    const Index rows = dQb.rows(), dv = state.cols() - 1;
+    auto monomial_grads = top(monomial_grads_, rows);
+    monomial_grads.noalias() = top(adjoints_, rows).leftCols(dv + 1) * state.transpose();
+    map_->monomials_backward(monomial_grads, top(scaled_queries_, rows), top(monomials_, rows), dQb);
+  }
+
+  // Z^{<s} of chunk `chunk` of `head` in states_ (causal, checkpointed).
+  auto checkpoint(Index head, Index chunk, Index chunks, Index dv) {
+    return states_.middleCols((head * chunks + chunk) * (dv + 1), dv + 1);
+  }
+
   double backward_full(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
                        const ConstMatrixRef<T>& Oh, const ConstMatrixRef<T>& Gh, MatrixRef<T> dQh, MatrixRef<T> dKh,
                        MatrixRef<T> dVh, Index head) {
@@ -337,14 +367,10 @@ class AdjointBackend final : public AttentionBackend<T> {
       const Index rows = std::min(b, n - q0);
       expand(Qh.middleRows(q0, rows), scaled_queries_);
       load_adjoints(Gh.middleRows(q0, rows), Oh.middleRows(q0, rows), q0, head);
-      const auto monomials = top(monomials_, rows);
-      const auto adjoints = top(adjoints_, rows);
-      auto monomial_grads = top(monomial_grads_, rows);
-      monomial_grads.noalias() = adjoints.leftCols(dv + 1) * state.transpose();
-      state_grads_.noalias() += monomials.transpose() * adjoints;
+      state_grads_.noalias() += top(monomials_, rows).transpose() * top(adjoints_, rows);
       auto dQb = dQh.middleRows(q0, rows);
       dQb.setZero();
-      map_->monomials_backward(monomial_grads, top(scaled_queries_, rows), monomials, dQb);
+      add_query_grads_through(state, dQb);
     }
     state_grads_ = map_->weights().asDiagonal() * state_grads_;
     double column_sum = 0;
@@ -391,12 +417,14 @@ class AdjointBackend final : public AttentionBackend<T> {
     const T sqrt_c = static_cast<T>(std::sqrt(map_->scale()));
     const Index b = chunk_rows(n);
     reserve_chunks(b, Qh.cols(), dv);
+    const Index chunks = (n + b - 1) / b;
     causal_state_.setZero(r, dv + 1);
     for (Index s = 0; s < n; s += b) {
       const Index rows = std::min(b, n - s);
       const auto monomials = top(monomials_, rows);
       const auto values = top(values_, rows);
       auto products = top(products_, rows).leftCols(dv + 1);
+      if (checkpointed_) checkpoint(head, s / b, chunks, dv) = causal_state_;
       expand(Qh.middleRows(s, rows), scaled_queries_);
       load_values(Vh.middleRows(s, rows));
       products.noalias() = monomials * causal_state_;
@@ -417,24 +445,25 @@ class AdjointBackend final : public AttentionBackend<T> {
     const T sqrt_c = static_cast<T>(std::sqrt(map_->scale()));
     const Index b = chunk_rows(n);
     reserve_chunks(b, Qh.cols(), dv);
-    // Prefix scan: dQ from the earlier chunks, through the running state Z^{<s}.
-    causal_state_.setZero(r, dv + 1);
-    for (Index s = 0; s < n; s += b) {
-      const Index rows = std::min(b, n - s);
-      const auto monomials = top(monomials_, rows);
-      auto monomial_grads = top(monomial_grads_, rows);
-      expand(Qh.middleRows(s, rows), scaled_queries_);
-      load_adjoints(Gh.middleRows(s, rows), Oh.middleRows(s, rows), s, head);
-      monomial_grads.noalias() = top(adjoints_, rows).leftCols(dv + 1) * causal_state_.transpose();
-      auto dQb = dQh.middleRows(s, rows);
-      dQb.setZero();
-      map_->monomials_backward(monomial_grads, top(scaled_queries_, rows), monomials, dQb);
-      expand(Kh.middleRows(s, rows), scaled_keys_);
-      load_values(Vh.middleRows(s, rows));
-      chunk_state_.noalias() = monomials.transpose() * top(values_, rows);
-      causal_state_.noalias() += map_->weights().asDiagonal() * chunk_state_;
+    const Index chunks = (n + b - 1) / b;
+    // Without checkpoints, a prefix scan recomputes Z^{<s} and takes dQ from the earlier chunks through it.
+    if (!checkpointed_) {
+      causal_state_.setZero(r, dv + 1);
+      for (Index s = 0; s < n; s += b) {
+        const Index rows = std::min(b, n - s);
+        expand(Qh.middleRows(s, rows), scaled_queries_);
+        load_adjoints(Gh.middleRows(s, rows), Oh.middleRows(s, rows), s, head);
+        auto dQb = dQh.middleRows(s, rows);
+        dQb.setZero();
+        add_query_grads_through(causal_state_, dQb);
+        expand(Kh.middleRows(s, rows), scaled_keys_);
+        load_values(Vh.middleRows(s, rows));
+        chunk_state_.noalias() = top(monomials_, rows).transpose() * top(values_, rows);
+        causal_state_.noalias() += map_->weights().asDiagonal() * chunk_state_;
+      }
     }
-    // Suffix scan: dK, dV from the later chunks through Y^{>s}, then the chunk's own block.
+    // Suffix scan: dK, dV from the later chunks through Y^{>s}, dQ from the earlier ones through the checkpoint
+    // Z^{<s}, then the chunk's own block.
     state_grads_.setZero(r, dv + 2);
     double column_sum = 0;
     for (Index s = ((n - 1) / b) * b; s >= 0; s -= b) {
@@ -463,6 +492,10 @@ class AdjointBackend final : public AttentionBackend<T> {
 
       expand(Qh.middleRows(s, rows), scaled_queries_);
       load_adjoints(Gh.middleRows(s, rows), Oh.middleRows(s, rows), s, head);
+      if (checkpointed_) {
+        dQb.setZero();
+        add_query_grads_through(checkpoint(head, s / b, chunks, dv), dQb);
+      }
       in_chunk_block(rows, true);
       score_grads.noalias() = adjoints.leftCols(dv + 1) * values.transpose();
       // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K) and likewise for dK.
@@ -490,8 +523,11 @@ class AdjointBackend final : public AttentionBackend<T> {
   Certificate certificate_;
   bool has_forward_ = false;
   std::array<Index, 4> forward_shape_{};
-  // Saved by forward() for backward(): normalisers (n x h) and, without the mask, Z per head (r x h(d_v+1)).
+  // Saved by forward() for backward(): normalisers (n x h) and key states: without the mask Z per head
+  // (r x h(d_v+1)), with it Z^{<s} per head and chunk when checkpointed_.
   Matrix<T> normalisers_, states_;
+  bool checkpointed_ = false;
+  std::size_t max_checkpoint_bytes_ = default_max_checkpoint_bytes;
   // Chunk workspaces.
   Matrix<T> scaled_queries_, scaled_keys_, monomials_, monomial_grads_, values_, products_, adjoints_;
   Matrix<T> causal_state_, chunk_state_, state_grads_, weighted_state_grads_;
