@@ -20,14 +20,14 @@ enum class ActivationKind {
 ///
 /// For GELU, with \f$k = \sqrt{2/\pi}\f$, \f$a = 0.044715\f$, \f$u = k(x + a x^3)\f$ and \f$t = \tanh u\f$:
 /// \f[ f(x) = \tfrac12 x (1 + t),\qquad f'(x) = \tfrac12 (1 + t) + \tfrac12 x\,(1 - t^2)\,k\,(1 + 3 a x^2). \f]
-/// Both are evaluated through \f$e = \exp(-2|u|) \in [0, 1]\f$, which forward saves for backward:
-/// \f[ 1 + t = \frac{2w}{1+e},\quad w = \begin{cases}1 & x \ge 0\\ e & x < 0\end{cases},\qquad
-///     1 - t^2 = \frac{4e}{(1+e)^2}. \f]
+/// Both are evaluated through \f$E = \exp(-2u) \in [0, \infty]\f$, which forward saves for backward:
+/// \f[ \tfrac12(1 + t) = \frac1{1+E},\qquad \tfrac14(1 - t^2) = \frac1{2 + E + 1/E}. \f]
 /// Unlike \f$1 + \tanh u\f$ and \f$1 - \tanh^2 u\f$ these do not cancel, so \f$f\f$ and \f$f'\f$ keep full
-/// relative accuracy in the tails (in float \f$1+t\f$ at \f$x = -3\f$ would lose four digits). Huge inputs
-/// saturate without NaN: \f$x^3\f$ may overflow, but then \f$e = 0\f$; in the derivative the factor
-/// \f$x(1 + 3ax^2)\f$ is evaluated at \f$x\f$ clamped to \f$[-10, 10]\f$, beyond which \f$e < 10^{-37}\f$ makes
-/// the term vanish to working precision anyway.
+/// relative accuracy in the tails (in float \f$1+t\f$ at \f$x = -3\f$ would lose four digits), and they need no
+/// branch, so Eigen vectorises them. Huge inputs saturate without NaN: \f$x^3\f$ may overflow and \f$E\f$ become
+/// 0 or \f$\infty\f$, where both fractions take their limits (1 or 0, and 0); in the derivative the factor
+/// \f$x(1 + 3ax^2)\f$ is evaluated at \f$x\f$ clamped to \f$[-10, 10]\f$, beyond which
+/// \f$1/(2 + E + 1/E) < 10^{-37}\f$ makes the term vanish to working precision anyway.
 /// Activation has no parameters; collect_parameters() exists so it composes like every other layer.
 ///
 /// \code
@@ -56,9 +56,8 @@ class Activation {
       return;
     }
     const auto x = X.array();
-    exp_term_ = (T(-2 * root_two_over_pi) * (x + T(gelu_cubic) * x.cube()).abs()).exp();
-    const auto e = exp_term_.array();
-    Y = x * (x >= T(0)).select(T(1), e) / (T(1) + e);
+    exp_term_ = (T(-2 * root_two_over_pi) * (x + T(gelu_cubic) * x.cube())).exp();
+    Y = x / (T(1) + exp_term_.array());
   }
 
   /// Accumulates \f$f'(X)\circ\f$ `dY` into `dX`, for the X of the preceding forward().
@@ -78,9 +77,9 @@ class Activation {
     const auto x = X.array();
     const auto clamped = x.max(T(-gelu_saturation)).min(T(gelu_saturation));
     const auto e = exp_term_.array();
-    dX.array() += dY.array() * ((x >= T(0)).select(T(1), e) / (T(1) + e) +
-                                T(2 * root_two_over_pi) * e * clamped *
-                                    (T(1) + T(3 * gelu_cubic) * clamped.square()) / (T(1) + e).square());
+    dX.array() += dY.array() * (T(1) / (T(1) + e) + T(2 * root_two_over_pi) * clamped *
+                                                       (T(1) + T(3 * gelu_cubic) * clamped.square()) /
+                                                       (T(2) + e + T(1) / e));
   }
 
  private:
@@ -89,7 +88,7 @@ class Activation {
   static constexpr double gelu_saturation = 10;
 
   ActivationKind kind_;
-  Matrix<T> exp_term_;  // e = exp(-2|u|) of the last forward (GELU only)
+  Matrix<T> exp_term_;  // E = exp(-2u) of the last forward (GELU only)
 };
 
 }  // namespace polyattn
