@@ -308,7 +308,7 @@ void write_curves(const Flags& flags, const std::string& task, const std::vector
   std::ofstream gp(script);
   // Curves are smoothed over 1% of the steps: single-batch losses are too noisy to compare by eye.
   const std::size_t window = std::max<std::size_t>(1, runs.front().losses.size() / 100);
-  gp << "set terminal png size 900,540\nset output '" << png << "'\n"
+  gp << "set terminal png size 900,540 noenhanced\nset output '" << png << "'\n"
      << "set datafile separator ','\nset key top right\nset grid\nset xlabel 'step'\n"
      << "set ylabel 'training loss (mean over " << window << " steps)'\n"
      << "set title '" << task << ": exact blocked vs adjoint attention, context " << flags.context << "'\n"
