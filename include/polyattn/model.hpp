@@ -485,18 +485,8 @@ class GPT {
   const Matrix<T>& logits() const { return logits_; }
   /// Loss of the last forward(tokens, targets).
   double loss() const { return loss_; }
-  /// Fraction of scored positions of the last forward(tokens, targets) whose largest logit is the target.
-  double accuracy() const {
-    Index scored = 0, correct = 0;
-    for (std::size_t i = 0; i < targets_.size(); ++i) {
-      if (targets_[i] == config_.ignore_target) continue;
-      ++scored;
-      Index best = 0;
-      logits_.row(static_cast<Index>(i)).maxCoeff(&best);
-      correct += best == targets_[i];
-    }
-    return scored > 0 ? static_cast<double>(correct) / static_cast<double>(scored) : 0.0;
-  }
+  /// Fraction of scored positions of the last forward(tokens, targets) whose target attains the largest logit.
+  double accuracy() const { return loss_function_.accuracy(); }
 
  private:
   static LayerNormOptions layer_norm_options(Index width) {
