@@ -10,10 +10,14 @@
 #pragma once
 
 #include <polyattn/common.hpp>
+#include <polyattn/parameter.hpp>
+
+#include <catch2/catch.hpp>
 
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <vector>
 
 namespace polyattn::testing {
 
@@ -48,6 +52,76 @@ template <class Loss, class Derived>
 double gradient_error(Loss&& loss, Matrix<double>& param, const Eigen::MatrixBase<Derived>& analytic,
                       double step = 1e-6) {
   return relative_error(analytic, numerical_gradient(loss, param, step));
+}
+
+/// The scalar \f$L = \langle R, f(X)\rangle = \sum_{ij} R_{ij}\, f(X)_{ij}\f$ of a layer's output \f$Y = f(X)\f$
+/// (sized like R). A random linear functional of the output has \f$\partial L/\partial Y = R\f$ exactly, so a
+/// backward pass with dY = R gives \f$\partial L/\partial X\f$ and every parameter gradient of that L, and finite
+/// differences of L check all of them at once, whatever the layer.
+template <class Layer>
+double projected_loss(Layer& layer, const Matrix<double>& X, const Matrix<double>& R) {
+  Matrix<double> Y(R.rows(), R.cols());
+  layer.forward(X, Y);
+  return (R.array() * Y.array()).sum();
+}
+
+/// The trainable parameters of `layer` (those of `collect_parameters()` with `trainable == true`), in the order
+/// the layer lists them: the ones whose gradients a backward pass writes and a gradient check should compare.
+template <class Layer>
+std::vector<Parameter<double>*> trainable_parameters(Layer& layer) {
+  std::vector<Parameter<double>*> all, trainable;
+  layer.collect_parameters(all);
+  for (Parameter<double>* p : all)
+    if (p->trainable) trainable.push_back(p);
+  return trainable;
+}
+
+/// Checks a layer's backward pass against central finite differences of projected_loss(layer, X, R): zeroes every
+/// parameter gradient of the layer, runs forward(X, Y) and backward(X, dY = R, dX) once, then CHECKs that dX and the
+/// `.grad` of each listed parameter are within `tolerance` (relative, see gradient_error) of the differences in
+/// X and in that parameter's `.value`. One assertion per quantity, so a failure names the quantity (the
+/// parameter's name is captured) and CHECK reports every failing one, not only the first. X is taken by value:
+/// the differences perturb the copy. Parameters left out of the list are not compared (frozen ones, or ones whose
+/// exact gradient is zero and so has no relative error); their `.grad` still holds this backward pass afterwards.
+template <class Layer>
+void check_gradients(Layer& layer, Matrix<double> X, const Matrix<double>& R,
+                     const std::vector<Parameter<double>*>& parameters, double tolerance) {
+  std::vector<Parameter<double>*> all;
+  layer.collect_parameters(all);
+  zero_grads(all);
+  Matrix<double> Y(R.rows(), R.cols());
+  Matrix<double> dX = Matrix<double>::Zero(X.rows(), X.cols());
+  layer.forward(X, Y);
+  layer.backward(X, R, dX);
+  const auto loss = [&] { return projected_loss(layer, X, R); };
+  CHECK(gradient_error(loss, X, dX) < tolerance);
+  for (Parameter<double>* p : parameters) {
+    CAPTURE(p->name);
+    CHECK(gradient_error(loss, p->value, p->grad) < tolerance);
+  }
+}
+
+/// Outputs and input gradients of one forward and backward pass in double and in float.
+struct FloatDoublePass {
+  Matrix<double> Y, dX;
+  Matrix<float> Yf, dXf;
+};
+
+/// Runs forward(X) and backward(X, dY) of `reference` (double) and of `single` (float) on the same X and dY, the
+/// float layer on their float roundings, and returns both outputs and input gradients (dX starts at zero; the
+/// parameter gradients accumulate in the layers as usual). With the float weights the rounded double weights,
+/// relative_error(Yf, Y), relative_error(dXf, dX) and the parameter gradients then measure what float costs.
+template <class DoubleLayer, class FloatLayer>
+FloatDoublePass float_double_pass(DoubleLayer& reference, FloatLayer& single, const Matrix<double>& X,
+                                  const Matrix<double>& dY) {
+  FloatDoublePass pass{Matrix<double>(dY.rows(), dY.cols()), Matrix<double>::Zero(X.rows(), X.cols()),
+                       Matrix<float>(dY.rows(), dY.cols()), Matrix<float>::Zero(X.rows(), X.cols())};
+  reference.forward(X, pass.Y);
+  reference.backward(X, dY, pass.dX);
+  const Matrix<float> Xf = X.cast<float>(), dYf = dY.cast<float>();
+  single.forward(Xf, pass.Yf);
+  single.backward(Xf, dYf, pass.dXf);
+  return pass;
 }
 
 /// Seeded matrix with i.i.d. N(0, sigma^2) entries; the same seed gives the same matrix in float and double.

@@ -12,19 +12,10 @@ using polyattn::Activation;
 using polyattn::ActivationKind;
 using polyattn::Index;
 using polyattn::Matrix;
-using polyattn::testing::gradient_error;
+using polyattn::testing::check_gradients;
+using polyattn::testing::float_double_pass;
 using polyattn::testing::random_matrix;
 using polyattn::testing::relative_error;
-
-namespace {
-
-double activation_projected_loss(Activation<double>& f, const Matrix<double>& X, const Matrix<double>& R) {
-  Matrix<double> Y(X.rows(), X.cols());
-  f.forward(X, Y);
-  return (R.array() * Y.array()).sum();
-}
-
-}  // namespace
 
 TEST_CASE("GELU matches the tanh formula at pinned points and ReLU is max(0, x)", "[activation]") {
   Matrix<double> X(1, 5), Y(1, 5);
@@ -44,15 +35,10 @@ TEST_CASE("Activation backward matches central finite differences", "[activation
   for (const ActivationKind kind : {ActivationKind::gelu, ActivationKind::relu}) {
     CAPTURE(static_cast<int>(kind));
     Activation<double> f(kind);
-    Matrix<double> X = random_matrix<double>(7, 5, 1, 2.0);
-    const Matrix<double> R = random_matrix<double>(7, 5, 2);
-    Matrix<double> Y(7, 5), dX = Matrix<double>::Zero(7, 5);
-    f.forward(X, Y);
-    f.backward(X, R, dX);
     // GELU is smooth with O(1) third derivative: truncation h^2 ~ 1e-12, rounding eps |L| / h ~ 1e-9 relative.
     // ReLU is piecewise linear and no seeded input lies within h = 1e-6 of the kink, so the difference is
     // exact up to rounding. Both give 1e-7 with margin.
-    REQUIRE(gradient_error([&] { return activation_projected_loss(f, X, R); }, X, dX) < 1e-7);
+    check_gradients(f, random_matrix<double>(7, 5, 1, 2.0), random_matrix<double>(7, 5, 2), {}, 1e-7);
   }
 }
 
@@ -120,16 +106,11 @@ TEST_CASE("Activation in float agrees with double", "[activation]") {
     const Matrix<double> X = random_matrix<double>(16, 24, 5, 2.0), dY = random_matrix<double>(16, 24, 6);
     Activation<double> reference(kind);
     Activation<float> single(kind);
-    Matrix<double> Y(16, 24), dX = Matrix<double>::Zero(16, 24);
-    Matrix<float> Yf(16, 24), dXf = Matrix<float>::Zero(16, 24);
-    reference.forward(X, Y);
-    reference.backward(X, dY, dX);
-    single.forward(X.cast<float>(), Yf);
-    single.backward(X.cast<float>(), dY.cast<float>(), dXf);
+    const auto pass = float_double_pass(reference, single, X, dY);
     // Each entry is a tanh (Eigen's float tanh is accurate to a few ulps) and about ten flops: O(10 u) = 6e-7
     // relative, and GELU'(x) has condition number O(1) for |x| <= 8; tolerance 1e-6.
-    REQUIRE(relative_error(Yf, Y) < 1e-6);
-    REQUIRE(relative_error(dXf, dX) < 1e-6);
+    REQUIRE(relative_error(pass.Yf, pass.Y) < 1e-6);
+    REQUIRE(relative_error(pass.dXf, pass.dX) < 1e-6);
   }
 }
 

@@ -12,7 +12,8 @@ using Catch::Contains;
 using polyattn::Index;
 using polyattn::LayerNorm;
 using polyattn::Matrix;
-using polyattn::testing::gradient_error;
+using polyattn::testing::check_gradients;
+using polyattn::testing::float_double_pass;
 using polyattn::testing::random_matrix;
 using polyattn::testing::relative_error;
 
@@ -24,12 +25,6 @@ LayerNorm<T> random_layer_norm(Index d) {
   ln.gain.value = random_matrix<T>(1, d, 41);
   ln.bias.value = random_matrix<T>(1, d, 42);
   return ln;
-}
-
-double layer_norm_projected_loss(LayerNorm<double>& ln, const Matrix<double>& X, const Matrix<double>& R) {
-  Matrix<double> Y(X.rows(), X.cols());
-  ln.forward(X, Y);
-  return (R.array() * Y.array()).sum();
 }
 
 }  // namespace
@@ -62,17 +57,10 @@ TEST_CASE("LayerNorm backward matches central finite differences", "[layer_norm]
   LayerNorm<double> ln = random_layer_norm<double>(d);
   Matrix<double> X = random_matrix<double>(n, d, 2, 2.0);
   X.row(1).array() += 3;
-  const Matrix<double> R = random_matrix<double>(n, d, 3);
-  Matrix<double> Y(n, d), dX = Matrix<double>::Zero(n, d);
-  ln.forward(X, Y);
-  ln.backward(X, R, dX);
-  const auto loss = [&] { return layer_norm_projected_loss(ln, X, R); };
   // See gradient_check.hpp: h = 1e-6 on an O(1) smooth loss leaves ~1e-10 relative error in the differences;
   // 1e-7 leaves margin for the d = 6 cancellation inside the normalisation.
   const double tolerance = 1e-7;
-  REQUIRE(gradient_error(loss, X, dX) < tolerance);
-  REQUIRE(gradient_error(loss, ln.gain.value, ln.gain.grad) < tolerance);
-  REQUIRE(gradient_error(loss, ln.bias.value, ln.bias.grad) < tolerance);
+  check_gradients(ln, X, random_matrix<double>(n, d, 3), {&ln.gain, &ln.bias}, tolerance);
 }
 
 TEST_CASE("LayerNorm backward accumulates and a constant row stays finite", "[layer_norm]") {
@@ -101,17 +89,12 @@ TEST_CASE("LayerNorm in float agrees with double", "[layer_norm]") {
   single.gain.value = reference.gain.value.cast<float>();
   single.bias.value = reference.bias.value.cast<float>();
   const Matrix<double> X = random_matrix<double>(n, d, 6), dY = random_matrix<double>(n, d, 7);
-  Matrix<double> Y(n, d), dX = Matrix<double>::Zero(n, d);
-  Matrix<float> Yf(n, d), dXf = Matrix<float>::Zero(n, d);
-  reference.forward(X, Y);
-  reference.backward(X, dY, dX);
-  single.forward(X.cast<float>(), Yf);
-  single.backward(X.cast<float>(), dY.cast<float>(), dXf);
+  const auto pass = float_double_pass(reference, single, X, dY);
   // Means and variances over d = 32 unit-variance features are well conditioned (sigma ~ 1 >> sqrt(eps)), so
   // each output carries O(d u) = 2e-6 relative error at worst, typically O(sqrt(d) u); the tolerance is the worst case.
   const double tolerance = 2e-6;
-  REQUIRE(relative_error(Yf, Y) < tolerance);
-  REQUIRE(relative_error(dXf, dX) < tolerance);
+  REQUIRE(relative_error(pass.Yf, pass.Y) < tolerance);
+  REQUIRE(relative_error(pass.dXf, pass.dX) < tolerance);
   REQUIRE(relative_error(single.gain.grad, reference.gain.grad) < tolerance);
   REQUIRE(relative_error(single.bias.grad, reference.bias.grad) < tolerance);
 }

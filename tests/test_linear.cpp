@@ -12,18 +12,13 @@ using polyattn::Index;
 using polyattn::Linear;
 using polyattn::LinearOptions;
 using polyattn::Matrix;
-using polyattn::testing::gradient_error;
+using polyattn::testing::check_gradients;
+using polyattn::testing::float_double_pass;
 using polyattn::testing::random_matrix;
 using polyattn::testing::relative_error;
+using polyattn::testing::trainable_parameters;
 
 namespace {
-
-// L = <R, Y>: a random linear functional of the output, so dL/dY = R exactly.
-double linear_projected_loss(Linear<double>& layer, const Matrix<double>& X, const Matrix<double>& R) {
-  Matrix<double> Y(X.rows(), layer.out_features());
-  layer.forward(X, Y);
-  return (R.array() * Y.array()).sum();
-}
 
 Linear<double> random_linear(Index in, Index out, bool bias) {
   Linear<double> layer({in, out, bias, 0, 11});
@@ -56,14 +51,8 @@ TEST_CASE("Linear backward matches central finite differences", "[linear]") {
   for (const bool bias : {true, false}) {
     CAPTURE(bias);
     Linear<double> layer = random_linear(in, out, bias);
-    Matrix<double> X = random_matrix<double>(n, in, 2);
-    const Matrix<double> R = random_matrix<double>(n, out, 3);
-    Matrix<double> dX = Matrix<double>::Zero(n, in);
-    layer.backward(X, R, dX);
-    const auto loss = [&] { return linear_projected_loss(layer, X, R); };
-    REQUIRE(gradient_error(loss, X, dX) < tolerance);
-    REQUIRE(gradient_error(loss, layer.weight.value, layer.weight.grad) < tolerance);
-    if (bias) REQUIRE(gradient_error(loss, layer.bias.value, layer.bias.grad) < tolerance);
+    check_gradients(layer, random_matrix<double>(n, in, 2), random_matrix<double>(n, out, 3),
+                    trainable_parameters(layer), tolerance);  // W, and b when the layer has one
   }
 }
 
@@ -101,17 +90,12 @@ TEST_CASE("Linear in float agrees with double", "[linear]") {
   single.bias.value = reference.bias.value.cast<float>();
   const Matrix<double> X = random_matrix<double>(n, in, 9);
   const Matrix<double> dY = random_matrix<double>(n, out, 10);
-  Matrix<double> Y(n, out), dX = Matrix<double>::Zero(n, in);
-  Matrix<float> Yf(n, out), dXf = Matrix<float>::Zero(n, in);
-  reference.forward(X, Y);
-  reference.backward(X, dY, dX);
-  single.forward(X.cast<float>(), Yf);
-  single.backward(X.cast<float>(), dY.cast<float>(), dXf);
+  const auto pass = float_double_pass(reference, single, X, dY);
   // Float inputs carry relative error u = 6e-8 and each output is a sum of <= 32 products with random signs,
   // so the relative Frobenius error is O(sqrt(32) u) ~ 4e-7 and at worst 32 u = 2e-6, the tolerance.
   const double tolerance = 2e-6;
-  REQUIRE(relative_error(Yf, Y) < tolerance);
-  REQUIRE(relative_error(dXf, dX) < tolerance);
+  REQUIRE(relative_error(pass.Yf, pass.Y) < tolerance);
+  REQUIRE(relative_error(pass.dXf, pass.dX) < tolerance);
   REQUIRE(relative_error(single.weight.grad, reference.weight.grad) < tolerance);
   REQUIRE(relative_error(single.bias.grad, reference.bias.grad) < tolerance);
 }

@@ -14,7 +14,8 @@ using polyattn::Linear;
 using polyattn::LoRAOptions;
 using polyattn::Matrix;
 using polyattn::Parameter;
-using polyattn::testing::gradient_error;
+using polyattn::testing::check_gradients;
+using polyattn::testing::float_double_pass;
 using polyattn::testing::random_matrix;
 using polyattn::testing::relative_error;
 
@@ -29,12 +30,6 @@ Linear<T> trained_lora(Index in, Index out, Index rank) {
   layer.add_lora({rank, 3.0, 0, 23});
   layer.lora_B.value = random_matrix<T>(rank, out, 24);
   return layer;
-}
-
-double lora_projected_loss(Linear<double>& layer, const Matrix<double>& X, const Matrix<double>& R) {
-  Matrix<double> Y(X.rows(), layer.out_features());
-  layer.forward(X, Y);
-  return (R.array() * Y.array()).sum();
 }
 
 }  // namespace
@@ -84,19 +79,11 @@ TEST_CASE("LoRA A is seeded and scaled by init_std or 1/sqrt(in)", "[lora]") {
 TEST_CASE("LoRA backward: A, B and input gradients match central finite differences", "[lora]") {
   const Index n = 7, in = 5, out = 6, rank = 3;
   Linear<double> lora = trained_lora<double>(in, out, rank);
-  Matrix<double> X = random_matrix<double>(n, in, 5);
-  const Matrix<double> R = random_matrix<double>(n, out, 6);
-  Matrix<double> dX = Matrix<double>::Zero(n, in);
-  Matrix<double> Y(n, out);
-  lora.forward(X, Y);
-  lora.backward(X, R, dX);
-  const auto loss = [&] { return lora_projected_loss(lora, X, R); };
   // The loss is linear in each of X, A, B separately, so central differences are exact up to rounding,
   // O(eps |L| / h) ~ 1e-9 relative; 1e-7 leaves two digits of margin.
   const double tolerance = 1e-7;
-  REQUIRE(gradient_error(loss, X, dX) < tolerance);
-  REQUIRE(gradient_error(loss, lora.lora_A.value, lora.lora_A.grad) < tolerance);
-  REQUIRE(gradient_error(loss, lora.lora_B.value, lora.lora_B.grad) < tolerance);
+  check_gradients(lora, random_matrix<double>(n, in, 5), random_matrix<double>(n, out, 6),
+                  {&lora.lora_A, &lora.lora_B}, tolerance);
   // The base parameters are frozen: no gradient at all.
   REQUIRE_FALSE(lora.weight.trainable);
   REQUIRE_FALSE(lora.bias.trainable);
@@ -109,18 +96,9 @@ TEST_CASE("LoRA with the base unfrozen trains W, b, A and B together", "[lora]")
   Linear<double> lora = trained_lora<double>(in, out, rank);
   lora.weight.trainable = true;
   lora.bias.trainable = true;
-  Matrix<double> X = random_matrix<double>(n, in, 12);
-  const Matrix<double> R = random_matrix<double>(n, out, 13);
-  Matrix<double> Y(n, out), dX = Matrix<double>::Zero(n, in);
-  lora.forward(X, Y);
-  lora.backward(X, R, dX);
-  const auto loss = [&] { return lora_projected_loss(lora, X, R); };
   const double tolerance = 1e-7;  // linear in each argument, as above
-  REQUIRE(gradient_error(loss, X, dX) < tolerance);
-  REQUIRE(gradient_error(loss, lora.weight.value, lora.weight.grad) < tolerance);
-  REQUIRE(gradient_error(loss, lora.bias.value, lora.bias.grad) < tolerance);
-  REQUIRE(gradient_error(loss, lora.lora_A.value, lora.lora_A.grad) < tolerance);
-  REQUIRE(gradient_error(loss, lora.lora_B.value, lora.lora_B.grad) < tolerance);
+  check_gradients(lora, random_matrix<double>(n, in, 12), random_matrix<double>(n, out, 13),
+                  {&lora.weight, &lora.bias, &lora.lora_A, &lora.lora_B}, tolerance);
 }
 
 TEST_CASE("LoRA training updates A and B only, never the base weights", "[lora]") {
@@ -212,17 +190,12 @@ TEST_CASE("LoRA in float agrees with double", "[lora]") {
   REQUIRE(single.lora_A.value == reference.lora_A.value.cast<float>());
   REQUIRE(single.lora_B.value == reference.lora_B.value.cast<float>());
   const Matrix<double> X = random_matrix<double>(n, in, 10), dY = random_matrix<double>(n, out, 11);
-  Matrix<double> Y(n, out), dX = Matrix<double>::Zero(n, in);
-  Matrix<float> Yf(n, out), dXf = Matrix<float>::Zero(n, in);
-  reference.forward(X, Y);
-  reference.backward(X, dY, dX);
-  single.forward(X.cast<float>(), Yf);
-  single.backward(X.cast<float>(), dY.cast<float>(), dXf);
+  const auto pass = float_double_pass(reference, single, X, dY);
   // Chains of two products with inner sizes <= 16 of O(1) random terms: relative error O(sqrt(16) u) per
   // product, at worst 32 u = 2e-6 together, the tolerance.
   const double tolerance = 2e-6;
-  REQUIRE(relative_error(Yf, Y) < tolerance);
-  REQUIRE(relative_error(dXf, dX) < tolerance);
+  REQUIRE(relative_error(pass.Yf, pass.Y) < tolerance);
+  REQUIRE(relative_error(pass.dXf, pass.dX) < tolerance);
   REQUIRE(relative_error(single.lora_A.grad, reference.lora_A.grad) < tolerance);
   REQUIRE(relative_error(single.lora_B.grad, reference.lora_B.grad) < tolerance);
 }

@@ -14,9 +14,11 @@ using polyattn::Index;
 using polyattn::Matrix;
 using polyattn::MLP;
 using polyattn::MLPOptions;
-using polyattn::testing::gradient_error;
+using polyattn::testing::check_gradients;
+using polyattn::testing::float_double_pass;
 using polyattn::testing::random_matrix;
 using polyattn::testing::relative_error;
+using polyattn::testing::trainable_parameters;
 
 namespace {
 
@@ -28,12 +30,6 @@ MLP<T> random_mlp(Index d, Index hidden, ActivationKind kind, bool bias) {
     mlp.proj.bias.value = random_matrix<T>(1, d, 53, 0.5);
   }
   return mlp;
-}
-
-double mlp_projected_loss(MLP<double>& mlp, const Matrix<double>& X, const Matrix<double>& R) {
-  Matrix<double> Y(X.rows(), X.cols());
-  mlp.forward(X, Y);
-  return (R.array() * Y.array()).sum();
 }
 
 }  // namespace
@@ -55,22 +51,11 @@ TEST_CASE("MLP backward matches central finite differences for every parameter",
     for (const bool bias : {true, false}) {
       CAPTURE(static_cast<int>(kind), bias);
       MLP<double> mlp = random_mlp<double>(d, hidden, kind, bias);
-      Matrix<double> X = random_matrix<double>(n, d, 2, 1.5);
-      const Matrix<double> R = random_matrix<double>(n, d, 3);
-      Matrix<double> Y(n, d), dX = Matrix<double>::Zero(n, d);
-      mlp.forward(X, Y);
-      mlp.backward(X, R, dX);
-      const auto loss = [&] { return mlp_projected_loss(mlp, X, R); };
       // Smooth (GELU) or piecewise linear with no seeded pre-activation within h of the kink (ReLU):
       // truncation O(h^2) and rounding O(eps |L| / h) ~ 1e-9 relative; 1e-7 leaves margin.
       const double tolerance = 1e-7;
-      REQUIRE(gradient_error(loss, X, dX) < tolerance);
-      REQUIRE(gradient_error(loss, mlp.fc.weight.value, mlp.fc.weight.grad) < tolerance);
-      REQUIRE(gradient_error(loss, mlp.proj.weight.value, mlp.proj.weight.grad) < tolerance);
-      if (bias) {
-        REQUIRE(gradient_error(loss, mlp.fc.bias.value, mlp.fc.bias.grad) < tolerance);
-        REQUIRE(gradient_error(loss, mlp.proj.bias.value, mlp.proj.bias.grad) < tolerance);
-      }
+      check_gradients(mlp, random_matrix<double>(n, d, 2, 1.5), random_matrix<double>(n, d, 3),
+                      trainable_parameters(mlp), tolerance);  // both weights, and both biases when there are
     }
 }
 
@@ -96,17 +81,12 @@ TEST_CASE("MLP in float agrees with double", "[mlp]") {
     single.fc.weight.value = reference.fc.weight.value.cast<float>();
     single.proj.weight.value = reference.proj.weight.value.cast<float>();
     const Matrix<double> X = random_matrix<double>(n, d, 6), dY = random_matrix<double>(n, d, 7);
-    Matrix<double> Y(n, d), dX = Matrix<double>::Zero(n, d);
-    Matrix<float> Yf(n, d), dXf = Matrix<float>::Zero(n, d);
-    reference.forward(X, Y);
-    reference.backward(X, dY, dX);
-    single.forward(X.cast<float>(), Yf);
-    single.backward(X.cast<float>(), dY.cast<float>(), dXf);
+    const auto pass = float_double_pass(reference, single, X, dY);
     // Two products with inner sizes 16 and 64 around an activation accurate to O(10 u): worst case
     // (16 + 64 + 10) u = 5.4e-6 relative; that is the tolerance.
     const double tolerance = 5.4e-6;
-    REQUIRE(relative_error(Yf, Y) < tolerance);
-    REQUIRE(relative_error(dXf, dX) < tolerance);
+    REQUIRE(relative_error(pass.Yf, pass.Y) < tolerance);
+    REQUIRE(relative_error(pass.dXf, pass.dX) < tolerance);
     REQUIRE(relative_error(single.fc.weight.grad, reference.fc.weight.grad) < tolerance);
     REQUIRE(relative_error(single.proj.weight.grad, reference.proj.weight.grad) < tolerance);
   }

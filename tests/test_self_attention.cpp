@@ -14,9 +14,11 @@ using polyattn::Index;
 using polyattn::Matrix;
 using polyattn::SelfAttention;
 using polyattn::SelfAttentionOptions;
-using polyattn::testing::gradient_error;
+using polyattn::testing::check_gradients;
+using polyattn::testing::float_double_pass;
 using polyattn::testing::random_matrix;
 using polyattn::testing::relative_error;
+using polyattn::testing::trainable_parameters;
 
 namespace {
 
@@ -30,13 +32,6 @@ SelfAttentionOptions layer_options(Index d_model, Index heads, AttentionMethod m
   return options;
 }
 
-// L = <R, Y>: a random linear functional of the output, so dL/dY = R exactly.
-double projected_loss(SelfAttention<double>& layer, const Matrix<double>& X, const Matrix<double>& R) {
-  Matrix<double> Y(X.rows(), X.cols());
-  layer.forward(X, Y);
-  return (R.array() * Y.array()).sum();
-}
-
 void randomise_biases(SelfAttention<double>& layer, std::uint64_t seed) {
   std::vector<polyattn::Parameter<double>*> parameters;
   layer.collect_parameters(parameters);
@@ -44,24 +39,19 @@ void randomise_biases(SelfAttention<double>& layer, std::uint64_t seed) {
     if (p->rows() == 1) p->value = random_matrix<double>(1, p->cols(), seed++, 0.3);
 }
 
-// Checks dX and every parameter gradient of `layer` at X against central differences of <R, Y>.
-void check_layer_gradient(SelfAttention<double>& layer, Matrix<double> X, const Matrix<double>& R, double tolerance) {
-  Matrix<double> Y(X.rows(), X.cols());
-  Matrix<double> dX = Matrix<double>::Zero(X.rows(), X.cols());
-  layer.forward(X, Y);
-  layer.backward(X, R, dX);
-  const auto loss = [&] { return projected_loss(layer, X, R); };
-  CHECK(gradient_error(loss, X, dX) < tolerance);
-  std::vector<polyattn::Parameter<double>*> parameters;
-  layer.collect_parameters(parameters);
-  for (polyattn::Parameter<double>* p : parameters) {
+// check_gradients for an attention layer: dX and every parameter gradient against central differences of
+// <R, Y>, except the key biases.
+void check_attention_gradient(SelfAttention<double>& layer, const Matrix<double>& X, const Matrix<double>& R,
+                              double tolerance) {
+  // A key bias adds q_i.b to every score of row i, which the softmax cancels: its gradient is exactly zero,
+  // so there is no relative error to take; the analytic one must vanish up to rounding of O(1) terms.
+  std::vector<polyattn::Parameter<double>*> compared, key_biases;
+  for (polyattn::Parameter<double>* p : trainable_parameters(layer))
+    (p->name.find(".wk.bias") != std::string::npos ? key_biases : compared).push_back(p);
+  check_gradients(layer, X, R, compared, tolerance);
+  for (const polyattn::Parameter<double>* p : key_biases) {
     CAPTURE(p->name);
-    // A key bias adds q_i.b to every score of row i, which the softmax cancels: its gradient is exactly zero,
-    // so there is no relative error to take; the analytic one must vanish up to rounding of O(1) terms.
-    if (p->name.find(".wk.bias") != std::string::npos)
-      CHECK(p->grad.norm() < 1e-12);
-    else
-      CHECK(gradient_error(loss, p->value, p->grad) < tolerance);
+    CHECK(p->grad.norm() < 1e-12);
   }
 }
 
@@ -78,7 +68,7 @@ TEST_CASE("SelfAttention backward matches central finite differences (exact back
         CAPTURE(polyattn::attention_method_name(method), heads, bias);
         SelfAttention<double> layer(layer_options(d, heads, method, bias), "attn");
         if (bias) randomise_biases(layer, 40);
-        check_layer_gradient(layer, random_matrix<double>(n, d, 1), random_matrix<double>(n, d, 2), tolerance);
+        check_attention_gradient(layer, random_matrix<double>(n, d, 1), random_matrix<double>(n, d, 2), tolerance);
       }
 }
 
@@ -88,7 +78,7 @@ TEST_CASE("SelfAttention without the causal mask also matches finite differences
   options.causal = false;
   options.attention.attention.scale = 0.25;  // the paper's 1/d
   SelfAttention<double> layer(options);
-  check_layer_gradient(layer, random_matrix<double>(7, 4, 3), random_matrix<double>(7, 4, 4), tolerance);
+  check_attention_gradient(layer, random_matrix<double>(7, 4, 3), random_matrix<double>(7, 4, 4), tolerance);
 }
 
 TEST_CASE("SelfAttention forward is the explicit multi-head formula", "[self_attention]") {
@@ -134,17 +124,11 @@ TEST_CASE("SelfAttention works in float", "[self_attention]") {
   const Index n = 10, d = 8;
   SelfAttention<float> single(layer_options(d, 2, AttentionMethod::exact_blocked));
   SelfAttention<double> twin(layer_options(d, 2, AttentionMethod::exact_blocked));
-  const Matrix<double> X = random_matrix<double>(n, d, 9), R = random_matrix<double>(n, d, 10);
-  Matrix<float> Yf(n, d), dXf = Matrix<float>::Zero(n, d);
-  Matrix<double> Y(n, d), dX = Matrix<double>::Zero(n, d);
-  single.forward(X.cast<float>(), Yf);
-  single.backward(X.cast<float>(), R.cast<float>(), dXf);
-  twin.forward(X, Y);
-  twin.backward(X, R, dX);
+  const auto pass = float_double_pass(twin, single, random_matrix<double>(n, d, 9), random_matrix<double>(n, d, 10));
   // The float weights are the rounded double weights (same seed); a few hundred float roundings of O(1)
   // values: well below 1e-4 relative.
-  REQUIRE(relative_error(Yf, Y) < 1e-4);
-  REQUIRE(relative_error(dXf, dX) < 1e-4);
+  REQUIRE(relative_error(pass.Yf, pass.Y) < 1e-4);
+  REQUIRE(relative_error(pass.dXf, pass.dX) < 1e-4);
   REQUIRE(relative_error(single.key.weight.grad, twin.key.weight.grad) < 1e-4);
 }
 
@@ -159,8 +143,8 @@ TEST_CASE("SelfAttention with the adjoint backend is the exact gradient of the a
     options.attention.degree = degree;
     options.attention.chunk_size = 4;  // several causal chunks, the last one partial (n = 10)
     SelfAttention<double> layer(options);
-    check_layer_gradient(layer, random_matrix<double>(10, 6, 11, 0.5), random_matrix<double>(10, 6, 12),
-                         tolerance);
+    check_attention_gradient(layer, random_matrix<double>(10, 6, 11, 0.5), random_matrix<double>(10, 6, 12),
+                             tolerance);
   }
 }
 
