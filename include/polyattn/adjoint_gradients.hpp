@@ -171,7 +171,7 @@ class AdjointBackend final : public AttentionBackend<T> {
     certificate_ = prepare(shape.dk, c, radius);
     const Index r = map_->width(), dv = shape.dv;
     normalisers_.resize(shape.n, shape.heads);
-    const Index chunks = options_.attention.causal ? (shape.n + chunk_rows(shape.n) - 1) / chunk_rows(shape.n) : 1;
+    const Index chunks = options_.attention.causal ? causal_chunks(shape.n) : 1;
     const double state_bytes = static_cast<double>(sizeof(T)) * static_cast<double>(r) *
                                static_cast<double>(shape.heads * chunks * (dv + 1));
     checkpointed_ = !options_.attention.causal || state_bytes <= static_cast<double>(max_checkpoint_bytes_);
@@ -254,6 +254,12 @@ class AdjointBackend final : public AttentionBackend<T> {
     // A chunk of monomials and their gradients (2 x rows x r) near 2 MiB: GEMM-shaped, still cache-friendly.
     const Index rows = (Index(1) << 20) / (static_cast<Index>(sizeof(T)) * map_->width());
     return std::min(n, std::clamp<Index>(rows, 64, 2048));
+  }
+
+  // Number of causal scan chunks of n rows (the last may be partial).
+  Index causal_chunks(Index n) const {
+    const Index b = chunk_rows(n);
+    return (n + b - 1) / b;
   }
 
   // Sizes every chunk workspace for `rows` rows once per head; chunks use their top rows, so a short last
@@ -417,7 +423,7 @@ class AdjointBackend final : public AttentionBackend<T> {
     const T sqrt_c = static_cast<T>(std::sqrt(map_->scale()));
     const Index b = chunk_rows(n);
     reserve_chunks(b, Qh.cols(), dv);
-    const Index chunks = (n + b - 1) / b;
+    const Index chunks = causal_chunks(n);
     causal_state_.setZero(r, dv + 1);
     for (Index s = 0; s < n; s += b) {
       const Index rows = std::min(b, n - s);
@@ -445,7 +451,7 @@ class AdjointBackend final : public AttentionBackend<T> {
     const T sqrt_c = static_cast<T>(std::sqrt(map_->scale()));
     const Index b = chunk_rows(n);
     reserve_chunks(b, Qh.cols(), dv);
-    const Index chunks = (n + b - 1) / b;
+    const Index chunks = causal_chunks(n);
     // Without checkpoints, a prefix scan recomputes Z^{<s} and takes dQ from the earlier chunks through it.
     if (!checkpointed_) {
       causal_state_.setZero(r, dv + 1);

@@ -221,7 +221,6 @@ class Residual final : public Component<T> {
   std::unique_ptr<Component<T>> body_;
 };
 
-
 /// Which Linear layers of a GPT get a LoRA adapter in GPT::add_lora(). The default adapts the query and value
 /// projections of every block, the setting of the main experiments of Hu et al. (2021; their Sec. 7.1 compares
 /// it with other choices at a fixed budget of trainable parameters); attention() adapts all four attention
