@@ -21,8 +21,8 @@
 //   --benchmark_filter='adjoint.*/d:16/n:65536$' --benchmark_repetitions=3):
 //   adjoint/causal:0/g:2/d:16/n:65536 >= 100x faster than adjoint_baseline/exact_blocked/causal:0/d:16/n:65536;
 //   adjoint/causal:1/g:2/d:16/n:65536 within 1.5x of adjoint/causal:0/g:2/d:16/n:65536.
-#include <polyattn/adjoint_gradients.hpp>
-#include <polyattn/exact_gradients.hpp>
+#include <polyattn/attention/adjoint_gradients.hpp>
+#include <polyattn/attention/exact_gradients.hpp>
 
 #include <benchmark/benchmark.h>
 

@@ -22,8 +22,8 @@
 //   approx/causal:0/g:2/d:16/n:65536 >= 200x faster than exact_blocked/causal:0/d:16/n:65536;
 //   approx/causal:1/... within 1.5x of approx/causal:0/...;  approx n:262144 / n:65536 <= 4.3;
 //   exact_blocked/causal:0/d:64/n:16384 gflops >= 70% of gemm_peak gflops.
-#include <polyattn/exact_attention.hpp>
-#include <polyattn/polynomial_attention.hpp>
+#include <polyattn/attention/exact_attention.hpp>
+#include <polyattn/attention/polynomial_attention.hpp>
 
 #include <benchmark/benchmark.h>
 

@@ -13,7 +13,7 @@
 //   forward_s, backward_s   seconds per iteration of each half (blocked only).
 // n >= 2^14 runs a single iteration (about 20 s at n = 2^16, d = 16 without mask on one core).
 // Example: --benchmark_filter='exact_blocked.*n:65536/d:16'
-#include <polyattn/exact_gradients.hpp>
+#include <polyattn/attention/exact_gradients.hpp>
 
 #include <benchmark/benchmark.h>
 

@@ -1,4 +1,4 @@
-// Benchmarks of one GPT training step (model.hpp): forward, backward, gradient-norm clipping and AdamW, in float.
+// Benchmarks of one GPT training step (nn/gpt.hpp): forward, backward, gradient-norm clipping and AdamW, in float.
 //
 // Configuration of issue 4's target: 2 layers, d_model 64, 4 heads (d_h = 16), Taylor degree g = 2 for the
 // adjoint backend, byte vocabulary (256), one sequence per step; random tokens, next-token targets.
@@ -16,8 +16,8 @@
 //   train_step/method:adjoint/n:4096 >= 10x faster than train_step/method:exact_blocked/n:4096.
 // Only the attention term grows quadratically; the rest of the step (about 2.8 GFLOP at n = 4096 in this
 // configuration) is the same for both methods and bounds the ratio at a given n, hence n = 16384.
-#include <polyattn/model.hpp>
-#include <polyattn/optimizer.hpp>
+#include <polyattn/nn/gpt.hpp>
+#include <polyattn/nn/optimizer.hpp>
 
 #include <benchmark/benchmark.h>
 

@@ -1,7 +1,7 @@
 // Forward + backward of the paper's Algorithm 1 (PaperBackend), float, one head.
 // Inputs follow the authors' distribution: q, k ~ N(0, 1)/sqrt(d), v, G ~ N(0, 1); scale 1/sqrt(d).
 // `gflops` counts the multiply-adds the implementation performs (2 flops each), see paper_flops().
-#include <polyattn/paper_gradients.hpp>
+#include <polyattn/attention/paper_gradients.hpp>
 
 #include <benchmark/benchmark.h>
 

@@ -66,7 +66,7 @@ struct LayerResult {
 template <class T>
 LayerResult run_layer(polyattn::AttentionBackend<T>& backend, const Matrix<T>& X, const Matrix<T>& W,
                       const Matrix<T>& W_V, const Matrix<T>& G) {
-  polyattn::PaperAttentionLayer<T> layer(backend);
+  polyattn::MergedQKAttentionLayer<T> layer(backend);
   Matrix<T> O(X.rows(), W_V.cols()), dX = Matrix<T>::Zero(X.rows(), X.cols());
   Matrix<T> dW = Matrix<T>::Zero(W.rows(), W.cols()), dW_V = Matrix<T>::Zero(W_V.rows(), W_V.cols());
   layer.forward(X, W, W_V, O);

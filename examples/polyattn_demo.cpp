@@ -17,9 +17,9 @@
 ///   method (exact gradient of the approximate forward) and of the paper's Algorithm 1 against the
 ///   blocked exact backward, the forward+backward speed-up, and a check of the adjoint against the
 ///   independent reference figures quoted in issue 3.
-#include <polyattn/adjoint_gradients.hpp>
-#include <polyattn/exact_gradients.hpp>
-#include <polyattn/paper_gradients.hpp>
+#include <polyattn/attention/adjoint_gradients.hpp>
+#include <polyattn/attention/exact_gradients.hpp>
+#include <polyattn/attention/paper_gradients.hpp>
 #include <polyattn/polyattn.hpp>
 
 #include <algorithm>

@@ -19,8 +19,8 @@
 //
 // Writes <out-dir>/<task>_loss.csv (step, then the training loss of every run) and, when gnuplot is installed,
 // <out-dir>/<task>_loss.png.
-#include <polyattn/model.hpp>
-#include <polyattn/optimizer.hpp>
+#include <polyattn/nn/gpt.hpp>
+#include <polyattn/nn/optimizer.hpp>
 
 #include <algorithm>
 #include <chrono>

@@ -10,7 +10,7 @@
 #pragma once
 
 #include <polyattn/common.hpp>
-#include <polyattn/parameter.hpp>
+#include <polyattn/nn/parameter.hpp>
 
 #include <catch2/catch.hpp>
 

@@ -1,4 +1,4 @@
-#include <polyattn/activation.hpp>
+#include <polyattn/nn/activation.hpp>
 
 #include "gradient_check.hpp"
 

@@ -1,5 +1,5 @@
-#include <polyattn/adjoint_gradients.hpp>
-#include <polyattn/exact_gradients.hpp>
+#include <polyattn/attention/adjoint_gradients.hpp>
+#include <polyattn/attention/exact_gradients.hpp>
 
 #include "gradient_check.hpp"
 

@@ -1,4 +1,4 @@
-#include <polyattn/attention_options.hpp>
+#include <polyattn/attention/options.hpp>
 
 #include <catch2/catch.hpp>
 

@@ -1,4 +1,4 @@
-#include <polyattn/causal_scan.hpp>
+#include <polyattn/attention/causal_scan.hpp>
 
 #include "gradient_check.hpp"
 

@@ -1,4 +1,4 @@
-#include <polyattn/cross_entropy.hpp>
+#include <polyattn/nn/cross_entropy.hpp>
 
 #include "gradient_check.hpp"
 

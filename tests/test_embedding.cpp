@@ -1,4 +1,4 @@
-#include <polyattn/embedding.hpp>
+#include <polyattn/nn/embedding.hpp>
 
 #include "gradient_check.hpp"
 

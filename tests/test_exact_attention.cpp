@@ -1,4 +1,4 @@
-#include <polyattn/exact_attention.hpp>
+#include <polyattn/attention/exact_attention.hpp>
 
 #include "gradient_check.hpp"
 

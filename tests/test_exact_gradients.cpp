@@ -1,4 +1,4 @@
-#include <polyattn/exact_gradients.hpp>
+#include <polyattn/attention/exact_gradients.hpp>
 
 #include "gradient_check.hpp"
 

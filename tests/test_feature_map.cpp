@@ -1,4 +1,4 @@
-#include <polyattn/feature_map.hpp>
+#include <polyattn/attention/feature_map.hpp>
 
 #include "gradient_check.hpp"
 

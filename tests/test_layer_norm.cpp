@@ -1,4 +1,4 @@
-#include <polyattn/layer_norm.hpp>
+#include <polyattn/nn/layer_norm.hpp>
 
 #include "gradient_check.hpp"
 

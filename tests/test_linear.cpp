@@ -1,4 +1,4 @@
-#include <polyattn/linear.hpp>
+#include <polyattn/nn/linear.hpp>
 
 #include "gradient_check.hpp"
 

@@ -1,5 +1,5 @@
-#include <polyattn/linear.hpp>
-#include <polyattn/optimizer.hpp>
+#include <polyattn/nn/linear.hpp>
+#include <polyattn/nn/optimizer.hpp>
 
 #include "gradient_check.hpp"
 

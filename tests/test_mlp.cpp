@@ -1,4 +1,4 @@
-#include <polyattn/mlp.hpp>
+#include <polyattn/nn/mlp.hpp>
 
 #include "gradient_check.hpp"
 

@@ -1,6 +1,6 @@
-#include <polyattn/model.hpp>
-#include <polyattn/optimizer.hpp>
-#include <polyattn/serialization.hpp>
+#include <polyattn/nn/gpt.hpp>
+#include <polyattn/nn/optimizer.hpp>
+#include <polyattn/nn/serialization.hpp>
 
 #include "gradient_check.hpp"
 

@@ -1,4 +1,4 @@
-#include <polyattn/optimizer.hpp>
+#include <polyattn/nn/optimizer.hpp>
 
 #include "gradient_check.hpp"
 

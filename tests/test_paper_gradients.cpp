@@ -1,5 +1,5 @@
-#include <polyattn/exact_gradients.hpp>
-#include <polyattn/paper_gradients.hpp>
+#include <polyattn/attention/exact_gradients.hpp>
+#include <polyattn/attention/paper_gradients.hpp>
 
 #include "gradient_check.hpp"
 

@@ -1,4 +1,4 @@
-#include <polyattn/parameter.hpp>
+#include <polyattn/nn/parameter.hpp>
 
 #include <catch2/catch.hpp>
 

@@ -1,4 +1,4 @@
-#include <polyattn/polynomial.hpp>
+#include <polyattn/attention/polynomial.hpp>
 
 #include <catch2/catch.hpp>
 

@@ -1,4 +1,4 @@
-#include <polyattn/polynomial_attention.hpp>
+#include <polyattn/attention/polynomial_attention.hpp>
 
 #include "gradient_check.hpp"
 

@@ -1,4 +1,4 @@
-#include <polyattn/self_attention.hpp>
+#include <polyattn/nn/self_attention.hpp>
 
 #include "gradient_check.hpp"
 

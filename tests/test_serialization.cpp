@@ -1,5 +1,5 @@
-#include <polyattn/model.hpp>
-#include <polyattn/serialization.hpp>
+#include <polyattn/nn/gpt.hpp>
+#include <polyattn/nn/serialization.hpp>
 
 #include <catch2/catch.hpp>
 

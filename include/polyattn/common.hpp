@@ -1,4 +1,4 @@
-/// \file common.hpp
+/// ile common.hpp
 /// Types and argument checks shared by every polyattn header.
 ///
 /// All matrices are Eigen's default column-major `Matrix<T, Dynamic, Dynamic>`, one token per row.

@@ -1,4 +1,4 @@
-/// \file polynomial_attention.hpp
+/// ile attention/polynomial_attention.hpp
 /// Almost-linear-time softmax attention by the polynomial method (Alman & Song 2023).
 ///
 /// With \f$p \approx \exp\f$ on \f$[-R, R]\f$ and features \f$U_1 = \varphi_Q(Q)\f$, \f$U_2 = \varphi_K(K)\f$
@@ -62,7 +62,7 @@ enum class RangePolicy {
 
 /// Parameters of PolynomialAttention.
 struct PolynomialAttentionOptions {
-  /// Scale, mask and heads (attention_options.hpp).
+  /// Scale, mask and heads (options.hpp).
   AttentionOptions attention;
   /// Taylor truncation (default) or a relative-error minimax fit on \f$[-\text{radius},\text{radius}]\f$.
   PolynomialKind kind = PolynomialKind::taylor;

@@ -1,8 +1,8 @@
-/// \file cross_entropy.hpp
+/// ile nn/cross_entropy.hpp
 /// Mean softmax cross-entropy of next-token logits, forward and backward.
 #pragma once
 
-#include "common.hpp"
+#include "../common.hpp"
 
 #include <optional>
 #include <vector>

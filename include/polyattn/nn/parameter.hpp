@@ -1,4 +1,4 @@
-/// \file parameter.hpp
+/// ile nn/parameter.hpp
 /// A trainable tensor with its gradient, and deterministic seeded initialisation.
 ///
 /// Every layer owns its weights as Parameter members and appends pointers to them with
@@ -11,7 +11,7 @@
 /// and the float weights are the rounded double weights.
 #pragma once
 
-#include "common.hpp"
+#include "../common.hpp"
 
 #include <cstdint>
 #include <random>

@@ -1,4 +1,4 @@
-/// \file polynomial.hpp
+/// ile attention/polynomial.hpp
 /// Polynomials \f$p \approx \exp\f$ on \f$[-R, R]\f$ and a certified bound on their relative error.
 ///
 /// - taylor_exp(): \f$\sum_{t\le g} x^t/t!\f$. Even truncations are positive on the whole real line
@@ -32,7 +32,7 @@
 /// \endcode
 #pragma once
 
-#include "common.hpp"
+#include "../common.hpp"
 
 #include <Eigen/LU>
 

@@ -1,8 +1,8 @@
-/// \file attention_options.hpp
+/// ile attention/options.hpp
 /// What every attention routine, exact or approximate, needs to know about the problem.
 #pragma once
 
-#include "common.hpp"
+#include "../common.hpp"
 
 #include <optional>
 

@@ -1,4 +1,4 @@
-/// \file feature_map.hpp
+/// ile attention/feature_map.hpp
 /// Polynomial feature maps \f$\varphi_Q, \varphi_K\f$ with
 /// \f$\varphi_Q(q)^\top \varphi_K(k) = p(c\, q^\top k)\f$ for a polynomial \f$p(z)=\sum_{t\le g} a_t z^t\f$.
 ///
@@ -25,7 +25,7 @@
 /// \endcode
 #pragma once
 
-#include "common.hpp"
+#include "../common.hpp"
 #include "polynomial.hpp"
 
 #include <limits>

@@ -1,4 +1,4 @@
-/// \file exact_attention.hpp
+/// ile attention/exact_attention.hpp
 /// Exact softmax attention, \f$O = \mathrm{softmax}(c\,QK^\top\ [\circ\ M])\,V\f$, rows stabilised by
 /// their maximum:
 /// - attention_reference(): materialises the \f$n \times m\f$ score matrix of each head. Readable; the
@@ -8,7 +8,7 @@
 ///   speed-up is measured against, so its inner loop is two GEMM-shaped products per block.
 #pragma once
 
-#include "attention_options.hpp"
+#include "options.hpp"
 
 #include <algorithm>
 #include <limits>

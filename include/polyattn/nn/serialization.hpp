@@ -1,4 +1,4 @@
-/// \file serialization.hpp
+/// ile nn/serialization.hpp
 /// Saving and loading a model's parameters in a versioned binary file.
 ///
 /// **Format, version 1.** All integers little-endian, scalars in IEEE-754 little-endian:

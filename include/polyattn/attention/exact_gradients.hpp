@@ -1,4 +1,4 @@
-/// \file exact_gradients.hpp
+/// ile attention/exact_gradients.hpp
 /// Exact gradients of softmax attention.
 ///
 /// With \f$S = c\,QK^\top\f$ (\f$-\infty\f$ above the diagonal when causal), \f$P = \mathrm{softmax}_{\text{rows}}(S)\f$,
@@ -14,7 +14,7 @@
 ///   honest exact baseline the approximate backends are timed against.
 #pragma once
 
-#include "attention_backend.hpp"
+#include "backend.hpp"
 #include "exact_attention.hpp"
 
 #include <algorithm>

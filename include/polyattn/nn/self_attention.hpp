@@ -1,9 +1,9 @@
-/// \file self_attention.hpp
+/// ile nn/self_attention.hpp
 /// Multi-head causal self-attention with learned projections \f$W_Q, W_K, W_V, W_O\f$ and an attention
 /// backend chosen per layer (exact, exact blocked, paper, adjoint).
 #pragma once
 
-#include "attention.hpp"
+#include "../attention/backend_factory.hpp"
 #include "linear.hpp"
 
 #include <memory>

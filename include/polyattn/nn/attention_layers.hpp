@@ -1,4 +1,4 @@
-/// \file layer_gradients.hpp
+/// ile nn/attention_layers.hpp
 /// The two parameterisations of an attention layer, forward and backward, as chain rules on top of any
 /// AttentionBackend. A backend computes the raw-form gradients \f$dQ, dK, dV\f$; the layers add the
 /// \f$O(nd^2)\f$ products that turn them into gradients of their weights and input, so every method (exact,
@@ -15,7 +15,7 @@
 /// \f$\partial L/\partial W_V = X^\top f(X)\,G\f$ and its term \f$D_8 = f(X)\,GW_V^\top\f$ of
 /// \f$\partial L/\partial X\f$; both miss a transpose: \f$f(X)\f$ (our \f$P\f$) must be \f$f(X)^\top = P^\top\f$,
 /// because \f$O = PV\f$ sends the gradient \f$P^\top G\f$ to \f$V\f$. Finite differences disagree with the printed
-/// forms by \f$O(1)\f$ and agree with the formulas above (tests/test_layer_gradients.cpp), which are the ones
+/// forms by \f$O(1)\f$ and agree with the formulas above (tests/test_attention_layers.cpp), which are the ones
 /// implemented here.
 ///
 /// **The practical layer**: \f$Q = XW_Q\f$, \f$K = XW_K\f$ (\f$d_{model}\times hd_h\f$), \f$V = XW_V\f$
@@ -30,7 +30,7 @@
 /// first backward of a step), while the backend's \f$dQ, dK, dV\f$ are overwritten workspaces of the layer.
 #pragma once
 
-#include "attention_backend.hpp"
+#include "../attention/backend.hpp"
 
 namespace polyattn {
 
@@ -46,16 +46,16 @@ namespace polyattn {
 ///
 /// \code
 ///   polyattn::ExactBlockedBackend<double> exact(polyattn::AttentionOptions{1.0 / d, /*causal=*/true, 1});
-///   polyattn::PaperAttentionLayer<double> layer(exact);
+///   polyattn::MergedQKAttentionLayer<double> layer(exact);
 ///   layer.forward(X, W, W_V, O);
 ///   dX.setZero(); dW.setZero(); dW_V.setZero();
 ///   layer.backward(X, W, W_V, G, dX, dW, dW_V);   // accumulates
 /// \endcode
 template <class T>
-class PaperAttentionLayer {
+class MergedQKAttentionLayer {
  public:
   /// The layer keeps a reference: `attention` must outlive it.
-  explicit PaperAttentionLayer(AttentionBackend<T>& attention) : attention_(&attention) {
+  explicit MergedQKAttentionLayer(AttentionBackend<T>& attention) : attention_(&attention) {
     detail::static_check_scalar<T>();
   }
 
@@ -65,7 +65,7 @@ class PaperAttentionLayer {
   /// \f$Q = XW\f$, \f$K\f$, \f$V = XW_V\f$ and \f$O\f$ for backward().
   Certificate forward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& W, const ConstMatrixRef<T>& W_V,
                       MatrixRef<T> O) {
-    constexpr const char* where = "polyattn::PaperAttentionLayer::forward";
+    constexpr const char* where = "polyattn::MergedQKAttentionLayer::forward";
     const Index heads = check_weights(where, X, W, W_V);
     detail::require_shape(where, "O", O, X.rows(), W_V.cols());
     const Index n = X.rows(), d = X.cols();
@@ -83,7 +83,7 @@ class PaperAttentionLayer {
   /// last forward().
   GradientCertificate backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& W, const ConstMatrixRef<T>& W_V,
                                const ConstMatrixRef<T>& G, MatrixRef<T> dX, MatrixRef<T> dW, MatrixRef<T> dW_V) {
-    constexpr const char* where = "polyattn::PaperAttentionLayer::backward";
+    constexpr const char* where = "polyattn::MergedQKAttentionLayer::backward";
     const Index heads = check_weights(where, X, W, W_V);
     const Index n = X.rows(), d = X.cols();
     detail::require(queries_.rows() == n && queries_.cols() == W.cols() && values_.cols() == W_V.cols(), where,

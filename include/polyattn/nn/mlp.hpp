@@ -1,4 +1,4 @@
-/// \file mlp.hpp
+/// ile nn/mlp.hpp
 /// The transformer feed-forward block: Linear, element-wise activation, Linear.
 #pragma once
 

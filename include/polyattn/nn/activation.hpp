@@ -1,4 +1,4 @@
-/// \file activation.hpp
+/// ile nn/activation.hpp
 /// Element-wise activations (GELU in its tanh approximation, ReLU), forward and backward.
 #pragma once
 

@@ -1,4 +1,4 @@
-/// \file adjoint_gradients.hpp
+/// ile attention/adjoint_gradients.hpp
 /// The adjoint method: the exact gradient of the polynomial attention forward pass in \f$O(nrd)\f$.
 ///
 /// The forward pass is PolynomialAttention's (polynomial_attention.hpp): per head, with raw monomials
@@ -79,7 +79,7 @@
 /// \endcode
 #pragma once
 
-#include "attention_backend.hpp"
+#include "backend.hpp"
 #include "exact_attention.hpp"
 #include "feature_map.hpp"
 #include "polynomial_attention.hpp"

@@ -1,4 +1,4 @@
-/// \file embedding.hpp
+/// ile nn/embedding.hpp
 /// Token embedding plus learned positional embedding, forward and backward.
 #pragma once
 

@@ -1,5 +1,5 @@
-#include <polyattn/layer_gradients.hpp>
-#include <polyattn/exact_gradients.hpp>
+#include <polyattn/nn/attention_layers.hpp>
+#include <polyattn/attention/exact_gradients.hpp>
 
 #include "gradient_check.hpp"
 
@@ -18,7 +18,7 @@ using polyattn::ExactBlockedOptions;
 using polyattn::ExactReferenceBackend;
 using polyattn::Index;
 using polyattn::Matrix;
-using polyattn::PaperAttentionLayer;
+using polyattn::MergedQKAttentionLayer;
 using polyattn::ProjectedAttentionLayer;
 using polyattn::testing::gradient_error;
 using polyattn::testing::random_matrix;
@@ -89,7 +89,7 @@ TEST_CASE("Paper layer dX, dW, dW_V match central finite differences", "[layer_g
           Matrix<double> W_V = random_matrix<double>(d, heads * dv, seed + 2);
           const Matrix<double> R = random_matrix<double>(n, heads * dv, seed + 3);
           const auto backend = make_backend(blocked, AttentionOptions{c, causal, heads});
-          PaperAttentionLayer<double> layer(*backend);
+          MergedQKAttentionLayer<double> layer(*backend);
           Matrix<double> O(n, heads * dv);
           layer.forward(X, W, W_V, O);
           REQUIRE(relative_error(O, paper_layer_output(X, W, W_V, c, causal)) < 1e-13);
@@ -113,7 +113,7 @@ TEST_CASE("Paper layer gradients equal the closed forms; the printed Lemma G.3 a
     const Matrix<double> X = random_matrix<double>(n, d, 61), W = random_matrix<double>(d, d, 62),
                          W_V = random_matrix<double>(d, d, 63), G = random_matrix<double>(n, d, 64);
     ExactReferenceBackend<double> exact(AttentionOptions{c, causal, 1});
-    PaperAttentionLayer<double> layer(exact);
+    MergedQKAttentionLayer<double> layer(exact);
     Matrix<double> O(n, d), dX = Matrix<double>::Zero(n, d), dW = Matrix<double>::Zero(d, d),
                    dW_V = Matrix<double>::Zero(d, d);
     layer.forward(X, W, W_V, O);
@@ -181,7 +181,7 @@ TEST_CASE("dW_Q = dW W_K and dW_K = dW^T W_Q relate the two layer forms", "[laye
     const Matrix<double> W = W_Q * W_K.transpose();
     ExactBlockedBackend<double> paper_backend(AttentionOptions{c, causal, 1});
     ExactBlockedBackend<double> projected_backend(AttentionOptions{c, causal, 1});
-    PaperAttentionLayer<double> paper(paper_backend);
+    MergedQKAttentionLayer<double> paper(paper_backend);
     ProjectedAttentionLayer<double> projected(projected_backend);
     Matrix<double> O_paper(n, d), O_projected(n, d);
     paper.forward(X, W, W_V, O_paper);
@@ -207,7 +207,7 @@ TEST_CASE("Layer backward accumulates into dX and the weight gradients", "[layer
                        W_V = random_matrix<double>(d, heads * d, 93), G = random_matrix<double>(n, heads * d, 94);
   ExactBlockedBackend<double> exact(AttentionOptions{std::nullopt, true, heads});
   SECTION("paper layer") {
-    PaperAttentionLayer<double> layer(exact);
+    MergedQKAttentionLayer<double> layer(exact);
     Matrix<double> O(n, heads * d);
     layer.forward(X, W, W_V, O);
     Matrix<double> dX = Matrix<double>::Zero(n, d), dW = Matrix<double>::Zero(d, heads * d),
@@ -248,8 +248,8 @@ TEST_CASE("Paper layer in float on the blocked backend agrees with double", "[la
                        W_V = random_matrix<double>(d, heads * d, 113), G = random_matrix<double>(n, heads * d, 114);
   ExactReferenceBackend<double> reference(AttentionOptions{1.0 / d, true, heads});
   ExactBlockedBackend<float> blocked(AttentionOptions{1.0 / d, true, heads}, ExactBlockedOptions{32, 16, 24, 40});
-  PaperAttentionLayer<double> exact(reference);
-  PaperAttentionLayer<float> fast(blocked);
+  MergedQKAttentionLayer<double> exact(reference);
+  MergedQKAttentionLayer<float> fast(blocked);
   Matrix<double> O(n, heads * d), dX = Matrix<double>::Zero(n, d), dW = Matrix<double>::Zero(d, heads * d),
                  dW_V = Matrix<double>::Zero(d, heads * d);
   exact.forward(X, W, W_V, O);
@@ -270,7 +270,7 @@ TEST_CASE("Layers reject bad input with the argument's name", "[layer_gradients]
   const Matrix<double> X = random_matrix<double>(n, d, 121), W = random_matrix<double>(d, heads * d, 122),
                        W_V = random_matrix<double>(d, heads * d, 123), G = random_matrix<double>(n, heads * d, 124);
   ExactReferenceBackend<double> exact(AttentionOptions{std::nullopt, false, heads});
-  PaperAttentionLayer<double> paper(exact);
+  MergedQKAttentionLayer<double> paper(exact);
   ProjectedAttentionLayer<double> projected(exact);
   Matrix<double> O(n, heads * d), dX = Matrix<double>::Zero(n, d), dW = Matrix<double>::Zero(d, heads * d),
                  dW_V = Matrix<double>::Zero(d, heads * d), dW_K = dW;

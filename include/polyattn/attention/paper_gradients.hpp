@@ -1,4 +1,4 @@
-/// \file paper_gradients.hpp
+/// ile attention/paper_gradients.hpp
 /// Attention gradients by Algorithm 1 of Liang, Sha, Shi, Song, Zhou 2024 ("Multi-Layer Transformers
 /// Gradient Can be Approximated in Almost Linear Time"), implemented faithfully but with the verified
 /// formulas where the paper's printed ones are wrong.
@@ -65,7 +65,7 @@
 /// \endcode
 #pragma once
 
-#include "attention_backend.hpp"
+#include "backend.hpp"
 #include "causal_scan.hpp"
 #include "polynomial_attention.hpp"
 

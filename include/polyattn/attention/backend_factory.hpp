@@ -1,4 +1,4 @@
-/// \file attention.hpp
+/// ile attention/backend_factory.hpp
 /// Run-time choice of the attention method: one factory that builds any AttentionBackend from a method
 /// name and one options object, so that a model can pick the method per layer (and tools per flag).
 ///
@@ -22,7 +22,7 @@
 #pragma once
 
 #include "adjoint_gradients.hpp"
-#include "attention_backend.hpp"
+#include "backend.hpp"
 #include "exact_gradients.hpp"
 #include "paper_gradients.hpp"
 

@@ -1,4 +1,4 @@
-/// \file causal_scan.hpp
+/// ile attention/causal_scan.hpp
 /// Products of a causally masked low-rank matrix with a tall matrix in \f$O(nkm)\f$, without forming the
 /// \f$n\times n\f$ matrix.
 ///
@@ -45,7 +45,7 @@
 /// \endcode
 #pragma once
 
-#include "common.hpp"
+#include "../common.hpp"
 
 #include <algorithm>
 

@@ -1,9 +1,9 @@
-/// \file lora.hpp
+/// ile nn/lora.hpp
 /// Options of the low-rank adapter (LoRA, Hu et al. 2021) that every Linear layer can carry.
 ///
 /// The adapter itself is part of Linear (linear.hpp): Linear::add_lora() freezes the layer's weight and bias
 /// and adds a trainable update \f$s\,AB\f$ to the weight, so any Linear, including those inside SelfAttention,
-/// MLP and GPT, can be fine-tuned at low rank. GPT::add_lora() (model.hpp) adapts a chosen set of a model's
+/// MLP and GPT, can be fine-tuned at low rank. GPT::add_lora() (nn/gpt.hpp) adapts a chosen set of a model's
 /// Linears and freezes everything else.
 #pragma once
 

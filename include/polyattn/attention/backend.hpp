@@ -1,4 +1,4 @@
-/// \file attention_backend.hpp
+/// ile attention/backend.hpp
 /// One interface for every way polyattn computes attention and its gradients, so that a model can
 /// choose the method per layer at run time.
 ///
