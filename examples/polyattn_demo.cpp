@@ -22,6 +22,8 @@
 #include <polyattn/attention/paper_gradients.hpp>
 #include <polyattn/polyattn.hpp>
 
+#include "cli.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -88,58 +90,39 @@ void print_usage(std::ostream& out) {
          "  --help           this text\n";
 }
 
-// Parses a whole decimal integer in [lo, hi]; throws std::invalid_argument naming the option otherwise.
-long long parse_integer(const std::string& option, const std::string& text, long long lo, long long hi) {
-  std::size_t used = 0;
-  long long value = 0;
-  try {
-    value = std::stoll(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used != text.size() || text.empty() || value < lo || value > hi)
-    throw std::invalid_argument(option + " expects an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) +
-                                "], got '" + text + "'");
-  return value;
-}
-
-// Returns false when the program should stop after printing the usage (--help).
+// Returns false when the program should stop after printing the usage (--help); throws
+// polyattn_examples::UsageError for a bad command line.
 bool parse_arguments(int argc, char** argv, Settings& settings) {
-  const std::vector<std::string> args(argv + 1, argv + argc);
-  for (std::size_t i = 0; i < args.size(); ++i) {
-    const std::string& arg = args[i];
-    const auto value = [&]() -> const std::string& {
-      if (i + 1 >= args.size()) throw std::invalid_argument(arg + " needs a value");
-      return args[++i];
-    };
-    if (arg == "--help" || arg == "-h") {
+  polyattn_examples::Arguments args(argc, argv);
+  while (args.next()) {
+    if (args.is("--help") || args.is("-h")) {
       print_usage(std::cout);
       return false;
-    } else if (arg == "--quick") {
+    } else if (args.is("--quick")) {
       settings.d_max = std::min(settings.d_max, 10);
-    } else if (arg == "--reps") {
-      settings.reps = static_cast<int>(parse_integer(arg, value(), 1, 1000));
-    } else if (arg == "--d-min") {
-      settings.d_min = static_cast<int>(parse_integer(arg, value(), 1, max_dim));
-    } else if (arg == "--d-max") {
-      settings.d_max = static_cast<int>(parse_integer(arg, value(), 1, max_dim));
-    } else if (arg == "--wall") {
+    } else if (args.is("--reps")) {
+      settings.reps = args.integer<int>(1, 1000);
+    } else if (args.is("--d-min")) {
+      settings.d_min = args.integer<int>(1, max_dim);
+    } else if (args.is("--d-max")) {
+      settings.d_max = args.integer<int>(1, max_dim);
+    } else if (args.is("--wall")) {
       settings.wall_clock = true;
-    } else if (arg == "--threads") {
-      settings.threads = static_cast<int>(parse_integer(arg, value(), 1, 256));
-    } else if (arg == "--seed") {
-      settings.seed = static_cast<std::uint64_t>(parse_integer(arg, value(), 0, (1LL << 62)));
-    } else if (arg == "--markdown") {
+    } else if (args.is("--threads")) {
+      settings.threads = args.integer<int>(1, 256);
+    } else if (args.is("--seed")) {
+      settings.seed = args.integer<std::uint64_t>(0, 1LL << 62);
+    } else if (args.is("--markdown")) {
       settings.markdown = true;
-    } else if (arg == "--csv") {
-      settings.csv_prefix = value();
+    } else if (args.is("--csv")) {
+      settings.csv_prefix = args.text("a file name prefix");
     } else {
-      throw std::invalid_argument("unknown option '" + arg + "'");
+      args.reject();
     }
   }
   if (settings.d_min > settings.d_max)
-    throw std::invalid_argument("--d-min (" + std::to_string(settings.d_min) + ") exceeds --d-max (" +
-                                std::to_string(settings.d_max) + ")");
+    throw polyattn_examples::UsageError("--d-min (" + std::to_string(settings.d_min) + ") exceeds --d-max (" +
+                                        std::to_string(settings.d_max) + ")");
   return true;
 }
 
@@ -654,10 +637,8 @@ int main(int argc, char** argv) {
   Settings settings;
   try {
     if (!parse_arguments(argc, argv, settings)) return EXIT_SUCCESS;
-  } catch (const std::invalid_argument& error) {
-    std::cerr << "polyattn_demo: " << error.what() << "\n\n";
-    print_usage(std::cerr);
-    return 2;
+  } catch (const polyattn_examples::UsageError& error) {
+    return polyattn_examples::usage_error("polyattn_demo", error);
   }
 
   try {
