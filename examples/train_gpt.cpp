@@ -6,7 +6,7 @@
 //
 //   train_gpt [--steps N] [--text-steps N] [--context N] [--layers N] [--d-model N] [--heads N]
 //             [--degrees G1,G2,...] [--batch B] [--lr X] [--seed S] [--log-every N] [--out-dir DIR]
-//             [--keys K] [--values V] [--queries Q] [--text FILE | FILE]
+//             [--keys K] [--values V] [--queries Q] [--text FILE | FILE]      (--help lists ranges and defaults)
 //
 // Task (a), always run: associative recall over a long context (default 1024 tokens). Each sequence holds one
 // (key, value) pair token for each of K keys (default 8), scattered among noise tokens in the first part of the
@@ -22,19 +22,30 @@
 #include <polyattn/nn/gpt.hpp>
 #include <polyattn/nn/optimizer.hpp>
 
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iostream>
 #include <iterator>
+#include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <vector>
+
+#include "cli.hpp"
 
 namespace {
 
@@ -62,58 +73,109 @@ struct Flags {
   Index queries = 0;  // 0: context / 4
 };
 
-void usage() {
-  std::cout << "usage: train_gpt [--steps N] [--text-steps N] [--context N] [--layers N] [--d-model N] [--heads N]\n"
-               "                 [--degrees G1,G2,...] [--batch B] [--lr X] [--seed S] [--log-every N] [--out-dir DIR]\n"
-               "                 [--keys K] [--values V] [--queries Q] [--text FILE | FILE]\n";
+constexpr int max_steps = 10'000'000;
+constexpr Index max_context = 65536;
+constexpr int max_degree = 6;  // degree 6 on 16-wide heads is already 74613 features per head
+// Rough bound on the memory of one forward/backward pass, to refuse absurd sizes before allocating.
+constexpr double max_activation_bytes = 16.0 * (1 << 30);
+
+void usage(std::ostream& out) {
+  out << "usage: train_gpt [options] [FILE]\n"
+         "\n"
+         "Trains the same small GPT from one seed with exact blocked attention and with the adjoint backend at\n"
+         "each degree of --degrees, on associative recall and, given a text file, on its bytes.\n"
+         "\n"
+         "Options (default in parentheses):\n"
+         "  --steps N        training steps of the recall task, 1.."
+      << max_steps
+      << " (4000)\n"
+         "  --text-steps N   training steps of the text task, 1.."
+      << max_steps
+      << " (200)\n"
+         "  --context N      tokens per sequence, 2.."
+      << max_context
+      << " (1024)\n"
+         "  --layers N       transformer blocks, 1..64 (2)\n"
+         "  --d-model N      width of the residual stream, 1..4096 (64)\n"
+         "  --heads N        attention heads, 1..256, must divide --d-model (4)\n"
+         "  --degrees G,...  Taylor degrees of the adjoint runs, each 1.."
+      << max_degree
+      << ", at most 8 (2)\n"
+         "  --batch B        sequences per step, 1..4096 (1)\n"
+         "  --lr X           peak learning rate, 1e-9..10 (0.003)\n"
+         "  --seed S         seed of the model and the data, 0..2^62 (1)\n"
+         "  --log-every N    progress line every N steps, 1.."
+      << max_steps
+      << " (25)\n"
+         "  --out-dir DIR    where the CSV (and, with gnuplot, PNG) loss curves go; created if missing\n"
+         "                   (train_gpt_out)\n"
+         "  --keys K         recall keys, 1..1024 (8)\n"
+         "  --values V       recall values, 2..1024 (4)\n"
+         "  --queries Q      recall query positions, 1..context - keys (context / 4)\n"
+         "  --text FILE      also train on the bytes of FILE (same as giving FILE as the last argument)\n"
+         "  --help           this text\n";
 }
 
-std::vector<int> parse_degrees(const std::string& list) {
-  std::vector<int> degrees;
-  std::size_t begin = 0;
-  while (begin <= list.size()) {
-    const std::size_t end = std::min(list.find(',', begin), list.size());
-    degrees.push_back(std::stoi(list.substr(begin, end - begin)));
-    begin = end + 1;
-  }
-  return degrees;
-}
-
-Flags parse_flags(int argc, char** argv) {
-  Flags flags;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "-h" || arg == "--help") {
-      usage();
-      std::exit(0);
+// Returns false when the program should stop after printing the usage (--help); throws
+// polyattn_examples::UsageError for a bad command line.
+bool parse_flags(int argc, char** argv, Flags& flags) {
+  using polyattn_examples::UsageError;
+  polyattn_examples::Arguments args(argc, argv);
+  while (args.next()) {
+    if (args.is("-h") || args.is("--help")) {
+      usage(std::cout);
+      return false;
     }
-    if (arg.rfind("--", 0) != 0) {
-      flags.text_file = arg;
-      continue;
-    }
-    if (i + 1 >= argc) throw std::invalid_argument("flag " + arg + " needs a value");
-    const std::string value = argv[++i];
-    if (arg == "--steps") flags.steps = std::stoi(value);
-    else if (arg == "--text-steps") flags.text_steps = std::stoi(value);
-    else if (arg == "--context") flags.context = std::stol(value);
-    else if (arg == "--layers") flags.layers = std::stol(value);
-    else if (arg == "--d-model") flags.d_model = std::stol(value);
-    else if (arg == "--heads") flags.heads = std::stol(value);
-    else if (arg == "--degrees") flags.degrees = parse_degrees(value);
-    else if (arg == "--batch") flags.batch = std::stol(value);
-    else if (arg == "--lr") flags.learning_rate = std::stod(value);
-    else if (arg == "--seed") flags.seed = std::stoull(value);
-    else if (arg == "--log-every") flags.log_every = std::max(1, std::stoi(value));
-    else if (arg == "--out-dir") flags.out_dir = value;
-    else if (arg == "--text") flags.text_file = value;
-    else if (arg == "--keys") flags.keys = std::stol(value);
-    else if (arg == "--values") flags.values = std::stol(value);
-    else if (arg == "--queries") flags.queries = std::stol(value);
-    else throw std::invalid_argument("unknown flag " + arg);
+    if (args.is("--steps")) flags.steps = args.integer<int>(1, max_steps);
+    else if (args.is("--text-steps")) flags.text_steps = args.integer<int>(1, max_steps);
+    else if (args.is("--context")) flags.context = args.integer<Index>(2, max_context);
+    else if (args.is("--layers")) flags.layers = args.integer<Index>(1, 64);
+    else if (args.is("--d-model")) flags.d_model = args.integer<Index>(1, 4096);
+    else if (args.is("--heads")) flags.heads = args.integer<Index>(1, 256);
+    else if (args.is("--degrees")) flags.degrees = args.integers<int>(1, max_degree, 8);
+    else if (args.is("--batch")) flags.batch = args.integer<Index>(1, 4096);
+    else if (args.is("--lr")) flags.learning_rate = args.real(1e-9, 10);
+    else if (args.is("--seed")) flags.seed = args.integer<std::uint64_t>(0, 1LL << 62);
+    else if (args.is("--log-every")) flags.log_every = args.integer<int>(1, max_steps);
+    else if (args.is("--out-dir")) flags.out_dir = args.text("a directory");
+    else if (args.is("--text")) flags.text_file = args.text("a text file");
+    else if (args.is("--keys")) flags.keys = args.integer<Index>(1, 1024);
+    else if (args.is("--values")) flags.values = args.integer<Index>(2, 1024);
+    else if (args.is("--queries")) flags.queries = args.integer<Index>(1, max_context);
+    else if (!args.is_option() && !args.current().empty() && flags.text_file.empty()) flags.text_file = args.current();
+    else args.reject();
   }
-  if (flags.steps < 1 || flags.text_steps < 1) throw std::invalid_argument("--steps and --text-steps must be >= 1");
-  if (flags.batch < 1) throw std::invalid_argument("--batch must be >= 1");
-  return flags;
+  // Options that constrain each other.
+  if (flags.d_model % flags.heads != 0)
+    throw UsageError("--heads expects a divisor of --d-model " + std::to_string(flags.d_model) + ", got '" +
+                     std::to_string(flags.heads) + "'");
+  if (flags.queries == 0) flags.queries = std::max<Index>(1, flags.context / 4);
+  if (flags.keys + flags.queries > flags.context)
+    throw UsageError("--context expects at least --keys + --queries = " + std::to_string(flags.keys + flags.queries) +
+                     ", got '" + std::to_string(flags.context) + "'");
+  // Per token: logits, their gradient and softmax, and about 32 d_model-wide activations per block; per head and
+  // block: the r x (d_h + 2) states of the widest feature map (features are formed in chunks).
+  const int widest = *std::max_element(flags.degrees.begin(), flags.degrees.end());
+  const Index head_width = flags.d_model / flags.heads;
+  const Index features = polyattn::feature_width(polyattn::FeatureMapKind::symmetric, head_width, widest,
+                                                 polyattn::default_max_features);
+  const Index vocab = flags.keys * flags.values + flags.keys + 16 + flags.values;
+  const double layers = static_cast<double>(flags.layers);
+  const double bytes =
+      4.0 * static_cast<double>(flags.context) *
+          (4.0 * static_cast<double>(std::max<Index>(vocab, 256)) + layers * 32.0 * static_cast<double>(flags.d_model)) +
+      4.0 * 4.0 * layers * static_cast<double>(flags.heads) * static_cast<double>(features) *
+          static_cast<double>(head_width + 2);
+  if (features > polyattn::default_max_features)
+    throw UsageError("--degrees expects degrees with at most " + std::to_string(polyattn::default_max_features) +
+                     " features for heads of width --d-model / --heads = " + std::to_string(head_width) +
+                     ", got degree " + std::to_string(widest));
+  if (bytes > max_activation_bytes)
+    throw UsageError("--context " + std::to_string(flags.context) + " with --d-model, --heads, --layers, --degrees, "
+                     "--keys and --values as given needs about " + std::to_string(std::lround(bytes / (1 << 30))) +
+                     " GiB per step, expected at most " + std::to_string(std::lround(max_activation_bytes / (1 << 30))) +
+                     " GiB");
+  return true;
 }
 
 // One training or evaluation example: input ids and per-position targets (-1 = not scored).
@@ -165,14 +227,23 @@ class RecallTask {
 // Byte-level language modelling on random windows of a file.
 class TextTask {
  public:
+  // Reads the file; a missing, unreadable or too short file is a UsageError naming --text.
   TextTask(const std::string& path, Index context) : context_(context) {
+    errno = 0;
     std::ifstream in(path, std::ios::binary);
-    if (!in) throw std::runtime_error("cannot open text file '" + path + "'");
+    const int open_error = errno;
+    std::error_code ignored;
+    const bool directory = std::filesystem::is_directory(path, ignored);
+    if (!in || directory)
+      throw polyattn_examples::UsageError(
+          "--text expects a readable file, got '" + path + "' (" +
+          (directory ? "a directory" : open_error ? std::strerror(open_error) : "cannot open") + ")");
     bytes_.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
     split_ = bytes_.size() * 9 / 10;
     if (split_ < static_cast<std::size_t>(context_) + 2 || bytes_.size() - split_ < static_cast<std::size_t>(context_) + 2)
-      throw std::invalid_argument("text file '" + path + "' is too short for --context " + std::to_string(context_) +
-                                  " (needs more than " + std::to_string(10 * (context_ + 2)) + " bytes)");
+      throw polyattn_examples::UsageError("--text expects a file of more than " + std::to_string(10 * (context_ + 2)) +
+                                          " bytes for --context " + std::to_string(context_) + ", got '" + path +
+                                          "' (" + std::to_string(bytes_.size()) + " bytes)");
   }
   Index vocab() const { return 256; }
   Example sample(std::mt19937_64& rng, bool held_out) const {
@@ -286,6 +357,64 @@ RunResult train(const Flags& flags, Index vocab, AttentionMethod method, int deg
   return result;
 }
 
+// Runs `command` (command[0] looked up in PATH) without a shell, so nothing in the arguments is interpreted, and
+// waits for it. Returns its exit status; -1 if it did not exit normally; -2 with `spawn_error` set if it could
+// not be started (ENOENT: not installed).
+int run_program(const std::vector<std::string>& command, int& spawn_error) {
+  std::vector<char*> argv;
+  for (const std::string& argument : command) argv.push_back(const_cast<char*>(argument.c_str()));
+  argv.push_back(nullptr);
+  pid_t pid = 0;
+  spawn_error = posix_spawnp(&pid, argv[0], nullptr, nullptr, argv.data(), environ);
+  if (spawn_error != 0) return -2;
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0)
+    if (errno != EINTR) return -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// Writes <out-dir>/<task>_loss.gp, a gnuplot script holding the smoothed curves as an inline data block, and
+// runs `gnuplot -c <script> <png>` on absolute paths (so that no path can start with '-', '<' or '|', which
+// gnuplot would read as an option or a pipe). The script names no path: it reads the PNG's from ARG1.
+void plot_curves(const Flags& flags, const std::string& task, const std::vector<RunResult>& runs) {
+  const std::filesystem::path dir = std::filesystem::absolute(flags.out_dir);
+  const std::string png = (dir / (task + "_loss.png")).string(), script = (dir / (task + "_loss.gp")).string();
+  std::ofstream gp(script);
+  // Curves are smoothed over 1% of the steps: single-batch losses are too noisy to compare by eye.
+  const std::size_t steps = runs.front().losses.size(), window = std::max<std::size_t>(1, steps / 100);
+  gp << "# gnuplot -c " << task << "_loss.gp " << task << "_loss.png\n"
+     << "set terminal png size 900,540 noenhanced\nset output ARG1\n"
+     << "set datafile separator ','\nset key top right\nset grid\nset xlabel 'step'\n"
+     << "set ylabel 'training loss (mean over " << window << " steps)'\n"
+     << "set title '" << task << ": exact blocked vs adjoint attention, context " << flags.context << "'\n"
+     << "$loss << EOD\n";
+  for (std::size_t end = window; end <= steps; end += window) {
+    gp << end;
+    for (const RunResult& run : runs) {
+      double sum = 0;
+      for (std::size_t k = end - window; k < end; ++k) sum += run.losses[k];
+      gp << ',' << sum / static_cast<double>(window);
+    }
+    gp << '\n';
+  }
+  gp << "EOD\nplot ";
+  for (std::size_t r = 0; r < runs.size(); ++r)
+    gp << (r ? ", " : "") << "$loss using 1:" << r + 2 << " with lines lw 2 title '" << runs[r].label << "'";
+  gp << '\n';
+  gp.close();
+  if (!gp) throw std::runtime_error("cannot write '" + script + "'");
+  int spawn_error = 0;
+  const int status = run_program({"gnuplot", "-c", script, png}, spawn_error);
+  if (status == 0)
+    std::printf("  plot: %s\n", png.c_str());
+  else if (status == -2 && spawn_error == ENOENT)
+    std::printf("  gnuplot not found: skipping the PNG plot (install gnuplot-nox)\n");
+  else if (status == -2)
+    std::printf("  cannot start gnuplot (%s): no PNG written\n", std::strerror(spawn_error));
+  else
+    std::printf("  gnuplot failed on %s: no PNG written\n", script.c_str());
+}
+
 void write_curves(const Flags& flags, const std::string& task, const std::vector<RunResult>& runs) {
   const std::string csv = flags.out_dir + "/" + task + "_loss.csv";
   std::ofstream out(csv);
@@ -299,30 +428,9 @@ void write_curves(const Flags& flags, const std::string& task, const std::vector
     out << '\n';
   }
   out.close();
+  if (!out) throw std::runtime_error("cannot write '" + csv + "'");
   std::printf("  loss curves: %s\n", csv.c_str());
-  if (std::system("command -v gnuplot > /dev/null 2>&1") != 0) {
-    std::printf("  gnuplot not found: skipping the PNG plot (install gnuplot-nox)\n");
-    return;
-  }
-  const std::string png = flags.out_dir + "/" + task + "_loss.png", script = flags.out_dir + "/" + task + "_loss.gp";
-  std::ofstream gp(script);
-  // Curves are smoothed over 1% of the steps: single-batch losses are too noisy to compare by eye.
-  const std::size_t window = std::max<std::size_t>(1, runs.front().losses.size() / 100);
-  gp << "set terminal png size 900,540 noenhanced\nset output '" << png << "'\n"
-     << "set datafile separator ','\nset key top right\nset grid\nset xlabel 'step'\n"
-     << "set ylabel 'training loss (mean over " << window << " steps)'\n"
-     << "set title '" << task << ": exact blocked vs adjoint attention, context " << flags.context << "'\n"
-     << "plot ";
-  for (std::size_t r = 0; r < runs.size(); ++r)
-    gp << (r ? ", " : "") << "'< awk -F, \"NR > 1 { s += \\$" << r + 2 << "; if ((NR - 1) % " << window
-       << " == 0) { print \\$1 \\\",\\\" s / " << window << "; s = 0 } }\" " << csv
-       << "' using 1:2 with lines lw 2 title '" << runs[r].label << "'";
-  gp << '\n';
-  gp.close();
-  if (std::system(("gnuplot '" + script + "'").c_str()) == 0)
-    std::printf("  plot: %s\n", png.c_str());
-  else
-    std::printf("  gnuplot failed on %s: no PNG written\n", script.c_str());
+  plot_curves(flags, task, runs);
 }
 
 void compare(const Flags& flags, const std::string& task, Index vocab, int steps,
@@ -361,16 +469,44 @@ void compare(const Flags& flags, const std::string& task, Index vocab, int steps
   write_curves(flags, task, runs);
 }
 
+// Creates the output directory if needed and checks that files can be written into it.
+void prepare_out_dir(const std::string& out_dir) {
+  std::error_code error;
+  std::filesystem::create_directories(out_dir, error);
+  if (!error && !std::filesystem::is_directory(out_dir, error) && !error)
+    error = std::make_error_code(std::errc::not_a_directory);
+  const std::filesystem::path probe = std::filesystem::path(out_dir) / ".train_gpt_write_check";
+  if (!error) {
+    std::ofstream out(probe);
+    out << "ok\n";
+    out.close();
+    if (!out) error = std::make_error_code(std::errc::permission_denied);
+    std::error_code ignored;
+    std::filesystem::remove(probe, ignored);
+  }
+  if (error)
+    throw polyattn_examples::UsageError("--out-dir expects a writable directory, got '" + out_dir + "' (" +
+                                        error.message() + ")");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  Flags flags;
+  std::optional<TextTask> text;
   try {
-    const Flags flags = parse_flags(argc, argv);
-    if (std::system(("mkdir -p '" + flags.out_dir + "'").c_str()) != 0)
-      throw std::runtime_error("cannot create output directory '" + flags.out_dir + "'");
-
-    const RecallTask recall(flags.context, flags.keys, flags.values,
-                            flags.queries > 0 ? flags.queries : flags.context / 4);
+    // Every option, the text file and the output directory are checked before the first training step.
+    if (!parse_flags(argc, argv, flags)) return 0;
+    if (!flags.text_file.empty()) text.emplace(flags.text_file, flags.context);
+    prepare_out_dir(flags.out_dir);
+  } catch (const polyattn_examples::UsageError& e) {
+    return polyattn_examples::usage_error("train_gpt", e);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "train_gpt: %s\n", e.what());
+    return 1;
+  }
+  try {
+    const RecallTask recall(flags.context, flags.keys, flags.values, flags.queries);
     std::mt19937_64 eval_rng(polyattn::derive_seed(flags.seed, 99));
     std::vector<Example> recall_eval;
     for (int k = 0; k < 8; ++k) recall_eval.push_back(recall.sample(eval_rng));
@@ -380,12 +516,11 @@ int main(int argc, char** argv) {
                 std::to_string(std::log(static_cast<double>(recall.values()))) + ", accuracy " +
                 std::to_string(100.0 / static_cast<double>(recall.values())) + "%");
 
-    if (!flags.text_file.empty()) {
-      const TextTask text(flags.text_file, flags.context);
+    if (text) {
       std::vector<Example> text_eval;
-      for (int k = 0; k < 8; ++k) text_eval.push_back(text.sample(eval_rng, true));
-      compare(flags, "text", text.vocab(), flags.text_steps,
-              [&](std::mt19937_64& rng) { return text.sample(rng, false); }, text_eval,
+      for (int k = 0; k < 8; ++k) text_eval.push_back(text->sample(eval_rng, true));
+      compare(flags, "text", text->vocab(), flags.text_steps,
+              [&](std::mt19937_64& rng) { return text->sample(rng, false); }, text_eval,
               "text: eval on the held-out last tenth of the file");
     } else {
       std::printf("\n(no text file given: pass one as the last argument to also train on bytes of it)\n");
@@ -393,7 +528,6 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "train_gpt: %s\n", e.what());
-    usage();
     return 1;
   }
 }
