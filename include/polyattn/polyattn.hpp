@@ -1,4 +1,4 @@
-/// ile polyattn.hpp
+/// \file polyattn.hpp
 /// Umbrella header: includes every public polyattn header, in data-flow order
 /// (polynomial -> feature map -> attention -> gradients -> layers -> model).
 #pragma once

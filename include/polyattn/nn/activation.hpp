@@ -1,4 +1,4 @@
-/// ile nn/activation.hpp
+/// \file nn/activation.hpp
 /// Element-wise activations (GELU in its tanh approximation, ReLU), forward and backward.
 #pragma once
 

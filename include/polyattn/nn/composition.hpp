@@ -1,4 +1,4 @@
-/// ile nn/composition.hpp
+/// \file nn/composition.hpp
 /// The multi-layer driver: the paper's general form
 /// \f[ F = g_m \circ \mathrm{Attn}_m \circ g_{m-1} \circ \dots \circ g_1 \circ \mathrm{Attn}_1 \circ g_0 \f]
 /// (Liang et al. 2024, Def. 1.3) as a Composition of Components, each with a forward and a backward pass;

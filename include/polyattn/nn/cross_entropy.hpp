@@ -1,4 +1,4 @@
-/// ile nn/cross_entropy.hpp
+/// \file nn/cross_entropy.hpp
 /// Mean softmax cross-entropy of next-token logits, forward and backward.
 #pragma once
 

@@ -1,4 +1,4 @@
-/// ile nn/embedding.hpp
+/// \file nn/embedding.hpp
 /// Token embedding plus learned positional embedding, forward and backward.
 #pragma once
 

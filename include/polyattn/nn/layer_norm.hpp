@@ -1,4 +1,4 @@
-/// ile nn/layer_norm.hpp
+/// \file nn/layer_norm.hpp
 /// Layer normalisation over the features of each token (Ba, Kiros & Hinton 2016), forward and backward.
 #pragma once
 

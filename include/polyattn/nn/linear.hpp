@@ -1,4 +1,4 @@
-/// ile nn/linear.hpp
+/// \file nn/linear.hpp
 /// Affine layer \f$Y = XW + \mathbf 1 b^\top\f$ on row tokens, forward and backward, with an optional low-rank
 /// adapter (LoRA) on the weight.
 #pragma once

@@ -1,4 +1,4 @@
-/// ile nn/lora.hpp
+/// \file nn/lora.hpp
 /// Options of the low-rank adapter (LoRA, Hu et al. 2021) that every Linear layer can carry.
 ///
 /// The adapter itself is part of Linear (linear.hpp): Linear::add_lora() freezes the layer's weight and bias

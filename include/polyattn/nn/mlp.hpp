@@ -1,4 +1,4 @@
-/// ile nn/mlp.hpp
+/// \file nn/mlp.hpp
 /// The transformer feed-forward block: Linear, element-wise activation, Linear.
 #pragma once
 

@@ -1,4 +1,4 @@
-/// ile nn/optimizer.hpp
+/// \file nn/optimizer.hpp
 /// First-order optimizers over a list of Parameter pointers, and global gradient-norm clipping.
 ///
 /// Optimizers keep one state matrix per parameter, allocated at the first step and reused afterwards. They

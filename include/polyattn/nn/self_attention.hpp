@@ -1,4 +1,4 @@
-/// ile nn/self_attention.hpp
+/// \file nn/self_attention.hpp
 /// Multi-head causal self-attention with learned projections \f$W_Q, W_K, W_V, W_O\f$ and an attention
 /// backend chosen per layer (exact, exact blocked, paper, adjoint).
 #pragma once
