@@ -9,6 +9,7 @@
 #include <limits>
 #include <memory>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 using Catch::Contains;
@@ -372,4 +373,58 @@ TEST_CASE("AdjointBackend rejects a polynomial that is not positive on the score
     AdjointBackend<double> adjoint(options(causal, 1, 1, FeatureMapKind::symmetric, 0));
     CHECK_THROWS_AS(adjoint.forward(Q, K, V, O), std::domain_error);
   }
+}
+
+TEST_CASE("AdjointBackend rejects outputs overlapping inputs or each other", "[adjoint_gradients][aliasing]") {
+  const Index n = 16, d = 4;
+  Matrix<double> Q = random_matrix<double>(n, d, 90), K = random_matrix<double>(n, d, 91),
+                 V = random_matrix<double>(n, d, 92), G = random_matrix<double>(n, d, 93);
+  PolynomialAttentionOptions opt;
+  opt.degree = 4;
+  opt.estimate_error = true;
+  AdjointBackend<double> attn(opt);
+  Matrix<double> O(n, d), dQ(n, d), dK(n, d), dV(n, d);
+  REQUIRE_THROWS_AS(attn.forward(Q, K, V, Q), std::invalid_argument);
+  REQUIRE_THROWS_WITH(attn.forward(Q, K, V, Q),
+                      Contains("polyattn::AdjointBackend::forward") && Contains("'O'") && Contains("'Q'"));
+  REQUIRE_THROWS_WITH(attn.forward(Q, K, V, V), Contains("'O'") && Contains("'V'"));
+  attn.forward(Q, K, V, O);
+  const std::string where = "polyattn::AdjointBackend::backward";
+  REQUIRE_THROWS_AS(attn.backward(Q, K, V, O, G, Q, dK, dV), std::invalid_argument);
+  REQUIRE_THROWS_WITH(attn.backward(Q, K, V, O, G, Q, dK, dV), Contains(where) && Contains("'dQ'") && Contains("'Q'"));
+  REQUIRE_THROWS_WITH(attn.backward(Q, K, V, O, G, dQ, K, dV), Contains(where) && Contains("'dK'") && Contains("'K'"));
+  REQUIRE_THROWS_WITH(attn.backward(Q, K, V, O, G, dQ, dK, G), Contains(where) && Contains("'dV'") && Contains("'G'"));
+  REQUIRE_THROWS_WITH(attn.backward(Q, K, V, O, G, dQ, dK, dK), Contains("'dK'") && Contains("'dV'"));
+  REQUIRE(Q == random_matrix<double>(n, d, 90));
+  REQUIRE(K == random_matrix<double>(n, d, 91));
+}
+
+TEST_CASE("AdjointBackend reports overflow of finite input clearly", "[adjoint_gradients][overflow]") {
+  const Index n = 16, d = 4;
+  const Matrix<float> V = random_matrix<float>(n, d, 94), huge = Matrix<float>::Constant(n, d, 1e30f);
+  Matrix<float> O(n, d);
+  for (const bool causal : {false, true}) {
+    PolynomialAttentionOptions opt;
+    opt.attention.causal = causal;
+    AdjointBackend<float> attn(opt);
+    REQUIRE_THROWS_AS(attn.forward(huge, huge, V, O), std::domain_error);
+    REQUIRE_THROWS_WITH(attn.forward(huge, huge, V, O), Contains("polyattn::AdjointBackend::forward") &&
+                                                            Contains("overflowed float") && Contains("score radius"));
+    const Matrix<float> Q = random_matrix<float>(n, d, 95), Vbig = Matrix<float>::Constant(n, d, 1e38f);
+    REQUIRE_THROWS_WITH(attn.forward(Q, Q, Vbig, O), Contains("AdjointBackend::forward") && Contains("max |V|"));
+    opt.radius = 1;
+    opt.range_policy = polyattn::RangePolicy::raise_degree;
+    AdjointBackend<float> raising(opt);
+    REQUIRE_THROWS_AS(raising.forward(huge, huge, V, O), std::domain_error);
+    REQUIRE_THROWS_WITH(raising.forward(huge, huge, V, O),
+                        Contains("AdjointBackend::forward") && Contains("score radius") && Contains("raise_degree"));
+  }
+  PolynomialAttentionOptions opt;
+  opt.max_features = std::numeric_limits<Index>::max();
+  opt.degree = 40;
+  AdjointBackend<float> wide(opt);
+  const Matrix<float> Q = random_matrix<float>(n, 64, 96, 0.1);
+  Matrix<float> O_wide(n, 64);
+  REQUIRE_THROWS_WITH(wide.forward(Q, Q, Q, O_wide),
+                      Contains("AdjointBackend::forward") && Contains("'degree'") && Contains("max_feature_width"));
 }

@@ -10,6 +10,7 @@
 #include <limits>
 #include <optional>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 using polyattn::AttentionOptions;
@@ -355,4 +356,88 @@ TEST_CASE("bad exact-attention input throws std::invalid_argument naming the arg
   }
   Matrix<double> bad_rows(3, 2);
   REQUIRE_THROWS_WITH(causal.forward_rows(two_queries, {1, 4}, K, V, bad_rows), Contains("'O'"));
+}
+
+TEST_CASE("memory_overlaps: exact for blocks of one matrix, conservative otherwise", "[exact_attention][aliasing]") {
+  using polyattn::detail::memory_of;
+  using polyattn::detail::memory_overlaps;
+  Matrix<float> A(10, 8), B(10, 8);
+  REQUIRE(memory_overlaps(memory_of("a", A), memory_of("a", A)));
+  REQUIRE_FALSE(memory_overlaps(memory_of("a", A), memory_of("b", B)));
+  REQUIRE_FALSE(memory_overlaps(memory_of("l", A.leftCols(4)), memory_of("r", A.rightCols(4))));
+  REQUIRE(memory_overlaps(memory_of("l", A.leftCols(5)), memory_of("r", A.rightCols(4))));
+  REQUIRE_FALSE(memory_overlaps(memory_of("t", A.topRows(5)), memory_of("b", A.bottomRows(5))));
+  REQUIRE(memory_overlaps(memory_of("t", A.topRows(6)), memory_of("b", A.bottomRows(5))));
+  REQUIRE(memory_overlaps(memory_of("b", A.block(2, 1, 3, 3)), memory_of("b", A.block(4, 3, 3, 3))));
+  REQUIRE_FALSE(memory_overlaps(memory_of("b", A.block(2, 1, 3, 3)), memory_of("b", A.block(5, 1, 3, 3))));
+  // Interleaved address ranges: rows 6-9 of columns 1-2 against other rows of the same columns.
+  REQUIRE_FALSE(memory_overlaps(memory_of("b", A.block(6, 1, 4, 2)), memory_of("t", A.block(0, 2, 6, 3))));
+  REQUIRE(memory_overlaps(memory_of("b", A.block(6, 1, 4, 2)), memory_of("t", A.block(6, 2, 1, 3))));
+  // The second block starts higher in its column than the first, so it reaches the first's next column.
+  REQUIRE(memory_overlaps(memory_of("a", A.block(6, 1, 4, 2)), memory_of("b", A.block(2, 2, 5, 1))));
+  REQUIRE_FALSE(memory_overlaps(memory_of("a", A.block(6, 1, 4, 2)), memory_of("b", A.block(2, 2, 4, 1))));
+  REQUIRE(memory_overlaps(memory_of("b", A.block(2, 2, 5, 1)), memory_of("a", A.block(6, 1, 4, 2))));
+  REQUIRE_FALSE(memory_overlaps(memory_of("e", A.leftCols(0)), memory_of("a", A)));
+}
+
+TEST_CASE("ExactAttention and the reference reject an output overlapping an input", "[exact_attention][aliasing]") {
+  const Index n = 12, d = 4;
+  Matrix<double> Q = random_matrix<double>(n, d, 1), K = random_matrix<double>(n, d, 2),
+                 V = random_matrix<double>(n, d, 3);
+  ExactAttention<double> exact(make_options(std::nullopt, true, 1), 4, 4);
+  const auto rejects = [&](const char* input, auto&& call) {
+    REQUIRE_THROWS_AS(call(), std::invalid_argument);
+    REQUIRE_THROWS_WITH(call(), Contains("polyattn::ExactAttention::forward") && Contains("'O'") &&
+                                    Contains(std::string("'") + input + "'"));
+  };
+  rejects("Q", [&] { exact.forward(Q, K, V, Q); });
+  rejects("K", [&] { exact.forward(Q, K, V, K); });
+  rejects("V", [&] { exact.forward(Q, K, V, V); });
+  // Partial overlap: O shares one column with V.
+  Matrix<double> buffer(n, 2 * d);
+  buffer.leftCols(d) = V;
+  rejects("V", [&] { exact.forward(Q, K, buffer.leftCols(d), buffer.middleCols(d - 1, d)); });
+  REQUIRE_THROWS_WITH(exact.forward_rows(Q.topRows(2), {0, 1}, K, V, Q.topRows(2)),
+                      Contains("ExactAttention::forward_rows") && Contains("'O'") && Contains("'Q'"));
+  // Disjoint column blocks of one matrix are fine.
+  exact.forward(Q, K, buffer.leftCols(d), buffer.rightCols(d));
+  REQUIRE(relative_error(buffer.rightCols(d), attention_reference(Q, K, V, exact.options())) < 1e-13);
+}
+
+TEST_CASE("Exact attention of finite float input that overflows throws a domain_error saying so",
+          "[exact_attention][overflow]") {
+  const Index n = 16, d = 4;
+  Matrix<float> Q = random_matrix<float>(n, d, 4), K = random_matrix<float>(n, d, 5),
+                V = random_matrix<float>(n, d, 6);
+  const AttentionOptions opt = make_options(std::nullopt, false, 1);
+  // Scores ~1e40 exceed float; in double the same input is fine.
+  const Matrix<float> Qbig = Q * 1e20f, Kbig = K * 1e20f;
+  REQUIRE(attention_reference(Qbig.cast<double>(), Kbig.cast<double>(), V.cast<double>(), opt).allFinite());
+  ExactAttention<float> exact(opt, 8, 8);
+  Matrix<float> O(n, d);
+  REQUIRE_THROWS_AS(exact.forward(Qbig, Kbig, V, O), std::domain_error);
+  REQUIRE_THROWS_WITH(exact.forward(Qbig, Kbig, V, O),
+                      Contains("polyattn::ExactAttention::forward") && Contains("overflowed float") &&
+                          Contains("score radius"));
+  REQUIRE_THROWS_AS(attention_reference(Qbig, Kbig, V, opt), std::domain_error);
+  REQUIRE_THROWS_WITH(attention_reference(Qbig, Kbig, V, opt),
+                      Contains("polyattn::attention_reference") && Contains("overflowed float"));
+  // Values near the largest float: the weighted sums overflow.
+  const Matrix<float> Vbig = Matrix<float>::Constant(n, d, 1e38f);
+  REQUIRE_THROWS_AS(exact.forward(Q, K, Vbig, O), std::domain_error);
+  REQUIRE_THROWS_WITH(exact.forward(Q, K, Vbig, O), Contains("ExactAttention::forward") && Contains("max |V|"));
+  REQUIRE_THROWS_AS(attention_reference(Q, K, Vbig, opt), std::domain_error);
+}
+
+TEST_CASE("ExactAttention sizes its workspace by the problem, not by huge block options", "[exact_attention]") {
+  const Index n = 16, d = 4;
+  Matrix<double> Q = random_matrix<double>(n, d, 7), K = random_matrix<double>(n, d, 8),
+                 V = random_matrix<double>(n, d, 9);
+  for (const bool causal : {false, true}) {
+    const AttentionOptions opt = make_options(std::nullopt, causal, 1);
+    ExactAttention<double> exact(opt, Index(1) << 30, Index(1) << 30);
+    Matrix<double> O(n, d);
+    exact.forward(Q, K, V, O);
+    REQUIRE(relative_error(O, attention_reference(Q, K, V, opt)) < 1e-13);
+  }
 }

@@ -7,7 +7,9 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <initializer_list>
 #include <stdexcept>
+#include <string>
 
 using Catch::Contains;
 using polyattn::AttentionBackend;
@@ -255,5 +257,88 @@ TEST_CASE("Exact backends reject bad input with the argument's name", "[exact_gr
   SECTION("options") {
     REQUIRE_THROWS_WITH(ExactBlockedBackend<double>(AttentionOptions{-1.0, false, 1}), Contains("'scale'"));
     REQUIRE_THROWS_WITH(ExactReferenceBackend<double>(AttentionOptions{std::nullopt, false, 0}), Contains("'heads'"));
+  }
+}
+
+TEST_CASE("Exact backends reject outputs overlapping inputs or each other, naming both", "[exact_gradients][aliasing]") {
+  const Index n = 12, d = 4;
+  const Problem<double> x = random_problem<double>(n, n, 1, d, d, 40);
+  const AttentionOptions opt{std::nullopt, true, 1};
+  ExactReferenceBackend<double> reference(opt);
+  ExactBlockedBackend<double> blocked(opt, ExactBlockedOptions{4, 4, 4, 4});
+  for (AttentionBackend<double>* backend : std::initializer_list<AttentionBackend<double>*>{&reference, &blocked}) {
+    const std::string forward_name = backend == &reference ? "ExactReferenceBackend::forward" : "ExactBlockedBackend::forward";
+    const std::string backward_name =
+        backend == &reference ? "ExactReferenceBackend::backward" : "ExactBlockedBackend::backward";
+    Matrix<double> Q = x.Q, K = x.K, V = x.V, G = x.G, O(n, d), dQ(n, d), dK(n, d), dV(n, d);
+    REQUIRE_THROWS_AS(backend->forward(Q, K, V, K), std::invalid_argument);
+    REQUIRE_THROWS_WITH(backend->forward(Q, K, V, K), Contains(forward_name) && Contains("'O'") && Contains("'K'"));
+    REQUIRE_THROWS_WITH(backend->forward(Q, K, V, V), Contains(forward_name) && Contains("'O'") && Contains("'V'"));
+    REQUIRE_THROWS_WITH(backend->forward(Q, K, V, Q), Contains(forward_name) && Contains("'O'") && Contains("'Q'"));
+    backend->forward(Q, K, V, O);
+    REQUIRE_THROWS_AS(backend->backward(Q, K, V, O, G, dQ, K, dV), std::invalid_argument);
+    REQUIRE_THROWS_WITH(backend->backward(Q, K, V, O, G, dQ, K, dV),
+                        Contains(backward_name) && Contains("'dK'") && Contains("'K'"));
+    REQUIRE_THROWS_WITH(backend->backward(Q, K, V, O, G, Q, dK, dV), Contains("'dQ'") && Contains("'Q'"));
+    REQUIRE_THROWS_WITH(backend->backward(Q, K, V, O, G, dQ, dK, G), Contains("'dV'") && Contains("'G'"));
+    REQUIRE_THROWS_WITH(backend->backward(Q, K, V, O, G, dQ, dK, O), Contains("'dV'") && Contains("'O'"));
+    REQUIRE_THROWS_WITH(backend->backward(Q, K, V, O, G, dQ, dQ, dV), Contains("'dQ'") && Contains("'dK'"));
+    // Partial overlap: dV's last column is dK's first.
+    Matrix<double> both(n, 2 * d - 1);
+    REQUIRE_THROWS_WITH(backend->backward(Q, K, V, O, G, dQ, both.leftCols(d), both.rightCols(d)),
+                        Contains("'dK'") && Contains("'dV'"));
+    // The inputs are untouched by the rejected calls, and disjoint blocks of one matrix work.
+    REQUIRE(Q == x.Q);
+    REQUIRE(K == x.K);
+    REQUIRE(G == x.G);
+    Matrix<double> grads(n, 3 * d);
+    backend->backward(Q, K, V, O, G, grads.leftCols(d), grads.middleCols(d, d), grads.rightCols(d));
+    backend->backward(Q, K, V, O, G, dQ, dK, dV);
+    REQUIRE(grads.leftCols(d) == dQ);
+    REQUIRE(grads.middleCols(d, d) == dK);
+    REQUIRE(grads.rightCols(d) == dV);
+  }
+  Matrix<double> Q = x.Q, K = x.K, dQ(n, d), dV(n, d);
+  REQUIRE_THROWS_WITH(polyattn::attention_backward_reference<double>(Q, K, x.V, x.G, opt, dQ, K, dV),
+                      Contains("attention_backward_reference") && Contains("'dK'") && Contains("'K'"));
+}
+
+TEST_CASE("Exact block options larger than the problem do not size the workspace", "[exact_gradients]") {
+  const Index n = 16, d = 4, huge = Index(1) << 30;
+  const Problem<double> x = random_problem<double>(n, n, 2, d, d, 50);
+  for (const bool causal : {false, true}) {
+    const AttentionOptions opt{std::nullopt, causal, 2};
+    ExactReferenceBackend<double> reference(opt);
+    ExactBlockedBackend<double> blocked(opt, ExactBlockedOptions{huge, huge, huge, huge});
+    const Gradients expected = run(reference, x), actual = run(blocked, x);
+    REQUIRE(relative_error(actual.O, expected.O) < 1e-13);
+    REQUIRE(relative_error(actual.dQ, expected.dQ) < 1e-12);
+    REQUIRE(relative_error(actual.dK, expected.dK) < 1e-12);
+    REQUIRE(relative_error(actual.dV, expected.dV) < 1e-12);
+  }
+}
+
+TEST_CASE("Exact backends report overflow of finite float input as a domain_error", "[exact_gradients][overflow]") {
+  const Index n = 16, d = 4;
+  const Problem<float> x = random_problem<float>(n, n, 1, d, d, 60);
+  const AttentionOptions opt{std::nullopt, false, 1};
+  ExactReferenceBackend<float> reference(opt);
+  ExactBlockedBackend<float> blocked(opt, ExactBlockedOptions{4, 4, 4, 4});
+  const Matrix<float> Qbig = x.Q * 1e20f, Kbig = x.K * 1e20f, Vbig = Matrix<float>::Constant(n, d, 1e38f);
+  // One key dominates every query, so P's first column sums to n and dV = P^T G overflows with |G| ~ 1e38.
+  Matrix<float> Kdominant = Matrix<float>::Zero(n, d), Qones = Matrix<float>::Ones(n, d);
+  Kdominant.row(0).setConstant(20.0f);
+  const Matrix<float> Gbig = Matrix<float>::Constant(n, d, 1e38f);
+  for (AttentionBackend<float>* backend : std::initializer_list<AttentionBackend<float>*>{&reference, &blocked}) {
+    const std::string name = backend == &reference ? "ExactReferenceBackend" : "ExactBlockedBackend";
+    Matrix<float> O(n, d), dQ(n, d), dK(n, d), dV(n, d);
+    REQUIRE_THROWS_AS(backend->forward(Qbig, Kbig, x.V, O), std::domain_error);
+    REQUIRE_THROWS_WITH(backend->forward(Qbig, Kbig, x.V, O),
+                        Contains(name + "::forward") && Contains("overflowed float") && Contains("score radius"));
+    REQUIRE_THROWS_WITH(backend->forward(x.Q, x.K, Vbig, O), Contains(name + "::forward") && Contains("max |V|"));
+    backend->forward(Qones, Kdominant, x.V, O);
+    REQUIRE_THROWS_AS(backend->backward(Qones, Kdominant, x.V, O, Gbig, dQ, dK, dV), std::domain_error);
+    REQUIRE_THROWS_WITH(backend->backward(Qones, Kdominant, x.V, O, Gbig, dQ, dK, dV),
+                        Contains(name + "::backward") && Contains("overflowed float") && Contains("max |G|"));
   }
 }

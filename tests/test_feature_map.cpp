@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 using polyattn::FeatureMap;
@@ -262,4 +263,39 @@ TEST_CASE("bad feature-map arguments throw std::invalid_argument naming the argu
   REQUIRE_THROWS_WITH(map.monomials_backward(dM, scaled.leftCols(2), F, dX), Contains("'scaled'"));
   REQUIRE_THROWS_AS(map.monomials_backward(dM, scaled, F, bad_dX), std::invalid_argument);
   REQUIRE_THROWS_WITH(map.monomials_backward(dM, scaled, F, bad_dX), Contains("'dX'"));
+}
+
+TEST_CASE("FeatureMap rejects a width beyond what can be allocated, even without a cap", "[feature_map]") {
+  const Index no_limit = std::numeric_limits<Index>::max();
+  for (const auto kind : {FeatureMapKind::symmetric, FeatureMapKind::kronecker}) {
+    REQUIRE_THROWS_AS(FeatureMap<float>(kind, 64, taylor_exp(40), 1.0, no_limit), std::invalid_argument);
+    REQUIRE_THROWS_WITH(FeatureMap<float>(kind, 64, taylor_exp(40), 1.0, no_limit),
+                        Contains("polyattn::FeatureMap") && Contains("'degree'") && Contains("max_feature_width"));
+    // Just above the ceiling (symmetric: C(d+g, g) for d = 2^26, g = 1 is 2^26 + 1).
+    REQUIRE_THROWS_WITH(FeatureMap<float>(kind, polyattn::max_feature_width, taylor_exp(1), 1.0, no_limit),
+                        Contains("max_feature_width"));
+  }
+  REQUIRE(FeatureMap<float>(FeatureMapKind::symmetric, 16, taylor_exp(2), 1.0, no_limit).width() == 153);
+  REQUIRE_THROWS_WITH(FeatureMap<float>(FeatureMapKind::symmetric, 16, taylor_exp(2), 1.0, 0), Contains("'max_features'"));
+}
+
+TEST_CASE("FeatureMap rejects outputs overlapping the input", "[feature_map][aliasing]") {
+  const FeatureMap<double> map(FeatureMapKind::symmetric, 3, taylor_exp(2), 0.5);
+  Matrix<double> X = random_matrix<double>(5, 3, 80), scaled(5, 3), M(5, map.width()), F(5, map.width());
+  REQUIRE_THROWS_AS(map.monomials(X, X, M), std::invalid_argument);
+  REQUIRE_THROWS_WITH(map.monomials(X, X, M),
+                      Contains("FeatureMap::monomials") && Contains("'scaled'") && Contains("'X'"));
+  Matrix<double> wide(5, map.width() + 3);
+  REQUIRE_THROWS_WITH(map.monomials(wide.leftCols(3), scaled, wide.middleCols(2, map.width())),
+                      Contains("'M'") && Contains("'X'"));
+  map.monomials(X, scaled, M);
+  Matrix<double> dM = M, dX = Matrix<double>::Zero(5, 3);
+  REQUIRE_THROWS_WITH(map.monomials_backward(dM, scaled, M, scaled),
+                      Contains("monomials_backward") && Contains("'dX'") && Contains("'scaled'"));
+  REQUIRE_THROWS_WITH(map.monomials_backward(M, scaled, M, dX), Contains("'dM'") && Contains("'M'"));
+  // Disjoint blocks of one matrix are fine.
+  wide.leftCols(3) = X;
+  Matrix<double> scaled2(5, 3);
+  map.monomials(wide.leftCols(3), scaled2, wide.rightCols(map.width()));
+  REQUIRE(wide.rightCols(map.width()) == M);
 }

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 using Catch::Contains;
@@ -309,4 +310,41 @@ TEST_CASE("Paper backward rejects bad input naming the argument", "[paper_gradie
   PolynomialAttentionOptions bad_degree;
   bad_degree.degree = -1;
   CHECK_THROWS_WITH(PaperBackend<double>(bad_degree), Contains("'degree'"));
+}
+
+TEST_CASE("PaperBackend rejects outputs overlapping inputs or each other", "[paper_gradients][aliasing]") {
+  const Index n = 16, d = 4;
+  Matrix<double> Q = random_matrix<double>(n, d, 100), K = random_matrix<double>(n, d, 101),
+                 V = random_matrix<double>(n, d, 102), G = random_matrix<double>(n, d, 103);
+  PolynomialAttentionOptions opt;
+  opt.degree = 4;
+  opt.estimate_error = true;
+  PaperBackend<double> paper(opt);
+  Matrix<double> O(n, d), dQ(n, d), dK(n, d), dV(n, d);
+  REQUIRE_THROWS_AS(paper.forward(Q, K, V, Q), std::invalid_argument);
+  REQUIRE_THROWS_WITH(paper.forward(Q, K, V, Q),
+                      Contains("polyattn::PaperBackend::forward") && Contains("'O'") && Contains("'Q'"));
+  paper.forward(Q, K, V, O);
+  const std::string where = "polyattn::PaperBackend::backward";
+  REQUIRE_THROWS_AS(paper.backward(Q, K, V, O, G, dQ, K, dV), std::invalid_argument);
+  REQUIRE_THROWS_WITH(paper.backward(Q, K, V, O, G, dQ, K, dV), Contains(where) && Contains("'dK'") && Contains("'K'"));
+  REQUIRE_THROWS_WITH(paper.backward(Q, K, V, O, G, Q, dK, dV), Contains(where) && Contains("'dQ'") && Contains("'Q'"));
+  REQUIRE_THROWS_WITH(paper.backward(Q, K, V, O, G, dQ, dK, G), Contains(where) && Contains("'dV'") && Contains("'G'"));
+  REQUIRE(K == random_matrix<double>(n, d, 101));
+}
+
+TEST_CASE("PaperBackend names itself when finite input overflows", "[paper_gradients][overflow]") {
+  const Index n = 16, d = 4;
+  const Matrix<float> V = random_matrix<float>(n, d, 104), huge = Matrix<float>::Constant(n, d, 1e30f);
+  Matrix<float> O(n, d);
+  PolynomialAttentionOptions opt;
+  PaperBackend<float> paper(opt);
+  REQUIRE_THROWS_AS(paper.forward(huge, huge, V, O), std::domain_error);
+  REQUIRE_THROWS_WITH(paper.forward(huge, huge, V, O), Contains("polyattn::PaperBackend::forward") &&
+                                                           Contains("overflowed float") && Contains("score radius"));
+  opt.radius = 1;
+  opt.range_policy = polyattn::RangePolicy::raise_degree;
+  PaperBackend<float> raising(opt);
+  REQUIRE_THROWS_WITH(raising.forward(huge, huge, V, O),
+                      Contains("PaperBackend::forward") && Contains("score radius") && Contains("raise_degree"));
 }

@@ -10,6 +10,7 @@
 #include <limits>
 #include <optional>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 using polyattn::AttentionOptions;
@@ -669,4 +670,86 @@ TEST_CASE("bad polynomial-attention input throws std::invalid_argument naming th
   opt = {};
   opt.range_policy = RangePolicy::raise_degree;  // needs radius > 0
   options_error(opt, "'radius'");
+}
+
+TEST_CASE("PolynomialAttention rejects an output overlapping an input", "[polynomial_attention][aliasing]") {
+  const Index n = 16, d = 4;
+  Matrix<double> Q = random_matrix<double>(n, d, 70), K = random_matrix<double>(n, d, 71),
+                 V = random_matrix<double>(n, d, 72);
+  PolynomialAttentionOptions opt;
+  opt.degree = 4;
+  opt.estimate_error = true;
+  PolynomialAttention<double> attn(opt);
+  for (Matrix<double>* input : {&Q, &K, &V}) {
+    const std::string name = input == &Q ? "'Q'" : input == &K ? "'K'" : "'V'";
+    REQUIRE_THROWS_AS(attn.forward(Q, K, V, *input), std::invalid_argument);
+    REQUIRE_THROWS_WITH(attn.forward(Q, K, V, *input),
+                        Contains("polyattn::PolynomialAttention::forward") && Contains("'O'") && Contains(name));
+  }
+  REQUIRE(Q == random_matrix<double>(n, d, 70));
+}
+
+TEST_CASE("PolynomialAttention reports overflow of finite input clearly", "[polynomial_attention][overflow]") {
+  const Index n = 16, d = 4;
+  const Matrix<float> Q = random_matrix<float>(n, d, 73), K = random_matrix<float>(n, d, 74),
+                      V = random_matrix<float>(n, d, 75);
+  Matrix<float> O(n, d);
+  PolynomialAttentionOptions opt;
+  // Q = K = 1e30: R ~ 1e60 is finite in double (it used to overflow, accumulated in float), the features overflow.
+  const Matrix<float> huge = Matrix<float>::Constant(n, d, 1e30f);
+  PolynomialAttention<float> attn(opt);
+  REQUIRE_THROWS_AS(attn.forward(huge, huge, V, O), std::domain_error);
+  REQUIRE_THROWS_WITH(attn.forward(huge, huge, V, O), Contains("polyattn::PolynomialAttention::forward") &&
+                                                          Contains("overflowed float") && Contains("score radius"));
+  // Values near the largest float: the numerators overflow, the normalisers do not.
+  const Matrix<float> Vbig = Matrix<float>::Constant(n, d, 1e38f);
+  REQUIRE_THROWS_AS(attn.forward(Q, K, Vbig, O), std::domain_error);
+  REQUIRE_THROWS_WITH(attn.forward(Q, K, Vbig, O),
+                      Contains("PolynomialAttention::forward") && Contains("the output") && Contains("max |V|"));
+  // In double, entries 1e200 make R overflow double itself.
+  const Matrix<double> huge_double = Matrix<double>::Constant(n, d, 1e200);
+  Matrix<double> O_double(n, d);
+  PolynomialAttention<double> attn_double(opt);
+  REQUIRE_THROWS_AS(attn_double.forward(huge_double, huge_double, V.cast<double>(), O_double), std::domain_error);
+  REQUIRE_THROWS_WITH(attn_double.forward(huge_double, huge_double, V.cast<double>(), O_double),
+                      Contains("PolynomialAttention::forward") && Contains("score radius") &&
+                          Contains("overflows double"));
+  // raise_degree when no degree <= 64 suffices names the caller and the radius.
+  opt.radius = 1;
+  opt.range_policy = RangePolicy::raise_degree;
+  PolynomialAttention<float> raising(opt);
+  REQUIRE_THROWS_AS(raising.forward(huge, huge, V, O), std::domain_error);
+  REQUIRE_THROWS_WITH(raising.forward(huge, huge, V, O), Contains("PolynomialAttention::forward") &&
+                                                             Contains("score radius") && Contains("raise_degree"));
+  opt.range_policy = RangePolicy::throw_error;
+  PolynomialAttention<float> throwing(opt);
+  REQUIRE_THROWS_WITH(throwing.forward(huge, huge, V, O),
+                      Contains("PolynomialAttention::forward") && Contains("RangePolicy::throw_error"));
+}
+
+TEST_CASE("PolynomialAttention rejects an unallocatable feature width before allocating", "[polynomial_attention]") {
+  const Index n = 8, d = 64;
+  const Matrix<float> Q = random_matrix<float>(n, d, 76, 0.1), K = random_matrix<float>(n, d, 77, 0.1),
+                      V = random_matrix<float>(n, 2, 78);
+  Matrix<float> O(n, 2);
+  PolynomialAttentionOptions opt;
+  opt.max_features = std::numeric_limits<Index>::max();  // "no limit"
+  opt.degree = 40;                                         // C(104, 40) ~ 1e29 features, beyond Index arithmetic
+  PolynomialAttention<float> attn(opt);
+  REQUIRE_THROWS_AS(attn.forward(Q, K, V, O), std::invalid_argument);
+  REQUIRE_THROWS_WITH(attn.forward(Q, K, V, O), Contains("PolynomialAttention::forward") && Contains("'degree'") &&
+                                                    Contains("max_feature_width"));
+  // A huge chunk size is capped by the problem size.
+  PolynomialAttentionOptions chunked;
+  chunked.degree = 2;
+  chunked.chunk_size = Index(1) << 30;
+  for (const bool causal : {false, true}) {
+    chunked.attention.causal = causal;
+    PolynomialAttentionOptions automatic = chunked;
+    automatic.chunk_size = 0;
+    Matrix<float> O_chunked(n, 2), O_automatic(n, 2);
+    PolynomialAttention<float>(chunked).forward(Q.leftCols(8), K.leftCols(8), V, O_chunked);
+    PolynomialAttention<float>(automatic).forward(Q.leftCols(8), K.leftCols(8), V, O_automatic);
+    REQUIRE(relative_error(O_chunked, O_automatic) < 1e-5);
+  }
 }

@@ -1,4 +1,4 @@
-/// ile attention/adjoint_gradients.hpp
+/// \file attention/adjoint_gradients.hpp
 /// The adjoint method: the exact gradient of the polynomial attention forward pass in \f$O(nrd)\f$.
 ///
 /// The forward pass is PolynomialAttention's (polynomial_attention.hpp): per head, with raw monomials
@@ -140,6 +140,7 @@ class AdjointBackend final : public AttentionBackend<T> {
   }
 
   AttentionMethod method() const override { return AttentionMethod::adjoint; }
+  const AttentionOptions& attention_options() const override { return options_.attention; }
 
   /// Largest memory the causal forward() may spend on prefix-state checkpoints (see the file documentation);
   /// when they would need more, backward() recomputes them instead. Takes effect at the next forward().
@@ -161,14 +162,11 @@ class AdjointBackend final : public AttentionBackend<T> {
                       MatrixRef<T> O) override {
     constexpr const char* where = "polyattn::AdjointBackend::forward";
     const auto shape = detail::check_qkv(where, Q, K, V, options_.attention);
-    detail::require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
+    detail::check_forward_output(where, shape, Q, K, V, O);
     has_forward_ = false;
     const double c = options_.attention.resolved_scale(shape.dk);
-    double radius = 0;
-    for (Index h = 0; h < shape.heads; ++h)
-      radius = std::max(radius, c * detail::max_row_norm(Q.middleCols(h * shape.dk, shape.dk)) *
-                                    detail::max_row_norm(K.middleCols(h * shape.dk, shape.dk)));
-    certificate_ = prepare(shape.dk, c, radius);
+    const double radius = detail::score_radius(Q, K, shape, c);  // in double: finite for any finite float input
+    certificate_ = prepare(where, shape.dk, c, radius);
     const Index r = map_->width(), dv = shape.dv;
     normalisers_.resize(shape.n, shape.heads);
     const Index chunks = options_.attention.causal ? causal_chunks(shape.n) : 1;
@@ -186,6 +184,9 @@ class AdjointBackend final : public AttentionBackend<T> {
       else
         forward_full(Qh, Kh, Vh, Oh, h);
     }
+    detail::require_finite_result(where, "the output", O, [&] {
+      return detail::polynomial_overflow_cause<T>(V, poly_.degree(), radius);
+    });
     certificate_.output_bound =
         detail::apriori_output_bound(certificate_.poly_error, static_cast<double>(V.cwiseAbs().maxCoeff()));
     if (options_.estimate_error) estimate(Q, K, V, O, certificate_);
@@ -226,6 +227,7 @@ class AdjointBackend final : public AttentionBackend<T> {
                                     static_cast<double>(Kh.cwiseAbs().maxCoeff()),
                                     static_cast<double>(Gh.cwiseAbs().maxCoeff()), column_sum, result);
     }
+    detail::check_backward_results<T>(where, options_.attention, shape, Q, K, V, G, dQ, dK, dV);
     if (certificate_.vacuous()) {
       const double infinity = std::numeric_limits<double>::infinity();
       result.dq_bound = result.dk_bound = result.dqk_bound = result.dv_bound = infinity;
@@ -235,10 +237,10 @@ class AdjointBackend final : public AttentionBackend<T> {
 
  private:
   // Applies the range policy and (re)builds the feature map when degree, interval or shape changed.
-  Certificate prepare(Index dk, double c, double radius) {
-    detail::PolynomialChoice choice = detail::choose_polynomial(options_, radius);
+  Certificate prepare(const char* where, Index dk, double c, double radius) {
+    detail::PolynomialChoice choice = detail::choose_polynomial(where, options_, radius);
     if (!map_ || map_->dim() != dk || map_->scale() != c || poly_.coeffs != choice.poly.coeffs) {
-      map_ = std::make_unique<FeatureMap<T>>(options_.feature_map, dk, choice.poly, c, options_.max_features);
+      map_ = detail::make_feature_map<T>(where, options_, dk, choice.poly, c);
       poly_ = choice.poly;
       derivative_ = poly_.derivative();
     }
@@ -306,10 +308,9 @@ class AdjointBackend final : public AttentionBackend<T> {
     if (!((denominators.array() > 0).all() && denominators.allFinite()))
       for (Index i = 0; i < denominators.size(); ++i)
         if (!(denominators(i) > 0) || !std::isfinite(static_cast<double>(denominators(i))))
-          throw std::domain_error(detail::concat(
-              "polyattn::AdjointBackend::forward: approximate normaliser of row ", first_row + i, " is ",
-              static_cast<double>(denominators(i)), " (not positive): the degree-", poly_.degree(),
-              " polynomial is not positive on the scores; use an even degree or a larger one"));
+          throw std::domain_error(detail::bad_normaliser_message(
+              "polyattn::AdjointBackend::forward", first_row + i, static_cast<double>(denominators(i)),
+              poly_.degree(), certificate_.radius, sizeof(T) == sizeof(float) ? "float" : "double"));
     normalisers_.col(head).segment(first_row, Ob.rows()) = denominators;
     Ob.noalias() = denominators.cwiseInverse().asDiagonal() * products.leftCols(dv);
   }

@@ -1,4 +1,4 @@
-/// ile attention/backend.hpp
+/// \file attention/backend.hpp
 /// One interface for every way polyattn computes attention and its gradients, so that a model can
 /// choose the method per layer at run time.
 ///
@@ -53,7 +53,8 @@ struct GradientCertificate {
 namespace detail {
 
 /// Checks the arguments of a backward() call: Q, K, V as check_qkv(), O and G (n x h d_v, finite) and the
-/// outputs dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v). Returns the head shape.
+/// outputs dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v), which must share no memory with each other or with
+/// Q, K, V, O, G. Returns the head shape.
 template <class T>
 HeadShape check_backward_arguments(const char* where, const AttentionOptions& opt, const ConstMatrixRef<T>& Q,
                                    const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
@@ -67,7 +68,29 @@ HeadShape check_backward_arguments(const char* where, const AttentionOptions& op
   require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
   require_finite(where, "O", O);
   require_finite(where, "G", G);
+  require_disjoint(where, {memory_of("dQ", dQ), memory_of("dK", dK), memory_of("dV", dV)},
+                   {memory_of("Q", Q), memory_of("K", K), memory_of("V", V), memory_of("O", O), memory_of("G", G)});
   return shape;
+}
+
+/// Throws std::domain_error naming what overflowed unless the gradients dQ, dK, dV of finite inputs are finite.
+/// O(n d).
+template <class T>
+void check_backward_results(const char* where, const AttentionOptions& opt, const HeadShape& shape,
+                            const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                            const ConstMatrixRef<T>& G, const MatrixRef<T>& dQ, const MatrixRef<T>& dK,
+                            const MatrixRef<T>& dV) {
+  const auto cause = [&] {
+    const double largest = static_cast<double>(std::numeric_limits<T>::max());
+    return concat("the gradient's intermediate products overflowed ", sizeof(T) == sizeof(float) ? "float" : "double",
+                  " (largest ", largest, "): score radius R = c max|q| max|k| = ",
+                  score_radius(Q, K, shape, opt.resolved_scale(shape.dk)), ", max |V| = ",
+                  static_cast<double>(V.cwiseAbs().maxCoeff()), ", max |G| = ",
+                  static_cast<double>(G.cwiseAbs().maxCoeff()), "; scale the inputs or the loss down");
+  };
+  require_finite_result(where, "the gradient 'dQ'", dQ, cause);
+  require_finite_result(where, "the gradient 'dK'", dK, cause);
+  require_finite_result(where, "the gradient 'dV'", dV, cause);
 }
 
 /// Throws unless a forward() ran (`has_forward`) on Q, K, V of the shapes `forward_shape`
@@ -88,12 +111,22 @@ void require_same_forward(const char* where, bool has_forward, const std::array<
 /// forward() saves what backward() needs; backward() must be called with the same Q, K, V and the O that
 /// forward() wrote, and *overwrites* dQ, dK, dV (they are intermediate products: a layer accumulates
 /// them into its own parameter gradients).
+///
+/// **Errors.** Every method throws std::invalid_argument naming the called function and the argument for bad
+/// shapes, non-finite entries or **aliasing**: an output (O of forward(); dQ, dK, dV of backward()) must not share
+/// any memory with an input (Q, K, V; and O, G for backward()) or with another output, not even partly (two
+/// disjoint column blocks of one matrix are fine). std::domain_error reports what cannot hold mathematically or
+/// numerically: finite input whose scores, features or sums overflow the scalar type (never a silent NaN or
+/// inf), a polynomial not positive on the scores, a radius outside the configured interval.
 template <class T>
 class AttentionBackend {
  public:
   virtual ~AttentionBackend() = default;
 
   virtual AttentionMethod method() const = 0;
+
+  /// Scale, mask and number of heads the backend splits Q, K, V by (layers check their weights against it).
+  virtual const AttentionOptions& attention_options() const = 0;
 
   /// Writes \f$O\f$ (n x h d_v) and returns the error statement of the call.
   virtual Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,

@@ -1,4 +1,4 @@
-/// ile attention/exact_attention.hpp
+/// \file attention/exact_attention.hpp
 /// Exact softmax attention, \f$O = \mathrm{softmax}(c\,QK^\top\ [\circ\ M])\,V\f$, rows stabilised by
 /// their maximum:
 /// - attention_reference(): materialises the \f$n \times m\f$ score matrix of each head. Readable; the
@@ -36,17 +36,16 @@ void mask_future_keys(Eigen::MatrixBase<Derived>& S, const Index* positions, Ind
 
 }  // namespace detail
 
-/// Materialised exact attention (the reference). Returns O (n x h d_v).
-///
-/// \code
-///   polyattn::Matrix<double> O = polyattn::attention_reference(Q, K, V, {1.0 / 16, true, 4});
-/// \endcode
+namespace detail {
+
+/// attention_reference() reporting errors as `where`.
 template <class DQ, class DK, class DV>
-Matrix<typename DQ::Scalar> attention_reference(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
-                                                const Eigen::MatrixBase<DV>& V, const AttentionOptions& opt = {}) {
+Matrix<typename DQ::Scalar> attention_reference(const char* where, const Eigen::MatrixBase<DQ>& Q,
+                                                const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,
+                                                const AttentionOptions& opt) {
   using T = typename DQ::Scalar;
-  detail::static_check_scalar<T>();
-  const auto shape = detail::check_qkv("polyattn::attention_reference", Q, K, V, opt);
+  static_check_scalar<T>();
+  const auto shape = check_qkv(where, Q, K, V, opt);
   Matrix<T> O(shape.n, shape.heads * shape.dv);
   for (Index h = 0; h < shape.heads; ++h) {
     const T c = static_cast<T>(opt.resolved_scale(shape.dk));
@@ -58,7 +57,23 @@ Matrix<typename DQ::Scalar> attention_reference(const Eigen::MatrixBase<DQ>& Q, 
     O.middleCols(h * shape.dv, shape.dv).noalias() =
         row_sum.cwiseInverse().asDiagonal() * (S * V.middleCols(h * shape.dv, shape.dv));
   }
+  require_finite_result(where, "the output", O,
+                        [&] { return exact_overflow_cause<T>(Q, K, V, shape, opt.resolved_scale(shape.dk)); });
   return O;
+}
+
+}  // namespace detail
+
+/// Materialised exact attention (the reference). Returns O (n x h d_v). Throws std::invalid_argument for bad
+/// shapes or non-finite input, std::domain_error when finite input overflows the scalar type.
+///
+/// \code
+///   polyattn::Matrix<double> O = polyattn::attention_reference(Q, K, V, {1.0 / 16, true, 4});
+/// \endcode
+template <class DQ, class DK, class DV>
+Matrix<typename DQ::Scalar> attention_reference(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                                                const Eigen::MatrixBase<DV>& V, const AttentionOptions& opt = {}) {
+  return detail::attention_reference("polyattn::attention_reference", Q, K, V, opt);
 }
 
 /// Streaming exact attention with online softmax over key blocks; keeps its workspace between calls.
@@ -91,13 +106,22 @@ class ExactAttention {
 
   const AttentionOptions& options() const { return options_; }
 
-  /// Writes \f$O\f$ (n x h d_v) for Q (n x h d_k), K (m x h d_k), V (m x h d_v).
+  /// Writes \f$O\f$ (n x h d_v) for Q (n x h d_k), K (m x h d_k), V (m x h d_v). `O` must not share memory with
+  /// Q, K or V (std::invalid_argument). Throws std::domain_error when finite input overflows T (scores beyond
+  /// the largest T, or sums of weighted values).
   void forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V, MatrixRef<T> O) {
-    const auto shape = detail::check_qkv("polyattn::ExactAttention::forward", Q, K, V, options_);
-    detail::require_shape("polyattn::ExactAttention::forward", "O", O, shape.n, shape.heads * shape.dv);
+    forward(Q, K, V, O, "polyattn::ExactAttention::forward");
+  }
+
+  /// forward() reporting errors as `where` (for the backends built on it).
+  void forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V, MatrixRef<T> O,
+               const char* where) {
+    const auto shape = detail::check_qkv(where, Q, K, V, options_);
+    detail::check_forward_output(where, shape, Q, K, V, O);
     detail::ensure_shape(logsumexp_, shape.n, shape.heads);
-    positions_.resize(static_cast<std::size_t>(query_block_));
-    reserve(std::min(query_block_, shape.n), shape);
+    const Index query_rows = std::min(query_block_, shape.n);  // never sized by the option alone
+    positions_.resize(static_cast<std::size_t>(query_rows));
+    reserve(query_rows, shape);
     const T c = static_cast<T>(options_.resolved_scale(shape.dk));
     for (Index h = 0; h < shape.heads; ++h) {
       const auto Kh = K.middleCols(h * shape.dk, shape.dk);
@@ -111,6 +135,7 @@ class ExactAttention {
              logsumexp_.col(h).segment(q0, bq));
       }
     }
+    check_finite_results(where, Q, K, V, O, shape);
   }
 
   /// Exact attention of a few queries at arbitrary positions (ascending if causal) against all keys:
@@ -124,7 +149,7 @@ class ExactAttention {
     const auto shape = detail::check_qkv(where, Q, K, V, relaxed);
     detail::require(static_cast<Index>(positions.size()) == shape.n, where, "'positions' must have ", shape.n,
                     " entries, got ", positions.size());
-    detail::require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
+    detail::check_forward_output(where, shape, Q, K, V, O);
     for (std::size_t i = 0; i < positions.size(); ++i)
       detail::require(positions[i] >= 0 && positions[i] < shape.m && (i == 0 || positions[i] >= positions[i - 1]),
                       where, "'positions' must be ascending within [0, ", shape.m, "), got ", positions[i],
@@ -137,12 +162,24 @@ class ExactAttention {
       rows(scaled_queries_, positions.data(), K.middleCols(h * shape.dk, shape.dk),
            V.middleCols(h * shape.dv, shape.dv), O.middleCols(h * shape.dv, shape.dv), logsumexp_.col(h));
     }
+    check_finite_results(where, Q, K, V, O, shape);
   }
 
   /// Per-row, per-head \f$\log\sum_j e^{S_{ij}}\f$ of the last forward call (n x h).
   const Matrix<T>& logsumexp() const { return logsumexp_; }
 
  private:
+  // Finite input whose scores or value sums overflowed T leaves NaN or inf in O or the log-sum-exp: a domain_error
+  // saying what overflowed instead. O(n d).
+  void check_finite_results(const char* where, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                            const ConstMatrixRef<T>& V, const MatrixRef<T>& O, const detail::HeadShape& shape) const {
+    const auto cause = [&] {
+      return detail::exact_overflow_cause<T>(Q, K, V, shape, options_.resolved_scale(shape.dk));
+    };
+    detail::require_finite_result(where, "the output", O, cause);
+    detail::require_finite_result(where, "the log-sum-exp of the scores", logsumexp_, cause);
+  }
+
   // Sizes the workspaces for blocks of up to `query_rows` queries; a later call of the same shape reuses them.
   void reserve(Index query_rows, const detail::HeadShape& shape) {
     const Index key_rows = std::min(key_block_, shape.m);

@@ -1,4 +1,4 @@
-/// ile attention/exact_gradients.hpp
+/// \file attention/exact_gradients.hpp
 /// Exact gradients of softmax attention.
 ///
 /// With \f$S = c\,QK^\top\f$ (\f$-\infty\f$ above the diagonal when causal), \f$P = \mathrm{softmax}_{\text{rows}}(S)\f$,
@@ -21,25 +21,15 @@
 
 namespace polyattn {
 
-/// Materialised exact attention backward (the reference): forms each head's \f$n\times m\f$ matrices.
-/// Writes dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v) for G = dL/dO (n x h d_v).
-///
-/// \code
-///   polyattn::Matrix<double> dQ(n, dk), dK(n, dk), dV(n, dv);
-///   polyattn::attention_backward_reference(Q, K, V, G, {std::nullopt, true, 1}, dQ, dK, dV);
-/// \endcode
+namespace detail {
+
+// The loop of attention_backward_reference() on checked arguments; throws std::domain_error as `where` when the
+// gradients of finite input overflow.
 template <class T>
-void attention_backward_reference(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
-                                  const ConstMatrixRef<T>& G, const AttentionOptions& opt, MatrixRef<T> dQ,
-                                  MatrixRef<T> dK, MatrixRef<T> dV) {
-  detail::static_check_scalar<T>();
-  constexpr const char* where = "polyattn::attention_backward_reference";
-  const auto shape = detail::check_qkv(where, Q, K, V, opt);
-  detail::require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
-  detail::require_finite(where, "G", G);
-  detail::require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
-  detail::require_shape(where, "dK", dK, shape.m, shape.heads * shape.dk);
-  detail::require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
+void attention_backward_reference_unchecked(const char* where, const HeadShape& shape, const ConstMatrixRef<T>& Q,
+                                            const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                                            const ConstMatrixRef<T>& G, const AttentionOptions& opt, MatrixRef<T> dQ,
+                                            MatrixRef<T> dK, MatrixRef<T> dV) {
   const T c = static_cast<T>(opt.resolved_scale(shape.dk));
   for (Index h = 0; h < shape.heads; ++h) {
     const auto Qh = Q.middleCols(h * shape.dk, shape.dk);
@@ -61,6 +51,35 @@ void attention_backward_reference(const ConstMatrixRef<T>& Q, const ConstMatrixR
     dK.middleCols(h * shape.dk, shape.dk).noalias() = c * p.transpose() * Qh;
     dV.middleCols(h * shape.dv, shape.dv).noalias() = P.transpose() * Gh;
   }
+  check_backward_results<T>(where, opt, shape, Q, K, V, G, dQ, dK, dV);
+}
+
+}  // namespace detail
+
+/// Materialised exact attention backward (the reference): forms each head's \f$n\times m\f$ matrices.
+/// Writes dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v) for G = dL/dO (n x h d_v);
+/// the outputs must share no memory with the inputs or each other (std::invalid_argument).
+///
+/// \code
+///   polyattn::Matrix<double> dQ(n, dk), dK(n, dk), dV(n, dv);
+///   polyattn::attention_backward_reference(Q, K, V, G, {std::nullopt, true, 1}, dQ, dK, dV);
+/// \endcode
+template <class T>
+void attention_backward_reference(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                                  const ConstMatrixRef<T>& G, const AttentionOptions& opt, MatrixRef<T> dQ,
+                                  MatrixRef<T> dK, MatrixRef<T> dV) {
+  detail::static_check_scalar<T>();
+  constexpr const char* where = "polyattn::attention_backward_reference";
+  const auto shape = detail::check_qkv(where, Q, K, V, opt);
+  detail::require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
+  detail::require_finite(where, "G", G);
+  detail::require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
+  detail::require_shape(where, "dK", dK, shape.m, shape.heads * shape.dk);
+  detail::require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
+  detail::require_disjoint(where, {detail::memory_of("dQ", dQ), detail::memory_of("dK", dK), detail::memory_of("dV", dV)},
+                           {detail::memory_of("Q", Q), detail::memory_of("K", K), detail::memory_of("V", V),
+                            detail::memory_of("G", G)});
+  detail::attention_backward_reference_unchecked<T>(where, shape, Q, K, V, G, opt, dQ, dK, dV);
 }
 
 namespace detail {
@@ -97,25 +116,25 @@ class ExactReferenceBackend final : public AttentionBackend<T> {
   explicit ExactReferenceBackend(const PolynomialAttentionOptions& options) : ExactReferenceBackend(options.attention) {}
 
   AttentionMethod method() const override { return AttentionMethod::exact_reference; }
+  const AttentionOptions& attention_options() const override { return options_; }
   const AttentionOptions& options() const { return options_; }
 
   Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                       MatrixRef<T> O) override {
     constexpr const char* where = "polyattn::ExactReferenceBackend::forward";
     const auto shape = detail::check_qkv(where, Q, K, V, options_);
-    detail::require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
-    O.noalias() = attention_reference(Q, K, V, options_);
+    detail::check_forward_output(where, shape, Q, K, V, O);
+    O.noalias() = detail::attention_reference(where, Q, K, V, options_);
     return detail::exact_method_certificate();
   }
 
-  /// Recomputes everything from Q, K, V; `O` is only checked for shape (the interface passes it).
+  /// Recomputes everything from Q, K, V; `O` is only checked (the interface passes it).
   GradientCertificate backward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                                const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G, MatrixRef<T> dQ,
                                MatrixRef<T> dK, MatrixRef<T> dV) override {
     constexpr const char* where = "polyattn::ExactReferenceBackend::backward";
-    const auto shape = detail::check_qkv(where, Q, K, V, options_);
-    detail::require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
-    attention_backward_reference<T>(Q, K, V, G, options_, dQ, dK, dV);
+    const auto shape = detail::check_backward_arguments<T>(where, options_, Q, K, V, O, G, dQ, dK, dV);
+    detail::attention_backward_reference_unchecked<T>(where, shape, Q, K, V, G, options_, dQ, dK, dV);
     return {detail::exact_method_certificate(), 0, 0};
   }
 
@@ -182,15 +201,13 @@ class ExactBlockedBackend final : public AttentionBackend<T> {
       : ExactBlockedBackend(options.attention, blocks) {}
 
   AttentionMethod method() const override { return AttentionMethod::exact_blocked; }
+  const AttentionOptions& attention_options() const override { return options_; }
   const AttentionOptions& options() const { return options_; }
   const ExactBlockedOptions& blocks() const { return blocks_; }
 
   Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                       MatrixRef<T> O) override {
-    constexpr const char* where = "polyattn::ExactBlockedBackend::forward";
-    const auto shape = detail::check_qkv(where, Q, K, V, options_);
-    detail::require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
-    forward_.forward(Q, K, V, O);
+    forward_.forward(Q, K, V, O, "polyattn::ExactBlockedBackend::forward");
     return detail::exact_method_certificate();
   }
 
@@ -220,6 +237,7 @@ class ExactBlockedBackend final : public AttentionBackend<T> {
                     dK.middleCols(h * shape.dk, shape.dk), dV.middleCols(h * shape.dv, shape.dv));
       dQ.middleCols(h * shape.dk, shape.dk) *= c;
     }
+    detail::check_backward_results<T>(where, options_, shape, Q, K, V, G, dQ, dK, dV);
     return {detail::exact_method_certificate(), 0, 0};
   }
 

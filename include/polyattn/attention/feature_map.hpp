@@ -1,4 +1,4 @@
-/// ile attention/feature_map.hpp
+/// \file attention/feature_map.hpp
 /// Polynomial feature maps \f$\varphi_Q, \varphi_K\f$ with
 /// \f$\varphi_Q(q)^\top \varphi_K(k) = p(c\, q^\top k)\f$ for a polynomial \f$p(z)=\sum_{t\le g} a_t z^t\f$.
 ///
@@ -28,6 +28,7 @@
 #include "../common.hpp"
 #include "polynomial.hpp"
 
+#include <algorithm>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -40,6 +41,10 @@ enum class FeatureSide { query, key };
 
 /// Default cap on the feature width r; wider maps throw instead of exhausting memory.
 inline constexpr Index default_max_features = Index(1) << 20;
+/// Hard ceiling on the feature width r whatever the requested cap (2^26, 64 times the default): the map's
+/// plan costs about 50 bytes per feature and every chunk workspace 64 or more rows of r scalars, so wider maps
+/// cannot be allocated on any realistic machine and are rejected before any allocation.
+inline constexpr Index max_feature_width = Index(1) << 26;
 
 /// Number of features of a map without building it (1 when `dim` <= 0 or `degree` <= 0). Saturates at
 /// `cap + 1` (at `cap` when `cap` is the largest Index) without any intermediate overflow.
@@ -75,7 +80,8 @@ class FeatureMap {
   /// \param dim input dimension d (per head), > 0.
   /// \param poly the polynomial p; its degree is g.
   /// \param scale the score scale c > 0.
-  /// \param max_features width cap; a wider map throws std::invalid_argument naming 'degree'.
+  /// \param max_features width cap; a wider map (or one wider than max_feature_width, whatever the cap) throws
+  /// std::invalid_argument naming 'degree' before allocating anything.
   FeatureMap(FeatureMapKind kind, Index dim, const Polynomial& poly, double scale,
              Index max_features = default_max_features)
       : kind_(kind), dim_(dim), degree_(poly.degree()), scale_(scale) {
@@ -83,10 +89,12 @@ class FeatureMap {
     detail::require(dim > 0, where, "'dim' must be > 0, got ", dim);
     detail::require(poly.degree() >= 0, where, "'degree' must be >= 0, got ", poly.degree());
     detail::require_positive(where, "scale", scale);
-    const Index width = feature_width(kind, dim, degree_, max_features);
-    detail::require(width <= max_features, where, "'degree' ", degree_, " with dim ", dim,
-                    " needs more than max_features = ", max_features, " features (",
-                    kind == FeatureMapKind::symmetric ? "C(d+g, g)" : "sum_t d^t", ")");
+    detail::require(max_features >= 1, where, "'max_features' must be >= 1, got ", max_features);
+    const Index cap = std::min(max_features, max_feature_width);
+    const Index width = feature_width(kind, dim, degree_, cap);  // saturates at cap + 1 without overflow
+    detail::require(width <= cap, where, "'degree' ", degree_, " with dim ", dim, " needs more than ",
+                    cap == max_features ? "max_features = " : "the largest allocatable width max_feature_width = ",
+                    cap, " features (", kind == FeatureMapKind::symmetric ? "C(d+g, g)" : "sum_t d^t", ")");
     build_plan(poly);
   }
 
@@ -102,10 +110,15 @@ class FeatureMap {
   const std::vector<int>& feature_degrees() const { return degree_of_; }
 
   /// Raw monomials \f$M_{i\alpha} = m_\alpha(\sqrt{c}\,x_i)\f$ of the rows of `X` (rows x dim) into
-  /// `M` (rows x width). `scaled` receives \f$\sqrt{c}X\f$ (needed again by backward).
+  /// `M` (rows x width). `scaled` receives \f$\sqrt{c}X\f$ (needed again by backward). Outputs must not share
+  /// memory with `X` or each other (std::invalid_argument), here and in features() and monomials_backward().
   template <class Derived>
   void monomials(const Eigen::MatrixBase<Derived>& X, MatrixRef<T> scaled, MatrixRef<T> M) const {
     check_rows("monomials", X, M);
+    if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit))
+      detail::require_disjoint("polyattn::FeatureMap::monomials",
+                               {detail::memory_of("scaled", scaled), detail::memory_of("M", M)},
+                               {detail::memory_of("X", X)});
     scaled.noalias() = static_cast<T>(std::sqrt(scale_)) * X;
     expand(scaled, M);
   }
@@ -115,6 +128,9 @@ class FeatureMap {
   template <class Derived>
   void features(const Eigen::MatrixBase<Derived>& X, FeatureSide side, MatrixRef<T> F) const {
     check_rows("features", X, F);
+    if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit))
+      detail::require_disjoint("polyattn::FeatureMap::features", {detail::memory_of("F", F)},
+                               {detail::memory_of("X", X)});
     Matrix<T> scaled = static_cast<T>(std::sqrt(scale_)) * X;
     expand(scaled, F);
     const Vector<T>& w = side == FeatureSide::query ? query_weights_ : key_weights_;
@@ -129,6 +145,8 @@ class FeatureMap {
     detail::require_shape(where, "dM", dM, M.rows(), width());
     detail::require_shape(where, "scaled", scaled, M.rows(), dim_);
     detail::require_shape(where, "dX", dX, M.rows(), dim_);
+    detail::require_disjoint(where, {detail::memory_of("dM", dM), detail::memory_of("dX", dX)},
+                             {detail::memory_of("scaled", scaled), detail::memory_of("M", M)});
     for (Index k = width() - 1; k >= 1; --k) {
       const Index parent = parent_[static_cast<std::size_t>(k)];
       const Index var = variable_[static_cast<std::size_t>(k)];

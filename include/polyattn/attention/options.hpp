@@ -1,10 +1,13 @@
-/// ile attention/options.hpp
+/// \file attention/options.hpp
 /// What every attention routine, exact or approximate, needs to know about the problem.
 #pragma once
 
 #include "../common.hpp"
 
+#include <algorithm>
+#include <limits>
 #include <optional>
+#include <string>
 
 namespace polyattn {
 
@@ -85,6 +88,62 @@ HeadShape check_qkv(const char* where, const Eigen::MatrixBase<DQ>& Q, const Eig
   require_finite(where, "K", K);
   require_finite(where, "V", V);
   return shape;
+}
+
+/// Throws unless `O` is the n x h d_v output of the checked (Q, K, V) of `shape` and shares no memory with them.
+template <class DQ, class DK, class DV, class DO>
+void check_forward_output(const char* where, const HeadShape& shape, const Eigen::MatrixBase<DQ>& Q,
+                          const Eigen::MatrixBase<DK>& K, const Eigen::MatrixBase<DV>& V,
+                          const Eigen::MatrixBase<DO>& O) {
+  require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
+  require_disjoint(where, {memory_of("O", O)}, {memory_of("Q", Q), memory_of("K", K), memory_of("V", V)});
+}
+
+/// \f$\max_i \|x_i\|_2\f$ over the rows of `X`, accumulated in double (so float input never overflows it):
+/// NaN if an entry is NaN, \f$+\infty\f$ if one is infinite. Accumulates squared columns over blocks of rows,
+/// so each pass is contiguous, vectorised and in cache.
+template <class Derived>
+double max_row_norm(const Eigen::MatrixBase<Derived>& X) {
+  constexpr Index rows_per_block = 1024;
+  Eigen::ArrayXd squares(std::min(X.rows(), rows_per_block));
+  double largest = 0;
+  for (Index i0 = 0; i0 < X.rows(); i0 += rows_per_block) {
+    const Index b = std::min(rows_per_block, X.rows() - i0);
+    auto block_squares = squares.head(b);
+    block_squares = X.col(0).segment(i0, b).template cast<double>().array().square();
+    for (Index j = 1; j < X.cols(); ++j)
+      block_squares += X.col(j).segment(i0, b).template cast<double>().array().square();
+    const double block_largest = block_squares.template maxCoeff<Eigen::PropagateNaN>();
+    if (std::isnan(block_largest)) return block_largest;
+    largest = std::max(largest, block_largest);
+  }
+  return std::sqrt(largest);
+}
+
+/// The score radius \f$R = \max_l c\max_i\|q_i\|\max_j\|k_j\|\f$ over the heads of `shape`, in double: every
+/// score \f$c\,q_i^\top k_j\f$ lies in \f$[-R, R]\f$. O(n d).
+template <class DQ, class DK>
+double score_radius(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const HeadShape& shape,
+                    double scale) {
+  double radius = 0;
+  for (Index h = 0; h < shape.heads; ++h)
+    radius = std::max(radius, scale * max_row_norm(Q.middleCols(h * shape.dk, shape.dk)) *
+                                  max_row_norm(K.middleCols(h * shape.dk, shape.dk)));
+  return radius;
+}
+
+/// Why exact attention of finite Q, K, V in scalar type T produced a non-finite result: the score radius or the
+/// value magnitude against the largest T. For the message of a std::domain_error; O(n d).
+template <class T, class DQ, class DK, class DV>
+std::string exact_overflow_cause(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                                 const Eigen::MatrixBase<DV>& V, const HeadShape& shape, double scale) {
+  const double largest = static_cast<double>(std::numeric_limits<T>::max());
+  const double radius = score_radius(Q, K, shape, scale);
+  const double max_v = static_cast<double>(V.cwiseAbs().maxCoeff());
+  const char* type = sizeof(T) == sizeof(float) ? "float" : "double";
+  return concat("the scores or the sums of weighted values overflowed ", type, " (largest ", largest,
+                "): score radius R = c max|q| max|k| = ", radius, ", max |V| = ", max_v, ", ", shape.m,
+                " keys; scale Q, K or V down", sizeof(T) == sizeof(float) ? " or use double" : "");
 }
 
 }  // namespace detail

@@ -1,4 +1,4 @@
-/// ile attention/paper_gradients.hpp
+/// \file attention/paper_gradients.hpp
 /// Attention gradients by Algorithm 1 of Liang, Sha, Shi, Song, Zhou 2024 ("Multi-Layer Transformers
 /// Gradient Can be Approximated in Almost Linear Time"), implemented faithfully but with the verified
 /// formulas where the paper's printed ones are wrong.
@@ -123,6 +123,7 @@ class PaperBackend final : public AttentionBackend<T> {
   }
 
   AttentionMethod method() const override { return AttentionMethod::paper; }
+  const AttentionOptions& attention_options() const override { return attention_.options().attention; }
 
   const PolynomialAttentionOptions& options() const { return attention_.options(); }
   const PaperGradientOptions& gradient_options() const { return gradient_options_; }
@@ -131,7 +132,7 @@ class PaperBackend final : public AttentionBackend<T> {
   Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                       MatrixRef<T> O) override {
     has_forward_ = false;
-    certificate_ = attention_.forward(Q, K, V, O);
+    certificate_ = attention_.forward(Q, K, V, O, "polyattn::PaperBackend::forward");
     forward_shape_ = {Q.rows(), K.rows(), Q.cols(), V.cols()};
     has_forward_ = true;
     return certificate_;
@@ -173,6 +174,7 @@ class PaperBackend final : public AttentionBackend<T> {
                                    (2 * rho + 1) * c * delta * a * max_q * column_sum});
       result.dv_bound = std::max(result.dv_bound, rho * delta * max_g * column_sum);
     }
+    detail::check_backward_results<T>(where, opt, shape, Q, K, V, G, dQ, dK, dV);
     if (certificate_.vacuous()) {
       result.dqk_bound = std::numeric_limits<double>::infinity();
       result.dv_bound = std::numeric_limits<double>::infinity();
@@ -214,9 +216,9 @@ class PaperBackend final : public AttentionBackend<T> {
   void normalise_query_factor(const Vector<T>& normaliser, Index first_row) {
     for (Index i = 0; i < normaliser.size(); ++i)
       if (!(normaliser(i) > 0) || !std::isfinite(static_cast<double>(normaliser(i))))
-        throw std::domain_error(detail::concat(
-            "polyattn::PaperBackend::backward: approximate normaliser of row ", first_row + i, " is ",
-            static_cast<double>(normaliser(i)), " (not positive): use an even degree or a larger one"));
+        throw std::domain_error(detail::bad_normaliser_message(
+            "polyattn::PaperBackend::backward", first_row + i, static_cast<double>(normaliser(i)),
+            certificate_.degree, certificate_.radius, sizeof(T) == sizeof(float) ? "float" : "double"));
     u1_ = normaliser.cwiseInverse().asDiagonal() * u1_;
   }
 

@@ -1,4 +1,4 @@
-/// ile attention/polynomial_attention.hpp
+/// \file attention/polynomial_attention.hpp
 /// Almost-linear-time softmax attention by the polynomial method (Alman & Song 2023).
 ///
 /// With \f$p \approx \exp\f$ on \f$[-R, R]\f$ and features \f$U_1 = \varphi_Q(Q)\f$, \f$U_2 = \varphi_K(K)\f$
@@ -78,7 +78,8 @@ struct PolynomialAttentionOptions {
   /// Rows per chunk: the feature batch \f$B\f$ when non-causal, the scan chunk \f$b\f$ (masked block) when
   /// causal. 0 (default): about 256 KiB of features per batch; \f$b = 64\f$.
   Index chunk_size = 0;
-  /// Largest allowed feature width r; a wider map throws std::invalid_argument naming 'degree'.
+  /// Largest allowed feature width r; a wider map throws std::invalid_argument naming 'degree'. Whatever its
+  /// value, widths above max_feature_width (feature_map.hpp) are rejected the same way before any allocation.
   Index max_features = default_max_features;
   /// Run exact attention on `estimate_rows` sampled query rows and report their relative errors.
   bool estimate_error = false;
@@ -133,26 +134,6 @@ struct Certificate {
 
 namespace detail {
 
-/// \f$\max_i \|x_i\|_2\f$ over the rows of `X`: NaN if an entry is NaN, \f$+\infty\f$ if one is infinite.
-/// Accumulates squared columns over blocks of rows, so each pass is contiguous, vectorised and in cache.
-template <class Derived>
-double max_row_norm(const Eigen::MatrixBase<Derived>& X) {
-  using T = typename Derived::Scalar;
-  constexpr Index rows_per_block = 1024;
-  Eigen::Array<T, Eigen::Dynamic, 1> squares(std::min(X.rows(), rows_per_block));
-  double largest = 0;
-  for (Index i0 = 0; i0 < X.rows(); i0 += rows_per_block) {
-    const Index b = std::min(rows_per_block, X.rows() - i0);
-    auto block_squares = squares.head(b);
-    block_squares = X.col(0).segment(i0, b).array().square();
-    for (Index j = 1; j < X.cols(); ++j) block_squares += X.col(j).segment(i0, b).array().square();
-    const double block_largest = static_cast<double>(block_squares.template maxCoeff<Eigen::PropagateNaN>());
-    if (std::isnan(block_largest)) return block_largest;
-    largest = std::max(largest, block_largest);
-  }
-  return std::sqrt(largest);
-}
-
 /// `count` distinct indices of [0, n), ascending (all of them when count >= n); Floyd's sampling.
 inline std::vector<Index> sample_rows(Index n, Index count, std::uint64_t seed) {
   std::vector<Index> rows;
@@ -181,7 +162,15 @@ inline double apriori_output_bound(double poly_error, double max_abs_value) {
   return poly_error < 1 ? 2 * poly_error / (1 - poly_error) * max_abs_value : std::numeric_limits<double>::infinity();
 }
 
-inline PolynomialChoice choose_polynomial(const PolynomialAttentionOptions& opt, double measured_radius) {
+/// Applies the options' range policy to the measured score radius; `where` names the caller in its errors.
+/// Throws std::domain_error when the radius is not finite (the inputs' scores overflow double), when it exceeds
+/// the configured interval under RangePolicy::throw_error, or when no degree up to 64 reaches the configured
+/// error on it under RangePolicy::raise_degree.
+inline PolynomialChoice choose_polynomial(const char* where, const PolynomialAttentionOptions& opt,
+                                          double measured_radius) {
+  if (!std::isfinite(measured_radius))
+    throw std::domain_error(concat(where, ": the score radius R = c max|q| max|k| of the inputs 'Q', 'K' is ",
+                                   measured_radius, " (it overflows double): scale Q and K down"));
   PolynomialChoice choice;
   Certificate& cert = choice.cert;
   cert.radius = measured_radius;
@@ -190,18 +179,28 @@ inline PolynomialChoice choose_polynomial(const PolynomialAttentionOptions& opt,
   if (opt.radius > 0 && measured_radius > opt.radius) {
     switch (opt.range_policy) {
       case RangePolicy::throw_error:
-        throw std::domain_error(concat("polyattn::PolynomialAttention: measured score radius R = ", measured_radius,
-                                       " exceeds 'radius' = ", opt.radius, " that the degree-", opt.degree,
-                                       " polynomial covers (RangePolicy::throw_error)"));
+        throw std::domain_error(concat(where, ": measured score radius R = ", measured_radius,
+                                       " of the inputs 'Q', 'K' exceeds 'radius' = ", opt.radius, " that the degree-",
+                                       opt.degree, " polynomial covers (RangePolicy::throw_error)"));
       case RangePolicy::mark_invalid:
         cert.valid = false;
         break;
       case RangePolicy::raise_degree: {
         const double configured =
             certify_exp(exp_polynomial(opt.kind, opt.degree, opt.radius), opt.radius).relative_error;
+        const double target = std::min(configured, 0.5);
         const bool even_only = opt.kind == PolynomialKind::taylor && opt.degree % 2 == 0;
-        cert.degree = std::max(opt.degree, select_degree(measured_radius, std::min(configured, 0.5), opt.kind,
-                                                         even_only));
+        constexpr int max_degree = 64;
+        int degree = 0;
+        try {
+          degree = select_degree(measured_radius, target, opt.kind, even_only, max_degree);
+        } catch (const std::domain_error&) {
+          throw std::domain_error(concat(where, ": measured score radius R = ", measured_radius,
+                                         " of the inputs 'Q', 'K' exceeds 'radius' = ", opt.radius,
+                                         " and no degree <= ", max_degree, " reaches the configured relative error ",
+                                         target, " on [-R, R] (RangePolicy::raise_degree): scale Q and K down"));
+        }
+        cert.degree = std::max(opt.degree, degree);
         cert.interval = measured_radius;
         break;
       }
@@ -212,6 +211,41 @@ inline PolynomialChoice choose_polynomial(const PolynomialAttentionOptions& opt,
   cert.poly_error = exp_cert.relative_error;
   cert.positive = exp_cert.positive;
   return choice;
+}
+
+/// The std::domain_error message for an approximate normaliser `value` of row `row` that is not a positive finite
+/// number: p negative on the scores, or (inf, NaN) features or sums that overflowed the scalar type `type`.
+inline std::string bad_normaliser_message(const char* where, Index row, double value, int degree, double radius,
+                                          const char* type) {
+  if (std::isfinite(value))
+    return concat(where, ": approximate normaliser of row ", row, " is ", value, " (not positive): the degree-",
+                  degree, " polynomial is not positive on the scores; use an even degree or a larger one");
+  return concat(where, ": approximate normaliser of row ", row, " is ", value, ": the degree-", degree,
+                " polynomial features of the scores or their sums overflowed ", type,
+                " (score radius R = c max|q| max|k| = ", radius, "); scale Q and K down, lower the degree",
+                std::string(type) == "float" ? " or use double" : "");
+}
+
+/// Why the approximate output of finite inputs is not finite although every normaliser is: the numerators
+/// (features times values) overflowed. O(n d).
+template <class T, class DV>
+std::string polynomial_overflow_cause(const Eigen::MatrixBase<DV>& V, int degree, double radius) {
+  return concat("the features times the values overflowed ", sizeof(T) == sizeof(float) ? "float" : "double",
+                " (largest ", static_cast<double>(std::numeric_limits<T>::max()), "): degree ", degree,
+                ", score radius R = ", radius, ", max |V| = ", static_cast<double>(V.cwiseAbs().maxCoeff()),
+                "; scale V (or Q and K) down");
+}
+
+/// A new FeatureMap for the options; its errors (a feature width beyond 'max_features' or beyond what can be
+/// allocated) are reported as `where`.
+template <class T>
+std::unique_ptr<FeatureMap<T>> make_feature_map(const char* where, const PolynomialAttentionOptions& opt, Index dk,
+                                                const Polynomial& poly, double c) {
+  try {
+    return std::make_unique<FeatureMap<T>>(opt.feature_map, dk, poly, c, opt.max_features);
+  } catch (const std::invalid_argument& error) {
+    throw std::invalid_argument(concat(where, ": ", error.what()));
+  }
 }
 
 /// The a-posteriori estimate: exact attention on `options.estimate_rows` seeded random query rows and the
@@ -254,14 +288,21 @@ class PolynomialAttention {
   const PolynomialAttentionOptions& options() const { return options_; }
 
   /// Writes \f$\tilde O\f$ (n x h d_v) and returns its certificate.
-  /// Throws std::invalid_argument for bad shapes or non-finite input, std::domain_error when the
-  /// measured radius exceeds the interval under RangePolicy::throw_error or when an approximate
-  /// normaliser is not positive (p not positive on the scores: use an even degree).
+  /// Throws std::invalid_argument for bad shapes, non-finite input or `O` sharing memory with Q, K or V;
+  /// std::domain_error when the measured radius exceeds the interval under RangePolicy::throw_error (or no
+  /// degree reaches it under raise_degree), when an approximate normaliser is not positive (p not positive on
+  /// the scores: use an even degree) or when finite input overflows T (features, normalisers or output).
   Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                       MatrixRef<T> O) {
-    constexpr const char* where = "polyattn::PolynomialAttention::forward";
+    return forward(Q, K, V, O, "polyattn::PolynomialAttention::forward");
+  }
+
+  /// forward() reporting errors as `where` (for the backends built on it).
+  Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                      MatrixRef<T> O, const char* where) {
     const auto shape = detail::check_qkv_shapes(where, Q, K, V, options_.attention);
-    detail::require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
+    detail::check_forward_output(where, shape, Q, K, V, O);
+    where_ = where;
     // The passes that measure R and max|v| for the certificate also detect non-finite entries (they make
     // the result NaN or infinite); only then are the entries searched for the error message.
     const double c = options_.attention.resolved_scale(shape.dk);
@@ -275,7 +316,7 @@ class PolynomialAttention {
     }
     const double max_v = static_cast<double>(V.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
     if (!std::isfinite(max_v)) detail::require_finite(where, "V", V);
-    Certificate cert = prepare(shape.dk, c, radius);
+    Certificate cert = prepare(where, shape.dk, c, radius);
     for (Index h = 0; h < shape.heads; ++h) {
       const auto Qh = Q.middleCols(h * shape.dk, shape.dk);
       const auto Kh = K.middleCols(h * shape.dk, shape.dk);
@@ -286,6 +327,9 @@ class PolynomialAttention {
       else
         forward_full(Qh, Kh, Vh, Oh);
     }
+    detail::require_finite_result(where, "the output", O, [&] {
+      return detail::polynomial_overflow_cause<T>(V, map_poly_.degree(), radius);
+    });
     cert.output_bound = detail::apriori_output_bound(cert.poly_error, max_v);
     if (options_.estimate_error) estimate(Q, K, V, O, cert);
     return cert;
@@ -299,10 +343,11 @@ class PolynomialAttention {
 
  private:
   // Applies the range policy and (re)builds the feature map when degree, interval or shape changed.
-  Certificate prepare(Index dk, double c, double radius) {
-    detail::PolynomialChoice choice = detail::choose_polynomial(options_, radius);
+  Certificate prepare(const char* where, Index dk, double c, double radius) {
+    detail::PolynomialChoice choice = detail::choose_polynomial(where, options_, radius);
+    radius_ = radius;
     if (!map_ || map_->dim() != dk || map_->scale() != c || map_poly_.coeffs != choice.poly.coeffs) {
-      map_ = std::make_unique<FeatureMap<T>>(options_.feature_map, dk, choice.poly, c, options_.max_features);
+      map_ = detail::make_feature_map<T>(where, options_, dk, choice.poly, c);
       map_poly_ = choice.poly;
     }
     choice.cert.features = map_->width();
@@ -422,10 +467,9 @@ class PolynomialAttention {
     const auto output = output_.topRows(rows);
     const Index bad = first_bad_normaliser(output.col(dv));
     if (bad >= 0)
-      throw std::domain_error(detail::concat(
-          "polyattn::PolynomialAttention::forward: approximate normaliser of row ", first_row + bad, " is ",
-          static_cast<double>(output_(bad, dv)), " (not positive): the degree-", map_poly_.degree(),
-          " polynomial is not positive on the scores; use an even degree or a larger one"));
+      throw std::domain_error(detail::bad_normaliser_message(where_, first_row + bad,
+                                                             static_cast<double>(output_(bad, dv)), map_poly_.degree(),
+                                                             radius_, sizeof(T) == sizeof(float) ? "float" : "double"));
     auto inverse_normaliser = inverse_normaliser_.head(rows);
     inverse_normaliser = output.col(dv).cwiseInverse();
     Ob.noalias() = inverse_normaliser.asDiagonal() * output.leftCols(dv);
@@ -448,6 +492,8 @@ class PolynomialAttention {
   ExactAttention<T> exact_;
   std::unique_ptr<FeatureMap<T>> map_;
   Polynomial map_poly_;
+  const char* where_ = "polyattn::PolynomialAttention::forward";  // the caller's name, for normalise()
+  double radius_ = 0;                                               // R of the current call, for normalise()
   Matrix<T> queries_scaled_, keys_scaled_, query_monomials_, key_monomials_, values_, state_, output_, block_,
       block_poly_;
   Vector<T> inverse_normaliser_;
