@@ -320,3 +320,63 @@ TEST_CASE("Layers reject bad input with the argument's name", "[layer_gradients]
     REQUIRE_THROWS_WITH(projected.forward(empty, W, W, W_V, O0), Contains("'X' must be non-empty"));
   }
 }
+
+TEST_CASE("MergedQKAttentionLayer rejects weights for another number of heads than its backend's",
+          "[attention_layers][heads]") {
+  const Index n = 8, d = 3, dv = 2;
+  const Matrix<double> X = random_matrix<double>(n, d, 110), W = random_matrix<double>(d, 2 * d, 111),
+                       W_V = random_matrix<double>(d, 2 * dv, 112);
+  ExactBlockedBackend<double> one_head(AttentionOptions{std::nullopt, true, 1});
+  MergedQKAttentionLayer<double> layer(one_head);
+  Matrix<double> O(n, 2 * dv);
+  REQUIRE_THROWS_AS(layer.forward(X, W, W_V, O), std::invalid_argument);
+  REQUIRE_THROWS_WITH(layer.forward(X, W, W_V, O), Contains("MergedQKAttentionLayer::forward") && Contains("'W'") &&
+                                                       Contains("'heads' = 1"));
+  Matrix<double> dX(n, d), dW(d, 2 * d), dW_V(d, 2 * dv);
+  REQUIRE_THROWS_WITH(layer.backward(X, W, W_V, O, dX, dW, dW_V),
+                      Contains("MergedQKAttentionLayer::backward") && Contains("'heads' = 1"));
+  ExactBlockedBackend<double> two_heads(AttentionOptions{std::nullopt, true, 2});
+  MergedQKAttentionLayer<double> matching(two_heads);
+  matching.forward(X, W, W_V, O);
+  REQUIRE(O.allFinite());
+}
+
+TEST_CASE("ProjectedAttentionLayer checks a stated head count against its backend", "[attention_layers][heads]") {
+  ExactBlockedBackend<float> one_head(AttentionOptions{std::nullopt, false, 1});
+  REQUIRE_THROWS_AS(ProjectedAttentionLayer<float>(one_head, 2), std::invalid_argument);
+  REQUIRE_THROWS_WITH(ProjectedAttentionLayer<float>(one_head, 2),
+                      Contains("ProjectedAttentionLayer") && Contains("'heads' = 2") && Contains("'heads' = 1"));
+  REQUIRE(ProjectedAttentionLayer<float>(one_head, 1).heads() == 1);
+  REQUIRE(ProjectedAttentionLayer<float>(one_head).heads() == 1);
+}
+
+TEST_CASE("Attention layers reject outputs overlapping inputs or each other", "[attention_layers][aliasing]") {
+  const Index n = 6, d = 3;
+  Matrix<double> X = random_matrix<double>(n, d, 120), W = random_matrix<double>(d, d, 121),
+                 W_V = random_matrix<double>(d, d, 122), G = random_matrix<double>(n, d, 123);
+  ExactReferenceBackend<double> exact(AttentionOptions{std::nullopt, true, 1});
+  MergedQKAttentionLayer<double> merged(exact);
+  Matrix<double> O(n, d), dX = Matrix<double>::Zero(n, d), dW = Matrix<double>::Zero(d, d),
+                 dW_V = Matrix<double>::Zero(d, d);
+  REQUIRE_THROWS_WITH(merged.forward(X, W, W_V, X),
+                      Contains("MergedQKAttentionLayer::forward") && Contains("'O'") && Contains("'X'"));
+  merged.forward(X, W, W_V, O);
+  REQUIRE_THROWS_AS(merged.backward(X, W, W_V, G, X, dW, dW_V), std::invalid_argument);
+  REQUIRE_THROWS_WITH(merged.backward(X, W, W_V, G, X, dW, dW_V),
+                      Contains("MergedQKAttentionLayer::backward") && Contains("'dX'") && Contains("'X'"));
+  REQUIRE_THROWS_WITH(merged.backward(X, W, W_V, G, dX, W, dW_V), Contains("'dW'") && Contains("'W'"));
+  REQUIRE_THROWS_WITH(merged.backward(X, W, W_V, G, dX, dW, dW), Contains("'dW'") && Contains("'dW_V'"));
+  REQUIRE(dW.isZero());
+  ProjectedAttentionLayer<double> projected(exact);
+  const Matrix<double> W_K = random_matrix<double>(d, d, 124);
+  REQUIRE_THROWS_WITH(projected.forward(X, W, W_K, W_V, X),
+                      Contains("ProjectedAttentionLayer::forward") && Contains("'O'") && Contains("'X'"));
+  projected.forward(X, W, W_K, W_V, O);
+  Matrix<double> W_K_copy = W_K, dW_K = Matrix<double>::Zero(d, d);
+  REQUIRE_THROWS_AS(projected.backward(X, W, W_K_copy, W_V, G, dX, dW, W_K_copy, dW_V), std::invalid_argument);
+  REQUIRE_THROWS_WITH(projected.backward(X, W, W_K_copy, W_V, G, dX, dW, W_K_copy, dW_V),
+                      Contains("ProjectedAttentionLayer::backward") && Contains("'dW_K'") && Contains("'W_K'"));
+  REQUIRE_THROWS_WITH(projected.backward(X, W, W_K, W_V, G, dX, dW, dW_K, dW_K), Contains("'dW_K'") &&
+                                                                                     Contains("'dW_V'"));
+  REQUIRE(dX.isZero());
+}

@@ -1,4 +1,4 @@
-/// ile nn/attention_layers.hpp
+/// \file nn/attention_layers.hpp
 /// The two parameterisations of an attention layer, forward and backward, as chain rules on top of any
 /// AttentionBackend. A backend computes the raw-form gradients \f$dQ, dK, dV\f$; the layers add the
 /// \f$O(nd^2)\f$ products that turn them into gradients of their weights and input, so every method (exact,
@@ -28,6 +28,10 @@
 /// Both layers follow the llm.c convention: forward() saves what backward() needs; backward() takes the same
 /// inputs in the same order and **accumulates** into \f$dX\f$ and every weight gradient (zero them before the
 /// first backward of a step), while the backend's \f$dQ, dK, dV\f$ are overwritten workspaces of the layer.
+/// As for the backends, an output (O; dX and the weight gradients) must not share memory with an input or
+/// another output: std::invalid_argument naming both. The number of heads is the backend's
+/// (AttentionBackend::attention_options()); weights laid out for another head count are rejected where their
+/// shape shows it (MergedQKAttentionLayer) or when the layer is built with an explicit head count.
 #pragma once
 
 #include "../attention/backend.hpp"
@@ -68,6 +72,8 @@ class MergedQKAttentionLayer {
     constexpr const char* where = "polyattn::MergedQKAttentionLayer::forward";
     const Index heads = check_weights(where, X, W, W_V);
     detail::require_shape(where, "O", O, X.rows(), W_V.cols());
+    detail::require_disjoint(where, {detail::memory_of("O", O)},
+                             {detail::memory_of("X", X), detail::memory_of("W", W), detail::memory_of("W_V", W_V)});
     const Index n = X.rows(), d = X.cols();
     queries_.noalias() = X * W;
     keys_.resize(n, heads * d);
@@ -92,6 +98,10 @@ class MergedQKAttentionLayer {
     detail::require_shape(where, "dX", dX, n, d);
     detail::require_shape(where, "dW", dW, d, W.cols());
     detail::require_shape(where, "dW_V", dW_V, d, W_V.cols());
+    detail::require_finite(where, "G", G);
+    detail::require_disjoint(where, {detail::memory_of("dX", dX), detail::memory_of("dW", dW), detail::memory_of("dW_V", dW_V)},
+                             {detail::memory_of("X", X), detail::memory_of("W", W), detail::memory_of("W_V", W_V),
+                              detail::memory_of("G", G)});
     query_grads_.resize(n, W.cols());
     key_grads_.resize(n, W.cols());
     value_grads_.resize(n, W_V.cols());
@@ -106,15 +116,19 @@ class MergedQKAttentionLayer {
   }
 
  private:
-  // Returns the number of heads implied by W's shape.
-  static Index check_weights(const char* where, const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& W,
-                             const ConstMatrixRef<T>& W_V) {
+  // Returns the number of heads implied by W's shape, which must be the backend's.
+  Index check_weights(const char* where, const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& W,
+                      const ConstMatrixRef<T>& W_V) const {
     detail::require_nonempty(where, "X", X);
     const Index d = X.cols();
     detail::require(W.rows() == d && W.cols() >= d && W.cols() % d == 0, where, "argument 'W' must be ", d,
                     "x(heads*", d, ") (the per-head ", d, "x", d, " blocks side by side), got ", W.rows(), "x",
                     W.cols());
     const Index heads = W.cols() / d;
+    const Index backend_heads = attention_->attention_options().heads;
+    detail::require(heads == backend_heads, where, "argument 'W' (", W.rows(), "x", W.cols(), ") holds ", heads,
+                    " heads of ", d, "x", d, " blocks, but the backend was built with 'heads' = ", backend_heads,
+                    " (expected 'W' to be ", d, "x", backend_heads * d, ")");
     detail::require(W_V.rows() == d && W_V.cols() >= heads && W_V.cols() % heads == 0, where,
                     "argument 'W_V' must be ", d, "x(", heads, "*d_v) for the ", heads, " heads of 'W', got ",
                     W_V.rows(), "x", W_V.cols());
@@ -141,10 +155,21 @@ class MergedQKAttentionLayer {
 template <class T>
 class ProjectedAttentionLayer {
  public:
-  /// The layer keeps a reference: `attention` must outlive it.
+  /// The layer keeps a reference: `attention` must outlive it. The heads are the backend's: Q, K, V are split
+  /// into AttentionOptions::heads column blocks.
   explicit ProjectedAttentionLayer(AttentionBackend<T>& attention) : attention_(&attention) {
     detail::static_check_scalar<T>();
   }
+  /// As above, stating the number of heads the weights are laid out for: throws std::invalid_argument unless it
+  /// is the backend's AttentionOptions::heads (the weights' shapes alone cannot show a head-count mismatch).
+  ProjectedAttentionLayer(AttentionBackend<T>& attention, Index heads) : ProjectedAttentionLayer(attention) {
+    const Index backend_heads = attention.attention_options().heads;
+    detail::require(heads == backend_heads, "polyattn::ProjectedAttentionLayer", "argument 'heads' = ", heads,
+                    " must equal the backend's 'heads' = ", backend_heads);
+  }
+
+  /// Number of heads (the backend's).
+  Index heads() const { return attention_->attention_options().heads; }
 
   AttentionBackend<T>& attention() const { return *attention_; }
 
@@ -154,6 +179,9 @@ class ProjectedAttentionLayer {
     constexpr const char* where = "polyattn::ProjectedAttentionLayer::forward";
     check_weights(where, X, W_Q, W_K, W_V);
     detail::require_shape(where, "O", O, X.rows(), W_V.cols());
+    detail::require_disjoint(where, {detail::memory_of("O", O)},
+                             {detail::memory_of("X", X), detail::memory_of("W_Q", W_Q), detail::memory_of("W_K", W_K),
+                              detail::memory_of("W_V", W_V)});
     queries_.noalias() = X * W_Q;
     keys_.noalias() = X * W_K;
     values_.noalias() = X * W_V;
@@ -177,6 +205,12 @@ class ProjectedAttentionLayer {
     detail::require_shape(where, "dW_Q", dW_Q, W_Q.rows(), W_Q.cols());
     detail::require_shape(where, "dW_K", dW_K, W_K.rows(), W_K.cols());
     detail::require_shape(where, "dW_V", dW_V, W_V.rows(), W_V.cols());
+    detail::require_finite(where, "G", G);
+    detail::require_disjoint(where,
+                             {detail::memory_of("dX", dX), detail::memory_of("dW_Q", dW_Q), detail::memory_of("dW_K", dW_K),
+                              detail::memory_of("dW_V", dW_V)},
+                             {detail::memory_of("X", X), detail::memory_of("W_Q", W_Q), detail::memory_of("W_K", W_K),
+                              detail::memory_of("W_V", W_V), detail::memory_of("G", G)});
     query_grads_.resize(n, W_Q.cols());
     key_grads_.resize(n, W_K.cols());
     value_grads_.resize(n, W_V.cols());
