@@ -8,7 +8,7 @@
 /// \f$N(0,1)/\sqrt d\f$ entries), \f$W_V \sim N(0,1)\f$ (so \f$V = XW_V\f$ has \f$N(0,1)\f$ entries),
 /// \f$G \sim N(0,1)\f$, scale \f$c = 1\f$, one head, double precision for the errors and float for the timings.
 ///
-/// Usage: accuracy_frontier [--n N] [--seed S] [--max-degree G]
+/// Usage: accuracy_frontier [--n N] [--seed S] [--max-degree G]   (--help lists ranges and defaults)
 #include <polyattn/polyattn.hpp>
 
 #include <algorithm>
@@ -16,8 +16,11 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <iostream>
 #include <random>
 #include <string>
+
+#include "cli.hpp"
 
 namespace {
 
@@ -87,25 +90,48 @@ double time_layer(polyattn::AttentionBackend<float>& backend, const LayerInputs&
   return times[1];
 }
 
+// The exact references cost O(n^2 d) each (36 of them per run): at the largest n a run takes hours.
+constexpr Index max_n = 16384;
+constexpr int max_max_degree = 6;
+
+void print_usage(std::ostream& out) {
+  out << "usage: accuracy_frontier [--n N] [--seed S] [--max-degree G]\n"
+         "\n"
+         "Relative error of O, dX, dW, dW_V of the paper's attention layer, paper and adjoint methods against\n"
+         "exact attention, and their forward+backward speed-up, for d in {8, 12, 16}, g = 2, 4, ... up to G,\n"
+         "causal and not.\n"
+         "\n"
+         "Options (default in parentheses):\n"
+         "  --n N            tokens, 2.."
+      << max_n
+      << " (4096)\n"
+         "  --seed S         seed of the inputs, 0..2^62 (1)\n"
+         "  --max-degree G   largest Taylor degree (even degrees from 2 are run), 2.."
+      << max_max_degree
+      << " (6)\n"
+         "  --help           this text\n";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   Index n = 4096;
   std::uint64_t seed = 1;
   int max_degree = 6;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (i + 1 < argc && arg == "--n") n = std::atol(argv[++i]);
-    else if (i + 1 < argc && arg == "--seed") seed = std::strtoull(argv[++i], nullptr, 10);
-    else if (i + 1 < argc && arg == "--max-degree") max_degree = std::atoi(argv[++i]);
-    else {
-      std::fprintf(stderr, "usage: %s [--n N] [--seed S] [--max-degree G]\n", argv[0]);
-      return arg == "--help" ? 0 : 2;
+  try {
+    polyattn_examples::Arguments args(argc, argv);
+    while (args.next()) {
+      if (args.is("--help") || args.is("-h")) {
+        print_usage(std::cout);
+        return 0;
+      }
+      if (args.is("--n")) n = args.integer<Index>(2, max_n);
+      else if (args.is("--seed")) seed = args.integer<std::uint64_t>(0, 1LL << 62);
+      else if (args.is("--max-degree")) max_degree = args.integer<int>(2, max_max_degree);
+      else args.reject();
     }
-  }
-  if (n < 2 || max_degree < 2) {
-    std::fprintf(stderr, "accuracy_frontier: --n must be >= 2 and --max-degree >= 2\n");
-    return 2;
+  } catch (const polyattn_examples::UsageError& error) {
+    return polyattn_examples::usage_error("accuracy_frontier", error);
   }
   std::printf("Accuracy frontier of the paper's layer (n = %ld, c = 1, X,W ~ N(0,1)/sqrt(d), W_V,G ~ N(0,1)):\n"
               "relative Frobenius error against exact attention (double); speed-up of float forward+backward\n"
