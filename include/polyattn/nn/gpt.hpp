@@ -1,4 +1,4 @@
-/// ile nn/gpt.hpp
+/// \file nn/gpt.hpp
 /// A GPT-style language model built as one Composition (composition.hpp) of the paper's general form
 /// \f[ F = g_m \circ \mathrm{Attn}_m \circ g_{m-1} \circ \dots \circ g_1 \circ \mathrm{Attn}_1 \circ g_0 \f]
 /// (Liang et al. 2024, Def. 1.3).
@@ -40,8 +40,11 @@
 #include "linear.hpp"
 #include "mlp.hpp"
 #include "self_attention.hpp"
+#include "serialization.hpp"
 
 #include <cstdint>
+#include <cstdio>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <utility>
@@ -149,6 +152,12 @@ struct GPTConfig {
 /// the attention method, so runs that differ only in the method start from the same point. Projections into
 /// the residual stream (W_O, the MLP's output) are scaled by \f$1/\sqrt{2m}\f$ as in GPT-2.
 ///
+/// **Checkpoints.** save_parameters(path, model) and load_parameters(path, model) (below; format in
+/// serialization.hpp) store and check the parameters together with checkpoint_fields(), so a checkpoint never
+/// loads into a model that would compute something else (other heads, methods, ...). To evaluate a checkpoint
+/// with another attention method, construct the model as saved, load, then call set_attention_method(). A
+/// non-finite weight (a diverged run) makes forward() throw std::invalid_argument naming the parameter.
+///
 /// forward() keeps every activation backward() needs; backward() accumulates into the gradients (call the
 /// optimizer's zero_grad() first). See the file documentation for a training loop.
 ///
@@ -160,11 +169,11 @@ struct GPTConfig {
 ///
 /// \code
 ///   polyattn::GPT<float> model(config);
-///   polyattn::load_parameters("pretrained.bin", model.parameters());   // before the adapters: plain names
+///   polyattn::load_parameters("pretrained.bin", model);   // before the adapters: plain names, same config
 ///   model.add_lora({/*rank=*/4, /*alpha=*/8}, polyattn::LoRATargets::attention());
 ///   polyattn::AdamW<float> adam(model.parameters(), {1e-3});       // steps only the adapters
 ///   // ... train as above ...
-///   polyattn::save_parameters("finetuned.bin", model.parameters());  // with the adapters
+///   polyattn::save_parameters("finetuned.bin", model);  // with the adapters and their scales
 ///   model.merge_lora();                                              // W += s A B, B = 0: same logits
 /// \endcode
 template <class T>
@@ -275,9 +284,20 @@ class GPT {
     tokens_ = tokens;
     embedded_.resize(n, config_.d_model);
     logits_.resize(n, config_.vocab_size);
-    embedding_.forward(tokens_, embedded_);
-    body_.forward(embedded_, logits_);
     targets_.clear();
+    embedding_.forward(tokens_, embedded_);
+    try {
+      body_.forward(embedded_, logits_);
+    } catch (const std::invalid_argument& error) {
+      report_non_finite_parameter(where, error.what());  // a NaN weight surfaces as a layer's non-finite input
+      throw;
+    }
+    // x * 0 is 0 exactly for finite x: one vectorised pass, a 1/d_model fraction of the head's cost.
+    if (!((logits_.array() * T(0)).sum() == T(0))) {
+      report_non_finite_parameter(where, "the logits have a non-finite entry");
+      throw std::invalid_argument(detail::concat(where, ": the logits have a non-finite entry although every "
+                                                 "parameter is finite (an activation overflowed)"));
+    }
     return logits_;
   }
 
@@ -305,6 +325,59 @@ class GPT {
     embedded_grad_.setZero(n, config_.d_model);
     body_.backward(embedded_, logits_grad_, embedded_grad_);
     embedding_.backward(tokens_, embedded_grad_);
+  }
+
+  /// The configuration fields a checkpoint of this model stores and checks on load (serialization.hpp): every
+  /// setting that changes the function the model computes: "model" (GPT), "vocab_size", "context", "d_model",
+  /// "heads", "layers", "mlp_hidden" (resolved: 4 d_model for 0), "activation", the current method of every
+  /// block ("block<i>.method", as set_attention_method() left it), "attention.scale" (resolved) and, when a
+  /// block uses an approximate method, "attention.polynomial", "attention.degree", "attention.radius",
+  /// "attention.range_policy" and "attention.feature_map", and the scale of every LoRA adapter
+  /// ("<weight name>.lora_scale"; the rank is in the shapes). Not stored: the seed (initialisation only),
+  /// `ignore_target` (the loss, not the logits) and the chunking and error-estimate options (cost only).
+  ModelFields checkpoint_fields() {
+    const auto number = [](double value) {
+      char buffer[40];
+      std::snprintf(buffer, sizeof(buffer), "%.17g", value);
+      return std::string(buffer);
+    };
+    const auto name = [](auto value, std::initializer_list<std::pair<decltype(value), const char*>> names) {
+      for (const auto& [known, text] : names)
+        if (known == value) return std::string(text);
+      return std::to_string(static_cast<long long>(value));
+    };
+    const PolynomialAttentionOptions& attention = config_.attention;
+    ModelFields fields{{"model", "GPT"},
+                       {"vocab_size", std::to_string(config_.vocab_size)},
+                       {"context", std::to_string(config_.context)},
+                       {"d_model", std::to_string(config_.d_model)},
+                       {"heads", std::to_string(config_.heads)},
+                       {"layers", std::to_string(config_.layers)},
+                       {"mlp_hidden", std::to_string(config_.mlp_hidden > 0 ? config_.mlp_hidden : 4 * config_.d_model)},
+                       {"activation", name(config_.activation, {{ActivationKind::gelu, "gelu"},
+                                                                {ActivationKind::relu, "relu"}})}};
+    bool approximate = false;
+    for (std::size_t layer = 0; layer < attention_layers_.size(); ++layer) {
+      const AttentionMethod method = attention_layers_[layer]->method();
+      approximate = approximate || method == AttentionMethod::paper || method == AttentionMethod::adjoint;
+      fields.emplace_back("block" + std::to_string(layer) + ".method", attention_method_name(method));
+    }
+    fields.emplace_back("attention.scale", number(attention.attention.resolved_scale(config_.d_model / config_.heads)));
+    if (approximate) {
+      fields.emplace_back("attention.polynomial", name(attention.kind, {{PolynomialKind::taylor, "taylor"},
+                                                                         {PolynomialKind::minimax, "minimax"}}));
+      fields.emplace_back("attention.degree", std::to_string(attention.degree));
+      fields.emplace_back("attention.radius", number(attention.radius));
+      fields.emplace_back("attention.range_policy",
+                          name(attention.range_policy, {{RangePolicy::raise_degree, "raise_degree"},
+                                                        {RangePolicy::throw_error, "throw_error"},
+                                                        {RangePolicy::mark_invalid, "mark_invalid"}}));
+      fields.emplace_back("attention.feature_map", name(attention.feature_map, {{FeatureMapKind::symmetric, "symmetric"},
+                                                                               {FeatureMapKind::kronecker, "kronecker"}}));
+    }
+    for (const auto& [linear, slot] : linears(LoRATargets::all()))
+      if (linear->has_lora()) fields.emplace_back(linear->weight.name + ".lora_scale", number(linear->lora_scale()));
+    return fields;
   }
 
   /// Logits of the last forward() (n x vocab).
@@ -356,6 +429,14 @@ class GPT {
     return adapter;
   }
 
+  // Throws std::invalid_argument naming the first parameter with a non-finite value, if any, and `cause`;
+  // returns when every parameter is finite. Runs only after forward() has met a non-finite value.
+  void report_non_finite_parameter(const char* where, const std::string& cause) {
+    const std::vector<Parameter<T>*> list = parameters();
+    if (const Parameter<T>* p = detail::first_non_finite(list))
+      detail::require_finite_parameter(where, *p, detail::concat(": the model diverged or was corrupted (", cause, ")"));
+  }
+
   static const GPTConfig& checked(const GPTConfig& config) {
     config.check();
     return config;
@@ -384,5 +465,33 @@ class GPT {
   Matrix<T> embedded_, logits_, embedded_grad_, logits_grad_;
   double loss_ = 0;
 };
+
+/// The bytes of a parameter file holding every parameter of `model` and its configuration
+/// (GPT::checkpoint_fields()).
+template <class T>
+std::string serialize_parameters(GPT<T>& model) {
+  return serialize_parameters(model.parameters(), model.checkpoint_fields());
+}
+
+/// Sets every parameter of `model` from the bytes of a parameter file written for a model of the same
+/// configuration (checked field by field); throws std::invalid_argument, changing nothing, on any mismatch.
+template <class T>
+void deserialize_parameters(const std::string& bytes, GPT<T>& model, const std::string& source = "<memory>") {
+  deserialize_parameters(bytes, model.parameters(), source, model.checkpoint_fields());
+}
+
+/// Writes every parameter of `model` and its configuration to `path` (atomically; see serialization.hpp).
+template <class T>
+void save_parameters(const std::string& path, GPT<T>& model) {
+  save_parameters(path, model.parameters(), model.checkpoint_fields());
+}
+
+/// Sets every parameter of `model` from `path`, written by save_parameters(path, model) from a model of the same
+/// configuration; any mismatch (a configuration field, a parameter, a non-finite value, a damaged file) throws,
+/// naming the path and the first difference, and changes nothing.
+template <class T>
+void load_parameters(const std::string& path, GPT<T>& model) {
+  load_parameters(path, model.parameters(), model.checkpoint_fields());
+}
 
 }  // namespace polyattn
