@@ -2,7 +2,8 @@
 # Installs the Debian packages polyattn needs; does nothing (and needs no network) when all are present.
 set -euo pipefail
 
-packages=(cmake g++ libeigen3-dev catch2 libbenchmark-dev gnuplot-nox)
+# clang and libomp-dev: the ThreadSanitizer stage (LLVM's OpenMP runtime is instrumented for it; GCC's is not).
+packages=(cmake g++ libeigen3-dev catch2 libbenchmark-dev gnuplot-nox clang libomp-dev)
 
 missing=()
 for package in "${packages[@]}"; do

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check CI runs: optimised tests, sanitizer tests and both ways of consuming the package.
-# `--bench` adds a short benchmark smoke run. All build trees live under build/.
+# Runs every check CI runs: optimised tests, AddressSanitizer+UBSan tests, ThreadSanitizer tests of concurrent use
+# and both ways of consuming the package, then prints how long each stage took. `--bench` adds a short benchmark
+# smoke run. All build trees live under build/.
 set -euo pipefail
 
 bench=0
@@ -13,7 +14,14 @@ done
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build=$root/build
-step() { printf '\n=== %s\n' "$*"; }
+timings=()
+stage_start=$SECONDS
+step() {
+  printf '\n=== %s\n' "$*"
+  stage_name=$*
+  stage_start=$SECONDS
+}
+step_done() { timings+=("$(printf '%5ds  %s' $((SECONDS - stage_start)) "$stage_name")"); }
 
 bash "$root/scripts/install-deps.sh"
 
@@ -22,35 +30,54 @@ cmake -S "$root" -B "$build/release" -DCMAKE_BUILD_TYPE=Release -DPOLYATTN_NATIV
   -DCMAKE_COMPILE_WARNING_AS_ERROR=ON
 cmake --build "$build/release" -j2
 ctest --test-dir "$build/release" --output-on-failure -j2
+step_done
 
-step "Sanitizer build and tests"
-# Debug keeps Eigen's index assertions on; -O1 keeps the sanitized suite fast. Only the tests are
-# built here because this compile is the slowest part of the script.
+step "AddressSanitizer+UBSan build and tests"
+# Debug keeps Eigen's index assertions on; -O1 keeps the sanitized suite fast. Only the tests are built here.
 sanitizer_env=(env ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1)
 cmake -S "$root" -B "$build/sanitize" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g" \
-  -DPOLYATTN_SANITIZE=ON -DPOLYATTN_BUILD_BENCHMARKS=OFF -DPOLYATTN_BUILD_EXAMPLES=OFF
+  -DPOLYATTN_SANITIZE=address,undefined -DPOLYATTN_BUILD_BENCHMARKS=OFF -DPOLYATTN_BUILD_EXAMPLES=OFF
 # The build runs the test binary to discover test cases, so it needs the sanitizer settings too.
 "${sanitizer_env[@]}" cmake --build "$build/sanitize" -j2 --target polyattn_tests
 "${sanitizer_env[@]}" ctest --test-dir "$build/sanitize" --output-on-failure -j2
+step_done
 
-step "Consumer of the installed package"
+step "ThreadSanitizer build and tests (clang, LLVM OpenMP with its Archer race annotations)"
+# GCC's libgomp is not instrumented, so ThreadSanitizer would report its barriers as races; LLVM's OpenMP
+# runtime with the Archer tool makes polyattn's own parallel loops checkable too.
+archer=$(clang++ -print-file-name=libarcher.so)
+tsan_env=(env "OMP_TOOL_LIBRARIES=$archer" "TSAN_OPTIONS=halt_on_error=1 ignore_noninstrumented_modules=1"
+          OMP_NUM_THREADS=3)
+cmake -S "$root" -B "$build/tsan" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=Debug \
+  -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g" -DPOLYATTN_SANITIZE=thread -DPOLYATTN_BUILD_BENCHMARKS=OFF \
+  -DPOLYATTN_BUILD_EXAMPLES=OFF
+"${tsan_env[@]}" cmake --build "$build/tsan" -j2 --target polyattn_thread_tests
+"${tsan_env[@]}" ctest --test-dir "$build/tsan" --output-on-failure -j2
+step_done
+
+step "Consumers: the installed package and add_subdirectory"
 rm -rf "$build/prefix" "$build/consumer-installed" "$build/consumer-subdir"
 cmake --install "$build/release" --prefix "$build/prefix"
 cmake -S "$root/tests/consumer" -B "$build/consumer-installed" -DCMAKE_PREFIX_PATH="$build/prefix"
-cmake --build "$build/consumer-installed" -j2
-"$build/consumer-installed/polyattn_consumer"
-
-step "Consumer using add_subdirectory"
 cmake -S "$root/tests/consumer" -B "$build/consumer-subdir" -DPOLYATTN_SOURCE_DIR="$root"
-cmake --build "$build/consumer-subdir" -j2
+# The two consumer builds are independent single files: build them side by side, one per core.
+cmake --build "$build/consumer-installed" -j1 &
+installed_build=$!
+cmake --build "$build/consumer-subdir" -j1
+wait "$installed_build"
+"$build/consumer-installed/polyattn_consumer"
 "$build/consumer-subdir/polyattn_consumer"
+step_done
 
-checks="release tests, sanitizer tests, installed and add_subdirectory consumers"
+checks="release tests, sanitizer tests, thread-sanitizer tests, installed and add_subdirectory consumers"
 if (( bench )); then
   step "Benchmark smoke run"
   "$build/release/bench/polyattn_bench" --benchmark_min_time=0.01
+  step_done
   checks+=", benchmark smoke run"
 fi
 
 echo
+echo "Time per stage:"
+printf '  %s\n' "${timings[@]}"
 echo "test.sh: PASSED ($checks) in ${SECONDS}s"

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "common.hpp"
+#include "parallel/threads.hpp"
 #include "attention/polynomial.hpp"
 #include "attention/feature_map.hpp"
 #include "attention/options.hpp"

@@ -1,0 +1,110 @@
+/// \file parallel/threads.hpp
+/// Threads inside polyattn: one setting for how many, and one loop that runs independent blocks on them.
+///
+/// **Setting.** polyattn's parallel loops use num_threads() threads: the value given to set_num_threads(), or by
+/// default `omp_get_max_threads()` (so `OMP_NUM_THREADS` applies, and all cores when it is unset). Built without
+/// OpenMP (the `polyattn::polyattn` target without `OpenMP::OpenMP_CXX`), everything runs on the calling thread
+/// and num_threads() is 1.
+///
+/// **Reproducibility.** Every parallel loop in polyattn partitions its work into blocks whose boundaries depend
+/// on the problem only, never on the thread count; each block is computed the same way whichever thread runs it,
+/// and partial results are combined in block order. So outputs and gradients are bitwise identical for any
+/// number of threads (tests/test_threads.cpp checks 1, 2, 3 and 4). This is also why polyattn's targets define
+/// `EIGEN_DONT_PARALLELIZE`: Eigen's own OpenMP GEMM chooses its blocking from the thread count, and forking a
+/// team per small product inside polyattn's loops costs more than it gains.
+///
+/// **Thread safety.** Distinct polyattn objects (backends, layers, models, optimizers) may be used from different
+/// threads at the same time. One object must not be used by two threads at once: objects keep workspaces.
+/// set_num_threads() is meant to be called before the work starts; it is safe to call at any time (an atomic),
+/// and a loop already running keeps the count it started with.
+///
+/// \code
+///   polyattn::set_num_threads(4);   // or OMP_NUM_THREADS=4; 0 restores the default
+///   attention.forward(Q, K, V, O);  // the same O for 1, 2, 3 or 4 threads
+/// \endcode
+#pragma once
+
+#include "../common.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <exception>
+#include <utility>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace polyattn {
+
+namespace detail {
+inline std::atomic<int>& thread_setting() {
+  static std::atomic<int> setting{0};  // 0: follow omp_get_max_threads()
+  return setting;
+}
+}  // namespace detail
+
+/// Number of threads polyattn's parallel loops use (see the file documentation); 1 without OpenMP.
+inline int num_threads() {
+#ifdef _OPENMP
+  const int setting = detail::thread_setting().load(std::memory_order_relaxed);
+  return setting > 0 ? setting : std::max(1, omp_get_max_threads());
+#else
+  return 1;
+#endif
+}
+
+/// Sets the number of threads polyattn uses; 0 restores the default (`omp_get_max_threads()`). Throws
+/// std::invalid_argument for a negative count. Without OpenMP the setting is accepted and has no effect.
+inline void set_num_threads(int threads) {
+  detail::require(threads >= 0, "polyattn::set_num_threads", "argument 'threads' must be >= 0 (0 = default), got ",
+                  threads);
+  detail::thread_setting().store(threads, std::memory_order_relaxed);
+}
+
+namespace detail {
+
+/// Threads that parallel_for() will use for `blocks` blocks: at most num_threads() and `blocks`, and 1 when
+/// called from inside a parallel region (polyattn never nests teams). Size per-thread workspaces with it.
+inline int parallel_threads(Index blocks) {
+#ifdef _OPENMP
+  if (omp_in_parallel()) return 1;
+#endif
+  return static_cast<int>(std::max<Index>(1, std::min<Index>(num_threads(), blocks)));
+}
+
+/// Calls `body(block, thread)` for every block in [0, blocks), spread over parallel_threads(blocks) threads;
+/// `thread` in [0, that count) indexes per-thread workspaces. The blocks must be independent; results that
+/// blocks share must be combined by the caller, in block order, after the loop. An exception thrown by a block
+/// is rethrown on the calling thread (the one of the lowest block when several throw) once all blocks finished.
+template <class Body>
+void parallel_for(Index blocks, Body&& body) {
+  const int threads = parallel_threads(blocks);
+  if (threads <= 1) {
+    for (Index block = 0; block < blocks; ++block) body(block, 0);
+    return;
+  }
+#ifdef _OPENMP
+  std::exception_ptr first_error;
+  Index first_failed = blocks;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (Index block = 0; block < blocks; ++block) {
+    try {
+      body(block, omp_get_thread_num());
+    } catch (...) {
+#pragma omp critical(polyattn_parallel_for_error)
+      if (block < first_failed) {
+        first_failed = block;
+        first_error = std::current_exception();
+      }
+    }
+  }
+  if (first_error) std::rethrow_exception(first_error);
+#endif
+}
+
+/// Number of blocks of `block_rows` rows that cover `rows` rows (the last may be shorter).
+inline Index block_count(Index rows, Index block_rows) { return (rows + block_rows - 1) / block_rows; }
+
+}  // namespace detail
+}  // namespace polyattn

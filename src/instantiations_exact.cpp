@@ -1,0 +1,10 @@
+// Explicit instantiations for polyattn::compiled: exact attention, features and scans (see polyattn/extern_templates.hpp).
+#include <polyattn/extern_templates.hpp>
+
+namespace polyattn {
+POLYATTN_INSTANTIATE_CLASS(, FeatureMap)
+POLYATTN_INSTANTIATE_CLASS(, ExactAttention)
+POLYATTN_INSTANTIATE_CLASS(, CausalScan)
+POLYATTN_INSTANTIATE_CLASS(, ExactReferenceBackend)
+POLYATTN_INSTANTIATE_CLASS(, ExactBlockedBackend)
+}  // namespace polyattn
