@@ -2,8 +2,10 @@
 /// Element-wise activations (GELU in its tanh approximation, ReLU), forward and backward.
 #pragma once
 
+#include "../parallel/threads.hpp"
 #include "parameter.hpp"
 
+#include <algorithm>
 #include <vector>
 
 namespace polyattn {
@@ -28,7 +30,9 @@ enum class ActivationKind {
 /// 0 or \f$\infty\f$, where both fractions take their limits (1 or 0, and 0); in the derivative the factor
 /// \f$x(1 + 3ax^2)\f$ is evaluated at \f$x\f$ clamped to \f$[-10, 10]\f$, beyond which
 /// \f$1/(2 + E + 1/E) < 10^{-37}\f$ makes the term vanish to working precision anyway.
-/// Activation has no parameters; collect_parameters() exists so it composes like every other layer.
+/// Activation has no parameters; collect_parameters() exists so it composes like every other layer. Both passes
+/// run on num_threads() threads over blocks of block_rows rows (parallel/threads.hpp); being element-wise, every
+/// entry is computed the same way whatever the thread count.
 ///
 /// \code
 ///   polyattn::Activation<float> gelu(polyattn::ActivationKind::gelu);
@@ -51,13 +55,20 @@ class Activation {
     detail::require_nonempty(where, "X", X);
     detail::require_shape(where, "Y", Y, X.rows(), X.cols());
     detail::require_finite(where, "X", X);
-    if (kind_ == ActivationKind::relu) {
-      Y = X.array().max(T(0));
-      return;
-    }
-    const auto x = X.array();
-    exp_term_ = (T(-2 * root_two_over_pi) * (x + T(gelu_cubic) * x.cube())).exp();
-    Y = x / (T(1) + exp_term_.array());
+    const Index n = X.rows();
+    if (kind_ == ActivationKind::gelu) exp_term_.resize(n, X.cols());
+    detail::parallel_for(detail::block_count(n, block_rows), [&](Index block, int) {
+      const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
+      const auto x = X.middleRows(begin, count).array();
+      auto y = Y.middleRows(begin, count).array();
+      if (kind_ == ActivationKind::relu) {
+        y = x.max(T(0));
+        return;
+      }
+      auto e = exp_term_.middleRows(begin, count).array();
+      e = (T(-2 * root_two_over_pi) * (x + T(gelu_cubic) * x.cube())).exp();
+      y = x / (T(1) + e);
+    });
   }
 
   /// Accumulates \f$f'(X)\circ\f$ `dY` into `dX`, for the X of the preceding forward().
@@ -67,20 +78,30 @@ class Activation {
     detail::require_shape(where, "dY", dY, X.rows(), X.cols());
     detail::require_shape(where, "dX", dX, X.rows(), X.cols());
     detail::require_finite(where, "dY", dY);
-    if (kind_ == ActivationKind::relu) {
-      dX.array() += (X.array() > T(0)).select(dY.array(), T(0));
-      return;
-    }
-    detail::require(exp_term_.rows() == X.rows() && exp_term_.cols() == X.cols(), where,
-                    "needs the forward pass of the same 'X' first: saved state is ", exp_term_.rows(), "x",
-                    exp_term_.cols(), ", got 'X' ", X.rows(), "x", X.cols());
-    const auto x = X.array();
-    const auto clamped = x.max(T(-gelu_saturation)).min(T(gelu_saturation));
-    const auto e = exp_term_.array();
-    dX.array() += dY.array() * (T(1) / (T(1) + e) + T(2 * root_two_over_pi) * clamped *
-                                                       (T(1) + T(3 * gelu_cubic) * clamped.square()) /
-                                                       (T(2) + e + T(1) / e));
+    if (kind_ == ActivationKind::gelu)
+      detail::require(exp_term_.rows() == X.rows() && exp_term_.cols() == X.cols(), where,
+                      "needs the forward pass of the same 'X' first: saved state is ", exp_term_.rows(), "x",
+                      exp_term_.cols(), ", got 'X' ", X.rows(), "x", X.cols());
+    const Index n = X.rows();
+    detail::parallel_for(detail::block_count(n, block_rows), [&](Index block, int) {
+      const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
+      const auto x = X.middleRows(begin, count).array();
+      const auto g = dY.middleRows(begin, count).array();
+      auto dx = dX.middleRows(begin, count).array();
+      if (kind_ == ActivationKind::relu) {
+        dx += (x > T(0)).select(g, T(0));
+        return;
+      }
+      const auto clamped = x.max(T(-gelu_saturation)).min(T(gelu_saturation));
+      const auto e = exp_term_.middleRows(begin, count).array();
+      dx += g * (T(1) / (T(1) + e) + T(2 * root_two_over_pi) * clamped *
+                                         (T(1) + T(3 * gelu_cubic) * clamped.square()) / (T(2) + e + T(1) / e));
+    });
   }
+
+  /// Rows per parallel block: element-wise work, so any fixed size gives the same results; 512 rows (128K
+  /// entries at width 256) amortise the loop and leave n / 512 blocks for load balance.
+  static constexpr Index block_rows = 512;
 
  private:
   static constexpr double root_two_over_pi = 0.79788456080286535587989211986876;

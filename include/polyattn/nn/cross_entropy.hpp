@@ -3,7 +3,9 @@
 #pragma once
 
 #include "../common.hpp"
+#include "../parallel/threads.hpp"
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -37,6 +39,10 @@ struct CrossEntropyOptions {
 /// \f[ \partial L/\partial z_{i\cdot} \mathrel{+}= \tfrac1{|S|}\,(P_{i\cdot} - e_{t_i}^\top)\quad (i \in S). \f]
 /// Forward also counts the scored rows whose target attains the row maximum (ties count as correct).
 ///
+/// Both passes run on num_threads() threads over blocks of block_rows rows (parallel/threads.hpp); forward sums
+/// the loss, scored and correct rows per block and adds the blocks' sums in block order, so results are the same
+/// for any number of threads.
+///
 /// \code
 ///   polyattn::CrossEntropy<float> loss;
 ///   const double value = loss.forward(logits, targets);       // logits n x V, targets[i] = tokens[i + 1]
@@ -57,23 +63,41 @@ class CrossEntropy {
     constexpr const char* where = "polyattn::CrossEntropy::forward";
     check_input(where, logits, targets);
     detail::require_finite(where, "logits", logits);
-    row_max_ = logits.rowwise().maxCoeff();
-    probabilities_ = (logits.colwise() - row_max_).array().exp();
-    row_sum_ = probabilities_.rowwise().sum();
-    probabilities_.array().colwise() /= row_sum_.array();
+    const Index n = logits.rows(), blocks = detail::block_count(n, block_rows);
+    row_max_.resize(n);
+    row_sum_.resize(n);
+    probabilities_.resize(n, logits.cols());
+    block_sums_.resize(static_cast<std::size_t>(blocks));
+    detail::parallel_for(blocks, [&](Index block, int) {
+      const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
+      auto row_max = row_max_.segment(begin, count);
+      auto row_sum = row_sum_.segment(begin, count);
+      auto probabilities = probabilities_.middleRows(begin, count);
+      row_max = logits.middleRows(begin, count).rowwise().maxCoeff();
+      probabilities = (logits.middleRows(begin, count).colwise() - row_max).array().exp();
+      row_sum = probabilities.rowwise().sum();
+      probabilities.array().colwise() /= row_sum.array();
+      BlockSums sums;
+      for (Index i = begin; i < begin + count; ++i) {
+        const Index target = targets[static_cast<std::size_t>(i)];
+        if (is_ignored(target)) continue;
+        ++sums.scored;
+        const T target_logit = logits(i, target);
+        if (target_logit == row_max_(i)) ++sums.correct;
+        // (m - z_t) first: with huge logits m + log s would absorb log s before z_t cancels m.
+        sums.loss += (static_cast<double>(row_max_(i)) - static_cast<double>(target_logit)) +
+                     std::log(static_cast<double>(row_sum_(i)));
+      }
+      block_sums_[static_cast<std::size_t>(block)] = sums;
+    });
     targets_ = targets;
     scored_ = 0;
     correct_ = 0;
     double total = 0;
-    for (Index i = 0; i < logits.rows(); ++i) {
-      const Index target = targets[static_cast<std::size_t>(i)];
-      if (is_ignored(target)) continue;
-      ++scored_;
-      const T target_logit = logits(i, target);
-      if (target_logit == row_max_(i)) ++correct_;
-      // (m - z_t) first: with huge logits m + log s would absorb log s before z_t cancels m.
-      total += (static_cast<double>(row_max_(i)) - static_cast<double>(target_logit)) +
-               std::log(static_cast<double>(row_sum_(i)));
+    for (const BlockSums& sums : block_sums_) {  // in block order
+      scored_ += sums.scored;
+      correct_ += sums.correct;
+      total += sums.loss;
     }
     return scored_ > 0 ? total / static_cast<double>(scored_) : 0.0;
   }
@@ -90,19 +114,31 @@ class CrossEntropy {
                     probabilities_.rows(), "x", probabilities_.cols(), " with ", targets_.size(), " targets)");
     if (scored_ == 0) return;
     const T weight = static_cast<T>(1.0 / static_cast<double>(scored_));
-    if (scored_ == logits.rows()) {
-      dlogits.noalias() += weight * probabilities_;
-    } else {
-      row_weight_.resize(logits.rows());
-      for (Index i = 0; i < logits.rows(); ++i)
-        row_weight_(i) = is_ignored(targets[static_cast<std::size_t>(i)]) ? T(0) : weight;
-      dlogits.noalias() += row_weight_.asDiagonal() * probabilities_;
-    }
-    for (Index i = 0; i < logits.rows(); ++i) {
-      const Index target = targets[static_cast<std::size_t>(i)];
-      if (!is_ignored(target)) dlogits(i, target) -= weight;
-    }
+    const Index n = logits.rows();
+    const bool all_scored = scored_ == n;
+    if (!all_scored) row_weight_.resize(n);
+    detail::parallel_for(detail::block_count(n, block_rows), [&](Index block, int) {
+      const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
+      auto G = dlogits.middleRows(begin, count);
+      if (all_scored) {
+        G.noalias() += weight * probabilities_.middleRows(begin, count);
+      } else {
+        auto row_weight = row_weight_.segment(begin, count);
+        for (Index i = 0; i < count; ++i)
+          row_weight(i) = is_ignored(targets[static_cast<std::size_t>(begin + i)]) ? T(0) : weight;
+        G.noalias() += row_weight.asDiagonal() * probabilities_.middleRows(begin, count);
+      }
+      for (Index i = begin; i < begin + count; ++i) {
+        const Index target = targets[static_cast<std::size_t>(i)];
+        if (!is_ignored(target)) dlogits(i, target) -= weight;
+      }
+    });
   }
+
+  /// Rows per parallel block: a row costs V exponentials, so 256 rows are ample work per block even for a byte
+  /// vocabulary (64K exponentials at V = 256) and leave n / 256 blocks for load balance. Fixed, so results
+  /// never depend on the thread count.
+  static constexpr Index block_rows = 256;
 
   /// Softmax of each logits row of the last forward call (n x V).
   const Matrix<T>& probabilities() const { return probabilities_; }
@@ -133,6 +169,12 @@ class CrossEntropy {
   CrossEntropyOptions options_;
   Matrix<T> probabilities_;
   Vector<T> row_max_, row_sum_, row_weight_;
+  // Per-block sums of forward(), added in block order.
+  struct BlockSums {
+    double loss = 0;
+    Index scored = 0, correct = 0;
+  };
+  std::vector<BlockSums> block_sums_;
   std::vector<Index> targets_;
   Index scored_ = 0;
   Index correct_ = 0;

@@ -2,8 +2,10 @@
 /// Token embedding plus learned positional embedding, forward and backward.
 #pragma once
 
+#include "../parallel/threads.hpp"
 #include "parameter.hpp"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -43,6 +45,11 @@ struct EmbeddingOptions {
 /// \f[ \partial L/\partial E^{\text{tok}}_{t,\cdot} \mathrel{+}= \textstyle\sum_{i:\,t_i = t} G_{i,\cdot},\qquad
 ///     \partial L/\partial E^{\text{pos}}_{i,\cdot} \mathrel{+}= G_{i,\cdot}. \f]
 /// Every token id is checked against \f$[0, V)\f$ in both passes, so a bad id can never index out of the table.
+///
+/// Both passes run on num_threads() threads (parallel/threads.hpp): forward and the position gradient over
+/// blocks of positions, the token gradient over blocks of table rows, after a stable counting sort of the
+/// positions by token, so that each row of the table gradient adds its positions' rows in position order, as
+/// the serial scatter does. Results are the same for any number of threads.
 ///
 /// \code
 ///   polyattn::Embedding<float> embed({/*vocab_size=*/256, /*max_positions=*/1024, /*d_model=*/64});
@@ -85,10 +92,13 @@ class Embedding {
     constexpr const char* where = "polyattn::Embedding::forward";
     const Index n = check_tokens(where, tokens);
     detail::require_shape(where, "Y", Y, n, d_model());
-    // Column by column: Y and each table column are contiguous, the token gather stays inside one column.
-    Y = position_table.value.topRows(n);
-    for (Index j = 0; j < d_model(); ++j)
-      for (Index i = 0; i < n; ++i) Y(i, j) += token_table.value(tokens[static_cast<std::size_t>(i)], j);
+    detail::parallel_for(detail::block_count(n, position_block_rows), [&](Index block, int) {
+      const Index begin = block * position_block_rows, end = std::min(n, begin + position_block_rows);
+      // Column by column: Y and each table column are contiguous, the token gather stays inside one column.
+      Y.middleRows(begin, end - begin) = position_table.value.middleRows(begin, end - begin);
+      for (Index j = 0; j < d_model(); ++j)
+        for (Index i = begin; i < end; ++i) Y(i, j) += token_table.value(tokens[static_cast<std::size_t>(i)], j);
+    });
   }
 
   /// Scatters `dY` \f$= \partial L/\partial Y\f$ (n x d) into the table gradients (trainable tables only).
@@ -97,11 +107,39 @@ class Embedding {
     const Index n = check_tokens(where, tokens);
     detail::require_shape(where, "dY", dY, n, d_model());
     detail::require_finite(where, "dY", dY);
-    if (position_table.trainable) position_table.grad.topRows(n) += dY;
-    if (token_table.trainable)
+    if (position_table.trainable)
+      detail::parallel_for(detail::block_count(n, position_block_rows), [&](Index block, int) {
+        const Index begin = block * position_block_rows, count = std::min(position_block_rows, n - begin);
+        position_table.grad.middleRows(begin, count) += dY.middleRows(begin, count);
+      });
+    if (!token_table.trainable) return;
+    // Stable counting sort: positions_by_token_[token_start_[t] .. token_start_[t + 1]) are the positions of
+    // token t, increasing.
+    const Index V = vocab_size();
+    token_start_.assign(static_cast<std::size_t>(V) + 1, 0);
+    for (const Index token : tokens) ++token_start_[static_cast<std::size_t>(token) + 1];
+    for (std::size_t t = 0; t < static_cast<std::size_t>(V); ++t) token_start_[t + 1] += token_start_[t];
+    token_cursor_.assign(token_start_.begin(), token_start_.end() - 1);
+    positions_by_token_.resize(tokens.size());
+    for (Index i = 0; i < n; ++i)
+      positions_by_token_[static_cast<std::size_t>(token_cursor_[static_cast<std::size_t>(
+          tokens[static_cast<std::size_t>(i)])]++)] = i;
+    detail::parallel_for(detail::block_count(V, token_block_rows), [&](Index block, int) {
+      const auto first = static_cast<std::size_t>(block * token_block_rows);
+      const auto last = static_cast<std::size_t>(std::min(V, (block + 1) * token_block_rows));
       for (Index j = 0; j < d_model(); ++j)
-        for (Index i = 0; i < n; ++i) token_table.grad(tokens[static_cast<std::size_t>(i)], j) += dY(i, j);
+        for (std::size_t t = first; t < last; ++t)
+          for (Index k = token_start_[t]; k < token_start_[t + 1]; ++k)
+            token_table.grad(static_cast<Index>(t), j) += dY(positions_by_token_[static_cast<std::size_t>(k)], j);
+    });
   }
+
+  /// Positions per parallel block of forward() and of the position gradient: d additions per position, so 512
+  /// positions make enough work per block to amortise the loop. Fixed, as every block size in polyattn.
+  static constexpr Index position_block_rows = 512;
+  /// Table rows per parallel block of the token gradient: small, because the work per row is proportional to
+  /// how often its token occurs, which is skewed in text; many small blocks spread it over the threads.
+  static constexpr Index token_block_rows = 16;
 
  private:
   Index check_tokens(const char* where, const std::vector<Index>& tokens) const {
@@ -119,6 +157,8 @@ class Embedding {
   }
 
   EmbeddingOptions options_;
+  // Counting sort of backward(): start of each token's positions (V + 1), fill cursors (V), the positions.
+  std::vector<Index> token_start_, token_cursor_, positions_by_token_;
 };
 
 }  // namespace polyattn

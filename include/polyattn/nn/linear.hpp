@@ -3,6 +3,7 @@
 /// adapter (LoRA) on the weight.
 #pragma once
 
+#include "../parallel/threads.hpp"
 #include "lora.hpp"
 #include "parameter.hpp"
 
@@ -177,12 +178,21 @@ class Linear {
     detail::require_shape(where, "X", X, X.rows(), in_features());
     detail::require_shape(where, "Y", Y, X.rows(), out_features());
     detail::require_finite(where, "X", X);
-    Y.noalias() = X * weight.value;
-    if (has_bias()) Y.rowwise() += bias.value.row(0);
-    if (has_lora()) {
-      input_times_A_.noalias() = X * lora_A.value;
-      Y.noalias() += static_cast<T>(lora_scale()) * input_times_A_ * lora_B.value;
-    }
+    const Index n = X.rows(), rows = block_rows();
+    const T s = static_cast<T>(lora_scale());
+    if (has_lora()) input_times_A_.resize(n, lora_rank_);
+    detail::parallel_for(detail::block_count(n, rows), [&](Index block, int) {
+      const Index begin = block * rows, count = std::min(rows, n - begin);
+      const auto Xb = X.middleRows(begin, count);
+      auto Yb = Y.middleRows(begin, count);
+      Yb.noalias() = Xb * weight.value;
+      if (has_bias()) Yb.rowwise() += bias.value.row(0);
+      if (has_lora()) {
+        auto XAb = input_times_A_.middleRows(begin, count);
+        XAb.noalias() = Xb * lora_A.value;
+        Yb.noalias() += s * XAb * lora_B.value;
+      }
+    });
   }
 
   /// Accumulates \f$X^\top G\f$ into `weight.grad`, \f$G^\top\mathbf 1\f$ into `bias.grad`, the adapter's
@@ -200,16 +210,42 @@ class Linear {
                       "needs the forward pass of the same 'X' first: saved XA is ", input_times_A_.rows(), "x",
                       input_times_A_.cols(), ", expected ", X.rows(), "x", lora_rank_);
     detail::require_finite(where, "dY", dY);
-    if (weight.trainable) weight.grad.noalias() += X.transpose() * dY;
-    if (has_bias() && bias.trainable) bias.grad.row(0) += dY.colwise().sum();
-    dX.noalias() += dY * weight.value.transpose();
-    if (!has_lora()) return;
+    const Index n = X.rows(), rows = block_rows(), blocks = detail::block_count(n, rows);
+    const bool weight_grad = weight.trainable, bias_grad = has_bias() && bias.trainable;
+    const bool A_grad = has_lora() && lora_A.trainable, B_grad = has_lora() && lora_B.trainable;
     const T s = static_cast<T>(lora_scale());
-    output_grad_times_Bt_.noalias() = dY * lora_B.value.transpose();
-    if (lora_B.trainable) lora_B.grad.noalias() += s * input_times_A_.transpose() * dY;
-    if (lora_A.trainable) lora_A.grad.noalias() += s * X.transpose() * output_grad_times_Bt_;
-    dX.noalias() += s * output_grad_times_Bt_ * lora_A.value.transpose();
+    if (weight_grad) weight_partials_.resize(in_features(), (blocks - 1) * out_features());
+    if (bias_grad) bias_partials_.resize(1, (blocks - 1) * out_features());
+    if (A_grad) lora_A_partials_.resize(in_features(), (blocks - 1) * lora_rank_);
+    if (B_grad) lora_B_partials_.resize(lora_rank_, (blocks - 1) * out_features());
+    if (has_lora()) output_grad_times_Bt_.resize(n, lora_rank_);
+    detail::parallel_for(blocks, [&](Index block, int) {
+      const Index begin = block * rows, count = std::min(rows, n - begin);
+      const auto Xb = X.middleRows(begin, count);
+      const auto Gb = dY.middleRows(begin, count);
+      auto dXb = dX.middleRows(begin, count);
+      if (weight_grad) accumulate(block, weight.grad, weight_partials_, Xb.transpose() * Gb);
+      if (bias_grad) accumulate(block, bias.grad, bias_partials_, Gb.colwise().sum());
+      dXb.noalias() += Gb * weight.value.transpose();
+      if (!has_lora()) return;
+      const auto XAb = input_times_A_.middleRows(begin, count);
+      auto GBtb = output_grad_times_Bt_.middleRows(begin, count);
+      GBtb.noalias() = Gb * lora_B.value.transpose();
+      if (B_grad) accumulate(block, lora_B.grad, lora_B_partials_, s * XAb.transpose() * Gb);
+      if (A_grad) accumulate(block, lora_A.grad, lora_A_partials_, s * Xb.transpose() * GBtb);
+      dXb.noalias() += s * GBtb * lora_A.value.transpose();
+    });
+    if (weight_grad) add_partials(weight.grad, weight_partials_);
+    if (bias_grad) add_partials(bias.grad, bias_partials_);
+    if (A_grad) add_partials(lora_A.grad, lora_A_partials_);
+    if (B_grad) add_partials(lora_B.grad, lora_B_partials_);
   }
+
+  /// Token rows per parallel block of forward() and backward(): at least 512, so that each block's products
+  /// stay efficient GEMMs (\f$X_b^\top G_b\f$ sums over 512 rows), and at least in_features(), so that the
+  /// per-block partial weight gradients (in x out each) take no more memory than \f$G\f$ (n x out) itself.
+  /// Depends on the layer's shape only, never on the thread count.
+  Index block_rows() const { return std::max<Index>(512, in_features()); }
 
  private:
   void check_parameters(const char* where) const {
@@ -219,6 +255,20 @@ class Linear {
       detail::require_parameter_shape(where, lora_A, in_features(), lora_rank_);
       detail::require_parameter_shape(where, lora_B, lora_rank_, out_features());
     }
+  }
+
+  // Block 0 accumulates its gradient term straight into `grad` (with one block this is the serial code); block
+  // b > 0 writes slot b - 1 of `partials`, which add_partials() adds in block order after the loop.
+  template <class Term>
+  static void accumulate(Index block, Matrix<T>& grad, Matrix<T>& partials, const Term& term) {
+    if (block == 0)
+      grad.noalias() += term;
+    else
+      partials.middleCols((block - 1) * grad.cols(), grad.cols()).noalias() = term;
+  }
+  static void add_partials(Matrix<T>& grad, const Matrix<T>& partials) {
+    for (Index slot = 0; slot < partials.cols() / grad.cols(); ++slot)
+      grad += partials.middleCols(slot * grad.cols(), grad.cols());
   }
 
   // Empty adapter parameters and workspaces: the state of a layer without adapter.
@@ -235,6 +285,8 @@ class Linear {
   LoRAOptions lora_options_;
   Index lora_rank_ = 0;
   Matrix<T> input_times_A_, output_grad_times_Bt_;
+  // Gradient terms of blocks 1, 2, ... of backward() (slots side by side), reused across calls.
+  Matrix<T> weight_partials_, bias_partials_, lora_A_partials_, lora_B_partials_;
 };
 
 }  // namespace polyattn

@@ -5,6 +5,7 @@
 #include "activation.hpp"
 #include "linear.hpp"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,8 @@ struct MLPOptions {
 ///     \partial L/\partial X \mathrel{+}= (\partial L/\partial H)\, W_1^\top, \f]
 /// accumulating \f$A^\top G\f$, \f$X^\top\partial L/\partial H\f$ and the column sums into the parameter gradients.
 /// Forward saves \f$H\f$ and \f$A\f$ (n x h each); all intermediate buffers are members reused across calls.
+/// Every step runs on num_threads() threads over row blocks (the two Linears and the activation are parallel,
+/// and backward zeroes its n x h buffers in parallel too), with the same results for any number of threads.
 ///
 /// \code
 ///   polyattn::MLP<float> mlp({/*d_model=*/64}, "block0.mlp");          // hidden 256, GELU
@@ -101,9 +104,15 @@ class MLP {
     detail::require(activated_.rows() == X.rows(), where, "needs the forward pass of the same 'X' first: saved ",
                     activated_.rows(), " rows, got ", X.rows());
     detail::require_finite(where, "dY", dY);
-    activated_grad_.setZero(X.rows(), hidden());
+    const Index n = X.rows();
+    activated_grad_.resize(n, hidden());
+    pre_activation_grad_.resize(n, hidden());
+    detail::parallel_for(detail::block_count(n, zero_block_rows), [&](Index block, int) {
+      const Index begin = block * zero_block_rows, count = std::min(zero_block_rows, n - begin);
+      activated_grad_.middleRows(begin, count).setZero();
+      pre_activation_grad_.middleRows(begin, count).setZero();
+    });
     proj.backward(activated_, dY, activated_grad_);
-    pre_activation_grad_.setZero(X.rows(), hidden());
     activation_.backward(pre_activation_, activated_grad_, pre_activation_grad_);
     fc.backward(X, pre_activation_grad_, dX);
   }
@@ -118,6 +127,9 @@ class MLP {
     const double stddev = options.output_gain / std::sqrt(static_cast<double>(options.resolved_hidden()));
     return {options.resolved_hidden(), options.d_model, options.bias, stddev, derive_seed(options.seed, 1)};
   }
+
+  // Rows per block of the parallel zeroing in backward (any fixed size: zeroing is exact).
+  static constexpr Index zero_block_rows = 512;
 
   Activation<T> activation_;
   MLPOptions options_;
