@@ -1,4 +1,4 @@
-/// ile attention/backend_factory.hpp
+/// \file attention/backend_factory.hpp
 /// Run-time choice of the attention method: one factory that builds any AttentionBackend from a method
 /// name and one options object, so that a model can pick the method per layer (and tools per flag).
 ///

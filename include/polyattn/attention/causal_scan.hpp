@@ -1,4 +1,4 @@
-/// ile attention/causal_scan.hpp
+/// \file attention/causal_scan.hpp
 /// Products of a causally masked low-rank matrix with a tall matrix in \f$O(nkm)\f$, without forming the
 /// \f$n\times n\f$ matrix.
 ///

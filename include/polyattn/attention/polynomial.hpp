@@ -1,4 +1,4 @@
-/// ile attention/polynomial.hpp
+/// \file attention/polynomial.hpp
 /// Polynomials \f$p \approx \exp\f$ on \f$[-R, R]\f$ and a certified bound on their relative error.
 ///
 /// - taylor_exp(): \f$\sum_{t\le g} x^t/t!\f$. Even truncations are positive on the whole real line

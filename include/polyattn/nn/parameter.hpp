@@ -1,4 +1,4 @@
-/// ile nn/parameter.hpp
+/// \file nn/parameter.hpp
 /// A trainable tensor with its gradient, and deterministic seeded initialisation.
 ///
 /// Every layer owns its weights as Parameter members and appends pointers to them with
