@@ -2,6 +2,7 @@
 #include <polyattn/extern_templates.hpp>
 
 namespace polyattn {
+POLYATTN_INSTANTIATE_CLASS(, detail::PolynomialKernel)
 POLYATTN_INSTANTIATE_CLASS(, PolynomialAttention)
 POLYATTN_INSTANTIATE_CLASS(, AdjointBackend)
 }  // namespace polyattn

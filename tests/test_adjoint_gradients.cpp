@@ -208,8 +208,9 @@ TEST_CASE("AdjointBackend equals the dense gradient of the approximate function 
       for (const int degree : {2, 4})
         for (const Index chunk : {1, 4, 5, 7, 30}) {
           CAPTURE(causal, checkpoint, degree, chunk);
-          AdjointBackend<double> adjoint(options(causal, heads, degree, FeatureMapKind::symmetric, chunk));
-          if (!checkpoint) adjoint.set_max_checkpoint_bytes(0);
+          polyattn::PolynomialAttentionOptions opt = options(causal, heads, degree, FeatureMapKind::symmetric, chunk);
+          if (!checkpoint) opt.max_checkpoint_bytes = 0;
+          AdjointBackend<double> adjoint(opt);
           const Result<double> r = run<double>(adjoint, x);
           CHECK(adjoint.checkpointed() == (checkpoint || !causal));
           const Result<double> dense = dense_adjoint(x, polyattn::taylor_exp(degree), 0.5, causal, heads);

@@ -29,6 +29,7 @@
 #define POLYATTN_FOR_EACH_ATTENTION_CLASS(apply, storage) \
   apply(storage, FeatureMap)                              \
   apply(storage, ExactAttention)                          \
+  apply(storage, detail::PolynomialKernel)                \
   apply(storage, PolynomialAttention)                     \
   apply(storage, CausalScan)                              \
   apply(storage, ExactReferenceBackend)                   \

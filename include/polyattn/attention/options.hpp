@@ -121,14 +121,16 @@ double max_row_norm(const Eigen::MatrixBase<Derived>& X) {
 }
 
 /// The score radius \f$R = \max_l c\max_i\|q_i\|\max_j\|k_j\|\f$ over the heads of `shape`, in double: every
-/// score \f$c\,q_i^\top k_j\f$ lies in \f$[-R, R]\f$. O(n d).
+/// score \f$c\,q_i^\top k_j\f$ lies in \f$[-R, R]\f$; NaN when an entry of Q or K is not finite. O(n d).
 template <class DQ, class DK>
 double score_radius(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const HeadShape& shape,
                     double scale) {
   double radius = 0;
-  for (Index h = 0; h < shape.heads; ++h)
-    radius = std::max(radius, scale * max_row_norm(Q.middleCols(h * shape.dk, shape.dk)) *
-                                  max_row_norm(K.middleCols(h * shape.dk, shape.dk)));
+  for (Index h = 0; h < shape.heads; ++h) {
+    const double head_radius = scale * max_row_norm(Q.middleCols(h * shape.dk, shape.dk)) *
+                               max_row_norm(K.middleCols(h * shape.dk, shape.dk));
+    if (!(head_radius <= radius) && !std::isnan(radius)) radius = head_radius;  // keeps a NaN once seen
+  }
   return radius;
 }
 

@@ -132,7 +132,7 @@ class PaperBackend final : public AttentionBackend<T> {
   Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                       MatrixRef<T> O) override {
     has_forward_ = false;
-    certificate_ = attention_.forward(Q, K, V, O, "polyattn::PaperBackend::forward");
+    certificate_ = attention_.forward(Q, K, V, O, "polyattn::PaperBackend::forward", nullptr);
     forward_shape_ = {Q.rows(), K.rows(), Q.cols(), V.cols()};
     has_forward_ = true;
     return certificate_;

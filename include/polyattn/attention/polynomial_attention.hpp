@@ -44,8 +44,10 @@
 #include "exact_attention.hpp"
 #include "feature_map.hpp"
 #include "polynomial.hpp"
+#include "polynomial_kernel.hpp"
 
 #include <algorithm>
+#include <cstddef>
 #include <limits>
 #include <memory>
 #include <random>
@@ -66,7 +68,9 @@ struct PolynomialAttentionOptions {
   AttentionOptions attention;
   /// Taylor truncation (default) or a relative-error minimax fit on \f$[-\text{radius},\text{radius}]\f$.
   PolynomialKind kind = PolynomialKind::taylor;
-  /// Degree g of p; even by default because even Taylor truncations are positive on the whole line.
+  /// Degree g of p; even by default because even Taylor truncations are positive on the whole line. It is used
+  /// as given, except under RangePolicy::raise_degree, which may raise it (Certificate::degree reports the one
+  /// used); choose mark_invalid or throw_error to pin it.
   int degree = 2;
   /// Interval \f$[-\text{radius},\text{radius}]\f$ the polynomial is chosen for. 0 (default): the measured
   /// \f$R\f$ of each call (the certificate is then always valid, though possibly vacuous).
@@ -75,9 +79,17 @@ struct PolynomialAttentionOptions {
   RangePolicy range_policy = RangePolicy::mark_invalid;
   /// Symmetric monomials (width \f$\binom{d+g}{g}\f$) or the authors' Kronecker powers (\f$\sum_t d^t\f$).
   FeatureMapKind feature_map = FeatureMapKind::symmetric;
-  /// Rows per chunk: the feature batch \f$B\f$ when non-causal, the scan chunk \f$b\f$ (masked block) when
-  /// causal. 0 (default): about 256 KiB of features per batch; \f$b = 64\f$.
+  /// Rows per block: the feature block \f$B\f$ when non-causal, the scan chunk \f$b\f$ (masked block) when
+  /// causal. 0 (default): about 512 KiB of features per block; \f$b = 64\f$. Blocks are also the unit of work of
+  /// polyattn's threads (polynomial_kernel.hpp); results do not depend on the thread count.
   Index chunk_size = 0;
+  /// Causal: memory for the prefix states of a window of scan chunks, \f$r(d_v+1)\f$ numbers per chunk, when
+  /// they are not kept for every chunk (default 16 MiB; at least one chunk). Changes memory, never results.
+  std::size_t scan_window_bytes = std::size_t(16) << 20;
+  /// Causal AdjointBackend: largest memory forward() may spend on keeping the prefix state of every chunk for
+  /// backward(), \f$(n/b)\,h\,r(d_v+1)\f$ numbers (default 256 MiB). Above it backward() recomputes them window
+  /// by window, with bitwise the same result, at the cost of one more pass over the keys.
+  std::size_t max_checkpoint_bytes = std::size_t(256) << 20;
   /// Largest allowed feature width r; a wider map throws std::invalid_argument naming 'degree'. Whatever its
   /// value, widths above max_feature_width (feature_map.hpp) are rejected the same way before any allocation.
   Index max_features = default_max_features;
@@ -213,19 +225,6 @@ inline PolynomialChoice choose_polynomial(const char* where, const PolynomialAtt
   return choice;
 }
 
-/// The std::domain_error message for an approximate normaliser `value` of row `row` that is not a positive finite
-/// number: p negative on the scores, or (inf, NaN) features or sums that overflowed the scalar type `type`.
-inline std::string bad_normaliser_message(const char* where, Index row, double value, int degree, double radius,
-                                          const char* type) {
-  if (std::isfinite(value))
-    return concat(where, ": approximate normaliser of row ", row, " is ", value, " (not positive): the degree-",
-                  degree, " polynomial is not positive on the scores; use an even degree or a larger one");
-  return concat(where, ": approximate normaliser of row ", row, " is ", value, ": the degree-", degree,
-                " polynomial features of the scores or their sums overflowed ", type,
-                " (score radius R = c max|q| max|k| = ", radius, "); scale Q and K down, lower the degree",
-                std::string(type) == "float" ? " or use double" : "");
-}
-
 /// Why the approximate output of finite inputs is not finite although every normaliser is: the numerators
 /// (features times values) overflowed. O(n d).
 template <class T, class DV>
@@ -274,8 +273,14 @@ void estimate_sampled_error(ExactAttention<T>& exact, const PolynomialAttentionO
 
 }  // namespace detail
 
-/// Approximate attention forward pass by the polynomial method; keeps its workspace between calls.
-/// See the file documentation for the algorithm, the causal scan and the certificate.
+template <class T>
+class AdjointBackend;
+template <class T>
+class PaperBackend;
+
+/// Approximate attention forward pass by the polynomial method, on polyattn's threads (the shared
+/// detail::PolynomialKernel); keeps its workspaces between calls. See the file documentation for the algorithm,
+/// the causal scan and the certificate.
 template <class T>
 class PolynomialAttention {
  public:
@@ -293,47 +298,7 @@ class PolynomialAttention {
   /// degree reaches it under raise_degree), when an approximate normaliser is not positive (p not positive on
   /// the scores: use an even degree) or when finite input overflows T (features, normalisers or output).
   Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
-                      MatrixRef<T> O) {
-    return forward(Q, K, V, O, "polyattn::PolynomialAttention::forward");
-  }
-
-  /// forward() reporting errors as `where` (for the backends built on it).
-  Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
-                      MatrixRef<T> O, const char* where) {
-    const auto shape = detail::check_qkv_shapes(where, Q, K, V, options_.attention);
-    detail::check_forward_output(where, shape, Q, K, V, O);
-    where_ = where;
-    // The passes that measure R and max|v| for the certificate also detect non-finite entries (they make
-    // the result NaN or infinite); only then are the entries searched for the error message.
-    const double c = options_.attention.resolved_scale(shape.dk);
-    double radius = 0;
-    for (Index h = 0; h < shape.heads; ++h) {
-      const double max_q = detail::max_row_norm(Q.middleCols(h * shape.dk, shape.dk));
-      if (!std::isfinite(max_q)) detail::require_finite(where, "Q", Q);
-      const double max_k = detail::max_row_norm(K.middleCols(h * shape.dk, shape.dk));
-      if (!std::isfinite(max_k)) detail::require_finite(where, "K", K);
-      radius = std::max(radius, c * max_q * max_k);
-    }
-    const double max_v = static_cast<double>(V.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
-    if (!std::isfinite(max_v)) detail::require_finite(where, "V", V);
-    Certificate cert = prepare(where, shape.dk, c, radius);
-    for (Index h = 0; h < shape.heads; ++h) {
-      const auto Qh = Q.middleCols(h * shape.dk, shape.dk);
-      const auto Kh = K.middleCols(h * shape.dk, shape.dk);
-      const auto Vh = V.middleCols(h * shape.dv, shape.dv);
-      auto Oh = O.middleCols(h * shape.dv, shape.dv);
-      if (options_.attention.causal)
-        forward_causal(Qh, Kh, Vh, Oh);
-      else
-        forward_full(Qh, Kh, Vh, Oh);
-    }
-    detail::require_finite_result(where, "the output", O, [&] {
-      return detail::polynomial_overflow_cause<T>(V, map_poly_.degree(), radius);
-    });
-    cert.output_bound = detail::apriori_output_bound(cert.poly_error, max_v);
-    if (options_.estimate_error) estimate(Q, K, V, O, cert);
-    return cert;
-  }
+                      MatrixRef<T> O);
 
   /// Feature map of the last call (valid after forward()).
   const FeatureMap<T>& feature_map() const {
@@ -342,10 +307,26 @@ class PolynomialAttention {
   }
 
  private:
+  // The backends built on this forward pass: they report errors under their own names, and the adjoint keeps
+  // what its backward pass needs.
+  friend class AdjointBackend<T>;
+  friend class PaperBackend<T>;
+
+  // What AdjointBackend keeps of a forward pass for its backward pass.
+  struct Saved {
+    Matrix<T> normalisers;  // n x h
+    Matrix<T> states;       // Z per head (r x h(d_v+1)); causal: Z^{<s} per head and chunk, or no columns
+    bool checkpointed = false;
+  };
+
+  // forward() reporting errors as `where`; with `saved`, also keeps what the adjoint's backward needs (the
+  // causal prefix states only within options().max_checkpoint_bytes).
+  Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                      MatrixRef<T> O, const char* where, Saved* saved);
+
   // Applies the range policy and (re)builds the feature map when degree, interval or shape changed.
   Certificate prepare(const char* where, Index dk, double c, double radius) {
     detail::PolynomialChoice choice = detail::choose_polynomial(where, options_, radius);
-    radius_ = radius;
     if (!map_ || map_->dim() != dk || map_->scale() != c || map_poly_.coeffs != choice.poly.coeffs) {
       map_ = detail::make_feature_map<T>(where, options_, dk, choice.poly, c);
       map_poly_ = choice.poly;
@@ -354,149 +335,60 @@ class PolynomialAttention {
     return choice.cert;
   }
 
-  // Rows of features generated at once: about 256 KiB of them, so a batch stays in L2 while the GEMMs that
-  // consume it still have long panels.
-  Index feature_rows() const {
-    const Index rows = (Index(256) << 10) / (static_cast<Index>(sizeof(T)) * map_->width());
-    return std::clamp<Index>(rows, 64, 2048);
-  }
-
-  // Default chunk of the causal scan: the masked in-chunk block costs O(b d) per row, the prefix state one
-  // small GEMM per chunk; 64 balances the two for d <= 32 and r ~ 150.
-  static constexpr Index default_scan_rows = 64;
-
-  // Sizes the workspaces for feature batches of `batch` rows and scan chunks of `chunk` rows; a later call of
-  // the same shape reuses them.
-  void reserve(Index batch, Index chunk, Index dk, Index dv) {
-    const Index r = map_->width();
-    detail::ensure_shape(queries_scaled_, batch, dk);
-    detail::ensure_shape(keys_scaled_, batch, dk);
-    detail::ensure_shape(query_monomials_, batch, r);
-    detail::ensure_shape(key_monomials_, batch, r);
-    detail::ensure_shape(values_, batch, dv + 1);
-    detail::ensure_shape(state_, r, dv + 1);
-    detail::ensure_shape(output_, chunk, dv + 1);
-    detail::ensure_shape(inverse_normaliser_, chunk, 1);
-    if (options_.attention.causal) {
-      detail::ensure_shape(block_, chunk, chunk);
-      detail::ensure_shape(block_poly_, chunk, chunk);
-    }
-  }
-
-  // Non-causal: Z = W U_2^T [V, 1] over key batches, then [O~ | D~] = U_1 Z over query batches.
-  template <class DQ, class DK, class DV, class DO>
-  void forward_full(const Eigen::MatrixBase<DQ>& Qh, const Eigen::MatrixBase<DK>& Kh, const Eigen::MatrixBase<DV>& Vh,
-                    Eigen::MatrixBase<DO>& Oh) {
-    const Index dv = Vh.cols();
-    const Index b = options_.chunk_size > 0 ? options_.chunk_size : feature_rows();
-    reserve(std::min(b, std::max(Qh.rows(), Kh.rows())), std::min(b, Qh.rows()), Qh.cols(), dv);
-    state_.setZero();
-    for (Index k0 = 0; k0 < Kh.rows(); k0 += b) {
-      const Index bk = std::min(b, Kh.rows() - k0);
-      auto monomials = key_monomials_.topRows(bk);
-      map_->monomials(Kh.middleRows(k0, bk), keys_scaled_.topRows(bk), monomials);
-      auto values = values_with_ones(Vh.middleRows(k0, bk));
-      state_.noalias() += monomials.transpose() * values;
-    }
-    state_ = map_->weights().asDiagonal() * state_;
-    for (Index q0 = 0; q0 < Qh.rows(); q0 += b) {
-      const Index bq = std::min(b, Qh.rows() - q0);
-      auto monomials = query_monomials_.topRows(bq);
-      map_->monomials(Qh.middleRows(q0, bq), queries_scaled_.topRows(bq), monomials);
-      output_.topRows(bq).noalias() = monomials * state_;
-      normalise(Oh.middleRows(q0, bq), q0);
-    }
-  }
-
-  // Causal: features for a batch of several scan chunks at once; per chunk of b rows, the earlier chunks
-  // through the prefix state Z (r x (d+1), unweighted: the weights are folded into the query monomials) and
-  // the chunk itself through p(c Q_b K_b^T) on its lower triangle.
-  template <class DQ, class DK, class DV, class DO>
-  void forward_causal(const Eigen::MatrixBase<DQ>& Qh, const Eigen::MatrixBase<DK>& Kh,
-                      const Eigen::MatrixBase<DV>& Vh, Eigen::MatrixBase<DO>& Oh) {
-    const Index n = Qh.rows();
-    const Index b = std::min(n, options_.chunk_size > 0 ? options_.chunk_size : default_scan_rows);
-    const Index batch = b * std::max<Index>(1, feature_rows() / b);
-    reserve(std::min(batch, n), b, Qh.cols(), Vh.cols());
-    state_.setZero();
-    for (Index s0 = 0; s0 < n; s0 += batch) {
-      const Index bs = std::min(batch, n - s0);
-      auto query_monomials = query_monomials_.topRows(bs), key_monomials = key_monomials_.topRows(bs);
-      auto queries_scaled = queries_scaled_.topRows(bs), keys_scaled = keys_scaled_.topRows(bs);
-      map_->monomials(Qh.middleRows(s0, bs), queries_scaled, query_monomials);
-      query_monomials.array().rowwise() *= map_->weights().transpose().array();
-      map_->monomials(Kh.middleRows(s0, bs), keys_scaled, key_monomials);
-      const auto values = values_with_ones(Vh.middleRows(s0, bs));
-      for (Index t0 = 0; t0 < bs; t0 += b) {
-        const Index bt = std::min(b, bs - t0);
-        auto output = output_.topRows(bt);
-        auto scores = block_.topLeftCorner(bt, bt);
-        output.noalias() = query_monomials.middleRows(t0, bt) * state_;
-        scores.noalias() = queries_scaled.middleRows(t0, bt) * keys_scaled.middleRows(t0, bt).transpose();
-        auto weights = apply_polynomial(scores);
-        output.noalias() += weights.template triangularView<Eigen::Lower>() * values.middleRows(t0, bt);
-        normalise(Oh.middleRows(s0 + t0, bt), s0 + t0);
-        state_.noalias() += key_monomials.middleRows(t0, bt).transpose() * values.middleRows(t0, bt);
-      }
-    }
-  }
-
-  // The top rows of values_ set to [V_b, 1]: one GEMM then yields the numerators and the normaliser together.
-  template <class Derived>
-  Eigen::Block<Matrix<T>> values_with_ones(const Eigen::MatrixBase<Derived>& Vb) {
-    auto values = values_.topRows(Vb.rows());
-    values.leftCols(Vb.cols()) = Vb;
-    values.col(Vb.cols()).setOnes();
-    return values;
-  }
-
-  // p(S) elementwise by Horner's rule, into the same-shaped top-left corner of block_poly_.
-  Eigen::Block<Matrix<T>> apply_polynomial(const Eigen::Block<Matrix<T>>& S) {
-    const std::vector<double>& a = map_poly_.coeffs;
-    auto poly = block_poly_.topLeftCorner(S.rows(), S.cols());
-    poly.setConstant(static_cast<T>(a.back()));
-    for (std::size_t t = a.size() - 1; t-- > 0;) poly.array() = poly.array() * S.array() + static_cast<T>(a[t]);
-    return poly;
-  }
-
-  // Ob = numerators / normaliser from output_ = [numerators | normaliser]; a non-positive normaliser means
-  // p < 0 somewhere.
-  template <class DO>
-  void normalise(Eigen::MatrixBase<DO>&& Ob, Index first_row) {
-    const Index rows = Ob.rows(), dv = Ob.cols();
-    const auto output = output_.topRows(rows);
-    const Index bad = first_bad_normaliser(output.col(dv));
-    if (bad >= 0)
-      throw std::domain_error(detail::bad_normaliser_message(where_, first_row + bad,
-                                                             static_cast<double>(output_(bad, dv)), map_poly_.degree(),
-                                                             radius_, sizeof(T) == sizeof(float) ? "float" : "double"));
-    auto inverse_normaliser = inverse_normaliser_.head(rows);
-    inverse_normaliser = output.col(dv).cwiseInverse();
-    Ob.noalias() = inverse_normaliser.asDiagonal() * output.leftCols(dv);
-  }
-
-  template <class Derived>
-  static Index first_bad_normaliser(const Eigen::MatrixBase<Derived>& normaliser) {
-    if ((normaliser.array() > 0).all() && normaliser.allFinite()) return -1;
-    for (Index i = 0; i < normaliser.size(); ++i)
-      if (!(normaliser(i) > 0) || !std::isfinite(static_cast<double>(normaliser(i)))) return i;
-    return -1;
-  }
-
-  void estimate(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
-                const ConstMatrixRef<T>& O, Certificate& cert) {
-    detail::estimate_sampled_error(exact_, options_, Q, K, V, O, cert);
-  }
-
   PolynomialAttentionOptions options_;
   ExactAttention<T> exact_;
   std::unique_ptr<FeatureMap<T>> map_;
   Polynomial map_poly_;
-  const char* where_ = "polyattn::PolynomialAttention::forward";  // the caller's name, for normalise()
-  double radius_ = 0;                                               // R of the current call, for normalise()
-  Matrix<T> queries_scaled_, keys_scaled_, query_monomials_, key_monomials_, values_, state_, output_, block_,
-      block_poly_;
-  Vector<T> inverse_normaliser_;
+  detail::PolynomialKernel<T> kernel_;
+  Saved unsaved_;  // the normalisers and non-causal states of a forward() that keeps nothing
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the kernel again.
+template <class T>
+Certificate PolynomialAttention<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                                            const ConstMatrixRef<T>& V, MatrixRef<T> O) {
+  return forward(Q, K, V, O, "polyattn::PolynomialAttention::forward", nullptr);
+}
+
+template <class T>
+Certificate PolynomialAttention<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                                            const ConstMatrixRef<T>& V, MatrixRef<T> O, const char* where,
+                                            Saved* saved) {
+  const auto shape = detail::check_qkv_shapes(where, Q, K, V, options_.attention);
+  detail::check_forward_output(where, shape, Q, K, V, O);
+  // The passes that measure R and max|v| for the certificate also detect non-finite entries (they make the
+  // result NaN or infinite); only then are the entries searched for the error message.
+  const double c = options_.attention.resolved_scale(shape.dk);
+  const double radius = detail::score_radius(Q, K, shape, c);
+  if (!std::isfinite(radius)) {
+    detail::require_finite(where, "Q", Q);
+    detail::require_finite(where, "K", K);
+  }
+  const double max_v = static_cast<double>(V.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
+  if (!std::isfinite(max_v)) detail::require_finite(where, "V", V);
+  Certificate cert = prepare(where, shape.dk, c, radius);
+
+  const bool causal = options_.attention.causal;
+  kernel_.configure(*map_, map_poly_, causal, options_.chunk_size, options_.scan_window_bytes, where, radius);
+  const Index r = map_->width(), dv = shape.dv, chunks = causal ? kernel_.scan_chunks(shape.n) : 1;
+  Saved& keep = saved ? *saved : unsaved_;
+  keep.normalisers.resize(shape.n, shape.heads);
+  const double checkpoint_bytes = static_cast<double>(sizeof(T)) * static_cast<double>(r) *
+                                  static_cast<double>(shape.heads * chunks * (dv + 1));
+  keep.checkpointed =
+      !causal || (saved && checkpoint_bytes <= static_cast<double>(options_.max_checkpoint_bytes));
+  keep.states.resize(r, keep.checkpointed ? shape.heads * chunks * (dv + 1) : 0);
+  const Index state_cols = keep.checkpointed ? chunks * (dv + 1) : 0;
+  for (Index h = 0; h < shape.heads; ++h)
+    kernel_.forward(Q.middleCols(h * shape.dk, shape.dk), K.middleCols(h * shape.dk, shape.dk),
+                    V.middleCols(h * dv, dv), O.middleCols(h * dv, dv), keep.normalisers.col(h),
+                    keep.states.middleCols(h * state_cols, state_cols));
+  detail::require_finite_result(where, "the output", O,
+                                [&] { return detail::polynomial_overflow_cause<T>(V, map_poly_.degree(), radius); });
+  cert.output_bound = detail::apriori_output_bound(cert.poly_error, max_v);
+  if (options_.estimate_error) detail::estimate_sampled_error<T>(exact_, options_, Q, K, V, O, cert);
+  return cert;
+}
 
 }  // namespace polyattn

@@ -9,7 +9,7 @@
 /// **Reproducibility.** Every parallel loop in polyattn partitions its work into blocks whose boundaries depend
 /// on the problem only, never on the thread count; each block is computed the same way whichever thread runs it,
 /// and partial results are combined in block order. So outputs and gradients are bitwise identical for any
-/// number of threads (tests/test_threads.cpp checks 1, 2, 3 and 4). This is also why polyattn's targets define
+/// number of threads (tests/test_parallel_*.cpp check 1, 2, 3 and 4). This is also why polyattn's targets define
 /// `EIGEN_DONT_PARALLELIZE`: Eigen's own OpenMP GEMM chooses its blocking from the thread count, and forking a
 /// team per small product inside polyattn's loops costs more than it gains.
 ///

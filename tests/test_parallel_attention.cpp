@@ -1,0 +1,122 @@
+// Attention on polyattn's threads (parallel/threads.hpp): outputs, gradients and certificates are bitwise the same
+// for 1, 2, 3 and 4 threads, for every method, with and without the causal mask, in float and double; and the
+// polynomial forward pass is one kernel, so the adjoint's output is PolynomialAttention's to the bit. The CI script
+// also runs this file under ThreadSanitizer.
+#include <polyattn/attention/backend_factory.hpp>
+#include <polyattn/parallel/threads.hpp>
+
+#include "gradient_check.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cstdint>
+#include <vector>
+
+using polyattn::AttentionMethod;
+using polyattn::Index;
+using polyattn::Matrix;
+using polyattn::testing::random_matrix;
+
+namespace {
+
+// Restores the library's default thread count when a test ends, whatever it set.
+struct ThreadCountGuard {
+  ~ThreadCountGuard() { polyattn::set_num_threads(0); }
+};
+
+template <class T>
+struct Run {
+  Matrix<T> O, dQ, dK, dV;
+  double radius, dqk_bound, dv_bound;
+  bool operator==(const Run& other) const {
+    return O == other.O && dQ == other.dQ && dK == other.dK && dV == other.dV && radius == other.radius &&
+           dqk_bound == other.dqk_bound && dv_bound == other.dv_bound;
+  }
+};
+
+template <class T>
+Run<T> forward_backward(AttentionMethod method, const polyattn::PolynomialAttentionOptions& options, Index n,
+                        Index head_dim, std::uint64_t seed) {
+  const Index width = options.attention.heads * head_dim;
+  const Matrix<T> Q = random_matrix<T>(n, width, seed, 0.4), K = random_matrix<T>(n, width, seed + 1, 0.4);
+  const Matrix<T> V = random_matrix<T>(n, width, seed + 2), G = random_matrix<T>(n, width, seed + 3);
+  auto backend = polyattn::make_attention_backend<T>(method, options);
+  Run<T> run{Matrix<T>(n, width), Matrix<T>(n, width), Matrix<T>(n, width), Matrix<T>(n, width), 0, 0, 0};
+  run.radius = backend->forward(Q, K, V, run.O).radius;
+  const polyattn::GradientCertificate certificate = backend->backward(Q, K, V, run.O, G, run.dQ, run.dK, run.dV);
+  run.dqk_bound = certificate.dqk_bound;
+  run.dv_bound = certificate.dv_bound;
+  return run;
+}
+
+template <class T>
+void check_thread_counts_agree(AttentionMethod method, bool causal, Index heads, Index chunk_size, Index n) {
+  ThreadCountGuard guard;
+  polyattn::PolynomialAttentionOptions options;
+  options.attention.causal = causal;
+  options.attention.heads = heads;
+  options.degree = 2;
+  options.chunk_size = chunk_size;
+  INFO("method " << polyattn::attention_method_name(method) << ", causal " << causal << ", heads " << heads
+                 << ", chunk " << chunk_size << ", n " << n);
+  polyattn::set_num_threads(1);
+  const Run<T> serial = forward_backward<T>(method, options, n, 8, 2024);
+  for (const int threads : {2, 3, 4}) {
+    polyattn::set_num_threads(threads);
+    INFO("threads " << threads);
+    REQUIRE(forward_backward<T>(method, options, n, 8, 2024) == serial);
+  }
+}
+
+template <class T>
+void check_every_method() {
+  for (const AttentionMethod method : polyattn::all_attention_methods)
+    for (const bool causal : {false, true}) {
+      check_thread_counts_agree<T>(method, causal, 2, 40, 403);  // many small blocks, a short last one
+      check_thread_counts_agree<T>(method, causal, 1, 0, 1500);  // the automatic block sizes
+    }
+}
+
+}  // namespace
+
+TEST_CASE("Every method gives bitwise the same results on 1, 2, 3 and 4 threads (float)", "[threads]") {
+  check_every_method<float>();
+}
+
+TEST_CASE("Every method gives bitwise the same results on 1, 2, 3 and 4 threads (double)", "[threads]") {
+  check_every_method<double>();
+}
+
+TEST_CASE("The adjoint's output is PolynomialAttention's output to the bit", "[threads]") {
+  for (const bool causal : {false, true}) {
+    polyattn::PolynomialAttentionOptions options;
+    options.attention.causal = causal;
+    options.attention.heads = 2;
+    options.degree = 4;
+    const Index n = 300, width = 2 * 6;
+    const Matrix<double> Q = random_matrix<double>(n, width, 7, 0.5), K = random_matrix<double>(n, width, 8, 0.5);
+    const Matrix<double> V = random_matrix<double>(n, width, 9);
+    Matrix<double> from_attention(n, width), from_adjoint(n, width);
+    polyattn::PolynomialAttention<double>(options).forward(Q, K, V, from_attention);
+    polyattn::AdjointBackend<double>(options).forward(Q, K, V, from_adjoint);
+    INFO("causal " << causal);
+    REQUIRE(from_adjoint == from_attention);
+  }
+}
+
+TEST_CASE("The causal adjoint gives the same bits with or without checkpoints, for any scan window", "[threads]") {
+  ThreadCountGuard guard;
+  polyattn::PolynomialAttentionOptions options;
+  options.attention.causal = true;
+  options.attention.heads = 2;
+  options.chunk_size = 16;
+  const Run<double> checkpointed = forward_backward<double>(AttentionMethod::adjoint, options, 250, 4, 11);
+  options.max_checkpoint_bytes = 0;  // recompute the prefix states, window by window
+  for (const std::size_t window_bytes : {std::size_t(1), std::size_t(5000), std::size_t(16) << 20})
+    for (const int threads : {1, 3}) {
+      options.scan_window_bytes = window_bytes;  // 1 byte: one chunk per window
+      polyattn::set_num_threads(threads);
+      INFO("window bytes " << window_bytes << ", threads " << threads);
+      REQUIRE(forward_backward<double>(AttentionMethod::adjoint, options, 250, 4, 11) == checkpointed);
+    }
+}
