@@ -1,3 +1,4 @@
+#include <polyattn/attention/backend_factory.hpp>
 #include <polyattn/attention/exact_gradients.hpp>
 
 #include "gradient_check.hpp"
@@ -195,6 +196,20 @@ TEST_CASE("Exact backends take their options from PolynomialAttentionOptions::at
   REQUIRE(reference.options().causal);
   REQUIRE(blocked.options().heads == 2);
   REQUIRE(*blocked.options().scale == 0.25);
+}
+
+TEST_CASE("make_attention_backend takes plain AttentionOptions for every method", "[exact_gradients]") {
+  const AttentionOptions opt{0.25, true, 2};
+  for (const AttentionMethod method : polyattn::all_attention_methods) {
+    CAPTURE(polyattn::attention_method_name(method));
+    const auto backend = polyattn::make_attention_backend<double>(method, opt);
+    REQUIRE(backend->method() == method);
+    REQUIRE(backend->attention_options().causal);
+    REQUIRE(backend->attention_options().heads == 2);
+    REQUIRE(*backend->attention_options().scale == 0.25);
+  }
+  REQUIRE_THROWS_AS(polyattn::make_attention_backend<double>(AttentionMethod::exact_blocked, AttentionOptions{-1.0, false, 1}),
+                    std::invalid_argument);
 }
 
 TEST_CASE("Exact backends reject bad input with the argument's name", "[exact_gradients]") {

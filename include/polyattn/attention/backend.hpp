@@ -108,6 +108,10 @@ void require_same_forward(const char* where, bool has_forward, const std::array<
 
 /// Attention forward and backward behind a virtual interface.
 ///
+/// **Threads.** A backend runs its loops on polyattn's threads (parallel/threads.hpp) with results that do not
+/// depend on the thread count. One backend object must not be used by two threads at once (it keeps workspaces);
+/// distinct objects are independent (tests/test_concurrency.cpp, also run under ThreadSanitizer).
+///
 /// forward() saves what backward() needs; backward() must be called with the same Q, K, V and the O that
 /// forward() wrote, and *overwrites* dQ, dK, dV (they are intermediate products: a layer accumulates
 /// them into its own parameter gradients).
@@ -133,7 +137,9 @@ class AttentionBackend {
                               MatrixRef<T> O) = 0;
 
   /// Writes \f$\partial L/\partial Q\f$, \f$\partial L/\partial K\f$, \f$\partial L/\partial V\f$ for
-  /// \f$G = \partial L/\partial O\f$.
+  /// \f$G = \partial L/\partial O\f$. **Overwrites** dQ, dK, dV: a backend computes the gradient of one call.
+  /// (The layers built on backends, nn/attention_layers.hpp and nn/, **accumulate** into their weight and input
+  /// gradients instead, llm.c style, so that a step can sum over uses; they zero nothing themselves.)
   virtual GradientCertificate backward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
                                        const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& O,
                                        const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,

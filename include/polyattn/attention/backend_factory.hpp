@@ -76,4 +76,14 @@ std::unique_ptr<AttentionBackend<T>> make_attention_backend(AttentionMethod meth
                                              static_cast<int>(method)));
 }
 
+/// make_attention_backend() with only the attention options (scale, mask, heads): what the exact methods need. The
+/// polynomial methods (paper, adjoint) get PolynomialAttentionOptions' defaults for everything else (degree 2
+/// Taylor, symmetric features, automatic blocks). The scale defaults to \f$1/\sqrt{d_h}\f$ (AttentionOptions::scale).
+template <class T>
+std::unique_ptr<AttentionBackend<T>> make_attention_backend(AttentionMethod method, const AttentionOptions& options) {
+  PolynomialAttentionOptions polynomial;
+  polynomial.attention = options;
+  return make_attention_backend<T>(method, polynomial);
+}
+
 }  // namespace polyattn
