@@ -1,10 +1,11 @@
-// Benchmarks of the adjoint method (AdjointBackend): forward + backward, float, single-threaded.
+// Benchmarks of the adjoint method (AdjointBackend): forward + backward, float, on T polyattn threads, timed by the
+// wall clock (CPU time would add the threads up).
 //
 // Inputs follow the polynomial-attention authors' setup: q, k ~ N(0, 1)/sqrt(d), v, G ~ N(0, 1), score
 // scale c = 1, one head.
 //
 // Names (select with --benchmark_filter):
-//   adjoint/causal:C/g:G/d:D/n:N                 AdjointBackend forward + backward, Taylor degree G
+//   adjoint/causal:C/g:G/d:D/n:N/threads:T       AdjointBackend forward + backward, Taylor degree G, T threads
 //   adjoint_baseline/exact_blocked/causal:C/d:16/n:65536
 //                                                ExactBlockedBackend forward + backward, the baseline of the
 //                                                issue-3 speed-up target (about 10 s per call)
@@ -18,11 +19,13 @@
 // baseline counts (4 + 10) n^2 d (forward: QK^T, PV; backward: QK^T, dV, dP, dQ, dK), halved under the mask.
 //
 // Targets of issue 3 (one run, e.g.
-//   --benchmark_filter='adjoint.*/d:16/n:65536$' --benchmark_repetitions=3):
-//   adjoint/causal:0/g:2/d:16/n:65536 >= 100x faster than adjoint_baseline/exact_blocked/causal:0/d:16/n:65536;
-//   adjoint/causal:1/g:2/d:16/n:65536 within 1.5x of adjoint/causal:0/g:2/d:16/n:65536.
+//   --benchmark_filter='adjoint.*/d:16/n:65536(/threads:1)?$' --benchmark_repetitions=3):
+//   adjoint/causal:0/g:2/d:16/n:65536/threads:1 >= 100x faster than adjoint_baseline/exact_blocked/causal:0/d:16/n:65536;
+//   adjoint/causal:1/g:2/d:16/n:65536/threads:1 within 1.5x of adjoint/causal:0/g:2/d:16/n:65536/threads:1.
+// Threading targets of issue 10: threads:2 vs threads:1 at n = 2^18 (>= 1.8x); causal n = 2^20 on 2 threads < 0.6 s.
 #include <polyattn/attention/adjoint_gradients.hpp>
 #include <polyattn/attention/exact_gradients.hpp>
+#include <polyattn/parallel/threads.hpp>
 
 #include <benchmark/benchmark.h>
 
@@ -96,7 +99,8 @@ double relative_error(const Mat& approx, const Mat& exact) {
   return static_cast<double>((approx - exact).norm() / exact.norm());
 }
 
-void adjoint_forward_backward(benchmark::State& state, bool causal, int degree, Index d, Index n) {
+void adjoint_forward_backward(benchmark::State& state, bool causal, int degree, Index d, Index n, int threads) {
+  polyattn::set_num_threads(threads);
   const Problem& p = problem(n, d);
   polyattn::AdjointBackend<float> adjoint(adjoint_options(causal, degree));
   Mat O(n, d), dQ(n, d), dK(n, d), dV(n, d);
@@ -117,10 +121,12 @@ void adjoint_forward_backward(benchmark::State& state, bool causal, int degree, 
     state.counters["rel_error_dK"] = relative_error(dK, exact.dK);
     state.counters["rel_error_dV"] = relative_error(dV, exact.dV);
   }
+  polyattn::set_num_threads(0);
 }
 
 void exact_blocked_forward_backward(benchmark::State& state, bool causal) {
   const Problem& p = problem(baseline_n, baseline_d);
+  polyattn::set_num_threads(1);
   polyattn::ExactBlockedBackend<float> exact(adjoint_options(causal, 2));
   Mat O(baseline_n, baseline_d), dQ(baseline_n, baseline_d), dK(baseline_n, baseline_d), dV(baseline_n, baseline_d);
   for (auto _ : state) {
@@ -139,11 +145,18 @@ const bool registered = [] {
   for (const bool causal : {false, true})
     for (const int degree : {2, 4})
       for (const Index d : {8, 16})
-        for (Index n = Index(1) << 10; n <= (Index(1) << 18); n *= 4) {
-          const std::string name = "adjoint/causal:" + std::to_string(causal) + "/g:" + std::to_string(degree) +
-                                   "/d:" + std::to_string(d) + "/n:" + std::to_string(n);
-          benchmark::RegisterBenchmark(name.c_str(), adjoint_forward_backward, causal, degree, d, n)
-              ->Unit(benchmark::kMillisecond);
+        for (Index n = Index(1) << 10; n <= (Index(1) << 20); n *= 4) {
+          // Two threads and 2^20 tokens for the shapes of the threading targets (issue 10).
+          const bool threaded = degree == 2 && d == 16 && n >= (Index(1) << 16);
+          if (n > (Index(1) << 18) && !(threaded && causal)) continue;
+          for (int threads = 1; threads <= (threaded ? 2 : 1); ++threads) {
+            const std::string name = "adjoint/causal:" + std::to_string(causal) + "/g:" + std::to_string(degree) +
+                                     "/d:" + std::to_string(d) + "/n:" + std::to_string(n) +
+                                     "/threads:" + std::to_string(threads);
+            benchmark::RegisterBenchmark(name.c_str(), adjoint_forward_backward, causal, degree, d, n, threads)
+                ->Unit(benchmark::kMillisecond)
+                ->UseRealTime();
+          }
         }
   for (const bool causal : {false, true}) {
     const std::string name = "adjoint_baseline/exact_blocked/causal:" + std::to_string(causal) +

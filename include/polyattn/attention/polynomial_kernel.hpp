@@ -139,6 +139,12 @@ class PolynomialKernel {
     return workspaces_;
   }
 
+  // Estimated multiply-adds of a loop over `rows` rows (features times the value width): small loops stay on the
+  // calling thread (parallel_for).
+  double work(Index rows, Index dv) const {
+    return static_cast<double>(rows) * static_cast<double>(map_->width()) * static_cast<double>(dv + 2);
+  }
+
   template <class Derived>
   static void ensure_shape(Eigen::PlainObjectBase<Derived>& m, Index rows, Index cols) {
     if (m.rows() != rows || m.cols() != cols) m.resize(rows, cols);
@@ -233,7 +239,7 @@ class PolynomialKernel {
           }
         }
       }
-    });
+    }, static_cast<double>(slots.size()));
   }
 
   // Chunks per window of the causal scan: as many slots of r x width as fit scan_window_bytes (at least one).
@@ -264,7 +270,7 @@ class PolynomialKernel {
       expand(w, Kh.middleRows(k0, rows), w.scaled_keys);
       load_values(w, Vh.middleRows(k0, rows));
       partials_.middleCols(block * (dv + 1), dv + 1).noalias() = top(w.monomials, rows).transpose() * top(w.values, rows);
-    });
+    }, work(m, dv));
     state = partials_.leftCols(dv + 1);
     for (Index block = 1; block < key_blocks; ++block) state += partials_.middleCols(block * (dv + 1), dv + 1);
     state = map_->weights().asDiagonal() * state;
@@ -274,7 +280,7 @@ class PolynomialKernel {
       expand(w, Qh.middleRows(q0, rows), w.scaled_queries);
       top(w.products, rows).leftCols(dv + 1).noalias() = top(w.monomials, rows) * state;
       normalise(w, Oh.middleRows(q0, rows), normalisers, q0);
-    });
+    }, work(n, dv));
   }
 
   void forward_causal(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
@@ -294,7 +300,7 @@ class PolynomialKernel {
         const Index s = (first + k) * b;
         chunk_key_state(ws[static_cast<std::size_t>(thread)], Kh, Vh, s, std::min(b, n - s),
                         slots.middleCols(k * (dv + 1), dv + 1));
-      });
+      }, work(count * b, dv));
       exclusive_scan(slots, dv + 1, carry_, +1);
       parallel_for(count, [&](Index k, int thread) {
         Workspace& w = ws[static_cast<std::size_t>(thread)];
@@ -308,7 +314,7 @@ class PolynomialKernel {
         products.noalias() +=
             w.block.topLeftCorner(rows, rows).template triangularView<Eigen::Lower>() * top(w.values, rows);
         normalise(w, Oh.middleRows(s, rows), normalisers, s);
-      });
+      }, work(count * b, dv));
     }
   }
 
@@ -330,7 +336,7 @@ class PolynomialKernel {
       auto dQb = dQh.middleRows(q0, rows);
       dQb.setZero();
       add_query_grads_through(w, state, dQb);
-    });
+    }, work(n, dv));
     ensure_shape(state_grads_, r, dv + 2);
     state_grads_ = partials_.leftCols(dv + 2);
     for (Index block = 1; block < query_blocks; ++block) state_grads_ += partials_.middleCols(block * (dv + 2), dv + 2);
@@ -352,7 +358,7 @@ class PolynomialKernel {
       auto dKb = dKh.middleRows(k0, rows);
       dKb.setZero();
       map_->monomials_backward(monomial_grads, top(w.scaled_keys, rows), monomials, dKb);
-    });
+    }, work(m, dv));
     return *std::max_element(column_sums_.begin(), column_sums_.end());
   }
 
@@ -393,7 +399,7 @@ class PolynomialKernel {
         expand(w, Qh.middleRows(s, rows), w.scaled_queries);
         load_adjoints(w, Gh.middleRows(s, rows), Oh.middleRows(s, rows), normalisers, s);
         slots.middleCols(k * (dv + 2), dv + 2).noalias() = top(w.monomials, rows).transpose() * top(w.adjoints, rows);
-      });
+      }, work(count * b, dv));
       exclusive_scan(slots, dv + 2, state_grads_, -1);
       parallel_for(count, [&](Index k, int thread) {
         Workspace& w = ws[static_cast<std::size_t>(thread)];
@@ -437,7 +443,7 @@ class PolynomialKernel {
         dVb.noalias() += block.transpose().template triangularView<Eigen::Upper>() * adjoints.leftCols(dv);
         column_sums.noalias() += block.transpose().template triangularView<Eigen::Upper>() * adjoints.col(dv + 1);
         column_sums_[static_cast<std::size_t>(first + k)] = static_cast<double>(column_sums.maxCoeff());
-      });
+      }, work(count * b, dv));
     }
     return *std::max_element(column_sums_.begin(), column_sums_.end());
   }
@@ -451,7 +457,7 @@ class PolynomialKernel {
       const Index s = (first + k) * b;
       chunk_key_state(ws[static_cast<std::size_t>(thread)], Kh, Vh, s, std::min(b, n - s),
                       slots.middleCols(k * (dv + 1), dv + 1));
-    });
+    }, work(count * b, dv));
     exclusive_scan(slots, dv + 1, carry_, +1);
   }
 

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <atomic>
 #include <exception>
+#include <limits>
 #include <utility>
 
 #ifdef _OPENMP
@@ -73,13 +74,18 @@ inline int parallel_threads(Index blocks) {
   return static_cast<int>(std::max<Index>(1, std::min<Index>(num_threads(), blocks)));
 }
 
-/// Calls `body(block, thread)` for every block in [0, blocks), spread over parallel_threads(blocks) threads;
-/// `thread` in [0, that count) indexes per-thread workspaces. The blocks must be independent; results that
+/// Work (about that many multiply-adds, ~0.1 ms) below which a loop runs on the calling thread: waking a team
+/// costs microseconds, and far more when other processes hold the cores.
+inline constexpr double min_parallel_work = double(1 << 18);
+
+/// Calls `body(block, thread)` for every block in [0, blocks), spread over parallel_threads(blocks) threads, or
+/// on the calling thread alone when the loop's estimated `work` is below min_parallel_work; `thread` in
+/// [0, parallel_threads(blocks)) indexes per-thread workspaces. The blocks must be independent; results that
 /// blocks share must be combined by the caller, in block order, after the loop. An exception thrown by a block
 /// is rethrown on the calling thread (the one of the lowest block when several throw) once all blocks finished.
 template <class Body>
-void parallel_for(Index blocks, Body&& body) {
-  const int threads = parallel_threads(blocks);
+void parallel_for(Index blocks, Body&& body, double work = std::numeric_limits<double>::infinity()) {
+  const int threads = work < min_parallel_work ? 1 : parallel_threads(blocks);
   if (threads <= 1) {
     for (Index block = 0; block < blocks; ++block) body(block, 0);
     return;
