@@ -28,7 +28,10 @@ bash "$root/scripts/install-deps.sh"
 step "Release build and tests"
 cmake -S "$root" -B "$build/release" -DCMAKE_BUILD_TYPE=Release -DPOLYATTN_NATIVE=ON \
   -DCMAKE_COMPILE_WARNING_AS_ERROR=ON
-cmake --build "$build/release" -j2
+# The tests and the examples (example_cli runs them); the benchmarks only with --bench.
+targets=(--target polyattn_tests polyattn_demo train_gpt accuracy_frontier)
+(( bench )) && targets+=(polyattn_bench)
+cmake --build "$build/release" -j2 "${targets[@]}"
 ctest --test-dir "$build/release" --output-on-failure -j2
 step_done
 
