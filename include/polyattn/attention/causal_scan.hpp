@@ -83,28 +83,17 @@ class CausalScan {
 
   /// Writes \f$Y = (M\circ UV_f^\top)H\f$ for U, Vf (n x k), H (n x m), Y (n x m).
   void prefix_product(const ConstMatrixRef<T>& U, const ConstMatrixRef<T>& Vf, const ConstMatrixRef<T>& H,
-                      MatrixRef<T> Y) {
-    product(ScanDirection::prefix, "polyattn::CausalScan::prefix_product", U, Vf, H, Y);
-  }
+                      MatrixRef<T> Y);
 
   /// Writes \f$Y = (M\circ UV_f^\top)^\top H = (M^\top\circ V_fU^\top)H\f$ for U, Vf (n x k), H, Y (n x m).
   void suffix_product(const ConstMatrixRef<T>& U, const ConstMatrixRef<T>& Vf, const ConstMatrixRef<T>& H,
-                      MatrixRef<T> Y) {
-    product(ScanDirection::suffix, "polyattn::CausalScan::suffix_product", U, Vf, H, Y);
-  }
+                      MatrixRef<T> Y);
 
   /// Starts a chunk-by-chunk scan of factors with `rank` columns in total and a right-hand side with `cols`
   /// columns: zeroes the state. The caller then visits the chunks in order (first to last for a prefix
   /// scan, last to first for a suffix scan), calling begin_chunk(), add_factors() for each column tile
   /// and end_chunk() for each.
-  void start(ScanDirection direction, Index rank, Index cols) {
-    constexpr const char* where = "polyattn::CausalScan::start";
-    detail::require(rank >= 1, where, "'rank' must be >= 1, got ", rank);
-    detail::require(cols >= 1, where, "'cols' must be >= 1, got ", cols);
-    direction_ = direction;
-    state_.setZero(rank, cols);
-    block_.resize(0, 0);
-  }
+  void start(ScanDirection direction, Index rank, Index cols);
 
   /// Begins a chunk of `rows` rows: clears the in-chunk block.
   void begin_chunk(Index rows) {
@@ -118,40 +107,10 @@ class CausalScan {
   /// earlier (prefix) or later (suffix) chunks' contribution to `Y` (rows x m) and folds this chunk into
   /// the state; the chunk's own masked block is added by end_chunk().
   void add_factors(Index offset, const ConstMatrixRef<T>& U, const ConstMatrixRef<T>& Vf, const ConstMatrixRef<T>& H,
-                   MatrixRef<T> Y) {
-    constexpr const char* where = "polyattn::CausalScan::add_factors";
-    const Index rows = block_.rows(), width = U.cols();
-    detail::require(rows >= 1, where, "call begin_chunk() first");
-    detail::require(offset >= 0 && offset + width <= state_.rows(), where, "columns [", offset, ", ",
-                    offset + width, ") of 'U' exceed the rank ", state_.rows(), " given to start()");
-    detail::require_shape(where, "U", U, rows, width);
-    detail::require_shape(where, "Vf", Vf, rows, width);
-    detail::require_shape(where, "H", H, rows, state_.cols());
-    detail::require_shape(where, "Y", Y, rows, state_.cols());
-    const bool prefix = direction_ == ScanDirection::prefix;
-    const ConstMatrixRef<T>& out_factor = prefix ? U : Vf;  // multiplies the state for the output rows
-    const ConstMatrixRef<T>& in_factor = prefix ? Vf : U;   // carries this chunk's rows into the state
-    auto state = state_.middleRows(offset, width);
-    Y.noalias() += out_factor * state;
-    if (prefix)
-      block_.template triangularView<Eigen::Lower>() += out_factor * in_factor.transpose();
-    else
-      block_.template triangularView<Eigen::Upper>() += out_factor * in_factor.transpose();
-    state.noalias() += in_factor.transpose() * H;
-  }
+                   MatrixRef<T> Y);
 
   /// Ends the chunk: adds its masked block times `H` (rows x m) to `Y` (rows x m).
-  void end_chunk(const ConstMatrixRef<T>& H, MatrixRef<T> Y) {
-    constexpr const char* where = "polyattn::CausalScan::end_chunk";
-    detail::require(block_.rows() >= 1, where, "call begin_chunk() first");
-    detail::require_shape(where, "H", H, block_.rows(), state_.cols());
-    detail::require_shape(where, "Y", Y, block_.rows(), state_.cols());
-    if (direction_ == ScanDirection::prefix)
-      Y.noalias() += block_.template triangularView<Eigen::Lower>() * H;
-    else
-      Y.noalias() += block_.template triangularView<Eigen::Upper>() * H;
-    block_.resize(0, 0);
-  }
+  void end_chunk(const ConstMatrixRef<T>& H, MatrixRef<T> Y);
 
  private:
   void product(ScanDirection direction, const char* where, const ConstMatrixRef<T>& U, const ConstMatrixRef<T>& Vf,
@@ -183,5 +142,66 @@ class CausalScan {
   ScanDirection direction_ = ScanDirection::prefix;
   Matrix<T> state_, block_;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+void CausalScan<T>::prefix_product(const ConstMatrixRef<T>& U, const ConstMatrixRef<T>& Vf, const ConstMatrixRef<T>& H,
+                                   MatrixRef<T> Y) {
+  product(ScanDirection::prefix, "polyattn::CausalScan::prefix_product", U, Vf, H, Y);
+}
+
+template <class T>
+void CausalScan<T>::suffix_product(const ConstMatrixRef<T>& U, const ConstMatrixRef<T>& Vf, const ConstMatrixRef<T>& H,
+                                   MatrixRef<T> Y) {
+  product(ScanDirection::suffix, "polyattn::CausalScan::suffix_product", U, Vf, H, Y);
+}
+
+template <class T>
+void CausalScan<T>::start(ScanDirection direction, Index rank, Index cols) {
+  constexpr const char* where = "polyattn::CausalScan::start";
+  detail::require(rank >= 1, where, "'rank' must be >= 1, got ", rank);
+  detail::require(cols >= 1, where, "'cols' must be >= 1, got ", cols);
+  direction_ = direction;
+  state_.setZero(rank, cols);
+  block_.resize(0, 0);
+}
+
+template <class T>
+void CausalScan<T>::add_factors(Index offset, const ConstMatrixRef<T>& U, const ConstMatrixRef<T>& Vf,
+                                const ConstMatrixRef<T>& H, MatrixRef<T> Y) {
+  constexpr const char* where = "polyattn::CausalScan::add_factors";
+  const Index rows = block_.rows(), width = U.cols();
+  detail::require(rows >= 1, where, "call begin_chunk() first");
+  detail::require(offset >= 0 && offset + width <= state_.rows(), where, "columns [", offset, ", ",
+                  offset + width, ") of 'U' exceed the rank ", state_.rows(), " given to start()");
+  detail::require_shape(where, "U", U, rows, width);
+  detail::require_shape(where, "Vf", Vf, rows, width);
+  detail::require_shape(where, "H", H, rows, state_.cols());
+  detail::require_shape(where, "Y", Y, rows, state_.cols());
+  const bool prefix = direction_ == ScanDirection::prefix;
+  const ConstMatrixRef<T>& out_factor = prefix ? U : Vf;  // multiplies the state for the output rows
+  const ConstMatrixRef<T>& in_factor = prefix ? Vf : U;   // carries this chunk's rows into the state
+  auto state = state_.middleRows(offset, width);
+  Y.noalias() += out_factor * state;
+  if (prefix)
+    block_.template triangularView<Eigen::Lower>() += out_factor * in_factor.transpose();
+  else
+    block_.template triangularView<Eigen::Upper>() += out_factor * in_factor.transpose();
+  state.noalias() += in_factor.transpose() * H;
+}
+
+template <class T>
+void CausalScan<T>::end_chunk(const ConstMatrixRef<T>& H, MatrixRef<T> Y) {
+  constexpr const char* where = "polyattn::CausalScan::end_chunk";
+  detail::require(block_.rows() >= 1, where, "call begin_chunk() first");
+  detail::require_shape(where, "H", H, block_.rows(), state_.cols());
+  detail::require_shape(where, "Y", Y, block_.rows(), state_.cols());
+  if (direction_ == ScanDirection::prefix)
+    Y.noalias() += block_.template triangularView<Eigen::Lower>() * H;
+  else
+    Y.noalias() += block_.template triangularView<Eigen::Upper>() * H;
+  block_.resize(0, 0);
+}
 
 }  // namespace polyattn

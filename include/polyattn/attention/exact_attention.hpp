@@ -115,55 +115,13 @@ class ExactAttention {
 
   /// forward() reporting errors as `where` (for the backends built on it).
   void forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V, MatrixRef<T> O,
-               const char* where) {
-    const auto shape = detail::check_qkv(where, Q, K, V, options_);
-    detail::check_forward_output(where, shape, Q, K, V, O);
-    detail::ensure_shape(logsumexp_, shape.n, shape.heads);
-    const Index query_rows = std::min(query_block_, shape.n);  // never sized by the option alone
-    positions_.resize(static_cast<std::size_t>(query_rows));
-    reserve(query_rows, shape);
-    const T c = static_cast<T>(options_.resolved_scale(shape.dk));
-    for (Index h = 0; h < shape.heads; ++h) {
-      const auto Kh = K.middleCols(h * shape.dk, shape.dk);
-      const auto Vh = V.middleCols(h * shape.dv, shape.dv);
-      for (Index q0 = 0; q0 < shape.n; q0 += query_block_) {
-        const Index bq = std::min(query_block_, shape.n - q0);
-        for (Index i = 0; i < bq; ++i) positions_[static_cast<std::size_t>(i)] = q0 + i;
-        auto Qs = scaled_queries_.topRows(bq);
-        Qs.noalias() = c * Q.block(q0, h * shape.dk, bq, shape.dk);
-        rows(Qs, positions_.data(), Kh, Vh, O.block(q0, h * shape.dv, bq, shape.dv),
-             logsumexp_.col(h).segment(q0, bq));
-      }
-    }
-    check_finite_results(where, Q, K, V, O, shape);
-  }
+               const char* where);
 
   /// Exact attention of a few queries at arbitrary positions (ascending if causal) against all keys:
   /// row `i` of `O` is the attention output of query `Q.row(i)` standing at position `positions[i]`.
   /// Used by the a-posteriori error estimate of the approximate methods.
   void forward_rows(const ConstMatrixRef<T>& Q, const std::vector<Index>& positions, const ConstMatrixRef<T>& K,
-                    const ConstMatrixRef<T>& V, MatrixRef<T> O) {
-    constexpr const char* where = "polyattn::ExactAttention::forward_rows";
-    AttentionOptions relaxed = options_;
-    relaxed.causal = false;  // the mask is given by `positions`, not by the row index
-    const auto shape = detail::check_qkv(where, Q, K, V, relaxed);
-    detail::require(static_cast<Index>(positions.size()) == shape.n, where, "'positions' must have ", shape.n,
-                    " entries, got ", positions.size());
-    detail::check_forward_output(where, shape, Q, K, V, O);
-    for (std::size_t i = 0; i < positions.size(); ++i)
-      detail::require(positions[i] >= 0 && positions[i] < shape.m && (i == 0 || positions[i] >= positions[i - 1]),
-                      where, "'positions' must be ascending within [0, ", shape.m, "), got ", positions[i],
-                      " at index ", i);
-    detail::ensure_shape(logsumexp_, shape.n, shape.heads);
-    reserve(shape.n, shape);
-    const T c = static_cast<T>(options_.resolved_scale(shape.dk));
-    for (Index h = 0; h < shape.heads; ++h) {
-      scaled_queries_.noalias() = c * Q.middleCols(h * shape.dk, shape.dk);
-      rows(scaled_queries_, positions.data(), K.middleCols(h * shape.dk, shape.dk),
-           V.middleCols(h * shape.dv, shape.dv), O.middleCols(h * shape.dv, shape.dv), logsumexp_.col(h));
-    }
-    check_finite_results(where, Q, K, V, O, shape);
-  }
+                    const ConstMatrixRef<T>& V, MatrixRef<T> O);
 
   /// Per-row, per-head \f$\log\sum_j e^{S_{ij}}\f$ of the last forward call (n x h).
   const Matrix<T>& logsumexp() const { return logsumexp_; }
@@ -231,5 +189,57 @@ class ExactAttention {
   Matrix<T> scaled_queries_, scores_, accumulator_, logsumexp_;
   Vector<T> running_max_, running_sum_, block_max_, rescale_;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+void ExactAttention<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                                MatrixRef<T> O, const char* where) {
+  const auto shape = detail::check_qkv(where, Q, K, V, options_);
+  detail::check_forward_output(where, shape, Q, K, V, O);
+  detail::ensure_shape(logsumexp_, shape.n, shape.heads);
+  const Index query_rows = std::min(query_block_, shape.n);  // never sized by the option alone
+  positions_.resize(static_cast<std::size_t>(query_rows));
+  reserve(query_rows, shape);
+  const T c = static_cast<T>(options_.resolved_scale(shape.dk));
+  for (Index h = 0; h < shape.heads; ++h) {
+    const auto Kh = K.middleCols(h * shape.dk, shape.dk);
+    const auto Vh = V.middleCols(h * shape.dv, shape.dv);
+    for (Index q0 = 0; q0 < shape.n; q0 += query_block_) {
+      const Index bq = std::min(query_block_, shape.n - q0);
+      for (Index i = 0; i < bq; ++i) positions_[static_cast<std::size_t>(i)] = q0 + i;
+      auto Qs = scaled_queries_.topRows(bq);
+      Qs.noalias() = c * Q.block(q0, h * shape.dk, bq, shape.dk);
+      rows(Qs, positions_.data(), Kh, Vh, O.block(q0, h * shape.dv, bq, shape.dv),
+           logsumexp_.col(h).segment(q0, bq));
+    }
+  }
+  check_finite_results(where, Q, K, V, O, shape);
+}
+
+template <class T>
+void ExactAttention<T>::forward_rows(const ConstMatrixRef<T>& Q, const std::vector<Index>& positions,
+                                     const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V, MatrixRef<T> O) {
+  constexpr const char* where = "polyattn::ExactAttention::forward_rows";
+  AttentionOptions relaxed = options_;
+  relaxed.causal = false;  // the mask is given by `positions`, not by the row index
+  const auto shape = detail::check_qkv(where, Q, K, V, relaxed);
+  detail::require(static_cast<Index>(positions.size()) == shape.n, where, "'positions' must have ", shape.n,
+                  " entries, got ", positions.size());
+  detail::check_forward_output(where, shape, Q, K, V, O);
+  for (std::size_t i = 0; i < positions.size(); ++i)
+    detail::require(positions[i] >= 0 && positions[i] < shape.m && (i == 0 || positions[i] >= positions[i - 1]),
+                    where, "'positions' must be ascending within [0, ", shape.m, "), got ", positions[i],
+                    " at index ", i);
+  detail::ensure_shape(logsumexp_, shape.n, shape.heads);
+  reserve(shape.n, shape);
+  const T c = static_cast<T>(options_.resolved_scale(shape.dk));
+  for (Index h = 0; h < shape.heads; ++h) {
+    scaled_queries_.noalias() = c * Q.middleCols(h * shape.dk, shape.dk);
+    rows(scaled_queries_, positions.data(), K.middleCols(h * shape.dk, shape.dk),
+         V.middleCols(h * shape.dv, shape.dv), O.middleCols(h * shape.dv, shape.dv), logsumexp_.col(h));
+  }
+  check_finite_results(where, Q, K, V, O, shape);
+}
 
 }  // namespace polyattn

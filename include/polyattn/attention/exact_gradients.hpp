@@ -120,27 +120,39 @@ class ExactReferenceBackend final : public AttentionBackend<T> {
   const AttentionOptions& options() const { return options_; }
 
   Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
-                      MatrixRef<T> O) override {
-    constexpr const char* where = "polyattn::ExactReferenceBackend::forward";
-    const auto shape = detail::check_qkv(where, Q, K, V, options_);
-    detail::check_forward_output(where, shape, Q, K, V, O);
-    O.noalias() = detail::attention_reference(where, Q, K, V, options_);
-    return detail::exact_method_certificate();
-  }
+                      MatrixRef<T> O) override;
 
   /// Recomputes everything from Q, K, V; `O` is only checked (the interface passes it).
   GradientCertificate backward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                                const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G, MatrixRef<T> dQ,
-                               MatrixRef<T> dK, MatrixRef<T> dV) override {
-    constexpr const char* where = "polyattn::ExactReferenceBackend::backward";
-    const auto shape = detail::check_backward_arguments<T>(where, options_, Q, K, V, O, G, dQ, dK, dV);
-    detail::attention_backward_reference_unchecked<T>(where, shape, Q, K, V, G, options_, dQ, dK, dV);
-    return {detail::exact_method_certificate(), 0, 0};
-  }
+                               MatrixRef<T> dK, MatrixRef<T> dV) override;
 
  private:
   AttentionOptions options_;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+Certificate ExactReferenceBackend<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                                              const ConstMatrixRef<T>& V, MatrixRef<T> O) {
+  constexpr const char* where = "polyattn::ExactReferenceBackend::forward";
+  const auto shape = detail::check_qkv(where, Q, K, V, options_);
+  detail::check_forward_output(where, shape, Q, K, V, O);
+  O.noalias() = detail::attention_reference(where, Q, K, V, options_);
+  return detail::exact_method_certificate();
+}
+
+template <class T>
+GradientCertificate ExactReferenceBackend<T>::backward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                                                       const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& O,
+                                                       const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
+                                                       MatrixRef<T> dV) {
+  constexpr const char* where = "polyattn::ExactReferenceBackend::backward";
+  const auto shape = detail::check_backward_arguments<T>(where, options_, Q, K, V, O, G, dQ, dK, dV);
+  detail::attention_backward_reference_unchecked<T>(where, shape, Q, K, V, G, options_, dQ, dK, dV);
+  return {detail::exact_method_certificate(), 0, 0};
+}
 
 /// Block sizes of ExactBlockedBackend. The backward defaults were chosen by measurement for
 /// \f$d_h \in \{8, 16\}\f$ in float on AVX-512 (Zen 4): \f$b_q, b_k \in [64, 256]\f$ perform within the noise of
@@ -206,40 +218,11 @@ class ExactBlockedBackend final : public AttentionBackend<T> {
   const ExactBlockedOptions& blocks() const { return blocks_; }
 
   Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
-                      MatrixRef<T> O) override {
-    forward_.forward(Q, K, V, O, "polyattn::ExactBlockedBackend::forward");
-    return detail::exact_method_certificate();
-  }
+                      MatrixRef<T> O) override;
 
   GradientCertificate backward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                                const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G, MatrixRef<T> dQ,
-                               MatrixRef<T> dK, MatrixRef<T> dV) override {
-    constexpr const char* where = "polyattn::ExactBlockedBackend::backward";
-    const auto shape = detail::check_backward_arguments<T>(where, options_, Q, K, V, O, G, dQ, dK, dV);
-    const Matrix<T>& logsumexp = forward_.logsumexp();
-    detail::require(logsumexp.rows() == shape.n && logsumexp.cols() == shape.heads, where,
-                    "needs the log-sum-exp of a preceding forward() with the same shapes: saved ", logsumexp.rows(),
-                    "x", logsumexp.cols(), ", expected ", shape.n, "x", shape.heads, " (rows x heads)");
-    const Index bq = std::min(blocks_.query_block, shape.n);
-    const Index bk = std::min(blocks_.key_block, shape.m);
-    probabilities_.resize(bq, bk);
-    score_grads_.resize(bq, bk);
-    key_grads_.resize(bk, shape.dk);
-    value_grads_.resize(bk, shape.dv);
-    const T c = static_cast<T>(options_.resolved_scale(shape.dk));
-    for (Index h = 0; h < shape.heads; ++h) {
-      scaled_queries_.noalias() = c * Q.middleCols(h * shape.dk, shape.dk);
-      kappa_.noalias() = O.middleCols(h * shape.dv, shape.dv).cwiseProduct(G.middleCols(h * shape.dv, shape.dv))
-                             .rowwise()
-                             .sum();
-      backward_head(K.middleCols(h * shape.dk, shape.dk), V.middleCols(h * shape.dv, shape.dv),
-                    G.middleCols(h * shape.dv, shape.dv), logsumexp.col(h), dQ.middleCols(h * shape.dk, shape.dk),
-                    dK.middleCols(h * shape.dk, shape.dk), dV.middleCols(h * shape.dv, shape.dv));
-      dQ.middleCols(h * shape.dk, shape.dk) *= c;
-    }
-    detail::check_backward_results<T>(where, options_, shape, Q, K, V, G, dQ, dK, dV);
-    return {detail::exact_method_certificate(), 0, 0};
-  }
+                               MatrixRef<T> dK, MatrixRef<T> dV) override;
 
   /// Per-row, per-head log-sum-exp of the last forward() call (n x h).
   const Matrix<T>& logsumexp() const { return forward_.logsumexp(); }
@@ -312,5 +295,46 @@ class ExactBlockedBackend final : public AttentionBackend<T> {
   Matrix<T> scaled_queries_, probabilities_, score_grads_, key_grads_, value_grads_;
   Vector<T> kappa_;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+Certificate ExactBlockedBackend<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                                            const ConstMatrixRef<T>& V, MatrixRef<T> O) {
+  forward_.forward(Q, K, V, O, "polyattn::ExactBlockedBackend::forward");
+  return detail::exact_method_certificate();
+}
+
+template <class T>
+GradientCertificate ExactBlockedBackend<T>::backward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                                                     const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& O,
+                                                     const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
+                                                     MatrixRef<T> dV) {
+  constexpr const char* where = "polyattn::ExactBlockedBackend::backward";
+  const auto shape = detail::check_backward_arguments<T>(where, options_, Q, K, V, O, G, dQ, dK, dV);
+  const Matrix<T>& logsumexp = forward_.logsumexp();
+  detail::require(logsumexp.rows() == shape.n && logsumexp.cols() == shape.heads, where,
+                  "needs the log-sum-exp of a preceding forward() with the same shapes: saved ", logsumexp.rows(),
+                  "x", logsumexp.cols(), ", expected ", shape.n, "x", shape.heads, " (rows x heads)");
+  const Index bq = std::min(blocks_.query_block, shape.n);
+  const Index bk = std::min(blocks_.key_block, shape.m);
+  probabilities_.resize(bq, bk);
+  score_grads_.resize(bq, bk);
+  key_grads_.resize(bk, shape.dk);
+  value_grads_.resize(bk, shape.dv);
+  const T c = static_cast<T>(options_.resolved_scale(shape.dk));
+  for (Index h = 0; h < shape.heads; ++h) {
+    scaled_queries_.noalias() = c * Q.middleCols(h * shape.dk, shape.dk);
+    kappa_.noalias() = O.middleCols(h * shape.dv, shape.dv).cwiseProduct(G.middleCols(h * shape.dv, shape.dv))
+                           .rowwise()
+                           .sum();
+    backward_head(K.middleCols(h * shape.dk, shape.dk), V.middleCols(h * shape.dv, shape.dv),
+                  G.middleCols(h * shape.dv, shape.dv), logsumexp.col(h), dQ.middleCols(h * shape.dk, shape.dk),
+                  dK.middleCols(h * shape.dk, shape.dk), dV.middleCols(h * shape.dv, shape.dv));
+    dQ.middleCols(h * shape.dk, shape.dk) *= c;
+  }
+  detail::check_backward_results<T>(where, options_, shape, Q, K, V, G, dQ, dK, dV);
+  return {detail::exact_method_certificate(), 0, 0};
+}
 
 }  // namespace polyattn

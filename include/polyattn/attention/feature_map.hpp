@@ -83,20 +83,7 @@ class FeatureMap {
   /// \param max_features width cap; a wider map (or one wider than max_feature_width, whatever the cap) throws
   /// std::invalid_argument naming 'degree' before allocating anything.
   FeatureMap(FeatureMapKind kind, Index dim, const Polynomial& poly, double scale,
-             Index max_features = default_max_features)
-      : kind_(kind), dim_(dim), degree_(poly.degree()), scale_(scale) {
-    constexpr const char* where = "polyattn::FeatureMap";
-    detail::require(dim > 0, where, "'dim' must be > 0, got ", dim);
-    detail::require(poly.degree() >= 0, where, "'degree' must be >= 0, got ", poly.degree());
-    detail::require_positive(where, "scale", scale);
-    detail::require(max_features >= 1, where, "'max_features' must be >= 1, got ", max_features);
-    const Index cap = std::min(max_features, max_feature_width);
-    const Index width = feature_width(kind, dim, degree_, cap);  // saturates at cap + 1 without overflow
-    detail::require(width <= cap, where, "'degree' ", degree_, " with dim ", dim, " needs more than ",
-                    cap == max_features ? "max_features = " : "the largest allocatable width max_feature_width = ",
-                    cap, " features (", kind == FeatureMapKind::symmetric ? "C(d+g, g)" : "sum_t d^t", ")");
-    build_plan(poly);
-  }
+             Index max_features = default_max_features);
 
   FeatureMapKind kind() const { return kind_; }
   Index dim() const { return dim_; }
@@ -140,20 +127,7 @@ class FeatureMap {
   /// Backward of monomials(): given \f$\partial L/\partial M\f$ (destroyed: used as workspace), the
   /// scaled input and M from the forward pass, accumulates \f$\partial L/\partial X\f$ into `dX`.
   void monomials_backward(MatrixRef<T> dM, const ConstMatrixRef<T>& scaled, const ConstMatrixRef<T>& M,
-                          MatrixRef<T> dX) const {
-    constexpr const char* where = "polyattn::FeatureMap::monomials_backward";
-    detail::require_shape(where, "dM", dM, M.rows(), width());
-    detail::require_shape(where, "scaled", scaled, M.rows(), dim_);
-    detail::require_shape(where, "dX", dX, M.rows(), dim_);
-    detail::require_disjoint(where, {detail::memory_of("dM", dM), detail::memory_of("dX", dX)},
-                             {detail::memory_of("scaled", scaled), detail::memory_of("M", M)});
-    for (Index k = width() - 1; k >= 1; --k) {
-      const Index parent = parent_[static_cast<std::size_t>(k)];
-      const Index var = variable_[static_cast<std::size_t>(k)];
-      dX.col(var).array() += static_cast<T>(std::sqrt(scale_)) * dM.col(k).array() * M.col(parent).array();
-      dM.col(parent).array() += dM.col(k).array() * scaled.col(var).array();
-    }
-  }
+                          MatrixRef<T> dX) const;
 
  private:
   template <class Derived>
@@ -164,12 +138,7 @@ class FeatureMap {
     detail::require_shape(where.c_str(), "output", F, X.rows(), width());
   }
 
-  void expand(const ConstMatrixRef<T>& scaled, MatrixRef<T> M) const {
-    M.col(0).setOnes();
-    for (Index k = 1; k < width(); ++k)
-      M.col(k).noalias() = M.col(parent_[static_cast<std::size_t>(k)])
-                               .cwiseProduct(scaled.col(variable_[static_cast<std::size_t>(k)]));
-  }
+  void expand(const ConstMatrixRef<T>& scaled, MatrixRef<T> M) const;
 
   // Builds degree t from degree t-1. Symmetric: x_j times every degree-(t-1) monomial whose smallest
   // variable is >= j (graded order, so those form a contiguous range starting at first_with_lead[j]);
@@ -220,5 +189,48 @@ class FeatureMap {
   std::vector<int> degree_of_;
   Vector<T> weights_, query_weights_, key_weights_;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+FeatureMap<T>::FeatureMap(FeatureMapKind kind, Index dim, const Polynomial& poly, double scale, Index max_features)
+    : kind_(kind), dim_(dim), degree_(poly.degree()), scale_(scale) {
+  constexpr const char* where = "polyattn::FeatureMap";
+  detail::require(dim > 0, where, "'dim' must be > 0, got ", dim);
+  detail::require(poly.degree() >= 0, where, "'degree' must be >= 0, got ", poly.degree());
+  detail::require_positive(where, "scale", scale);
+  detail::require(max_features >= 1, where, "'max_features' must be >= 1, got ", max_features);
+  const Index cap = std::min(max_features, max_feature_width);
+  const Index width = feature_width(kind, dim, degree_, cap);  // saturates at cap + 1 without overflow
+  detail::require(width <= cap, where, "'degree' ", degree_, " with dim ", dim, " needs more than ",
+                  cap == max_features ? "max_features = " : "the largest allocatable width max_feature_width = ",
+                  cap, " features (", kind == FeatureMapKind::symmetric ? "C(d+g, g)" : "sum_t d^t", ")");
+  build_plan(poly);
+}
+
+template <class T>
+void FeatureMap<T>::monomials_backward(MatrixRef<T> dM, const ConstMatrixRef<T>& scaled, const ConstMatrixRef<T>& M,
+                                       MatrixRef<T> dX) const {
+  constexpr const char* where = "polyattn::FeatureMap::monomials_backward";
+  detail::require_shape(where, "dM", dM, M.rows(), width());
+  detail::require_shape(where, "scaled", scaled, M.rows(), dim_);
+  detail::require_shape(where, "dX", dX, M.rows(), dim_);
+  detail::require_disjoint(where, {detail::memory_of("dM", dM), detail::memory_of("dX", dX)},
+                           {detail::memory_of("scaled", scaled), detail::memory_of("M", M)});
+  for (Index k = width() - 1; k >= 1; --k) {
+    const Index parent = parent_[static_cast<std::size_t>(k)];
+    const Index var = variable_[static_cast<std::size_t>(k)];
+    dX.col(var).array() += static_cast<T>(std::sqrt(scale_)) * dM.col(k).array() * M.col(parent).array();
+    dM.col(parent).array() += dM.col(k).array() * scaled.col(var).array();
+  }
+}
+
+template <class T>
+void FeatureMap<T>::expand(const ConstMatrixRef<T>& scaled, MatrixRef<T> M) const {
+  M.col(0).setOnes();
+  for (Index k = 1; k < width(); ++k)
+    M.col(k).noalias() = M.col(parent_[static_cast<std::size_t>(k)])
+                             .cwiseProduct(scaled.col(variable_[static_cast<std::size_t>(k)]));
+}
 
 }  // namespace polyattn

@@ -116,11 +116,7 @@ void kronecker_groups(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DS
 template <class T>
 class PaperBackend final : public AttentionBackend<T> {
  public:
-  explicit PaperBackend(const PolynomialAttentionOptions& options, PaperGradientOptions gradient_options = {})
-      : attention_(options), gradient_options_(gradient_options) {
-    detail::static_check_scalar<T>();
-    gradient_options_.check();
-  }
+  explicit PaperBackend(const PolynomialAttentionOptions& options, PaperGradientOptions gradient_options = {});
 
   AttentionMethod method() const override { return AttentionMethod::paper; }
   const AttentionOptions& attention_options() const override { return attention_.options().attention; }
@@ -130,57 +126,14 @@ class PaperBackend final : public AttentionBackend<T> {
 
   /// Writes \f$\tilde O\f$ exactly as PolynomialAttention::forward() does and returns its certificate.
   Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
-                      MatrixRef<T> O) override {
-    has_forward_ = false;
-    certificate_ = attention_.forward(Q, K, V, O, "polyattn::PaperBackend::forward", nullptr);
-    forward_shape_ = {Q.rows(), K.rows(), Q.cols(), V.cols()};
-    has_forward_ = true;
-    return certificate_;
-  }
+                      MatrixRef<T> O) override;
 
   /// Writes the Algorithm 1 approximations of dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v) for
   /// G = dL/dO; Q, K, V and O must be those of the last forward(). Throws std::invalid_argument for bad
   /// shapes, non-finite O or G, or no preceding forward(); std::domain_error for a non-positive normaliser.
   GradientCertificate backward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                                const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G, MatrixRef<T> dQ,
-                               MatrixRef<T> dK, MatrixRef<T> dV) override {
-    constexpr const char* where = "polyattn::PaperBackend::backward";
-    const AttentionOptions& opt = options().attention;
-    const auto shape = detail::check_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
-    detail::require_same_forward<T>(where, has_forward_, forward_shape_, Q, K, V);
-
-    const FeatureMap<T>& map = attention_.feature_map();
-    const double c = map.scale();
-    const double eps = certificate_.poly_error;
-    const double delta = 2 * eps / (1 - eps), rho = (1 + eps) / (1 - eps);
-    GradientCertificate result;
-    result.forward = certificate_;
-    for (Index h = 0; h < shape.heads; ++h) {
-      const auto Qh = Q.middleCols(h * shape.dk, shape.dk);
-      const auto Kh = K.middleCols(h * shape.dk, shape.dk);
-      const auto Vh = V.middleCols(h * shape.dv, shape.dv);
-      const auto Gh = G.middleCols(h * shape.dv, shape.dv);
-      auto dQh = dQ.middleCols(h * shape.dk, shape.dk);
-      auto dKh = dK.middleCols(h * shape.dk, shape.dk);
-      auto dVh = dV.middleCols(h * shape.dv, shape.dv);
-      kappa_.noalias() = O.middleCols(h * shape.dv, shape.dv).cwiseProduct(Gh).rowwise().sum();
-      const double column_sum =
-          opt.causal ? head_causal(map, Qh, Kh, Vh, Gh, dQh, dKh, dVh) : head_full(map, Qh, Kh, Vh, Gh, dQh, dKh, dVh);
-      const double a = detail::max_row_norm(Gh) * detail::max_row_norm(Vh);
-      const double max_q = static_cast<double>(Qh.cwiseAbs().maxCoeff());
-      const double max_k = static_cast<double>(Kh.cwiseAbs().maxCoeff());
-      const double max_g = static_cast<double>(Gh.cwiseAbs().maxCoeff());
-      result.dqk_bound = std::max({result.dqk_bound, 3 * c * delta * a * max_k,
-                                   (2 * rho + 1) * c * delta * a * max_q * column_sum});
-      result.dv_bound = std::max(result.dv_bound, rho * delta * max_g * column_sum);
-    }
-    detail::check_backward_results<T>(where, opt, shape, Q, K, V, G, dQ, dK, dV);
-    if (certificate_.vacuous()) {
-      result.dqk_bound = std::numeric_limits<double>::infinity();
-      result.dv_bound = std::numeric_limits<double>::infinity();
-    }
-    return result;
-  }
+                               MatrixRef<T> dK, MatrixRef<T> dV) override;
 
  private:
   Index chunk_rows(Index n) const {
@@ -367,5 +320,67 @@ class PaperBackend final : public AttentionBackend<T> {
       value_rhs_, value_out_;
   Vector<T> kappa_, key_sum_, normaliser_, row_normaliser_;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+PaperBackend<T>::PaperBackend(const PolynomialAttentionOptions& options, PaperGradientOptions gradient_options)
+    : attention_(options), gradient_options_(gradient_options) {
+  detail::static_check_scalar<T>();
+  gradient_options_.check();
+}
+
+template <class T>
+Certificate PaperBackend<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                                     MatrixRef<T> O) {
+  has_forward_ = false;
+  certificate_ = attention_.forward(Q, K, V, O, "polyattn::PaperBackend::forward", nullptr);
+  forward_shape_ = {Q.rows(), K.rows(), Q.cols(), V.cols()};
+  has_forward_ = true;
+  return certificate_;
+}
+
+template <class T>
+GradientCertificate PaperBackend<T>::backward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                                              const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& O,
+                                              const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
+                                              MatrixRef<T> dV) {
+  constexpr const char* where = "polyattn::PaperBackend::backward";
+  const AttentionOptions& opt = options().attention;
+  const auto shape = detail::check_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
+  detail::require_same_forward<T>(where, has_forward_, forward_shape_, Q, K, V);
+
+  const FeatureMap<T>& map = attention_.feature_map();
+  const double c = map.scale();
+  const double eps = certificate_.poly_error;
+  const double delta = 2 * eps / (1 - eps), rho = (1 + eps) / (1 - eps);
+  GradientCertificate result;
+  result.forward = certificate_;
+  for (Index h = 0; h < shape.heads; ++h) {
+    const auto Qh = Q.middleCols(h * shape.dk, shape.dk);
+    const auto Kh = K.middleCols(h * shape.dk, shape.dk);
+    const auto Vh = V.middleCols(h * shape.dv, shape.dv);
+    const auto Gh = G.middleCols(h * shape.dv, shape.dv);
+    auto dQh = dQ.middleCols(h * shape.dk, shape.dk);
+    auto dKh = dK.middleCols(h * shape.dk, shape.dk);
+    auto dVh = dV.middleCols(h * shape.dv, shape.dv);
+    kappa_.noalias() = O.middleCols(h * shape.dv, shape.dv).cwiseProduct(Gh).rowwise().sum();
+    const double column_sum =
+        opt.causal ? head_causal(map, Qh, Kh, Vh, Gh, dQh, dKh, dVh) : head_full(map, Qh, Kh, Vh, Gh, dQh, dKh, dVh);
+    const double a = detail::max_row_norm(Gh) * detail::max_row_norm(Vh);
+    const double max_q = static_cast<double>(Qh.cwiseAbs().maxCoeff());
+    const double max_k = static_cast<double>(Kh.cwiseAbs().maxCoeff());
+    const double max_g = static_cast<double>(Gh.cwiseAbs().maxCoeff());
+    result.dqk_bound = std::max({result.dqk_bound, 3 * c * delta * a * max_k,
+                                 (2 * rho + 1) * c * delta * a * max_q * column_sum});
+    result.dv_bound = std::max(result.dv_bound, rho * delta * max_g * column_sum);
+  }
+  detail::check_backward_results<T>(where, opt, shape, Q, K, V, G, dQ, dK, dV);
+  if (certificate_.vacuous()) {
+    result.dqk_bound = std::numeric_limits<double>::infinity();
+    result.dv_bound = std::numeric_limits<double>::infinity();
+  }
+  return result;
+}
 
 }  // namespace polyattn

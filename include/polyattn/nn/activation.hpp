@@ -50,54 +50,10 @@ class Activation {
   void collect_parameters(std::vector<Parameter<T>*>&) {}
 
   /// Writes \f$Y = f(X)\f$ (same shape as X).
-  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
-    constexpr const char* where = "polyattn::Activation::forward";
-    detail::require_nonempty(where, "X", X);
-    detail::require_shape(where, "Y", Y, X.rows(), X.cols());
-    detail::require_finite(where, "X", X);
-    const Index n = X.rows();
-    if (kind_ == ActivationKind::gelu) exp_term_.resize(n, X.cols());
-    detail::parallel_for(detail::block_count(n, block_rows), [&](Index block, int) {
-      const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
-      const auto x = X.middleRows(begin, count).array();
-      auto y = Y.middleRows(begin, count).array();
-      if (kind_ == ActivationKind::relu) {
-        y = x.max(T(0));
-        return;
-      }
-      auto e = exp_term_.middleRows(begin, count).array();
-      e = (T(-2 * root_two_over_pi) * (x + T(gelu_cubic) * x.cube())).exp();
-      y = x / (T(1) + e);
-    });
-  }
+  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y);
 
   /// Accumulates \f$f'(X)\circ\f$ `dY` into `dX`, for the X of the preceding forward().
-  void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) {
-    constexpr const char* where = "polyattn::Activation::backward";
-    detail::require_nonempty(where, "X", X);
-    detail::require_shape(where, "dY", dY, X.rows(), X.cols());
-    detail::require_shape(where, "dX", dX, X.rows(), X.cols());
-    detail::require_finite(where, "dY", dY);
-    if (kind_ == ActivationKind::gelu)
-      detail::require(exp_term_.rows() == X.rows() && exp_term_.cols() == X.cols(), where,
-                      "needs the forward pass of the same 'X' first: saved state is ", exp_term_.rows(), "x",
-                      exp_term_.cols(), ", got 'X' ", X.rows(), "x", X.cols());
-    const Index n = X.rows();
-    detail::parallel_for(detail::block_count(n, block_rows), [&](Index block, int) {
-      const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
-      const auto x = X.middleRows(begin, count).array();
-      const auto g = dY.middleRows(begin, count).array();
-      auto dx = dX.middleRows(begin, count).array();
-      if (kind_ == ActivationKind::relu) {
-        dx += (x > T(0)).select(g, T(0));
-        return;
-      }
-      const auto clamped = x.max(T(-gelu_saturation)).min(T(gelu_saturation));
-      const auto e = exp_term_.middleRows(begin, count).array();
-      dx += g * (T(1) / (T(1) + e) + T(2 * root_two_over_pi) * clamped *
-                                         (T(1) + T(3 * gelu_cubic) * clamped.square()) / (T(2) + e + T(1) / e));
-    });
-  }
+  void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX);
 
   /// Rows per parallel block: element-wise work, so any fixed size gives the same results; 512 rows (128K
   /// entries at width 256) amortise the loop and leave n / 512 blocks for load balance.
@@ -111,5 +67,57 @@ class Activation {
   ActivationKind kind_;
   Matrix<T> exp_term_;  // E = exp(-2u) of the last forward (GELU only)
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+void Activation<T>::forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
+  constexpr const char* where = "polyattn::Activation::forward";
+  detail::require_nonempty(where, "X", X);
+  detail::require_shape(where, "Y", Y, X.rows(), X.cols());
+  detail::require_finite(where, "X", X);
+  const Index n = X.rows();
+  if (kind_ == ActivationKind::gelu) exp_term_.resize(n, X.cols());
+  detail::parallel_for(detail::block_count(n, block_rows), [&](Index block, int) {
+    const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
+    const auto x = X.middleRows(begin, count).array();
+    auto y = Y.middleRows(begin, count).array();
+    if (kind_ == ActivationKind::relu) {
+      y = x.max(T(0));
+      return;
+    }
+    auto e = exp_term_.middleRows(begin, count).array();
+    e = (T(-2 * root_two_over_pi) * (x + T(gelu_cubic) * x.cube())).exp();
+    y = x / (T(1) + e);
+  });
+}
+
+template <class T>
+void Activation<T>::backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) {
+  constexpr const char* where = "polyattn::Activation::backward";
+  detail::require_nonempty(where, "X", X);
+  detail::require_shape(where, "dY", dY, X.rows(), X.cols());
+  detail::require_shape(where, "dX", dX, X.rows(), X.cols());
+  detail::require_finite(where, "dY", dY);
+  if (kind_ == ActivationKind::gelu)
+    detail::require(exp_term_.rows() == X.rows() && exp_term_.cols() == X.cols(), where,
+                    "needs the forward pass of the same 'X' first: saved state is ", exp_term_.rows(), "x",
+                    exp_term_.cols(), ", got 'X' ", X.rows(), "x", X.cols());
+  const Index n = X.rows();
+  detail::parallel_for(detail::block_count(n, block_rows), [&](Index block, int) {
+    const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
+    const auto x = X.middleRows(begin, count).array();
+    const auto g = dY.middleRows(begin, count).array();
+    auto dx = dX.middleRows(begin, count).array();
+    if (kind_ == ActivationKind::relu) {
+      dx += (x > T(0)).select(g, T(0));
+      return;
+    }
+    const auto clamped = x.max(T(-gelu_saturation)).min(T(gelu_saturation));
+    const auto e = exp_term_.middleRows(begin, count).array();
+    dx += g * (T(1) / (T(1) + e) + T(2 * root_two_over_pi) * clamped *
+                                       (T(1) + T(3 * gelu_cubic) * clamped.square()) / (T(2) + e + T(1) / e));
+  });
+}
 
 }  // namespace polyattn

@@ -68,52 +68,13 @@ class MergedQKAttentionLayer {
   /// Writes \f$O\f$ (n x h d_v) for \f$X\f$ (n x d), \f$W\f$ (d x h d), \f$W_V\f$ (d x h d_v); saves
   /// \f$Q = XW\f$, \f$K\f$, \f$V = XW_V\f$ and \f$O\f$ for backward().
   Certificate forward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& W, const ConstMatrixRef<T>& W_V,
-                      MatrixRef<T> O) {
-    constexpr const char* where = "polyattn::MergedQKAttentionLayer::forward";
-    const Index heads = check_weights(where, X, W, W_V);
-    detail::require_shape(where, "O", O, X.rows(), W_V.cols());
-    detail::require_disjoint(where, {detail::memory_of("O", O)},
-                             {detail::memory_of("X", X), detail::memory_of("W", W), detail::memory_of("W_V", W_V)});
-    const Index n = X.rows(), d = X.cols();
-    queries_.noalias() = X * W;
-    keys_.resize(n, heads * d);
-    for (Index l = 0; l < heads; ++l) keys_.middleCols(l * d, d) = X;
-    values_.noalias() = X * W_V;
-    const Certificate certificate = attention_->forward(queries_, keys_, values_, O);
-    output_ = O;
-    return certificate;
-  }
+                      MatrixRef<T> O);
 
   /// Accumulates \f$\partial L/\partial X\f$ into `dX`, \f$\partial L/\partial W\f$ into `dW` and
   /// \f$\partial L/\partial W_V\f$ into `dW_V` for \f$G = \partial L/\partial O\f$, with the X, W, W_V of the
   /// last forward().
   GradientCertificate backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& W, const ConstMatrixRef<T>& W_V,
-                               const ConstMatrixRef<T>& G, MatrixRef<T> dX, MatrixRef<T> dW, MatrixRef<T> dW_V) {
-    constexpr const char* where = "polyattn::MergedQKAttentionLayer::backward";
-    const Index heads = check_weights(where, X, W, W_V);
-    const Index n = X.rows(), d = X.cols();
-    detail::require(queries_.rows() == n && queries_.cols() == W.cols() && values_.cols() == W_V.cols(), where,
-                    "needs a preceding forward() with the same shapes of 'X', 'W' and 'W_V'");
-    detail::require_shape(where, "G", G, n, W_V.cols());
-    detail::require_shape(where, "dX", dX, n, d);
-    detail::require_shape(where, "dW", dW, d, W.cols());
-    detail::require_shape(where, "dW_V", dW_V, d, W_V.cols());
-    detail::require_finite(where, "G", G);
-    detail::require_disjoint(where, {detail::memory_of("dX", dX), detail::memory_of("dW", dW), detail::memory_of("dW_V", dW_V)},
-                             {detail::memory_of("X", X), detail::memory_of("W", W), detail::memory_of("W_V", W_V),
-                              detail::memory_of("G", G)});
-    query_grads_.resize(n, W.cols());
-    key_grads_.resize(n, W.cols());
-    value_grads_.resize(n, W_V.cols());
-    const GradientCertificate certificate =
-        attention_->backward(queries_, keys_, values_, output_, G, query_grads_, key_grads_, value_grads_);
-    dW.noalias() += X.transpose() * query_grads_;
-    dW_V.noalias() += X.transpose() * value_grads_;
-    dX.noalias() += query_grads_ * W.transpose();
-    dX.noalias() += value_grads_ * W_V.transpose();
-    for (Index l = 0; l < heads; ++l) dX += key_grads_.middleCols(l * d, d);
-    return certificate;
-  }
+                               const ConstMatrixRef<T>& G, MatrixRef<T> dX, MatrixRef<T> dW, MatrixRef<T> dW_V);
 
  private:
   // Returns the number of heads implied by W's shape, which must be the backend's.
@@ -141,6 +102,56 @@ class MergedQKAttentionLayer {
   AttentionBackend<T>* attention_;
   Matrix<T> queries_, keys_, values_, output_, query_grads_, key_grads_, value_grads_;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+Certificate MergedQKAttentionLayer<T>::forward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& W,
+                                               const ConstMatrixRef<T>& W_V, MatrixRef<T> O) {
+  constexpr const char* where = "polyattn::MergedQKAttentionLayer::forward";
+  const Index heads = check_weights(where, X, W, W_V);
+  detail::require_shape(where, "O", O, X.rows(), W_V.cols());
+  detail::require_disjoint(where, {detail::memory_of("O", O)},
+                           {detail::memory_of("X", X), detail::memory_of("W", W), detail::memory_of("W_V", W_V)});
+  const Index n = X.rows(), d = X.cols();
+  queries_.noalias() = X * W;
+  keys_.resize(n, heads * d);
+  for (Index l = 0; l < heads; ++l) keys_.middleCols(l * d, d) = X;
+  values_.noalias() = X * W_V;
+  const Certificate certificate = attention_->forward(queries_, keys_, values_, O);
+  output_ = O;
+  return certificate;
+}
+
+template <class T>
+GradientCertificate MergedQKAttentionLayer<T>::backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& W,
+                                                        const ConstMatrixRef<T>& W_V, const ConstMatrixRef<T>& G,
+                                                        MatrixRef<T> dX, MatrixRef<T> dW, MatrixRef<T> dW_V) {
+  constexpr const char* where = "polyattn::MergedQKAttentionLayer::backward";
+  const Index heads = check_weights(where, X, W, W_V);
+  const Index n = X.rows(), d = X.cols();
+  detail::require(queries_.rows() == n && queries_.cols() == W.cols() && values_.cols() == W_V.cols(), where,
+                  "needs a preceding forward() with the same shapes of 'X', 'W' and 'W_V'");
+  detail::require_shape(where, "G", G, n, W_V.cols());
+  detail::require_shape(where, "dX", dX, n, d);
+  detail::require_shape(where, "dW", dW, d, W.cols());
+  detail::require_shape(where, "dW_V", dW_V, d, W_V.cols());
+  detail::require_finite(where, "G", G);
+  detail::require_disjoint(where, {detail::memory_of("dX", dX), detail::memory_of("dW", dW), detail::memory_of("dW_V", dW_V)},
+                           {detail::memory_of("X", X), detail::memory_of("W", W), detail::memory_of("W_V", W_V),
+                            detail::memory_of("G", G)});
+  query_grads_.resize(n, W.cols());
+  key_grads_.resize(n, W.cols());
+  value_grads_.resize(n, W_V.cols());
+  const GradientCertificate certificate =
+      attention_->backward(queries_, keys_, values_, output_, G, query_grads_, key_grads_, value_grads_);
+  dW.noalias() += X.transpose() * query_grads_;
+  dW_V.noalias() += X.transpose() * value_grads_;
+  dX.noalias() += query_grads_ * W.transpose();
+  dX.noalias() += value_grads_ * W_V.transpose();
+  for (Index l = 0; l < heads; ++l) dX += key_grads_.middleCols(l * d, d);
+  return certificate;
+}
 
 /// The practical attention layer \f$O = \mathrm{attention}(XW_Q, XW_K, XW_V)\f$ on top of any backend:
 /// separate projections \f$W_Q, W_K\f$ (\f$d_{model}\times hd_h\f$) and \f$W_V\f$ (\f$d_{model}\times hd_v\f$);
@@ -175,55 +186,13 @@ class ProjectedAttentionLayer {
 
   /// Writes \f$O\f$ (n x h d_v) for \f$X\f$ (n x d_model); saves \f$Q, K, V\f$ and \f$O\f$ for backward().
   Certificate forward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& W_Q, const ConstMatrixRef<T>& W_K,
-                      const ConstMatrixRef<T>& W_V, MatrixRef<T> O) {
-    constexpr const char* where = "polyattn::ProjectedAttentionLayer::forward";
-    check_weights(where, X, W_Q, W_K, W_V);
-    detail::require_shape(where, "O", O, X.rows(), W_V.cols());
-    detail::require_disjoint(where, {detail::memory_of("O", O)},
-                             {detail::memory_of("X", X), detail::memory_of("W_Q", W_Q), detail::memory_of("W_K", W_K),
-                              detail::memory_of("W_V", W_V)});
-    queries_.noalias() = X * W_Q;
-    keys_.noalias() = X * W_K;
-    values_.noalias() = X * W_V;
-    const Certificate certificate = attention_->forward(queries_, keys_, values_, O);
-    output_ = O;
-    return certificate;
-  }
+                      const ConstMatrixRef<T>& W_V, MatrixRef<T> O);
 
   /// Accumulates \f$\partial L/\partial X\f$, \f$\partial L/\partial W_Q\f$, \f$\partial L/\partial W_K\f$ and
   /// \f$\partial L/\partial W_V\f$ for \f$G = \partial L/\partial O\f$, with the inputs of the last forward().
   GradientCertificate backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& W_Q, const ConstMatrixRef<T>& W_K,
                                const ConstMatrixRef<T>& W_V, const ConstMatrixRef<T>& G, MatrixRef<T> dX,
-                               MatrixRef<T> dW_Q, MatrixRef<T> dW_K, MatrixRef<T> dW_V) {
-    constexpr const char* where = "polyattn::ProjectedAttentionLayer::backward";
-    check_weights(where, X, W_Q, W_K, W_V);
-    const Index n = X.rows();
-    detail::require(queries_.rows() == n && queries_.cols() == W_Q.cols() && values_.cols() == W_V.cols(), where,
-                    "needs a preceding forward() with the same shapes of 'X', 'W_Q', 'W_K' and 'W_V'");
-    detail::require_shape(where, "G", G, n, W_V.cols());
-    detail::require_shape(where, "dX", dX, n, X.cols());
-    detail::require_shape(where, "dW_Q", dW_Q, W_Q.rows(), W_Q.cols());
-    detail::require_shape(where, "dW_K", dW_K, W_K.rows(), W_K.cols());
-    detail::require_shape(where, "dW_V", dW_V, W_V.rows(), W_V.cols());
-    detail::require_finite(where, "G", G);
-    detail::require_disjoint(where,
-                             {detail::memory_of("dX", dX), detail::memory_of("dW_Q", dW_Q), detail::memory_of("dW_K", dW_K),
-                              detail::memory_of("dW_V", dW_V)},
-                             {detail::memory_of("X", X), detail::memory_of("W_Q", W_Q), detail::memory_of("W_K", W_K),
-                              detail::memory_of("W_V", W_V), detail::memory_of("G", G)});
-    query_grads_.resize(n, W_Q.cols());
-    key_grads_.resize(n, W_K.cols());
-    value_grads_.resize(n, W_V.cols());
-    const GradientCertificate certificate =
-        attention_->backward(queries_, keys_, values_, output_, G, query_grads_, key_grads_, value_grads_);
-    dW_Q.noalias() += X.transpose() * query_grads_;
-    dW_K.noalias() += X.transpose() * key_grads_;
-    dW_V.noalias() += X.transpose() * value_grads_;
-    dX.noalias() += query_grads_ * W_Q.transpose();
-    dX.noalias() += key_grads_ * W_K.transpose();
-    dX.noalias() += value_grads_ * W_V.transpose();
-    return certificate;
-  }
+                               MatrixRef<T> dW_Q, MatrixRef<T> dW_K, MatrixRef<T> dW_V);
 
  private:
   static void check_weights(const char* where, const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& W_Q,
@@ -243,5 +212,60 @@ class ProjectedAttentionLayer {
   AttentionBackend<T>* attention_;
   Matrix<T> queries_, keys_, values_, output_, query_grads_, key_grads_, value_grads_;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+Certificate ProjectedAttentionLayer<T>::forward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& W_Q,
+                                                const ConstMatrixRef<T>& W_K, const ConstMatrixRef<T>& W_V,
+                                                MatrixRef<T> O) {
+  constexpr const char* where = "polyattn::ProjectedAttentionLayer::forward";
+  check_weights(where, X, W_Q, W_K, W_V);
+  detail::require_shape(where, "O", O, X.rows(), W_V.cols());
+  detail::require_disjoint(where, {detail::memory_of("O", O)},
+                           {detail::memory_of("X", X), detail::memory_of("W_Q", W_Q), detail::memory_of("W_K", W_K),
+                            detail::memory_of("W_V", W_V)});
+  queries_.noalias() = X * W_Q;
+  keys_.noalias() = X * W_K;
+  values_.noalias() = X * W_V;
+  const Certificate certificate = attention_->forward(queries_, keys_, values_, O);
+  output_ = O;
+  return certificate;
+}
+
+template <class T>
+GradientCertificate ProjectedAttentionLayer<T>::backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& W_Q,
+                                                         const ConstMatrixRef<T>& W_K, const ConstMatrixRef<T>& W_V,
+                                                         const ConstMatrixRef<T>& G, MatrixRef<T> dX, MatrixRef<T> dW_Q,
+                                                         MatrixRef<T> dW_K, MatrixRef<T> dW_V) {
+  constexpr const char* where = "polyattn::ProjectedAttentionLayer::backward";
+  check_weights(where, X, W_Q, W_K, W_V);
+  const Index n = X.rows();
+  detail::require(queries_.rows() == n && queries_.cols() == W_Q.cols() && values_.cols() == W_V.cols(), where,
+                  "needs a preceding forward() with the same shapes of 'X', 'W_Q', 'W_K' and 'W_V'");
+  detail::require_shape(where, "G", G, n, W_V.cols());
+  detail::require_shape(where, "dX", dX, n, X.cols());
+  detail::require_shape(where, "dW_Q", dW_Q, W_Q.rows(), W_Q.cols());
+  detail::require_shape(where, "dW_K", dW_K, W_K.rows(), W_K.cols());
+  detail::require_shape(where, "dW_V", dW_V, W_V.rows(), W_V.cols());
+  detail::require_finite(where, "G", G);
+  detail::require_disjoint(where,
+                           {detail::memory_of("dX", dX), detail::memory_of("dW_Q", dW_Q), detail::memory_of("dW_K", dW_K),
+                            detail::memory_of("dW_V", dW_V)},
+                           {detail::memory_of("X", X), detail::memory_of("W_Q", W_Q), detail::memory_of("W_K", W_K),
+                            detail::memory_of("W_V", W_V), detail::memory_of("G", G)});
+  query_grads_.resize(n, W_Q.cols());
+  key_grads_.resize(n, W_K.cols());
+  value_grads_.resize(n, W_V.cols());
+  const GradientCertificate certificate =
+      attention_->backward(queries_, keys_, values_, output_, G, query_grads_, key_grads_, value_grads_);
+  dW_Q.noalias() += X.transpose() * query_grads_;
+  dW_K.noalias() += X.transpose() * key_grads_;
+  dW_V.noalias() += X.transpose() * value_grads_;
+  dX.noalias() += query_grads_ * W_Q.transpose();
+  dX.noalias() += key_grads_ * W_K.transpose();
+  dX.noalias() += value_grads_ * W_V.transpose();
+  return certificate;
+}
 
 }  // namespace polyattn

@@ -59,81 +59,11 @@ class CrossEntropy {
 
   /// Returns the mean loss over the scored rows (0 when no row is scored) for `logits` (n x V) and the n
   /// `targets`; saves the probabilities for backward.
-  double forward(const ConstMatrixRef<T>& logits, const std::vector<Index>& targets) {
-    constexpr const char* where = "polyattn::CrossEntropy::forward";
-    check_input(where, logits, targets);
-    detail::require_finite(where, "logits", logits);
-    const Index n = logits.rows(), blocks = detail::block_count(n, block_rows);
-    row_max_.resize(n);
-    row_sum_.resize(n);
-    probabilities_.resize(n, logits.cols());
-    block_sums_.resize(static_cast<std::size_t>(blocks));
-    detail::parallel_for(blocks, [&](Index block, int) {
-      const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
-      auto row_max = row_max_.segment(begin, count);
-      auto row_sum = row_sum_.segment(begin, count);
-      auto probabilities = probabilities_.middleRows(begin, count);
-      row_max = logits.middleRows(begin, count).rowwise().maxCoeff();
-      probabilities = (logits.middleRows(begin, count).colwise() - row_max).array().exp();
-      row_sum = probabilities.rowwise().sum();
-      probabilities.array().colwise() /= row_sum.array();
-      BlockSums sums;
-      for (Index i = begin; i < begin + count; ++i) {
-        const Index target = targets[static_cast<std::size_t>(i)];
-        if (is_ignored(target)) continue;
-        ++sums.scored;
-        const T target_logit = logits(i, target);
-        if (target_logit == row_max_(i)) ++sums.correct;
-        // (m - z_t) first: with huge logits m + log s would absorb log s before z_t cancels m.
-        sums.loss += (static_cast<double>(row_max_(i)) - static_cast<double>(target_logit)) +
-                     std::log(static_cast<double>(row_sum_(i)));
-      }
-      block_sums_[static_cast<std::size_t>(block)] = sums;
-    });
-    targets_ = targets;
-    scored_ = 0;
-    correct_ = 0;
-    double total = 0;
-    for (const BlockSums& sums : block_sums_) {  // in block order
-      scored_ += sums.scored;
-      correct_ += sums.correct;
-      total += sums.loss;
-    }
-    return scored_ > 0 ? total / static_cast<double>(scored_) : 0.0;
-  }
+  double forward(const ConstMatrixRef<T>& logits, const std::vector<Index>& targets);
 
   /// Accumulates \f$\partial L/\partial z\f$ into `dlogits` (n x V), for the logits and targets of the
   /// preceding forward().
-  void backward(const ConstMatrixRef<T>& logits, const std::vector<Index>& targets, MatrixRef<T> dlogits) {
-    constexpr const char* where = "polyattn::CrossEntropy::backward";
-    check_input(where, logits, targets);
-    detail::require_shape(where, "dlogits", dlogits, logits.rows(), logits.cols());
-    detail::require(probabilities_.rows() == logits.rows() && probabilities_.cols() == logits.cols() &&
-                        targets_ == targets,
-                    where, "needs the forward pass of the same 'logits' and 'targets' first (saved state is ",
-                    probabilities_.rows(), "x", probabilities_.cols(), " with ", targets_.size(), " targets)");
-    if (scored_ == 0) return;
-    const T weight = static_cast<T>(1.0 / static_cast<double>(scored_));
-    const Index n = logits.rows();
-    const bool all_scored = scored_ == n;
-    if (!all_scored) row_weight_.resize(n);
-    detail::parallel_for(detail::block_count(n, block_rows), [&](Index block, int) {
-      const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
-      auto G = dlogits.middleRows(begin, count);
-      if (all_scored) {
-        G.noalias() += weight * probabilities_.middleRows(begin, count);
-      } else {
-        auto row_weight = row_weight_.segment(begin, count);
-        for (Index i = 0; i < count; ++i)
-          row_weight(i) = is_ignored(targets[static_cast<std::size_t>(begin + i)]) ? T(0) : weight;
-        G.noalias() += row_weight.asDiagonal() * probabilities_.middleRows(begin, count);
-      }
-      for (Index i = begin; i < begin + count; ++i) {
-        const Index target = targets[static_cast<std::size_t>(i)];
-        if (!is_ignored(target)) dlogits(i, target) -= weight;
-      }
-    });
-  }
+  void backward(const ConstMatrixRef<T>& logits, const std::vector<Index>& targets, MatrixRef<T> dlogits);
 
   /// Rows per parallel block: a row costs V exponentials, so 256 rows are ample work per block even for a byte
   /// vocabulary (64K exponentials at V = 256) and leave n / 256 blocks for load balance. Fixed, so results
@@ -179,5 +109,84 @@ class CrossEntropy {
   Index scored_ = 0;
   Index correct_ = 0;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+double CrossEntropy<T>::forward(const ConstMatrixRef<T>& logits, const std::vector<Index>& targets) {
+  constexpr const char* where = "polyattn::CrossEntropy::forward";
+  check_input(where, logits, targets);
+  detail::require_finite(where, "logits", logits);
+  const Index n = logits.rows(), blocks = detail::block_count(n, block_rows);
+  row_max_.resize(n);
+  row_sum_.resize(n);
+  probabilities_.resize(n, logits.cols());
+  block_sums_.resize(static_cast<std::size_t>(blocks));
+  detail::parallel_for(blocks, [&](Index block, int) {
+    const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
+    auto row_max = row_max_.segment(begin, count);
+    auto row_sum = row_sum_.segment(begin, count);
+    auto probabilities = probabilities_.middleRows(begin, count);
+    row_max = logits.middleRows(begin, count).rowwise().maxCoeff();
+    probabilities = (logits.middleRows(begin, count).colwise() - row_max).array().exp();
+    row_sum = probabilities.rowwise().sum();
+    probabilities.array().colwise() /= row_sum.array();
+    BlockSums sums;
+    for (Index i = begin; i < begin + count; ++i) {
+      const Index target = targets[static_cast<std::size_t>(i)];
+      if (is_ignored(target)) continue;
+      ++sums.scored;
+      const T target_logit = logits(i, target);
+      if (target_logit == row_max_(i)) ++sums.correct;
+      // (m - z_t) first: with huge logits m + log s would absorb log s before z_t cancels m.
+      sums.loss += (static_cast<double>(row_max_(i)) - static_cast<double>(target_logit)) +
+                   std::log(static_cast<double>(row_sum_(i)));
+    }
+    block_sums_[static_cast<std::size_t>(block)] = sums;
+  });
+  targets_ = targets;
+  scored_ = 0;
+  correct_ = 0;
+  double total = 0;
+  for (const BlockSums& sums : block_sums_) {  // in block order
+    scored_ += sums.scored;
+    correct_ += sums.correct;
+    total += sums.loss;
+  }
+  return scored_ > 0 ? total / static_cast<double>(scored_) : 0.0;
+}
+
+template <class T>
+void CrossEntropy<T>::backward(const ConstMatrixRef<T>& logits, const std::vector<Index>& targets,
+                               MatrixRef<T> dlogits) {
+  constexpr const char* where = "polyattn::CrossEntropy::backward";
+  check_input(where, logits, targets);
+  detail::require_shape(where, "dlogits", dlogits, logits.rows(), logits.cols());
+  detail::require(probabilities_.rows() == logits.rows() && probabilities_.cols() == logits.cols() &&
+                      targets_ == targets,
+                  where, "needs the forward pass of the same 'logits' and 'targets' first (saved state is ",
+                  probabilities_.rows(), "x", probabilities_.cols(), " with ", targets_.size(), " targets)");
+  if (scored_ == 0) return;
+  const T weight = static_cast<T>(1.0 / static_cast<double>(scored_));
+  const Index n = logits.rows();
+  const bool all_scored = scored_ == n;
+  if (!all_scored) row_weight_.resize(n);
+  detail::parallel_for(detail::block_count(n, block_rows), [&](Index block, int) {
+    const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
+    auto G = dlogits.middleRows(begin, count);
+    if (all_scored) {
+      G.noalias() += weight * probabilities_.middleRows(begin, count);
+    } else {
+      auto row_weight = row_weight_.segment(begin, count);
+      for (Index i = 0; i < count; ++i)
+        row_weight(i) = is_ignored(targets[static_cast<std::size_t>(begin + i)]) ? T(0) : weight;
+      G.noalias() += row_weight.asDiagonal() * probabilities_.middleRows(begin, count);
+    }
+    for (Index i = begin; i < begin + count; ++i) {
+      const Index target = targets[static_cast<std::size_t>(i)];
+      if (!is_ignored(target)) dlogits(i, target) -= weight;
+    }
+  });
+}
 
 }  // namespace polyattn

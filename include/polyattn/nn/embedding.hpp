@@ -67,14 +67,7 @@ class Embedding {
   Parameter<T> position_table;
 
   /// `name` prefixes the parameter names, e.g. "encoder." gives "encoder.wte".
-  explicit Embedding(const EmbeddingOptions& options, const std::string& name = "") : options_(options) {
-    detail::static_check_scalar<T>();
-    options_.check();
-    token_table = Parameter<T>(name + "wte", options_.vocab_size, options_.d_model);
-    position_table = Parameter<T>(name + "wpe", options_.max_positions, options_.d_model);
-    init_normal(token_table, options_.token_init_std, derive_seed(options_.seed, 0));
-    init_normal(position_table, options_.position_init_std, derive_seed(options_.seed, 1));
-  }
+  explicit Embedding(const EmbeddingOptions& options, const std::string& name = "");
 
   const EmbeddingOptions& options() const { return options_; }
   Index vocab_size() const { return options_.vocab_size; }
@@ -88,51 +81,10 @@ class Embedding {
   }
 
   /// Writes \f$Y\f$ (n x d) for the n token ids `tokens` (1 <= n <= max_positions).
-  void forward(const std::vector<Index>& tokens, MatrixRef<T> Y) const {
-    constexpr const char* where = "polyattn::Embedding::forward";
-    const Index n = check_tokens(where, tokens);
-    detail::require_shape(where, "Y", Y, n, d_model());
-    detail::parallel_for(detail::block_count(n, position_block_rows), [&](Index block, int) {
-      const Index begin = block * position_block_rows, end = std::min(n, begin + position_block_rows);
-      // Column by column: Y and each table column are contiguous, the token gather stays inside one column.
-      Y.middleRows(begin, end - begin) = position_table.value.middleRows(begin, end - begin);
-      for (Index j = 0; j < d_model(); ++j)
-        for (Index i = begin; i < end; ++i) Y(i, j) += token_table.value(tokens[static_cast<std::size_t>(i)], j);
-    });
-  }
+  void forward(const std::vector<Index>& tokens, MatrixRef<T> Y) const;
 
   /// Scatters `dY` \f$= \partial L/\partial Y\f$ (n x d) into the table gradients (trainable tables only).
-  void backward(const std::vector<Index>& tokens, const ConstMatrixRef<T>& dY) {
-    constexpr const char* where = "polyattn::Embedding::backward";
-    const Index n = check_tokens(where, tokens);
-    detail::require_shape(where, "dY", dY, n, d_model());
-    detail::require_finite(where, "dY", dY);
-    if (position_table.trainable)
-      detail::parallel_for(detail::block_count(n, position_block_rows), [&](Index block, int) {
-        const Index begin = block * position_block_rows, count = std::min(position_block_rows, n - begin);
-        position_table.grad.middleRows(begin, count) += dY.middleRows(begin, count);
-      });
-    if (!token_table.trainable) return;
-    // Stable counting sort: positions_by_token_[token_start_[t] .. token_start_[t + 1]) are the positions of
-    // token t, increasing.
-    const Index V = vocab_size();
-    token_start_.assign(static_cast<std::size_t>(V) + 1, 0);
-    for (const Index token : tokens) ++token_start_[static_cast<std::size_t>(token) + 1];
-    for (std::size_t t = 0; t < static_cast<std::size_t>(V); ++t) token_start_[t + 1] += token_start_[t];
-    token_cursor_.assign(token_start_.begin(), token_start_.end() - 1);
-    positions_by_token_.resize(tokens.size());
-    for (Index i = 0; i < n; ++i)
-      positions_by_token_[static_cast<std::size_t>(token_cursor_[static_cast<std::size_t>(
-          tokens[static_cast<std::size_t>(i)])]++)] = i;
-    detail::parallel_for(detail::block_count(V, token_block_rows), [&](Index block, int) {
-      const auto first = static_cast<std::size_t>(block * token_block_rows);
-      const auto last = static_cast<std::size_t>(std::min(V, (block + 1) * token_block_rows));
-      for (Index j = 0; j < d_model(); ++j)
-        for (std::size_t t = first; t < last; ++t)
-          for (Index k = token_start_[t]; k < token_start_[t + 1]; ++k)
-            token_table.grad(static_cast<Index>(t), j) += dY(positions_by_token_[static_cast<std::size_t>(k)], j);
-    });
-  }
+  void backward(const std::vector<Index>& tokens, const ConstMatrixRef<T>& dY);
 
   /// Positions per parallel block of forward() and of the position gradient: d additions per position, so 512
   /// positions make enough work per block to amortise the loop. Fixed, as every block size in polyattn.
@@ -160,5 +112,65 @@ class Embedding {
   // Counting sort of backward(): start of each token's positions (V + 1), fill cursors (V), the positions.
   std::vector<Index> token_start_, token_cursor_, positions_by_token_;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+Embedding<T>::Embedding(const EmbeddingOptions& options, const std::string& name)
+    : options_(options) {
+  detail::static_check_scalar<T>();
+  options_.check();
+  token_table = Parameter<T>(name + "wte", options_.vocab_size, options_.d_model);
+  position_table = Parameter<T>(name + "wpe", options_.max_positions, options_.d_model);
+  init_normal(token_table, options_.token_init_std, derive_seed(options_.seed, 0));
+  init_normal(position_table, options_.position_init_std, derive_seed(options_.seed, 1));
+}
+
+template <class T>
+void Embedding<T>::forward(const std::vector<Index>& tokens, MatrixRef<T> Y) const {
+  constexpr const char* where = "polyattn::Embedding::forward";
+  const Index n = check_tokens(where, tokens);
+  detail::require_shape(where, "Y", Y, n, d_model());
+  detail::parallel_for(detail::block_count(n, position_block_rows), [&](Index block, int) {
+    const Index begin = block * position_block_rows, end = std::min(n, begin + position_block_rows);
+    // Column by column: Y and each table column are contiguous, the token gather stays inside one column.
+    Y.middleRows(begin, end - begin) = position_table.value.middleRows(begin, end - begin);
+    for (Index j = 0; j < d_model(); ++j)
+      for (Index i = begin; i < end; ++i) Y(i, j) += token_table.value(tokens[static_cast<std::size_t>(i)], j);
+  });
+}
+
+template <class T>
+void Embedding<T>::backward(const std::vector<Index>& tokens, const ConstMatrixRef<T>& dY) {
+  constexpr const char* where = "polyattn::Embedding::backward";
+  const Index n = check_tokens(where, tokens);
+  detail::require_shape(where, "dY", dY, n, d_model());
+  detail::require_finite(where, "dY", dY);
+  if (position_table.trainable)
+    detail::parallel_for(detail::block_count(n, position_block_rows), [&](Index block, int) {
+      const Index begin = block * position_block_rows, count = std::min(position_block_rows, n - begin);
+      position_table.grad.middleRows(begin, count) += dY.middleRows(begin, count);
+    });
+  if (!token_table.trainable) return;
+  // Stable counting sort: positions_by_token_[token_start_[t] .. token_start_[t + 1]) are the positions of
+  // token t, increasing.
+  const Index V = vocab_size();
+  token_start_.assign(static_cast<std::size_t>(V) + 1, 0);
+  for (const Index token : tokens) ++token_start_[static_cast<std::size_t>(token) + 1];
+  for (std::size_t t = 0; t < static_cast<std::size_t>(V); ++t) token_start_[t + 1] += token_start_[t];
+  token_cursor_.assign(token_start_.begin(), token_start_.end() - 1);
+  positions_by_token_.resize(tokens.size());
+  for (Index i = 0; i < n; ++i)
+    positions_by_token_[static_cast<std::size_t>(token_cursor_[static_cast<std::size_t>(
+        tokens[static_cast<std::size_t>(i)])]++)] = i;
+  detail::parallel_for(detail::block_count(V, token_block_rows), [&](Index block, int) {
+    const auto first = static_cast<std::size_t>(block * token_block_rows);
+    const auto last = static_cast<std::size_t>(std::min(V, (block + 1) * token_block_rows));
+    for (Index j = 0; j < d_model(); ++j)
+      for (std::size_t t = first; t < last; ++t)
+        for (Index k = token_start_[t]; k < token_start_[t + 1]; ++k)
+          token_table.grad(static_cast<Index>(t), j) += dY(positions_by_token_[static_cast<std::size_t>(k)], j);
+  });
+}
 
 }  // namespace polyattn

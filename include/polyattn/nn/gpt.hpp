@@ -179,41 +179,7 @@ struct GPTConfig {
 template <class T>
 class GPT {
  public:
-  explicit GPT(const GPTConfig& config) : config_(checked(config)), embedding_(embedding_options(config_), ""),
-        loss_function_(CrossEntropyOptions{config_.ignore_target}) {
-    const Index d = config_.d_model;
-    const double residual_gain = 1.0 / std::sqrt(2.0 * static_cast<double>(config_.layers));
-    for (Index layer = 0; layer < config_.layers; ++layer) {
-      const std::string name = "block" + std::to_string(layer);
-      const std::uint64_t seed = derive_seed(config_.seed, static_cast<std::uint64_t>(1 + layer));
-      SelfAttentionOptions attention;
-      attention.d_model = d;
-      attention.heads = config_.heads;
-      attention.causal = true;
-      attention.method = config_.method_of(layer);
-      attention.attention = config_.attention;
-      attention.output_gain = residual_gain;
-      attention.seed = derive_seed(seed, 0);
-      auto attention_branch = std::make_unique<Composition<T>>();
-      attention_branch->add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), name + ".ln1")));
-      attention_layers_.push_back(
-          &attention_branch->add(make_component<T>(d, d, SelfAttention<T>(attention, name + ".attn"))).layer());
-      auto mlp_branch = std::make_unique<Composition<T>>();
-      mlp_branch->add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), name + ".ln2")));
-      MLPOptions mlp;
-      mlp.d_model = d;
-      mlp.hidden = config_.mlp_hidden;
-      mlp.activation = config_.activation;
-      mlp.output_gain = residual_gain;
-      mlp.seed = derive_seed(seed, 1);
-      mlp_layers_.push_back(&mlp_branch->add(make_component<T>(d, d, MLP<T>(mlp, name + ".mlp"))).layer());
-      body_.add(std::make_unique<Residual<T>>(std::move(attention_branch)));
-      body_.add(std::make_unique<Residual<T>>(std::move(mlp_branch)));
-    }
-    body_.add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), "ln_f")));
-    const LinearOptions head{d, config_.vocab_size, false, 0, derive_seed(config_.seed, 1000)};
-    lm_head_ = &body_.add(make_component<T>(d, config_.vocab_size, Linear<T>(head, "lm_head"))).layer();
-  }
+  explicit GPT(const GPTConfig& config);
 
   GPT(const GPT&) = delete;             // attention_layers_, mlp_layers_ and lm_head_ point into body_
   GPT& operator=(const GPT&) = delete;
@@ -255,14 +221,7 @@ class GPT {
   ///
   /// Throws std::invalid_argument, changing nothing, on bad options, no target, a rank above
   /// \f$\min(\text{in}, \text{out})\f$ of a chosen Linear, or a chosen Linear that already has an adapter.
-  void add_lora(const LoRAOptions& options, const LoRATargets& targets = LoRATargets{}) {
-    constexpr const char* where = "polyattn::GPT::add_lora";
-    targets.check();
-    const std::vector<std::pair<Linear<T>*, std::uint64_t>> chosen = linears(targets);
-    for (const auto& [linear, slot] : chosen) linear->check_lora_options(where, adapter_options(options, slot));
-    for (Parameter<T>* p : parameters()) p->trainable = false;
-    for (const auto& [linear, slot] : chosen) linear->add_lora(adapter_options(options, slot));
-  }
+  void add_lora(const LoRAOptions& options, const LoRATargets& targets = LoRATargets{});
 
   /// Folds every adapter into its weight (Linear::merge_lora(): \f$W \leftarrow W + sAB\f$, \f$B = 0\f$); the
   /// logits are unchanged and parameters() keeps its list. Does nothing without adapters.
@@ -277,55 +236,15 @@ class GPT {
   }
 
   /// Computes the logits (n x vocab) of `tokens` (1 <= n <= context ids in [0, vocab)) without a loss.
-  const Matrix<T>& forward(const std::vector<Index>& tokens) {
-    constexpr const char* where = "polyattn::GPT::forward";
-    check_ids(where, "tokens", tokens, false);
-    const Index n = static_cast<Index>(tokens.size());
-    tokens_ = tokens;
-    embedded_.resize(n, config_.d_model);
-    logits_.resize(n, config_.vocab_size);
-    targets_.clear();
-    embedding_.forward(tokens_, embedded_);
-    try {
-      body_.forward(embedded_, logits_);
-    } catch (const std::invalid_argument& error) {
-      report_non_finite_parameter(where, error.what());  // a NaN weight surfaces as a layer's non-finite input
-      throw;
-    }
-    // x * 0 is 0 exactly for finite x: one vectorised pass, a 1/d_model fraction of the head's cost.
-    if (!((logits_.array() * T(0)).sum() == T(0))) {
-      report_non_finite_parameter(where, "the logits have a non-finite entry");
-      throw std::invalid_argument(detail::concat(where, ": the logits have a non-finite entry although every "
-                                                 "parameter is finite (an activation overflowed)"));
-    }
-    return logits_;
-  }
+  const Matrix<T>& forward(const std::vector<Index>& tokens);
 
   /// Forward pass and mean cross-entropy of predicting `targets[i]` from `tokens[0..i]`, over the positions
   /// whose target is not `ignore_target` (0 when there are none). `targets` has the length of `tokens`.
-  double forward(const std::vector<Index>& tokens, const std::vector<Index>& targets) {
-    constexpr const char* where = "polyattn::GPT::forward";
-    detail::require(targets.size() == tokens.size(), where, "argument 'targets' must have the length of 'tokens' (",
-                    tokens.size(), "), got ", targets.size());
-    check_ids(where, "targets", targets, true);
-    forward(tokens);
-    targets_ = targets;
-    loss_ = loss_function_.forward(logits_, targets_);
-    return loss_;
-  }
+  double forward(const std::vector<Index>& tokens, const std::vector<Index>& targets);
 
   /// Accumulates \f$\partial L/\partial\theta\f$ of the loss of the last forward(tokens, targets) into every
   /// parameter's gradient.
-  void backward() {
-    constexpr const char* where = "polyattn::GPT::backward";
-    detail::require(!targets_.empty(), where, "needs a preceding forward(tokens, targets)");
-    const Index n = static_cast<Index>(tokens_.size());
-    logits_grad_.setZero(n, config_.vocab_size);
-    loss_function_.backward(logits_, targets_, logits_grad_);
-    embedded_grad_.setZero(n, config_.d_model);
-    body_.backward(embedded_, logits_grad_, embedded_grad_);
-    embedding_.backward(tokens_, embedded_grad_);
-  }
+  void backward();
 
   /// The configuration fields a checkpoint of this model stores and checks on load (serialization.hpp): every
   /// setting that changes the function the model computes: "model" (GPT), "vocab_size", "context", "d_model",
@@ -335,50 +254,7 @@ class GPT {
   /// "attention.range_policy" and "attention.feature_map", and the scale of every LoRA adapter
   /// ("<weight name>.lora_scale"; the rank is in the shapes). Not stored: the seed (initialisation only),
   /// `ignore_target` (the loss, not the logits) and the chunking and error-estimate options (cost only).
-  ModelFields checkpoint_fields() {
-    const auto number = [](double value) {
-      char buffer[40];
-      std::snprintf(buffer, sizeof(buffer), "%.17g", value);
-      return std::string(buffer);
-    };
-    const auto name = [](auto value, std::initializer_list<std::pair<decltype(value), const char*>> names) {
-      for (const auto& [known, text] : names)
-        if (known == value) return std::string(text);
-      return std::to_string(static_cast<long long>(value));
-    };
-    const PolynomialAttentionOptions& attention = config_.attention;
-    ModelFields fields{{"model", "GPT"},
-                       {"vocab_size", std::to_string(config_.vocab_size)},
-                       {"context", std::to_string(config_.context)},
-                       {"d_model", std::to_string(config_.d_model)},
-                       {"heads", std::to_string(config_.heads)},
-                       {"layers", std::to_string(config_.layers)},
-                       {"mlp_hidden", std::to_string(config_.mlp_hidden > 0 ? config_.mlp_hidden : 4 * config_.d_model)},
-                       {"activation", name(config_.activation, {{ActivationKind::gelu, "gelu"},
-                                                                {ActivationKind::relu, "relu"}})}};
-    bool approximate = false;
-    for (std::size_t layer = 0; layer < attention_layers_.size(); ++layer) {
-      const AttentionMethod method = attention_layers_[layer]->method();
-      approximate = approximate || method == AttentionMethod::paper || method == AttentionMethod::adjoint;
-      fields.emplace_back("block" + std::to_string(layer) + ".method", attention_method_name(method));
-    }
-    fields.emplace_back("attention.scale", number(attention.attention.resolved_scale(config_.d_model / config_.heads)));
-    if (approximate) {
-      fields.emplace_back("attention.polynomial", name(attention.kind, {{PolynomialKind::taylor, "taylor"},
-                                                                         {PolynomialKind::minimax, "minimax"}}));
-      fields.emplace_back("attention.degree", std::to_string(attention.degree));
-      fields.emplace_back("attention.radius", number(attention.radius));
-      fields.emplace_back("attention.range_policy",
-                          name(attention.range_policy, {{RangePolicy::raise_degree, "raise_degree"},
-                                                        {RangePolicy::throw_error, "throw_error"},
-                                                        {RangePolicy::mark_invalid, "mark_invalid"}}));
-      fields.emplace_back("attention.feature_map", name(attention.feature_map, {{FeatureMapKind::symmetric, "symmetric"},
-                                                                               {FeatureMapKind::kronecker, "kronecker"}}));
-    }
-    for (const auto& [linear, slot] : linears(LoRATargets::all()))
-      if (linear->has_lora()) fields.emplace_back(linear->weight.name + ".lora_scale", number(linear->lora_scale()));
-    return fields;
-  }
+  ModelFields checkpoint_fields();
 
   /// Logits of the last forward() (n x vocab).
   const Matrix<T>& logits() const { return logits_; }
@@ -465,6 +341,151 @@ class GPT {
   Matrix<T> embedded_, logits_, embedded_grad_, logits_grad_;
   double loss_ = 0;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+GPT<T>::GPT(const GPTConfig& config)
+    : config_(checked(config)), embedding_(embedding_options(config_), ""),
+      loss_function_(CrossEntropyOptions{config_.ignore_target}) {
+  const Index d = config_.d_model;
+  const double residual_gain = 1.0 / std::sqrt(2.0 * static_cast<double>(config_.layers));
+  for (Index layer = 0; layer < config_.layers; ++layer) {
+    const std::string name = "block" + std::to_string(layer);
+    const std::uint64_t seed = derive_seed(config_.seed, static_cast<std::uint64_t>(1 + layer));
+    SelfAttentionOptions attention;
+    attention.d_model = d;
+    attention.heads = config_.heads;
+    attention.causal = true;
+    attention.method = config_.method_of(layer);
+    attention.attention = config_.attention;
+    attention.output_gain = residual_gain;
+    attention.seed = derive_seed(seed, 0);
+    auto attention_branch = std::make_unique<Composition<T>>();
+    attention_branch->add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), name + ".ln1")));
+    attention_layers_.push_back(
+        &attention_branch->add(make_component<T>(d, d, SelfAttention<T>(attention, name + ".attn"))).layer());
+    auto mlp_branch = std::make_unique<Composition<T>>();
+    mlp_branch->add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), name + ".ln2")));
+    MLPOptions mlp;
+    mlp.d_model = d;
+    mlp.hidden = config_.mlp_hidden;
+    mlp.activation = config_.activation;
+    mlp.output_gain = residual_gain;
+    mlp.seed = derive_seed(seed, 1);
+    mlp_layers_.push_back(&mlp_branch->add(make_component<T>(d, d, MLP<T>(mlp, name + ".mlp"))).layer());
+    body_.add(std::make_unique<Residual<T>>(std::move(attention_branch)));
+    body_.add(std::make_unique<Residual<T>>(std::move(mlp_branch)));
+  }
+  body_.add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), "ln_f")));
+  const LinearOptions head{d, config_.vocab_size, false, 0, derive_seed(config_.seed, 1000)};
+  lm_head_ = &body_.add(make_component<T>(d, config_.vocab_size, Linear<T>(head, "lm_head"))).layer();
+}
+
+template <class T>
+void GPT<T>::add_lora(const LoRAOptions& options, const LoRATargets& targets) {
+  constexpr const char* where = "polyattn::GPT::add_lora";
+  targets.check();
+  const std::vector<std::pair<Linear<T>*, std::uint64_t>> chosen = linears(targets);
+  for (const auto& [linear, slot] : chosen) linear->check_lora_options(where, adapter_options(options, slot));
+  for (Parameter<T>* p : parameters()) p->trainable = false;
+  for (const auto& [linear, slot] : chosen) linear->add_lora(adapter_options(options, slot));
+}
+
+template <class T>
+const Matrix<T>& GPT<T>::forward(const std::vector<Index>& tokens) {
+  constexpr const char* where = "polyattn::GPT::forward";
+  check_ids(where, "tokens", tokens, false);
+  const Index n = static_cast<Index>(tokens.size());
+  tokens_ = tokens;
+  embedded_.resize(n, config_.d_model);
+  logits_.resize(n, config_.vocab_size);
+  targets_.clear();
+  embedding_.forward(tokens_, embedded_);
+  try {
+    body_.forward(embedded_, logits_);
+  } catch (const std::invalid_argument& error) {
+    report_non_finite_parameter(where, error.what());  // a NaN weight surfaces as a layer's non-finite input
+    throw;
+  }
+  // x * 0 is 0 exactly for finite x: one vectorised pass, a 1/d_model fraction of the head's cost.
+  if (!((logits_.array() * T(0)).sum() == T(0))) {
+    report_non_finite_parameter(where, "the logits have a non-finite entry");
+    throw std::invalid_argument(detail::concat(where, ": the logits have a non-finite entry although every "
+                                               "parameter is finite (an activation overflowed)"));
+  }
+  return logits_;
+}
+
+template <class T>
+double GPT<T>::forward(const std::vector<Index>& tokens, const std::vector<Index>& targets) {
+  constexpr const char* where = "polyattn::GPT::forward";
+  detail::require(targets.size() == tokens.size(), where, "argument 'targets' must have the length of 'tokens' (",
+                  tokens.size(), "), got ", targets.size());
+  check_ids(where, "targets", targets, true);
+  forward(tokens);
+  targets_ = targets;
+  loss_ = loss_function_.forward(logits_, targets_);
+  return loss_;
+}
+
+template <class T>
+void GPT<T>::backward() {
+  constexpr const char* where = "polyattn::GPT::backward";
+  detail::require(!targets_.empty(), where, "needs a preceding forward(tokens, targets)");
+  const Index n = static_cast<Index>(tokens_.size());
+  logits_grad_.setZero(n, config_.vocab_size);
+  loss_function_.backward(logits_, targets_, logits_grad_);
+  embedded_grad_.setZero(n, config_.d_model);
+  body_.backward(embedded_, logits_grad_, embedded_grad_);
+  embedding_.backward(tokens_, embedded_grad_);
+}
+
+template <class T>
+ModelFields GPT<T>::checkpoint_fields() {
+  const auto number = [](double value) {
+    char buffer[40];
+    std::snprintf(buffer, sizeof(buffer), "%.17g", value);
+    return std::string(buffer);
+  };
+  const auto name = [](auto value, std::initializer_list<std::pair<decltype(value), const char*>> names) {
+    for (const auto& [known, text] : names)
+      if (known == value) return std::string(text);
+    return std::to_string(static_cast<long long>(value));
+  };
+  const PolynomialAttentionOptions& attention = config_.attention;
+  ModelFields fields{{"model", "GPT"},
+                     {"vocab_size", std::to_string(config_.vocab_size)},
+                     {"context", std::to_string(config_.context)},
+                     {"d_model", std::to_string(config_.d_model)},
+                     {"heads", std::to_string(config_.heads)},
+                     {"layers", std::to_string(config_.layers)},
+                     {"mlp_hidden", std::to_string(config_.mlp_hidden > 0 ? config_.mlp_hidden : 4 * config_.d_model)},
+                     {"activation", name(config_.activation, {{ActivationKind::gelu, "gelu"},
+                                                              {ActivationKind::relu, "relu"}})}};
+  bool approximate = false;
+  for (std::size_t layer = 0; layer < attention_layers_.size(); ++layer) {
+    const AttentionMethod method = attention_layers_[layer]->method();
+    approximate = approximate || method == AttentionMethod::paper || method == AttentionMethod::adjoint;
+    fields.emplace_back("block" + std::to_string(layer) + ".method", attention_method_name(method));
+  }
+  fields.emplace_back("attention.scale", number(attention.attention.resolved_scale(config_.d_model / config_.heads)));
+  if (approximate) {
+    fields.emplace_back("attention.polynomial", name(attention.kind, {{PolynomialKind::taylor, "taylor"},
+                                                                       {PolynomialKind::minimax, "minimax"}}));
+    fields.emplace_back("attention.degree", std::to_string(attention.degree));
+    fields.emplace_back("attention.radius", number(attention.radius));
+    fields.emplace_back("attention.range_policy",
+                        name(attention.range_policy, {{RangePolicy::raise_degree, "raise_degree"},
+                                                      {RangePolicy::throw_error, "throw_error"},
+                                                      {RangePolicy::mark_invalid, "mark_invalid"}}));
+    fields.emplace_back("attention.feature_map", name(attention.feature_map, {{FeatureMapKind::symmetric, "symmetric"},
+                                                                             {FeatureMapKind::kronecker, "kronecker"}}));
+  }
+  for (const auto& [linear, slot] : linears(LoRATargets::all()))
+    if (linear->has_lora()) fields.emplace_back(linear->weight.name + ".lora_scale", number(linear->lora_scale()));
+  return fields;
+}
 
 /// The bytes of a parameter file holding every parameter of `model` and its configuration
 /// (GPT::checkpoint_fields()).

@@ -56,13 +56,7 @@ class LayerNorm {
   /// \f$\beta\f$ (1 x d), initialised to 0, named "<name>.bias"; exempt from weight decay.
   Parameter<T> bias;
 
-  explicit LayerNorm(const LayerNormOptions& options, const std::string& name = "layer_norm") : options_(options) {
-    detail::static_check_scalar<T>();
-    options_.check();
-    gain = Parameter<T>(name + ".gain", 1, options_.features, true, false);
-    init_constant(gain, T(1));
-    bias = Parameter<T>(name + ".bias", 1, options_.features, true, false);
-  }
+  explicit LayerNorm(const LayerNormOptions& options, const std::string& name = "layer_norm");
 
   const LayerNormOptions& options() const { return options_; }
   Index features() const { return options_.features; }
@@ -74,84 +68,11 @@ class LayerNorm {
   }
 
   /// Writes \f$Y\f$ (n x d) for \f$X\f$ (n x d); saves \f$\hat X\f$ and \f$r\f$.
-  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
-    constexpr const char* where = "polyattn::LayerNorm::forward";
-    check_parameters(where);
-    detail::require_nonempty(where, "X", X);
-    detail::require_shape(where, "X", X, X.rows(), features());
-    detail::require_shape(where, "Y", Y, X.rows(), features());
-    detail::require_finite(where, "X", X);
-    const Index n = X.rows();
-    row_mean_.resize(n);
-    normalized_.resize(n, features());
-    inverse_std_.resize(n);
-    detail::parallel_for(detail::block_count(n, block_rows), [&](Index block, int) {
-      const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
-      auto mean = row_mean_.segment(begin, count);
-      auto normalized = normalized_.middleRows(begin, count);
-      auto inverse_std = inverse_std_.segment(begin, count);
-      mean = X.middleRows(begin, count).rowwise().mean();
-      normalized = X.middleRows(begin, count).colwise() - mean;
-      inverse_std = (normalized.array().square().rowwise().mean() + static_cast<T>(options_.epsilon)).rsqrt();
-      normalized.array().colwise() *= inverse_std.array();
-      Y.middleRows(begin, count) =
-          (normalized.array().rowwise() * gain.value.array().row(0)).rowwise() + bias.value.array().row(0);
-    });
-  }
+  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y);
 
   /// Accumulates into `gain.grad`, `bias.grad` and `dX` for the X of the preceding forward() and
   /// `dY` \f$= \partial L/\partial Y\f$.
-  void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) {
-    constexpr const char* where = "polyattn::LayerNorm::backward";
-    check_parameters(where);
-    detail::require_nonempty(where, "X", X);
-    detail::require_shape(where, "X", X, X.rows(), features());
-    detail::require_shape(where, "dY", dY, X.rows(), features());
-    detail::require_shape(where, "dX", dX, X.rows(), features());
-    detail::require(normalized_.rows() == X.rows() && normalized_.cols() == features(), where,
-                    "needs the forward pass of the same 'X' first: saved state is for ", normalized_.rows(),
-                    " rows, got ", X.rows());
-    detail::require_finite(where, "dY", dY);
-    const Index n = X.rows(), d = features(), blocks = detail::block_count(n, block_rows);
-    // Row b of the partials holds the column sums of block b + 1; block 0 adds straight into the gradient.
-    if (gain.trainable) gain_partials_.resize(blocks - 1, d);
-    if (bias.trainable) bias_partials_.resize(blocks - 1, d);
-    scaled_grad_.resize(n, d);
-    mean_scaled_grad_.resize(n);
-    mean_scaled_grad_normalized_.resize(n);
-    detail::parallel_for(blocks, [&](Index block, int) {
-      const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
-      const auto G = dY.middleRows(begin, count);
-      const auto normalized = normalized_.middleRows(begin, count);
-      auto scaled_grad = scaled_grad_.middleRows(begin, count);
-      auto mean_scaled_grad = mean_scaled_grad_.segment(begin, count);
-      auto mean_scaled_grad_normalized = mean_scaled_grad_normalized_.segment(begin, count);
-      if (gain.trainable) {
-        if (block == 0)
-          gain.grad.row(0) += (G.array() * normalized.array()).colwise().sum().matrix();
-        else
-          gain_partials_.row(block - 1) = (G.array() * normalized.array()).colwise().sum().matrix();
-      }
-      if (bias.trainable) {
-        if (block == 0)
-          bias.grad.row(0) += G.colwise().sum();
-        else
-          bias_partials_.row(block - 1) = G.colwise().sum();
-      }
-      scaled_grad = G.array().rowwise() * gain.value.array().row(0);
-      mean_scaled_grad = scaled_grad.rowwise().mean();
-      mean_scaled_grad_normalized = (scaled_grad.array() * normalized.array()).rowwise().mean();
-      dX.middleRows(begin, count).array() +=
-          ((scaled_grad.array().colwise() - mean_scaled_grad.array()) -
-           normalized.array().colwise() * mean_scaled_grad_normalized.array())
-              .colwise() *
-          inverse_std_.segment(begin, count).array();
-    });
-    for (Index slot = 0; slot + 1 < blocks; ++slot) {
-      if (gain.trainable) gain.grad.row(0) += gain_partials_.row(slot);
-      if (bias.trainable) bias.grad.row(0) += bias_partials_.row(slot);
-    }
-  }
+  void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX);
 
   /// Rows per parallel block: 512 rows of d features is enough work per block (a few microseconds at d = 64)
   /// to amortise the loop, and keeps n / 512 blocks for load balance. Fixed, so results never depend on the
@@ -173,5 +94,96 @@ class LayerNorm {
   Matrix<T> normalized_, scaled_grad_, gain_partials_, bias_partials_;
   Vector<T> row_mean_, inverse_std_, mean_scaled_grad_, mean_scaled_grad_normalized_;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+LayerNorm<T>::LayerNorm(const LayerNormOptions& options, const std::string& name)
+    : options_(options) {
+  detail::static_check_scalar<T>();
+  options_.check();
+  gain = Parameter<T>(name + ".gain", 1, options_.features, true, false);
+  init_constant(gain, T(1));
+  bias = Parameter<T>(name + ".bias", 1, options_.features, true, false);
+}
+
+template <class T>
+void LayerNorm<T>::forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
+  constexpr const char* where = "polyattn::LayerNorm::forward";
+  check_parameters(where);
+  detail::require_nonempty(where, "X", X);
+  detail::require_shape(where, "X", X, X.rows(), features());
+  detail::require_shape(where, "Y", Y, X.rows(), features());
+  detail::require_finite(where, "X", X);
+  const Index n = X.rows();
+  row_mean_.resize(n);
+  normalized_.resize(n, features());
+  inverse_std_.resize(n);
+  detail::parallel_for(detail::block_count(n, block_rows), [&](Index block, int) {
+    const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
+    auto mean = row_mean_.segment(begin, count);
+    auto normalized = normalized_.middleRows(begin, count);
+    auto inverse_std = inverse_std_.segment(begin, count);
+    mean = X.middleRows(begin, count).rowwise().mean();
+    normalized = X.middleRows(begin, count).colwise() - mean;
+    inverse_std = (normalized.array().square().rowwise().mean() + static_cast<T>(options_.epsilon)).rsqrt();
+    normalized.array().colwise() *= inverse_std.array();
+    Y.middleRows(begin, count) =
+        (normalized.array().rowwise() * gain.value.array().row(0)).rowwise() + bias.value.array().row(0);
+  });
+}
+
+template <class T>
+void LayerNorm<T>::backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) {
+  constexpr const char* where = "polyattn::LayerNorm::backward";
+  check_parameters(where);
+  detail::require_nonempty(where, "X", X);
+  detail::require_shape(where, "X", X, X.rows(), features());
+  detail::require_shape(where, "dY", dY, X.rows(), features());
+  detail::require_shape(where, "dX", dX, X.rows(), features());
+  detail::require(normalized_.rows() == X.rows() && normalized_.cols() == features(), where,
+                  "needs the forward pass of the same 'X' first: saved state is for ", normalized_.rows(),
+                  " rows, got ", X.rows());
+  detail::require_finite(where, "dY", dY);
+  const Index n = X.rows(), d = features(), blocks = detail::block_count(n, block_rows);
+  // Row b of the partials holds the column sums of block b + 1; block 0 adds straight into the gradient.
+  if (gain.trainable) gain_partials_.resize(blocks - 1, d);
+  if (bias.trainable) bias_partials_.resize(blocks - 1, d);
+  scaled_grad_.resize(n, d);
+  mean_scaled_grad_.resize(n);
+  mean_scaled_grad_normalized_.resize(n);
+  detail::parallel_for(blocks, [&](Index block, int) {
+    const Index begin = block * block_rows, count = std::min(block_rows, n - begin);
+    const auto G = dY.middleRows(begin, count);
+    const auto normalized = normalized_.middleRows(begin, count);
+    auto scaled_grad = scaled_grad_.middleRows(begin, count);
+    auto mean_scaled_grad = mean_scaled_grad_.segment(begin, count);
+    auto mean_scaled_grad_normalized = mean_scaled_grad_normalized_.segment(begin, count);
+    if (gain.trainable) {
+      if (block == 0)
+        gain.grad.row(0) += (G.array() * normalized.array()).colwise().sum().matrix();
+      else
+        gain_partials_.row(block - 1) = (G.array() * normalized.array()).colwise().sum().matrix();
+    }
+    if (bias.trainable) {
+      if (block == 0)
+        bias.grad.row(0) += G.colwise().sum();
+      else
+        bias_partials_.row(block - 1) = G.colwise().sum();
+    }
+    scaled_grad = G.array().rowwise() * gain.value.array().row(0);
+    mean_scaled_grad = scaled_grad.rowwise().mean();
+    mean_scaled_grad_normalized = (scaled_grad.array() * normalized.array()).rowwise().mean();
+    dX.middleRows(begin, count).array() +=
+        ((scaled_grad.array().colwise() - mean_scaled_grad.array()) -
+         normalized.array().colwise() * mean_scaled_grad_normalized.array())
+            .colwise() *
+        inverse_std_.segment(begin, count).array();
+  });
+  for (Index slot = 0; slot + 1 < blocks; ++slot) {
+    if (gain.trainable) gain.grad.row(0) += gain_partials_.row(slot);
+    if (bias.trainable) bias.grad.row(0) += bias_partials_.row(slot);
+  }
+}
 
 }  // namespace polyattn

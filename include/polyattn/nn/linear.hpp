@@ -79,17 +79,7 @@ class Linear {
   /// The adapter's \f$B\f$ (r x out), named "<name>.weight.lora_B"; 0 x 0 without an adapter.
   Parameter<T> lora_B;
 
-  explicit Linear(const LinearOptions& options, const std::string& name = "linear") : options_(options) {
-    detail::static_check_scalar<T>();
-    options_.check();
-    weight = Parameter<T>(name + ".weight", options_.in_features, options_.out_features);
-    const double stddev =
-        options_.init_std > 0 ? options_.init_std : 1.0 / std::sqrt(static_cast<double>(options_.in_features));
-    init_normal(weight, stddev, options_.seed);
-    bias = options_.bias ? Parameter<T>(name + ".bias", 1, options_.out_features, true, false)
-                         : Parameter<T>(name + ".bias", 0, 0, true, false);
-    remove_adapter();
-  }
+  explicit Linear(const LinearOptions& options, const std::string& name = "linear");
 
   const LinearOptions& options() const { return options_; }
   Index in_features() const { return options_.in_features; }
@@ -110,54 +100,20 @@ class Linear {
   ///
   /// Throws std::invalid_argument, changing nothing, on bad options, a rank above \f$\min(\text{in},
   /// \text{out})\f$ or when the layer already has an adapter.
-  void add_lora(const LoRAOptions& options) {
-    constexpr const char* where = "polyattn::Linear::add_lora";
-    check_lora_options(where, options);
-    const std::string& base_name = weight.name;
-    lora_A = Parameter<T>(base_name + ".lora_A", in_features(), options.rank);
-    lora_B = Parameter<T>(base_name + ".lora_B", options.rank, out_features());
-    const double stddev =
-        options.init_std > 0 ? options.init_std : 1.0 / std::sqrt(static_cast<double>(in_features()));
-    init_normal(lora_A, stddev, options.seed);
-    lora_options_ = options;
-    lora_rank_ = options.rank;
-    weight.trainable = false;
-    bias.trainable = false;
-  }
+  void add_lora(const LoRAOptions& options);
 
   /// Throws std::invalid_argument (naming `where`) unless add_lora(`options`) would succeed.
-  void check_lora_options(const char* where, const LoRAOptions& options) const {
-    options.check();
-    detail::require(!has_lora(), where, "'", weight.name, "' already has an adapter (rank ", lora_rank_,
-                    "); merge_lora() folds it into the weight");
-    const Index max_rank = std::min(in_features(), out_features());
-    detail::require(options.rank <= max_rank, where, "'rank' of the adapter of '", weight.name,
-                    "' must be <= min(in, out) = ", max_rank, ", got ", options.rank);
-  }
+  void check_lora_options(const char* where, const LoRAOptions& options) const;
 
   /// Folds the adapter into the weight, \f$W \leftarrow W + sAB\f$, and resets \f$B = 0\f$: the output is
   /// unchanged. The adapter stays (so parameters() and optimizers keep their lists, and a further update can be
   /// trained on top; \f$A\f$ keeps its values), and so does the freezing of the weight and bias. Throws
   /// std::invalid_argument without an adapter.
-  void merge_lora() {
-    constexpr const char* where = "polyattn::Linear::merge_lora";
-    detail::require(has_lora(), where, "'", weight.name, "' has no adapter (add_lora() first)");
-    check_parameters(where);
-    weight.value.noalias() += static_cast<T>(lora_scale()) * lora_A.value * lora_B.value;
-    lora_B.value.setZero();
-  }
+  void merge_lora();
 
   /// A plain Linear without adapter, with weight \f$W + sAB\f$ (just \f$W\f$ without an adapter), the same bias
   /// and the same forward output, whose weight and bias are trainable.
-  Linear<T> merged() const {
-    check_parameters("polyattn::Linear::merged");
-    Linear<T> result = *this;
-    if (has_lora()) result.weight.value.noalias() += static_cast<T>(lora_scale()) * lora_A.value * lora_B.value;
-    result.remove_adapter();
-    result.weight.trainable = true;
-    result.bias.trainable = true;
-    return result;
-  }
+  Linear<T> merged() const;
 
   /// Appends the weight, the bias (if any) and the adapter's \f$A\f$, \f$B\f$ (if any) to `out`.
   void collect_parameters(std::vector<Parameter<T>*>& out) {
@@ -171,75 +127,12 @@ class Linear {
 
   /// Writes \f$Y = XW + \mathbf 1 b^\top\f$ (plus \f$s\,(XA)B\f$ with an adapter) (n x out) for \f$X\f$ (n x in).
   /// Saves \f$XA\f$ with an adapter, nothing otherwise: backward takes X again.
-  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
-    constexpr const char* where = "polyattn::Linear::forward";
-    check_parameters(where);
-    detail::require_nonempty(where, "X", X);
-    detail::require_shape(where, "X", X, X.rows(), in_features());
-    detail::require_shape(where, "Y", Y, X.rows(), out_features());
-    detail::require_finite(where, "X", X);
-    const Index n = X.rows(), rows = block_rows();
-    const T s = static_cast<T>(lora_scale());
-    if (has_lora()) input_times_A_.resize(n, lora_rank_);
-    detail::parallel_for(detail::block_count(n, rows), [&](Index block, int) {
-      const Index begin = block * rows, count = std::min(rows, n - begin);
-      const auto Xb = X.middleRows(begin, count);
-      auto Yb = Y.middleRows(begin, count);
-      Yb.noalias() = Xb * weight.value;
-      if (has_bias()) Yb.rowwise() += bias.value.row(0);
-      if (has_lora()) {
-        auto XAb = input_times_A_.middleRows(begin, count);
-        XAb.noalias() = Xb * lora_A.value;
-        Yb.noalias() += s * XAb * lora_B.value;
-      }
-    });
-  }
+  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y);
 
   /// Accumulates \f$X^\top G\f$ into `weight.grad`, \f$G^\top\mathbf 1\f$ into `bias.grad`, the adapter's
   /// gradients into `lora_A.grad` and `lora_B.grad`, and \f$\partial L/\partial X\f$ into `dX`, for the X of the
   /// preceding forward() and \f$G\f$ = `dY`. Frozen parameters get no gradient.
-  void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) {
-    constexpr const char* where = "polyattn::Linear::backward";
-    check_parameters(where);
-    detail::require_nonempty(where, "X", X);
-    detail::require_shape(where, "X", X, X.rows(), in_features());
-    detail::require_shape(where, "dY", dY, X.rows(), out_features());
-    detail::require_shape(where, "dX", dX, X.rows(), in_features());
-    if (has_lora())
-      detail::require(input_times_A_.rows() == X.rows() && input_times_A_.cols() == lora_rank_, where,
-                      "needs the forward pass of the same 'X' first: saved XA is ", input_times_A_.rows(), "x",
-                      input_times_A_.cols(), ", expected ", X.rows(), "x", lora_rank_);
-    detail::require_finite(where, "dY", dY);
-    const Index n = X.rows(), rows = block_rows(), blocks = detail::block_count(n, rows);
-    const bool weight_grad = weight.trainable, bias_grad = has_bias() && bias.trainable;
-    const bool A_grad = has_lora() && lora_A.trainable, B_grad = has_lora() && lora_B.trainable;
-    const T s = static_cast<T>(lora_scale());
-    if (weight_grad) weight_partials_.resize(in_features(), (blocks - 1) * out_features());
-    if (bias_grad) bias_partials_.resize(1, (blocks - 1) * out_features());
-    if (A_grad) lora_A_partials_.resize(in_features(), (blocks - 1) * lora_rank_);
-    if (B_grad) lora_B_partials_.resize(lora_rank_, (blocks - 1) * out_features());
-    if (has_lora()) output_grad_times_Bt_.resize(n, lora_rank_);
-    detail::parallel_for(blocks, [&](Index block, int) {
-      const Index begin = block * rows, count = std::min(rows, n - begin);
-      const auto Xb = X.middleRows(begin, count);
-      const auto Gb = dY.middleRows(begin, count);
-      auto dXb = dX.middleRows(begin, count);
-      if (weight_grad) accumulate(block, weight.grad, weight_partials_, Xb.transpose() * Gb);
-      if (bias_grad) accumulate(block, bias.grad, bias_partials_, Gb.colwise().sum());
-      dXb.noalias() += Gb * weight.value.transpose();
-      if (!has_lora()) return;
-      const auto XAb = input_times_A_.middleRows(begin, count);
-      auto GBtb = output_grad_times_Bt_.middleRows(begin, count);
-      GBtb.noalias() = Gb * lora_B.value.transpose();
-      if (B_grad) accumulate(block, lora_B.grad, lora_B_partials_, s * XAb.transpose() * Gb);
-      if (A_grad) accumulate(block, lora_A.grad, lora_A_partials_, s * Xb.transpose() * GBtb);
-      dXb.noalias() += s * GBtb * lora_A.value.transpose();
-    });
-    if (weight_grad) add_partials(weight.grad, weight_partials_);
-    if (bias_grad) add_partials(bias.grad, bias_partials_);
-    if (A_grad) add_partials(lora_A.grad, lora_A_partials_);
-    if (B_grad) add_partials(lora_B.grad, lora_B_partials_);
-  }
+  void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX);
 
   /// Token rows per parallel block of forward() and backward(): at least 512, so that each block's products
   /// stay efficient GEMMs (\f$X_b^\top G_b\f$ sums over 512 rows), and at least in_features(), so that the
@@ -288,5 +181,136 @@ class Linear {
   // Gradient terms of blocks 1, 2, ... of backward() (slots side by side), reused across calls.
   Matrix<T> weight_partials_, bias_partials_, lora_A_partials_, lora_B_partials_;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+Linear<T>::Linear(const LinearOptions& options, const std::string& name)
+    : options_(options) {
+  detail::static_check_scalar<T>();
+  options_.check();
+  weight = Parameter<T>(name + ".weight", options_.in_features, options_.out_features);
+  const double stddev =
+      options_.init_std > 0 ? options_.init_std : 1.0 / std::sqrt(static_cast<double>(options_.in_features));
+  init_normal(weight, stddev, options_.seed);
+  bias = options_.bias ? Parameter<T>(name + ".bias", 1, options_.out_features, true, false)
+                       : Parameter<T>(name + ".bias", 0, 0, true, false);
+  remove_adapter();
+}
+
+template <class T>
+void Linear<T>::add_lora(const LoRAOptions& options) {
+  constexpr const char* where = "polyattn::Linear::add_lora";
+  check_lora_options(where, options);
+  const std::string& base_name = weight.name;
+  lora_A = Parameter<T>(base_name + ".lora_A", in_features(), options.rank);
+  lora_B = Parameter<T>(base_name + ".lora_B", options.rank, out_features());
+  const double stddev =
+      options.init_std > 0 ? options.init_std : 1.0 / std::sqrt(static_cast<double>(in_features()));
+  init_normal(lora_A, stddev, options.seed);
+  lora_options_ = options;
+  lora_rank_ = options.rank;
+  weight.trainable = false;
+  bias.trainable = false;
+}
+
+template <class T>
+void Linear<T>::check_lora_options(const char* where, const LoRAOptions& options) const {
+  options.check();
+  detail::require(!has_lora(), where, "'", weight.name, "' already has an adapter (rank ", lora_rank_,
+                  "); merge_lora() folds it into the weight");
+  const Index max_rank = std::min(in_features(), out_features());
+  detail::require(options.rank <= max_rank, where, "'rank' of the adapter of '", weight.name,
+                  "' must be <= min(in, out) = ", max_rank, ", got ", options.rank);
+}
+
+template <class T>
+void Linear<T>::merge_lora() {
+  constexpr const char* where = "polyattn::Linear::merge_lora";
+  detail::require(has_lora(), where, "'", weight.name, "' has no adapter (add_lora() first)");
+  check_parameters(where);
+  weight.value.noalias() += static_cast<T>(lora_scale()) * lora_A.value * lora_B.value;
+  lora_B.value.setZero();
+}
+
+template <class T>
+Linear<T> Linear<T>::merged() const {
+  check_parameters("polyattn::Linear::merged");
+  Linear<T> result = *this;
+  if (has_lora()) result.weight.value.noalias() += static_cast<T>(lora_scale()) * lora_A.value * lora_B.value;
+  result.remove_adapter();
+  result.weight.trainable = true;
+  result.bias.trainable = true;
+  return result;
+}
+
+template <class T>
+void Linear<T>::forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
+  constexpr const char* where = "polyattn::Linear::forward";
+  check_parameters(where);
+  detail::require_nonempty(where, "X", X);
+  detail::require_shape(where, "X", X, X.rows(), in_features());
+  detail::require_shape(where, "Y", Y, X.rows(), out_features());
+  detail::require_finite(where, "X", X);
+  const Index n = X.rows(), rows = block_rows();
+  const T s = static_cast<T>(lora_scale());
+  if (has_lora()) input_times_A_.resize(n, lora_rank_);
+  detail::parallel_for(detail::block_count(n, rows), [&](Index block, int) {
+    const Index begin = block * rows, count = std::min(rows, n - begin);
+    const auto Xb = X.middleRows(begin, count);
+    auto Yb = Y.middleRows(begin, count);
+    Yb.noalias() = Xb * weight.value;
+    if (has_bias()) Yb.rowwise() += bias.value.row(0);
+    if (has_lora()) {
+      auto XAb = input_times_A_.middleRows(begin, count);
+      XAb.noalias() = Xb * lora_A.value;
+      Yb.noalias() += s * XAb * lora_B.value;
+    }
+  });
+}
+
+template <class T>
+void Linear<T>::backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) {
+  constexpr const char* where = "polyattn::Linear::backward";
+  check_parameters(where);
+  detail::require_nonempty(where, "X", X);
+  detail::require_shape(where, "X", X, X.rows(), in_features());
+  detail::require_shape(where, "dY", dY, X.rows(), out_features());
+  detail::require_shape(where, "dX", dX, X.rows(), in_features());
+  if (has_lora())
+    detail::require(input_times_A_.rows() == X.rows() && input_times_A_.cols() == lora_rank_, where,
+                    "needs the forward pass of the same 'X' first: saved XA is ", input_times_A_.rows(), "x",
+                    input_times_A_.cols(), ", expected ", X.rows(), "x", lora_rank_);
+  detail::require_finite(where, "dY", dY);
+  const Index n = X.rows(), rows = block_rows(), blocks = detail::block_count(n, rows);
+  const bool weight_grad = weight.trainable, bias_grad = has_bias() && bias.trainable;
+  const bool A_grad = has_lora() && lora_A.trainable, B_grad = has_lora() && lora_B.trainable;
+  const T s = static_cast<T>(lora_scale());
+  if (weight_grad) weight_partials_.resize(in_features(), (blocks - 1) * out_features());
+  if (bias_grad) bias_partials_.resize(1, (blocks - 1) * out_features());
+  if (A_grad) lora_A_partials_.resize(in_features(), (blocks - 1) * lora_rank_);
+  if (B_grad) lora_B_partials_.resize(lora_rank_, (blocks - 1) * out_features());
+  if (has_lora()) output_grad_times_Bt_.resize(n, lora_rank_);
+  detail::parallel_for(blocks, [&](Index block, int) {
+    const Index begin = block * rows, count = std::min(rows, n - begin);
+    const auto Xb = X.middleRows(begin, count);
+    const auto Gb = dY.middleRows(begin, count);
+    auto dXb = dX.middleRows(begin, count);
+    if (weight_grad) accumulate(block, weight.grad, weight_partials_, Xb.transpose() * Gb);
+    if (bias_grad) accumulate(block, bias.grad, bias_partials_, Gb.colwise().sum());
+    dXb.noalias() += Gb * weight.value.transpose();
+    if (!has_lora()) return;
+    const auto XAb = input_times_A_.middleRows(begin, count);
+    auto GBtb = output_grad_times_Bt_.middleRows(begin, count);
+    GBtb.noalias() = Gb * lora_B.value.transpose();
+    if (B_grad) accumulate(block, lora_B.grad, lora_B_partials_, s * XAb.transpose() * Gb);
+    if (A_grad) accumulate(block, lora_A.grad, lora_A_partials_, s * Xb.transpose() * GBtb);
+    dXb.noalias() += s * GBtb * lora_A.value.transpose();
+  });
+  if (weight_grad) add_partials(weight.grad, weight_partials_);
+  if (bias_grad) add_partials(bias.grad, bias_partials_);
+  if (A_grad) add_partials(lora_A.grad, lora_A_partials_);
+  if (B_grad) add_partials(lora_B.grad, lora_B_partials_);
+}
 
 }  // namespace polyattn

@@ -65,9 +65,7 @@ class MLP {
   /// \f$A \mapsto AW_2 + \mathbf 1 b_2^\top\f$, parameters "<name>.proj.weight" and "<name>.proj.bias".
   Linear<T> proj;
 
-  explicit MLP(const MLPOptions& options, const std::string& name = "mlp")
-      : fc(first_layer(options), name + ".fc"), proj(second_layer(options), name + ".proj"),
-        activation_(options.activation), options_(options) {}
+  explicit MLP(const MLPOptions& options, const std::string& name = "mlp");
 
   const MLPOptions& options() const { return options_; }
   Index d_model() const { return options_.d_model; }
@@ -80,42 +78,11 @@ class MLP {
   }
 
   /// Writes \f$Y\f$ (n x d) for \f$X\f$ (n x d); saves \f$H\f$ and \f$A\f$.
-  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
-    constexpr const char* where = "polyattn::MLP::forward";
-    detail::require_nonempty(where, "X", X);
-    detail::require_shape(where, "X", X, X.rows(), d_model());
-    detail::require_shape(where, "Y", Y, X.rows(), d_model());
-    detail::require_finite(where, "X", X);
-    pre_activation_.resize(X.rows(), hidden());
-    activated_.resize(X.rows(), hidden());
-    fc.forward(X, pre_activation_);
-    activation_.forward(pre_activation_, activated_);
-    proj.forward(activated_, Y);
-  }
+  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y);
 
   /// Accumulates into the parameter gradients of `fc` and `proj` and into `dX`, for the X of the preceding
   /// forward() and `dY` \f$= \partial L/\partial Y\f$.
-  void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) {
-    constexpr const char* where = "polyattn::MLP::backward";
-    detail::require_nonempty(where, "X", X);
-    detail::require_shape(where, "X", X, X.rows(), d_model());
-    detail::require_shape(where, "dY", dY, X.rows(), d_model());
-    detail::require_shape(where, "dX", dX, X.rows(), d_model());
-    detail::require(activated_.rows() == X.rows(), where, "needs the forward pass of the same 'X' first: saved ",
-                    activated_.rows(), " rows, got ", X.rows());
-    detail::require_finite(where, "dY", dY);
-    const Index n = X.rows();
-    activated_grad_.resize(n, hidden());
-    pre_activation_grad_.resize(n, hidden());
-    detail::parallel_for(detail::block_count(n, zero_block_rows), [&](Index block, int) {
-      const Index begin = block * zero_block_rows, count = std::min(zero_block_rows, n - begin);
-      activated_grad_.middleRows(begin, count).setZero();
-      pre_activation_grad_.middleRows(begin, count).setZero();
-    });
-    proj.backward(activated_, dY, activated_grad_);
-    activation_.backward(pre_activation_, activated_grad_, pre_activation_grad_);
-    fc.backward(X, pre_activation_grad_, dX);
-  }
+  void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX);
 
  private:
   // Checks the options before any member is built from them.
@@ -135,5 +102,49 @@ class MLP {
   MLPOptions options_;
   Matrix<T> pre_activation_, activated_, activated_grad_, pre_activation_grad_;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+MLP<T>::MLP(const MLPOptions& options, const std::string& name)
+    : fc(first_layer(options), name + ".fc"), proj(second_layer(options), name + ".proj"),
+      activation_(options.activation), options_(options) {}
+
+template <class T>
+void MLP<T>::forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
+  constexpr const char* where = "polyattn::MLP::forward";
+  detail::require_nonempty(where, "X", X);
+  detail::require_shape(where, "X", X, X.rows(), d_model());
+  detail::require_shape(where, "Y", Y, X.rows(), d_model());
+  detail::require_finite(where, "X", X);
+  pre_activation_.resize(X.rows(), hidden());
+  activated_.resize(X.rows(), hidden());
+  fc.forward(X, pre_activation_);
+  activation_.forward(pre_activation_, activated_);
+  proj.forward(activated_, Y);
+}
+
+template <class T>
+void MLP<T>::backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) {
+  constexpr const char* where = "polyattn::MLP::backward";
+  detail::require_nonempty(where, "X", X);
+  detail::require_shape(where, "X", X, X.rows(), d_model());
+  detail::require_shape(where, "dY", dY, X.rows(), d_model());
+  detail::require_shape(where, "dX", dX, X.rows(), d_model());
+  detail::require(activated_.rows() == X.rows(), where, "needs the forward pass of the same 'X' first: saved ",
+                  activated_.rows(), " rows, got ", X.rows());
+  detail::require_finite(where, "dY", dY);
+  const Index n = X.rows();
+  activated_grad_.resize(n, hidden());
+  pre_activation_grad_.resize(n, hidden());
+  detail::parallel_for(detail::block_count(n, zero_block_rows), [&](Index block, int) {
+    const Index begin = block * zero_block_rows, count = std::min(zero_block_rows, n - begin);
+    activated_grad_.middleRows(begin, count).setZero();
+    pre_activation_grad_.middleRows(begin, count).setZero();
+  });
+  proj.backward(activated_, dY, activated_grad_);
+  activation_.backward(pre_activation_, activated_grad_, pre_activation_grad_);
+  fc.backward(X, pre_activation_grad_, dX);
+}
 
 }  // namespace polyattn

@@ -169,21 +169,7 @@ class SGD : public Optimizer<T> {
     options_ = changed;
   }
 
-  void step() override {
-    constexpr const char* where = "polyattn::SGD::step";
-    detail::require_finite_gradients(where, this->parameters_);
-    for (std::size_t k = 0; k < this->parameters_.size(); ++k)
-      if (this->parameters_[k]->trainable) detail::prepare_state(where, *this->parameters_[k], velocity_[k]);
-    const T eta = static_cast<T>(options_.learning_rate);
-    const T mu = static_cast<T>(options_.momentum);
-    for (std::size_t k = 0; k < this->parameters_.size(); ++k) {
-      Parameter<T>& p = *this->parameters_[k];
-      if (!p.trainable) continue;
-      const T decay = p.weight_decay ? static_cast<T>(options_.weight_decay) : T(0);
-      velocity_[k] = mu * velocity_[k] + p.grad;
-      p.value -= eta * (velocity_[k] + decay * p.value);
-    }
-  }
+  void step() override;
 
   /// Momentum buffer \f$v\f$ of parameter `k` (empty before its first step).
   const Matrix<T>& velocity(std::size_t k) const { return velocity_.at(k); }
@@ -192,6 +178,25 @@ class SGD : public Optimizer<T> {
   SGDOptions options_;
   std::vector<Matrix<T>> velocity_;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+void SGD<T>::step() {
+  constexpr const char* where = "polyattn::SGD::step";
+  detail::require_finite_gradients(where, this->parameters_);
+  for (std::size_t k = 0; k < this->parameters_.size(); ++k)
+    if (this->parameters_[k]->trainable) detail::prepare_state(where, *this->parameters_[k], velocity_[k]);
+  const T eta = static_cast<T>(options_.learning_rate);
+  const T mu = static_cast<T>(options_.momentum);
+  for (std::size_t k = 0; k < this->parameters_.size(); ++k) {
+    Parameter<T>& p = *this->parameters_[k];
+    if (!p.trainable) continue;
+    const T decay = p.weight_decay ? static_cast<T>(options_.weight_decay) : T(0);
+    velocity_[k] = mu * velocity_[k] + p.grad;
+    p.value -= eta * (velocity_[k] + decay * p.value);
+  }
+}
 
 /// Options of AdamW.
 struct AdamWOptions {
@@ -257,35 +262,7 @@ class AdamW : public Optimizer<T> {
     options_ = changed;
   }
 
-  void step() override {
-    constexpr const char* where = "polyattn::AdamW::step";
-    detail::require_finite_gradients(where, this->parameters_);
-    for (std::size_t k = 0; k < this->parameters_.size(); ++k)
-      if (this->parameters_[k]->trainable) {
-        detail::prepare_state(where, *this->parameters_[k], first_moment_[k]);
-        detail::prepare_state(where, *this->parameters_[k], second_moment_[k]);
-      }
-    const T beta1 = static_cast<T>(options_.beta1), beta2 = static_cast<T>(options_.beta2);
-    const T epsilon = static_cast<T>(options_.epsilon);
-    for (std::size_t k = 0; k < this->parameters_.size(); ++k) {
-      Parameter<T>& p = *this->parameters_[k];
-      if (!p.trainable) continue;
-      const double t = static_cast<double>(++steps_[k]);
-      // Folding the bias corrections into scalars keeps the update a single pass over the arrays:
-      // mhat / (sqrt(vhat) + eps) = (m / c1) / (sqrt(v) / sqrt(c2) + eps).
-      const T inv_first_correction = static_cast<T>(1 / (1 - std::pow(options_.beta1, t)));
-      const T inv_sqrt_second_correction = static_cast<T>(1 / std::sqrt(1 - std::pow(options_.beta2, t)));
-      const T eta = static_cast<T>(options_.learning_rate);
-      const T decay = p.weight_decay ? static_cast<T>(options_.weight_decay) : T(0);
-      auto m = first_moment_[k].array();
-      auto v = second_moment_[k].array();
-      const auto g = p.grad.array();
-      m = beta1 * m + (1 - beta1) * g;
-      v = beta2 * v + (1 - beta2) * g.square();
-      p.value.array() -= eta * ((inv_first_correction * m) / (inv_sqrt_second_correction * v.sqrt() + epsilon) +
-                                decay * p.value.array());
-    }
-  }
+  void step() override;
 
   /// Number of steps taken by parameter `k`.
   std::int64_t steps(std::size_t k) const { return steps_.at(k); }
@@ -299,5 +276,38 @@ class AdamW : public Optimizer<T> {
   std::vector<Matrix<T>> first_moment_, second_moment_;
   std::vector<std::int64_t> steps_;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+void AdamW<T>::step() {
+  constexpr const char* where = "polyattn::AdamW::step";
+  detail::require_finite_gradients(where, this->parameters_);
+  for (std::size_t k = 0; k < this->parameters_.size(); ++k)
+    if (this->parameters_[k]->trainable) {
+      detail::prepare_state(where, *this->parameters_[k], first_moment_[k]);
+      detail::prepare_state(where, *this->parameters_[k], second_moment_[k]);
+    }
+  const T beta1 = static_cast<T>(options_.beta1), beta2 = static_cast<T>(options_.beta2);
+  const T epsilon = static_cast<T>(options_.epsilon);
+  for (std::size_t k = 0; k < this->parameters_.size(); ++k) {
+    Parameter<T>& p = *this->parameters_[k];
+    if (!p.trainable) continue;
+    const double t = static_cast<double>(++steps_[k]);
+    // Folding the bias corrections into scalars keeps the update a single pass over the arrays:
+    // mhat / (sqrt(vhat) + eps) = (m / c1) / (sqrt(v) / sqrt(c2) + eps).
+    const T inv_first_correction = static_cast<T>(1 / (1 - std::pow(options_.beta1, t)));
+    const T inv_sqrt_second_correction = static_cast<T>(1 / std::sqrt(1 - std::pow(options_.beta2, t)));
+    const T eta = static_cast<T>(options_.learning_rate);
+    const T decay = p.weight_decay ? static_cast<T>(options_.weight_decay) : T(0);
+    auto m = first_moment_[k].array();
+    auto v = second_moment_[k].array();
+    const auto g = p.grad.array();
+    m = beta1 * m + (1 - beta1) * g;
+    v = beta2 * v + (1 - beta2) * g.square();
+    p.value.array() -= eta * ((inv_first_correction * m) / (inv_sqrt_second_correction * v.sqrt() + epsilon) +
+                              decay * p.value.array());
+  }
+}
 
 }  // namespace polyattn

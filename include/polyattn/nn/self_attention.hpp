@@ -92,13 +92,7 @@ class SelfAttention {
   /// \f$W_O\f$ (d x d), parameter "<name>.wo.weight".
   Linear<T> output;
 
-  explicit SelfAttention(const SelfAttentionOptions& options, const std::string& name = "attn")
-      : query(projection(checked(options), 0), name + ".wq"),
-        key(projection(options, 1), name + ".wk"),
-        value(projection(options, 2), name + ".wv"),
-        output(projection(options, 3), name + ".wo"),
-        options_(options),
-        backend_(make_attention_backend<T>(options.method, options.backend_options())) {}
+  explicit SelfAttention(const SelfAttentionOptions& options, const std::string& name = "attn");
 
   const SelfAttentionOptions& options() const { return options_; }
   Index d_model() const { return options_.d_model; }
@@ -106,10 +100,7 @@ class SelfAttention {
   AttentionMethod method() const { return options_.method; }
 
   /// Switches the attention method (the weights are kept). Takes effect at the next forward().
-  void set_method(AttentionMethod method) {
-    backend_ = make_attention_backend<T>(method, options_.backend_options());
-    options_.method = method;
-  }
+  void set_method(AttentionMethod method);
 
   /// The backend in use (for its statistics; forward() and backward() drive it).
   AttentionBackend<T>& backend() { return *backend_; }
@@ -123,45 +114,11 @@ class SelfAttention {
   }
 
   /// Writes \f$Y\f$ (n x d) for \f$X\f$ (n x d) and keeps \f$Q, K, V, A\f$ for backward().
-  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
-    constexpr const char* where = "polyattn::SelfAttention::forward";
-    detail::require_nonempty(where, "X", X);
-    detail::require_shape(where, "X", X, X.rows(), d_model());
-    detail::require_shape(where, "Y", Y, X.rows(), d_model());
-    const Index n = X.rows();
-    queries_.resize(n, d_model());
-    keys_.resize(n, d_model());
-    values_.resize(n, d_model());
-    heads_out_.resize(n, d_model());
-    query.forward(X, queries_);
-    key.forward(X, keys_);
-    value.forward(X, values_);
-    forward_certificate_ = backend_->forward(queries_, keys_, values_, heads_out_);
-    output.forward(heads_out_, Y);
-  }
+  void forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y);
 
   /// Accumulates the projection gradients and \f$\partial L/\partial X\f$ into `dX` for \f$G\f$ = `dY`, using
   /// what the preceding forward() (same \f$X\f$) kept.
-  void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) {
-    constexpr const char* where = "polyattn::SelfAttention::backward";
-    detail::require(queries_.rows() == X.rows() && queries_.cols() == d_model(), where,
-                    "needs a preceding forward() with the same X: saved ", queries_.rows(), "x", queries_.cols(),
-                    " activations, got X of ", X.rows(), " rows");
-    detail::require_shape(where, "X", X, X.rows(), d_model());
-    detail::require_shape(where, "dY", dY, X.rows(), d_model());
-    detail::require_shape(where, "dX", dX, X.rows(), d_model());
-    const Index n = X.rows();
-    heads_grad_.setZero(n, d_model());
-    output.backward(heads_out_, dY, heads_grad_);
-    query_grad_.resize(n, d_model());
-    key_grad_.resize(n, d_model());
-    value_grad_.resize(n, d_model());
-    gradient_certificate_ =
-        backend_->backward(queries_, keys_, values_, heads_out_, heads_grad_, query_grad_, key_grad_, value_grad_);
-    query.backward(X, query_grad_, dX);
-    key.backward(X, key_grad_, dX);
-    value.backward(X, value_grad_, dX);
-  }
+  void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX);
 
   /// Error statement of the last forward() (zero error for exact methods).
   const Certificate& forward_certificate() const { return forward_certificate_; }
@@ -192,5 +149,62 @@ class SelfAttention {
   Certificate forward_certificate_;
   GradientCertificate gradient_certificate_;
 };
+
+// Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
+// compiled instantiation instead of instantiating the class again.
+template <class T>
+SelfAttention<T>::SelfAttention(const SelfAttentionOptions& options, const std::string& name)
+    : query(projection(checked(options), 0), name + ".wq"),
+      key(projection(options, 1), name + ".wk"),
+      value(projection(options, 2), name + ".wv"),
+      output(projection(options, 3), name + ".wo"),
+      options_(options),
+      backend_(make_attention_backend<T>(options.method, options.backend_options())) {}
+
+template <class T>
+void SelfAttention<T>::set_method(AttentionMethod method) {
+  backend_ = make_attention_backend<T>(method, options_.backend_options());
+  options_.method = method;
+}
+
+template <class T>
+void SelfAttention<T>::forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
+  constexpr const char* where = "polyattn::SelfAttention::forward";
+  detail::require_nonempty(where, "X", X);
+  detail::require_shape(where, "X", X, X.rows(), d_model());
+  detail::require_shape(where, "Y", Y, X.rows(), d_model());
+  const Index n = X.rows();
+  queries_.resize(n, d_model());
+  keys_.resize(n, d_model());
+  values_.resize(n, d_model());
+  heads_out_.resize(n, d_model());
+  query.forward(X, queries_);
+  key.forward(X, keys_);
+  value.forward(X, values_);
+  forward_certificate_ = backend_->forward(queries_, keys_, values_, heads_out_);
+  output.forward(heads_out_, Y);
+}
+
+template <class T>
+void SelfAttention<T>::backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) {
+  constexpr const char* where = "polyattn::SelfAttention::backward";
+  detail::require(queries_.rows() == X.rows() && queries_.cols() == d_model(), where,
+                  "needs a preceding forward() with the same X: saved ", queries_.rows(), "x", queries_.cols(),
+                  " activations, got X of ", X.rows(), " rows");
+  detail::require_shape(where, "X", X, X.rows(), d_model());
+  detail::require_shape(where, "dY", dY, X.rows(), d_model());
+  detail::require_shape(where, "dX", dX, X.rows(), d_model());
+  const Index n = X.rows();
+  heads_grad_.setZero(n, d_model());
+  output.backward(heads_out_, dY, heads_grad_);
+  query_grad_.resize(n, d_model());
+  key_grad_.resize(n, d_model());
+  value_grad_.resize(n, d_model());
+  gradient_certificate_ =
+      backend_->backward(queries_, keys_, values_, heads_out_, heads_grad_, query_grad_, key_grad_, value_grad_);
+  query.backward(X, query_grad_, dX);
+  key.backward(X, key_grad_, dX);
+  value.backward(X, value_grad_, dX);
+}
 
 }  // namespace polyattn
