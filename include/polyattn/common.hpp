@@ -180,5 +180,12 @@ void require_finite_result(const char* where, const char* what, const Eigen::Mat
                                        ") at (", i, ", ", j, ") although every input is finite: ", cause()));
 }
 
+/// Resizes `m` only when its shape differs, so a workspace reused with the same shape is never
+/// reallocated (fresh pages cost a page fault each; freed large blocks go back to the kernel).
+template <class Derived>
+void ensure_shape(Eigen::PlainObjectBase<Derived>& m, Index rows, Index cols) {
+  if (m.rows() != rows || m.cols() != cols) m.resize(rows, cols);
+}
+
 }  // namespace detail
 }  // namespace polyattn

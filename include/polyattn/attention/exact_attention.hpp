@@ -18,13 +18,6 @@ namespace polyattn {
 
 namespace detail {
 
-/// Resizes `m` only when its shape differs, so a workspace reused with the same shape is never
-/// reallocated (fresh pages cost a page fault each; freed large blocks go back to the kernel).
-template <class Derived>
-void ensure_shape(Eigen::PlainObjectBase<Derived>& m, Index rows, Index cols) {
-  if (m.rows() != rows || m.cols() != cols) m.resize(rows, cols);
-}
-
 /// Sets `S(i, j) = -inf` where key `first_key + j` lies after query position `positions[i]`.
 template <class Derived>
 void mask_future_keys(Eigen::MatrixBase<Derived>& S, const Index* positions, Index first_key) {

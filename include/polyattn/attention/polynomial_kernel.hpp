@@ -67,7 +67,6 @@ class PolynomialKernel {
                  std::size_t scan_window_bytes, const char* where, double radius) {
     map_ = &map;
     poly_ = poly;
-    derivative_ = poly.derivative();
     causal_ = causal;
     chunk_size_ = chunk_size;
     scan_window_bytes_ = scan_window_bytes;
@@ -143,11 +142,6 @@ class PolynomialKernel {
   // calling thread (parallel_for).
   double work(Index rows, Index dv) const {
     return static_cast<double>(rows) * static_cast<double>(map_->width()) * static_cast<double>(dv + 2);
-  }
-
-  template <class Derived>
-  static void ensure_shape(Eigen::PlainObjectBase<Derived>& m, Index rows, Index cols) {
-    if (m.rows() != rows || m.cols() != cols) m.resize(rows, cols);
   }
 
   static auto top(Matrix<T>& workspace, Index rows) { return workspace.topRows(rows); }
@@ -462,7 +456,7 @@ class PolynomialKernel {
   }
 
   const FeatureMap<T>* map_ = nullptr;
-  Polynomial poly_, derivative_;
+  Polynomial poly_;
   bool causal_ = false;
   Index chunk_size_ = 0;
   std::size_t scan_window_bytes_ = std::size_t(16) << 20;
