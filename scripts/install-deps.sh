@@ -3,7 +3,8 @@
 set -euo pipefail
 
 # clang and libomp-dev: the ThreadSanitizer stage (LLVM's OpenMP runtime is instrumented for it; GCC's is not).
-packages=(cmake g++ libeigen3-dev catch2 libbenchmark-dev gnuplot-nox clang libomp-dev)
+# libopenmpi-dev and openmpi-bin: polyattn::mpi (parallel/distributed.hpp) and its tests under mpirun.
+packages=(cmake g++ libeigen3-dev catch2 libbenchmark-dev gnuplot-nox clang libomp-dev libopenmpi-dev openmpi-bin)
 
 missing=()
 for package in "${packages[@]}"; do

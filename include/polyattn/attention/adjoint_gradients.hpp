@@ -69,6 +69,13 @@
 /// (polynomial_kernel.hpp): blocks of rows and scan chunks in parallel, partial states combined in block order,
 /// so the result does not depend on the thread count.
 ///
+/// **Sequence parallel.** With set_state_exchange() (or make_distributed_backend(), parallel/distributed.hpp)
+/// every rank passes its own rows of Q, K, V, O, G and receives its rows of O, dQ, dK, dV. Besides the forward
+/// pass's key states (polynomial_attention.hpp), the state gradient \f$Y\f$ is a sum over queries: without the
+/// mask the ranks add their \f$Y\f$; under it each rank's suffix scan starts from the sum over the later ranks.
+/// \f$\max_j\sigma_j\f$ and the norms in the bounds are taken over all ranks, so every rank returns the
+/// certificate of the whole sequence. An error on one rank makes every rank throw.
+///
 /// \code
 ///   polyattn::PolynomialAttentionOptions opt;
 ///   opt.attention.causal = true;
@@ -90,8 +97,10 @@
 #include <algorithm>
 #include <array>
 #include <cstddef>
+#include <exception>
 #include <limits>
 #include <memory>
+#include <utility>
 #include <vector>
 
 namespace polyattn {
@@ -135,6 +144,16 @@ class AdjointBackend final : public AttentionBackend<T> {
  public:
   explicit AdjointBackend(PolynomialAttentionOptions options = {}) : attention_(std::move(options)) {}
 
+  /// Makes the next forward() and backward() calls sequence parallel: every argument is this rank's rows, and
+  /// every rank of `exchange` must make the same calls with the same options (see the file documentation). Null
+  /// restores the serial passes. Call it before forward(): a backward() pairs with the forward() before it.
+  void set_state_exchange(std::shared_ptr<StateExchange> exchange) {
+    attention_.set_state_exchange(std::move(exchange));
+    has_forward_ = false;
+  }
+  /// The exchange set by set_state_exchange() (null: serial).
+  StateExchange* state_exchange() const { return attention_.state_exchange(); }
+
   AttentionMethod method() const override { return AttentionMethod::adjoint; }
   const AttentionOptions& attention_options() const override { return options().attention; }
   const PolynomialAttentionOptions& options() const { return attention_.options(); }
@@ -154,7 +173,8 @@ class AdjointBackend final : public AttentionBackend<T> {
 
   /// Writes the exact gradient of forward()'s \f$\tilde O\f$: dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v)
   /// for G = dL/d\f$\tilde O\f$, and the bounds on their distance to the exact attention gradient. Throws
-  /// std::invalid_argument for bad shapes, non-finite O or G, or no preceding forward().
+  /// std::invalid_argument for bad shapes, non-finite O or G, or no preceding forward(); std::domain_error when
+  /// finite input overflows T. With a state exchange an error on one rank makes every rank throw.
   GradientCertificate backward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                                const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G, MatrixRef<T> dQ,
                                MatrixRef<T> dK, MatrixRef<T> dV) override;
@@ -167,6 +187,32 @@ class AdjointBackend final : public AttentionBackend<T> {
   bool has_forward_ = false;
   std::array<Index, 4> forward_shape_{};
 };
+
+namespace detail {
+
+/// check_backward_arguments() for one rank's shard of a sequence-parallel call, which may have no rows.
+template <class T>
+HeadShape check_shard_backward_arguments(const char* where, const AttentionOptions& opt, const ConstMatrixRef<T>& Q,
+                                         const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                                         const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G,
+                                         const MatrixRef<T>& dQ, const MatrixRef<T>& dK, const MatrixRef<T>& dV) {
+  if (Q.rows() > 0 && K.rows() > 0) return check_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
+  const HeadShape shape = check_shard_shapes(where, Q, K, V, opt);
+  require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
+  require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
+  require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
+  require_shape(where, "dK", dK, shape.m, shape.heads * shape.dk);
+  require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
+  // Without queries only K and V have entries (non-causal); without keys only Q, O and G.
+  for (const auto& [name, X] : {std::pair<const char*, const ConstMatrixRef<T>*>{"Q", &Q}, {"K", &K}, {"V", &V},
+                                {"O", &O}, {"G", &G}})
+    require_finite(where, name, *X);
+  require_disjoint(where, {memory_of("dQ", dQ), memory_of("dK", dK), memory_of("dV", dV)},
+                   {memory_of("Q", Q), memory_of("K", K), memory_of("V", V), memory_of("O", O), memory_of("G", G)});
+  return shape;
+}
+
+}  // namespace detail
 
 // Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
 // compiled instantiation instead of instantiating the backend again.
@@ -188,28 +234,61 @@ GradientCertificate AdjointBackend<T>::backward(const ConstMatrixRef<T>& Q, cons
                                                 MatrixRef<T> dV) {
   constexpr const char* where = "polyattn::AdjointBackend::backward";
   const AttentionOptions& opt = options().attention;
-  const auto shape = detail::check_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
-  detail::require_same_forward<T>(where, has_forward_, forward_shape_, Q, K, V);
+  StateExchange* const exchange = attention_.state_exchange();
+  // Per head, the largest |g_i|, |v_j|, |Q|, |K|, |G| of the bounds (over all ranks with an exchange).
+  constexpr std::size_t per_head = 5;
+  std::vector<double> maxima;
+  const auto measure_head = [&](const detail::HeadShape& shape, Index h) {
+    const ConstMatrixRef<T> Gh = G.middleCols(h * shape.dv, shape.dv);
+    maxima.insert(maxima.end(), {detail::max_row_norm(Gh), detail::max_row_norm(V.middleCols(h * shape.dv, shape.dv)),
+                                 detail::max_abs(Q.middleCols(h * shape.dk, shape.dk)),
+                                 detail::max_abs(K.middleCols(h * shape.dk, shape.dk)), detail::max_abs(Gh)});
+  };
+  detail::HeadShape shape{};
+  if (exchange) {
+    std::exception_ptr failure;  // agree() makes every rank throw it
+    try {
+      shape = detail::check_shard_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
+      detail::require_same_forward<T>(where, has_forward_, forward_shape_, Q, K, V);
+      for (Index h = 0; h < shape.heads; ++h) measure_head(shape, h);
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    exchange->agree(where, failure, attention_.shard_settings(shape));
+    exchange->maxima_over_ranks(maxima);
+  } else {
+    shape = detail::check_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
+    detail::require_same_forward<T>(where, has_forward_, forward_shape_, Q, K, V);
+    if (!certificate_.vacuous())
+      for (Index h = 0; h < shape.heads; ++h) measure_head(shape, h);
+  }
   const double eps = certificate_.poly_error;
   GradientCertificate result;
   result.forward = certificate_;
   result.derivative_error = derivative_error_;
   const Index dk = shape.dk, dv = shape.dv;
   const Index state_cols = saved_.states.cols() / shape.heads;
-  for (Index h = 0; h < shape.heads; ++h) {
-    const ConstMatrixRef<T> Vh = V.middleCols(h * dv, dv), Gh = G.middleCols(h * dv, dv);
-    const double column_sum = attention_.kernel_.backward(
-        Q.middleCols(h * dk, dk), K.middleCols(h * dk, dk), Vh, O.middleCols(h * dv, dv), Gh,
-        saved_.normalisers.col(h), saved_.states.middleCols(h * state_cols, state_cols), dQ.middleCols(h * dk, dk),
-        dK.middleCols(h * dk, dk), dV.middleCols(h * dv, dv));
-    if (!certificate_.vacuous())
-      detail::fold_adjoint_bounds(eps, derivative_error_, attention_.map_->scale(),
-                                  detail::max_row_norm(Gh) * detail::max_row_norm(Vh),
-                                  static_cast<double>(Q.middleCols(h * dk, dk).cwiseAbs().maxCoeff()),
-                                  static_cast<double>(K.middleCols(h * dk, dk).cwiseAbs().maxCoeff()),
-                                  static_cast<double>(Gh.cwiseAbs().maxCoeff()), column_sum, result);
+  const Index incoming_cols = saved_.incoming_states.cols() / shape.heads;
+  std::exception_ptr failure;  // with an exchange, thrown on every rank by succeeded() after the last exchange
+  try {
+    for (Index h = 0; h < shape.heads; ++h) {
+      const double column_sum = attention_.kernel_.backward(
+          Q.middleCols(h * dk, dk), K.middleCols(h * dk, dk), V.middleCols(h * dv, dv), O.middleCols(h * dv, dv),
+          G.middleCols(h * dv, dv), saved_.normalisers.col(h), saved_.states.middleCols(h * state_cols, state_cols),
+          saved_.incoming_states.middleCols(h * incoming_cols, incoming_cols), dQ.middleCols(h * dk, dk),
+          dK.middleCols(h * dk, dk), dV.middleCols(h * dv, dv));
+      if (!certificate_.vacuous()) {
+        const double* head = maxima.data() + per_head * static_cast<std::size_t>(h);
+        detail::fold_adjoint_bounds(eps, derivative_error_, attention_.map_->scale(), head[0] * head[1], head[2],
+                                    head[3], head[4], column_sum, result);
+      }
+    }
+    detail::check_backward_results<T>(where, opt, shape, Q, K, V, G, dQ, dK, dV);
+  } catch (...) {
+    if (!exchange) throw;
+    failure = std::current_exception();
   }
-  detail::check_backward_results<T>(where, opt, shape, Q, K, V, G, dQ, dK, dV);
+  if (exchange) exchange->succeeded(where, failure);
   if (certificate_.vacuous()) {
     const double infinity = std::numeric_limits<double>::infinity();
     result.dq_bound = result.dk_bound = result.dqk_bound = result.dv_bound = infinity;

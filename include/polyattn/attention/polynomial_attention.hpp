@@ -28,6 +28,15 @@
 /// which happens already at \f$g = 2\f$ for \f$R \approx 3\f$; the a-posteriori estimate (exact attention on
 /// a seeded sample of query rows) is then the useful figure.
 ///
+/// **Sequence parallel.** With set_state_exchange() every rank (process) passes its own contiguous shard of
+/// the rows of Q, K, V (uneven or empty shards are fine) and receives its rows of \f$\tilde O\f$: the key state
+/// \f$Z\f$ is a sum over keys, so the ranks add their partial states (all of them without the mask; under the
+/// mask each rank's scan starts from the sum over the ranks before it). The score radius \f$R\f$ and
+/// \f$\max_j\|v_j\|_\infty\f$ are taken over all ranks, so every rank uses the same polynomial and returns the
+/// certificate of the whole sequence. The ranks must agree on the options and head shapes; this is checked
+/// collectively before the first exchange, and any error on one rank makes every rank throw (never a rank
+/// waiting forever). The a-posteriori estimate (estimate_error) needs every key on one rank and is refused.
+///
 /// \code
 ///   polyattn::PolynomialAttentionOptions opt;
 ///   opt.attention.causal = true;
@@ -38,6 +47,11 @@
 ///   polyattn::Certificate cert = attn.forward(Q, K, V, O);
 ///   // cert.output_bound bounds every |O - O_exact| entry unless cert.vacuous();
 ///   // cert.sampled_max_error is the measured relative row error on 32 sampled rows.
+///
+///   // sequence parallel, on every rank of MPI_COMM_WORLD (parallel/distributed.hpp):
+///   polyattn::PolynomialAttention<float> shard_attention(options_without_estimate);
+///   shard_attention.set_state_exchange(std::make_shared<polyattn::MpiStateExchange>(MPI_COMM_WORLD));
+///   shard_attention.forward(Q_rows, K_rows, V_rows, O_rows);  // this rank's rows of the sequence
 /// \endcode
 #pragma once
 
@@ -45,9 +59,11 @@
 #include "feature_map.hpp"
 #include "polynomial.hpp"
 #include "polynomial_kernel.hpp"
+#include "../parallel/state_exchange.hpp"
 
 #include <algorithm>
 #include <cstddef>
+#include <exception>
 #include <limits>
 #include <memory>
 #include <random>
@@ -271,6 +287,30 @@ void estimate_sampled_error(ExactAttention<T>& exact, const PolynomialAttentionO
   cert.sampled_mean_error = sum_error / static_cast<double>(m);
 }
 
+/// check_qkv_shapes() for one rank's shard of a sequence-parallel call, which may have no rows (the rank then
+/// contributes zero states); the column conditions are the same.
+template <class DQ, class DK, class DV>
+HeadShape check_shard_shapes(const char* where, const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                             const Eigen::MatrixBase<DV>& V, const AttentionOptions& opt) {
+  if (Q.rows() > 0 && K.rows() > 0) return check_qkv_shapes(where, Q, K, V, opt);
+  require(Q.cols() > 0 && K.cols() > 0 && V.cols() > 0, where, "arguments 'Q', 'K', 'V' must have columns, got ",
+          Q.rows(), "x", Q.cols(), ", ", K.rows(), "x", K.cols(), ", ", V.rows(), "x", V.cols());
+  // One-row stand-ins check the column conditions; the row conditions follow.
+  check_qkv_shapes(where, Eigen::MatrixXd::Zero(1, Q.cols()), Eigen::MatrixXd::Zero(1, K.cols()),
+                   Eigen::MatrixXd::Zero(1, V.cols()), opt);
+  require(V.rows() == K.rows(), where, "argument 'V' must have as many rows as 'K' (", K.rows(), "), got ", V.rows());
+  if (opt.causal)
+    require(Q.rows() == K.rows(), where, "causal attention needs as many queries as keys, got 'Q' with ", Q.rows(),
+            " rows and 'K' with ", K.rows());
+  return {Q.rows(), K.rows(), Q.cols() / opt.heads, V.cols() / opt.heads, opt.heads};
+}
+
+/// The largest |entry| of `X`, 0 when it has none (an empty shard).
+template <class Derived>
+double max_abs(const Eigen::MatrixBase<Derived>& X) {
+  return X.size() == 0 ? 0.0 : static_cast<double>(X.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
+}
+
 }  // namespace detail
 
 template <class T>
@@ -292,11 +332,20 @@ class PolynomialAttention {
 
   const PolynomialAttentionOptions& options() const { return options_; }
 
+  /// Makes the next calls sequence parallel (see the file documentation): Q, K, V and O are this rank's rows, and
+  /// every rank of `exchange` must make the same calls with the same options. Null (the default) restores the
+  /// serial pass, whose results are bitwise those of a PolynomialAttention that never had an exchange.
+  void set_state_exchange(std::shared_ptr<StateExchange> exchange) { exchange_ = std::move(exchange); }
+  /// The exchange set by set_state_exchange() (null: serial).
+  StateExchange* state_exchange() const { return exchange_.get(); }
+
   /// Writes \f$\tilde O\f$ (n x h d_v) and returns its certificate.
   /// Throws std::invalid_argument for bad shapes, non-finite input or `O` sharing memory with Q, K or V;
   /// std::domain_error when the measured radius exceeds the interval under RangePolicy::throw_error (or no
   /// degree reaches it under raise_degree), when an approximate normaliser is not positive (p not positive on
-  /// the scores: use an even degree) or when finite input overflows T (features, normalisers or output).
+  /// the scores: use an even degree) or when finite input overflows T (features, normalisers or output). With a
+  /// state exchange, also std::invalid_argument when the ranks' options or head shapes differ, when
+  /// estimate_error is set or when every shard is empty; an error on one rank makes every rank throw.
   Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                       MatrixRef<T> O);
 
@@ -314,15 +363,33 @@ class PolynomialAttention {
 
   // What AdjointBackend keeps of a forward pass for its backward pass.
   struct Saved {
-    Matrix<T> normalisers;  // n x h
-    Matrix<T> states;       // Z per head (r x h(d_v+1)); causal: Z^{<s} per head and chunk, or no columns
+    Matrix<T> normalisers;      // n x h
+    Matrix<T> states;           // Z per head (r x h(d_v+1)); causal: Z^{<s} per head and chunk, or no columns
+    Matrix<T> incoming_states;  // causal: per head, the earlier ranks' key state (r x h(d_v+1)), zero serially
     bool checkpointed = false;
+  };
+
+  // What forward() measured of its inputs: the head shape, the scale, and (over all ranks with an exchange) the
+  // score radius and max |V|.
+  struct Measured {
+    detail::HeadShape shape;
+    double scale, radius, max_abs_value;
   };
 
   // forward() reporting errors as `where`; with `saved`, also keeps what the adjoint's backward needs (the
   // causal prefix states only within options().max_checkpoint_bytes).
   Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                       MatrixRef<T> O, const char* where, Saved* saved);
+
+  // The serial checks and measurements of forward().
+  Measured measure(const char* where, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                   const ConstMatrixRef<T>& V, const MatrixRef<T>& O) const;
+  // The same for one rank's shard: local validation, exchange_->agree() on shard_settings(), then the radius and
+  // max |V| over all ranks. Every rank returns or every rank throws.
+  Measured measure_shard(const char* where, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                         const ConstMatrixRef<T>& V, const MatrixRef<T>& O) const;
+  // The values every rank must share for the head shape `shape` (AdjointBackend's backward checks them too).
+  std::vector<StateExchange::Setting> shard_settings(const detail::HeadShape& shape) const;
 
   // Applies the range policy and (re)builds the feature map when degree, interval or shape changed.
   Certificate prepare(const char* where, Index dk, double c, double radius) {
@@ -341,6 +408,7 @@ class PolynomialAttention {
   Polynomial map_poly_;
   detail::PolynomialKernel<T> kernel_;
   Saved unsaved_;  // the normalisers and non-causal states of a forward() that keeps nothing
+  std::shared_ptr<StateExchange> exchange_;
 };
 
 // Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
@@ -352,9 +420,8 @@ Certificate PolynomialAttention<T>::forward(const ConstMatrixRef<T>& Q, const Co
 }
 
 template <class T>
-Certificate PolynomialAttention<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
-                                            const ConstMatrixRef<T>& V, MatrixRef<T> O, const char* where,
-                                            Saved* saved) {
+auto PolynomialAttention<T>::measure(const char* where, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                                     const ConstMatrixRef<T>& V, const MatrixRef<T>& O) const -> Measured {
   const auto shape = detail::check_qkv_shapes(where, Q, K, V, options_.attention);
   detail::check_forward_output(where, shape, Q, K, V, O);
   // The passes that measure R and max|v| for the certificate also detect non-finite entries (they make the
@@ -367,10 +434,80 @@ Certificate PolynomialAttention<T>::forward(const ConstMatrixRef<T>& Q, const Co
   }
   const double max_v = static_cast<double>(V.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
   if (!std::isfinite(max_v)) detail::require_finite(where, "V", V);
-  Certificate cert = prepare(where, shape.dk, c, radius);
+  return {shape, c, radius, max_v};
+}
+
+template <class T>
+std::vector<StateExchange::Setting> PolynomialAttention<T>::shard_settings(const detail::HeadShape& shape) const {
+  const PolynomialAttentionOptions& o = options_;
+  return {{"heads", static_cast<double>(shape.heads)},
+          {"head dimension d_k (columns of Q and K per head)", static_cast<double>(shape.dk)},
+          {"head dimension d_v (columns of V per head)", static_cast<double>(shape.dv)},
+          {"causal", o.attention.causal ? 1.0 : 0.0},
+          {"scale", o.attention.resolved_scale(shape.dk)},
+          {"kind", static_cast<double>(o.kind)},
+          {"degree", static_cast<double>(o.degree)},
+          {"radius", o.radius},
+          {"range_policy", static_cast<double>(o.range_policy)},
+          {"feature_map", static_cast<double>(o.feature_map)},
+          {"max_features", static_cast<double>(o.max_features)},
+          {"chunk_size", static_cast<double>(o.chunk_size)}};
+}
+
+template <class T>
+auto PolynomialAttention<T>::measure_shard(const char* where, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                                           const ConstMatrixRef<T>& V, const MatrixRef<T>& O) const -> Measured {
+  Measured measured{};
+  std::vector<double> maxima;  // per head max |q_i| and max |k_j|, then max |V|, the rows of Q and of K
+  std::exception_ptr failure;  // agree() makes every rank throw it
+  try {
+    detail::require(!options_.estimate_error, where,
+                    "'estimate_error' needs every key on one rank: it is not available with a state exchange");
+    measured.shape = detail::check_shard_shapes(where, Q, K, V, options_.attention);
+    detail::check_forward_output(where, measured.shape, Q, K, V, O);
+    detail::require_finite(where, "Q", Q);
+    detail::require_finite(where, "K", K);
+    detail::require_finite(where, "V", V);
+    const detail::HeadShape& shape = measured.shape;
+    for (Index h = 0; h < shape.heads; ++h) {
+      maxima.push_back(detail::max_row_norm(Q.middleCols(h * shape.dk, shape.dk)));
+      maxima.push_back(detail::max_row_norm(K.middleCols(h * shape.dk, shape.dk)));
+    }
+    maxima.push_back(detail::max_abs(V));
+    maxima.push_back(static_cast<double>(Q.rows()));
+    maxima.push_back(static_cast<double>(K.rows()));
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  exchange_->agree(where, failure, shard_settings(measured.shape));
+  exchange_->maxima_over_ranks(maxima);
+  const detail::HeadShape& shape = measured.shape;
+  detail::require(maxima[maxima.size() - 2] > 0 && maxima.back() > 0, where,
+                  "arguments 'Q' and 'K' must have rows on at least one rank, got at most ",
+                  maxima[maxima.size() - 2], " and ", maxima.back(), " rows on every one of the ",
+                  exchange_->ranks(), " ranks");
+  measured.scale = options_.attention.resolved_scale(shape.dk);
+  // The serial score_radius(): the largest head radius, from the largest norms over all ranks.
+  measured.radius = 0;
+  for (Index h = 0; h < shape.heads; ++h)
+    measured.radius = std::max(measured.radius, measured.scale * maxima[static_cast<std::size_t>(2 * h)] *
+                                                    maxima[static_cast<std::size_t>(2 * h + 1)]);
+  measured.max_abs_value = maxima[maxima.size() - 3];
+  return measured;
+}
+
+template <class T>
+Certificate PolynomialAttention<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                                            const ConstMatrixRef<T>& V, MatrixRef<T> O, const char* where,
+                                            Saved* saved) {
+  const Measured measured = exchange_ ? measure_shard(where, Q, K, V, O) : measure(where, Q, K, V, O);
+  const detail::HeadShape& shape = measured.shape;
+  const double radius = measured.radius;
+  Certificate cert = prepare(where, shape.dk, measured.scale, radius);
 
   const bool causal = options_.attention.causal;
-  kernel_.configure(*map_, map_poly_, causal, options_.chunk_size, options_.scan_window_bytes, where, radius);
+  kernel_.configure(*map_, map_poly_, causal, options_.chunk_size, options_.scan_window_bytes, where, radius,
+                    exchange_.get());
   const Index r = map_->width(), dv = shape.dv, chunks = causal ? kernel_.scan_chunks(shape.n) : 1;
   Saved& keep = saved ? *saved : unsaved_;
   keep.normalisers.resize(shape.n, shape.heads);
@@ -379,14 +516,34 @@ Certificate PolynomialAttention<T>::forward(const ConstMatrixRef<T>& Q, const Co
   keep.checkpointed =
       !causal || (saved && checkpoint_bytes <= static_cast<double>(options_.max_checkpoint_bytes));
   keep.states.resize(r, keep.checkpointed ? shape.heads * chunks * (dv + 1) : 0);
-  const Index state_cols = keep.checkpointed ? chunks * (dv + 1) : 0;
-  for (Index h = 0; h < shape.heads; ++h)
-    kernel_.forward(Q.middleCols(h * shape.dk, shape.dk), K.middleCols(h * shape.dk, shape.dk),
-                    V.middleCols(h * dv, dv), O.middleCols(h * dv, dv), keep.normalisers.col(h),
-                    keep.states.middleCols(h * state_cols, state_cols));
-  detail::require_finite_result(where, "the output", O,
-                                [&] { return detail::polynomial_overflow_cause<T>(V, map_poly_.degree(), radius); });
-  cert.output_bound = detail::apriori_output_bound(cert.poly_error, max_v);
+  const Index state_cols = keep.checkpointed ? chunks * (dv + 1) : 0, incoming_cols = causal ? dv + 1 : 0;
+  keep.incoming_states.resize(r, shape.heads * incoming_cols);
+  // With an exchange, an error on this rank (a normaliser, found after that head's exchange) is held until every
+  // head has exchanged its states and then thrown on every rank by succeeded(); serially it is thrown at once.
+  std::exception_ptr failure;
+  for (Index h = 0; h < shape.heads; ++h) {
+    try {
+      kernel_.forward(Q.middleCols(h * shape.dk, shape.dk), K.middleCols(h * shape.dk, shape.dk),
+                      V.middleCols(h * dv, dv), O.middleCols(h * dv, dv), keep.normalisers.col(h),
+                      keep.states.middleCols(h * state_cols, state_cols),
+                      keep.incoming_states.middleCols(h * incoming_cols, incoming_cols));
+    } catch (...) {
+      if (!exchange_) throw;
+      if (!failure) failure = std::current_exception();
+    }
+  }
+  if (!failure) {
+    try {
+      detail::require_finite_result(where, "the output", O, [&] {
+        return detail::polynomial_overflow_cause<T>(V, map_poly_.degree(), radius);
+      });
+    } catch (...) {
+      if (!exchange_) throw;
+      failure = std::current_exception();
+    }
+  }
+  if (exchange_) exchange_->succeeded(where, failure);
+  cert.output_bound = detail::apriori_output_bound(cert.poly_error, measured.max_abs_value);
   if (options_.estimate_error) detail::estimate_sampled_error<T>(exact_, options_, Q, K, V, O, cert);
   return cert;
 }

@@ -20,10 +20,19 @@
 ///   workspace; either way every \f$Z^{<s}\f$ is the same sum in the same order.
 ///
 /// No partition depends on the thread count and no thread's result depends on which blocks it ran, so outputs,
-/// gradients and errors are bitwise the same for any number of threads (parallel/threads.hpp). The chunk prefix
-/// is also exactly the state that a sequence-parallel run receives from the ranks before it.
+/// gradients and errors are bitwise the same for any number of threads (parallel/threads.hpp).
+///
+/// **Sequence parallel.** With a StateExchange (parallel/state_exchange.hpp) the rows are one rank's shard of the
+/// sequence, possibly empty, and the states are combined over ranks in double: non-causal, \f$Z\f$ and \f$Y\f$ are
+/// summed over all ranks; causal, the forward scan starts from the keys of the earlier ranks and the backward
+/// scan from the queries of the later ones, which needs the local total first: the kept chunk states are all
+/// computed before any output, otherwise a pre-pass sums the shard (a cost the serial kernel never pays). The
+/// forward pass returns the incoming state, so a backward() without checkpoints can rebuild its prefix states
+/// without another exchange; kept or rebuilt, every prefix is the same sum in the same order, as serially.
+/// Without an exchange every result is bitwise the serial kernel's.
 #pragma once
 
+#include "../parallel/state_exchange.hpp"
 #include "../parallel/threads.hpp"
 #include "feature_map.hpp"
 #include "polynomial.hpp"
@@ -62,9 +71,10 @@ class PolynomialKernel {
 
   /// Sets the feature map and polynomial for the next calls (the map must outlive them). `chunk_size` and
   /// `scan_window_bytes` are PolynomialAttentionOptions' (chunk_size 0: automatic); `where` and `radius` go into
-  /// error messages.
+  /// error messages. `exchange` (null: serial) combines the states with the other ranks' shards; every rank must
+  /// then make the same calls (see the file documentation).
   void configure(const FeatureMap<T>& map, const Polynomial& poly, bool causal, Index chunk_size,
-                 std::size_t scan_window_bytes, const char* where, double radius) {
+                 std::size_t scan_window_bytes, const char* where, double radius, StateExchange* exchange) {
     map_ = &map;
     poly_ = poly;
     causal_ = causal;
@@ -72,10 +82,13 @@ class PolynomialKernel {
     scan_window_bytes_ = scan_window_bytes;
     where_ = where;
     radius_ = radius;
+    exchange_ = exchange;
   }
 
-  /// Rows of a causal scan chunk for n rows.
-  Index scan_rows(Index n) const { return std::min(n, chunk_size_ > 0 ? chunk_size_ : default_scan_rows); }
+  /// Rows of a causal scan chunk for n rows (at least one, so that an empty shard has no chunks).
+  Index scan_rows(Index n) const {
+    return std::max<Index>(1, std::min(n, chunk_size_ > 0 ? chunk_size_ : default_scan_rows));
+  }
   /// Number of causal scan chunks of n rows (the last may be shorter).
   Index scan_chunks(Index n) const { return block_count(n, scan_rows(n)); }
   /// Rows of a non-causal block: monomials and their gradients (2 x rows x r) near 1 MiB, GEMM-shaped and
@@ -88,16 +101,20 @@ class PolynomialKernel {
 
   /// Writes \f$\tilde O_h\f$ and its normalisers \f$\tilde D\f$. `states` receives, non-causal, \f$Z\f$ (r x (d_v+1));
   /// causal, \f$Z^{<s}\f$ of every chunk s (r x chunks(d_v+1)) when it has that many columns, and nothing when
-  /// it has none. Throws std::domain_error when a normaliser is not positive or not finite.
+  /// it has none. Causal, `incoming_state` (r x (d_v+1)) receives the state the scan starts from: the earlier
+  /// ranks' keys, zero without an exchange; non-causal it has no columns. Throws std::domain_error when a
+  /// normaliser is not positive or not finite; with an exchange only after this head's exchange.
   void forward(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh, MatrixRef<T> Oh,
-               Eigen::Ref<Vector<T>> normalisers, MatrixRef<T> states);
+               Eigen::Ref<Vector<T>> normalisers, MatrixRef<T> states, MatrixRef<T> incoming_state);
 
   /// Writes dQ_h, dK_h, dV_h, the exact gradient of forward()'s \f$\tilde O_h\f$ for \f$G_h\f$, from what forward()
-  /// saved: the normalisers and `states` (non-causal: \f$Z\f$; causal: every \f$Z^{<s}\f$, or no columns, then
-  /// they are recomputed). Returns \f$\max_j\sigma_j\f$, the largest column sum of \f$\tilde P\f$.
+  /// saved: the normalisers, `states` (non-causal: \f$Z\f$; causal: every \f$Z^{<s}\f$, or no columns, then
+  /// they are recomputed from `incoming_state`). Returns \f$\max_j\sigma_j\f$, the largest column sum of
+  /// \f$\tilde P\f$ (over all ranks with an exchange; \f$-\infty\f$ when there are no keys).
   double backward(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
                   const ConstMatrixRef<T>& Oh, const ConstMatrixRef<T>& Gh, const Eigen::Ref<const Vector<T>>& normalisers,
-                  const ConstMatrixRef<T>& states, MatrixRef<T> dQh, MatrixRef<T> dKh, MatrixRef<T> dVh);
+                  const ConstMatrixRef<T>& states, const ConstMatrixRef<T>& incoming_state, MatrixRef<T> dQh,
+                  MatrixRef<T> dKh, MatrixRef<T> dVh);
 
  private:
   // forward() and backward() are defined after the class, not inline, so that code which includes
@@ -240,7 +257,8 @@ class PolynomialKernel {
   // The window bounds memory only: every prefix is the same sum in the same order whatever its size.
   Index window_chunks(Index chunks, Index width) const {
     const double slot_bytes = static_cast<double>(sizeof(T)) * static_cast<double>(map_->width() * width);
-    return std::clamp<Index>(static_cast<Index>(static_cast<double>(scan_window_bytes_) / slot_bytes), 1, chunks);
+    return std::clamp<Index>(static_cast<Index>(static_cast<double>(scan_window_bytes_) / slot_bytes), 1,
+                             std::max<Index>(chunks, 1));
   }
 
   // Writes diag(w) M_K^T [V, 1] of chunk `chunk` (rows from first_row) into `slot`.
@@ -265,9 +283,9 @@ class PolynomialKernel {
       load_values(w, Vh.middleRows(k0, rows));
       partials_.middleCols(block * (dv + 1), dv + 1).noalias() = top(w.monomials, rows).transpose() * top(w.values, rows);
     }, work(m, dv));
-    state = partials_.leftCols(dv + 1);
-    for (Index block = 1; block < key_blocks; ++block) state += partials_.middleCols(block * (dv + 1), dv + 1);
+    sum_partials(key_blocks, state);
     state = map_->weights().asDiagonal() * state;
+    if (exchange_) combine_over_ranks(state, Ranks::all);
     parallel_for(query_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index q0 = block * b, rows = std::min(b, n - q0);
@@ -278,7 +296,8 @@ class PolynomialKernel {
   }
 
   void forward_causal(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
-                      MatrixRef<T> Oh, Eigen::Ref<Vector<T>> normalisers, MatrixRef<T> checkpoints) {
+                      MatrixRef<T> Oh, Eigen::Ref<Vector<T>> normalisers, MatrixRef<T> checkpoints,
+                      MatrixRef<T> incoming_state) {
     const Index dv = Vh.cols(), n = Qh.rows(), b = scan_rows(n), chunks = scan_chunks(n), r = map_->width();
     const bool keep = checkpoints.cols() == chunks * (dv + 1);
     const Index window = keep ? chunks : window_chunks(chunks, dv + 1);
@@ -286,16 +305,27 @@ class PolynomialKernel {
     const T sqrt_c = static_cast<T>(std::sqrt(map_->scale()));
     if (!keep) ensure_shape(window_states_, r, window * (dv + 1));
     carry_.setZero(r, dv + 1);
+    // The scan starts from the earlier ranks' keys, which needs this shard's total before any output. Kept: the
+    // chunk states are computed now and summed in chunk order, then scanned from the incoming state; otherwise
+    // a pre-pass sums the keys window by window. Either way every Z^{<s} is the same sum in the same order.
+    const bool kept_states_ready = exchange_ && keep;
+    if (exchange_) {
+      if (keep) {
+        key_states(Kh, Vh, 0, chunks, checkpoints, ws);
+        for (Index k = 0; k < chunks; ++k) carry_ += checkpoints.middleCols(k * (dv + 1), dv + 1);
+      } else {
+        for (Index first = 0; first < chunks; first += window)
+          prefix_states(Kh, Vh, first, std::min(window, chunks - first), window_states_, ws);
+      }
+      combine_over_ranks(carry_, Ranks::earlier);
+    }
+    incoming_state = carry_;
+    if (kept_states_ready) exclusive_scan(checkpoints, dv + 1, carry_, +1);
     for (Index first = 0; first < chunks; first += window) {
       const Index count = std::min(window, chunks - first);
       MatrixRef<T> slots = keep ? MatrixRef<T>(checkpoints.middleCols(first * (dv + 1), count * (dv + 1)))
                                 : MatrixRef<T>(window_states_.leftCols(count * (dv + 1)));
-      parallel_for(count, [&](Index k, int thread) {
-        const Index s = (first + k) * b;
-        chunk_key_state(ws[static_cast<std::size_t>(thread)], Kh, Vh, s, std::min(b, n - s),
-                        slots.middleCols(k * (dv + 1), dv + 1));
-      }, work(count * b, dv));
-      exclusive_scan(slots, dv + 1, carry_, +1);
+      if (!kept_states_ready) prefix_states(Kh, Vh, first, count, slots, ws);
       parallel_for(count, [&](Index k, int thread) {
         Workspace& w = ws[static_cast<std::size_t>(thread)];
         const Index s = (first + k) * b, rows = std::min(b, n - s);
@@ -332,9 +362,9 @@ class PolynomialKernel {
       add_query_grads_through(w, state, dQb);
     }, work(n, dv));
     ensure_shape(state_grads_, r, dv + 2);
-    state_grads_ = partials_.leftCols(dv + 2);
-    for (Index block = 1; block < query_blocks; ++block) state_grads_ += partials_.middleCols(block * (dv + 2), dv + 2);
+    sum_partials(query_blocks, state_grads_);
     state_grads_ = map_->weights().asDiagonal() * state_grads_;
+    if (exchange_) combine_over_ranks(state_grads_, Ranks::all);
     column_sums_.assign(static_cast<std::size_t>(key_blocks), 0.0);
     parallel_for(key_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
@@ -353,47 +383,54 @@ class PolynomialKernel {
       dKb.setZero();
       map_->monomials_backward(monomial_grads, top(w.scaled_keys, rows), monomials, dKb);
     }, work(m, dv));
-    return *std::max_element(column_sums_.begin(), column_sums_.end());
+    return largest_column_sum();
   }
 
   double backward_causal(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
                          const ConstMatrixRef<T>& Oh, const ConstMatrixRef<T>& Gh,
                          const Eigen::Ref<const Vector<T>>& normalisers, const ConstMatrixRef<T>& checkpoints,
-                         MatrixRef<T> dQh, MatrixRef<T> dKh, MatrixRef<T> dVh) {
+                         const ConstMatrixRef<T>& incoming_state, MatrixRef<T> dQh, MatrixRef<T> dKh,
+                         MatrixRef<T> dVh) {
     const Index dv = Vh.cols(), n = Qh.rows(), b = scan_rows(n), chunks = scan_chunks(n), r = map_->width();
     const bool kept = checkpoints.cols() == chunks * (dv + 1);
     const Index window = window_chunks(chunks, kept ? dv + 2 : 2 * dv + 3);
     const Index windows = block_count(chunks, window);
     auto& ws = workspaces(window, b, Qh.cols(), dv);
     const T sqrt_c = static_cast<T>(std::sqrt(map_->scale()));
-    // Without checkpoints, one pass over the windows records the prefix state at the start of each; the
-    // reverse pass then rebuilds the window's Z^{<s} from it (the same sums in the same order as forward()).
+    // Without checkpoints, one pass over the windows records the prefix state at the start of each, from the
+    // forward pass's incoming state; the reverse pass then rebuilds the window's Z^{<s} from it (the same sums
+    // in the same order as forward()).
     if (!kept) {
       ensure_shape(window_states_, r, window * (dv + 1));
       ensure_shape(window_starts_, r, windows * (dv + 1));
-      carry_.setZero(r, dv + 1);
+      carry_ = incoming_state;
       for (Index w0 = 0; w0 < windows; ++w0) {
         window_starts_.middleCols(w0 * (dv + 1), dv + 1) = carry_;
-        prefix_states(Kh, Vh, w0 * window, std::min(window, chunks - w0 * window), ws);
+        const Index first = w0 * window, count = std::min(window, chunks - first);
+        prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * (dv + 1)), ws);
       }
     }
     ensure_shape(state_grad_slots_, r, window * (dv + 2));
     column_sums_.assign(static_cast<std::size_t>(chunks), 0.0);
     state_grads_.setZero(r, dv + 2);
+    // The suffix scan starts from the later ranks' queries: a pre-pass sums this shard's first.
+    if (exchange_) {
+      for (Index w0 = windows - 1; w0 >= 0; --w0) {
+        const Index first = w0 * window, count = std::min(window, chunks - first);
+        auto slots = state_grad_slots_.leftCols(count * (dv + 2));
+        query_state_grads(Qh, Oh, Gh, normalisers, first, count, slots, ws);
+        exclusive_scan(slots, dv + 2, state_grads_, -1);
+      }
+      combine_over_ranks(state_grads_, Ranks::later);
+    }
     for (Index w0 = windows - 1; w0 >= 0; --w0) {
       const Index first = w0 * window, count = std::min(window, chunks - first);
       if (!kept) {
         carry_ = window_starts_.middleCols(w0 * (dv + 1), dv + 1);
-        prefix_states(Kh, Vh, first, count, ws);
+        prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * (dv + 1)), ws);
       }
       auto slots = state_grad_slots_.leftCols(count * (dv + 2));
-      parallel_for(count, [&](Index k, int thread) {
-        Workspace& w = ws[static_cast<std::size_t>(thread)];
-        const Index s = (first + k) * b, rows = std::min(b, n - s);
-        expand(w, Qh.middleRows(s, rows), w.scaled_queries);
-        load_adjoints(w, Gh.middleRows(s, rows), Oh.middleRows(s, rows), normalisers, s);
-        slots.middleCols(k * (dv + 2), dv + 2).noalias() = top(w.monomials, rows).transpose() * top(w.adjoints, rows);
-      }, work(count * b, dv));
+      query_state_grads(Qh, Oh, Gh, normalisers, first, count, slots, ws);
       exclusive_scan(slots, dv + 2, state_grads_, -1);
       parallel_for(count, [&](Index k, int thread) {
         Workspace& w = ws[static_cast<std::size_t>(thread)];
@@ -439,20 +476,74 @@ class PolynomialKernel {
         column_sums_[static_cast<std::size_t>(first + k)] = static_cast<double>(column_sums.maxCoeff());
       }, work(count * b, dv));
     }
-    return *std::max_element(column_sums_.begin(), column_sums_.end());
+    return largest_column_sum();
   }
 
-  // Z^{<s} of chunks [first, first + count) into window_states_, continuing the running prefix carry_.
-  void prefix_states(const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh, Index first, Index count,
-                     std::vector<Workspace>& ws) {
+  // The key states Delta Z_t of chunks [first, first + count) into `slots` (count slots of r x (d_v+1)).
+  void key_states(const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh, Index first, Index count,
+                  MatrixRef<T> slots, std::vector<Workspace>& ws) {
     const Index dv = Vh.cols(), n = Kh.rows(), b = scan_rows(n);
-    MatrixRef<T> slots(window_states_.leftCols(count * (dv + 1)));
     parallel_for(count, [&](Index k, int thread) {
       const Index s = (first + k) * b;
       chunk_key_state(ws[static_cast<std::size_t>(thread)], Kh, Vh, s, std::min(b, n - s),
                       slots.middleCols(k * (dv + 1), dv + 1));
     }, work(count * b, dv));
-    exclusive_scan(slots, dv + 1, carry_, +1);
+  }
+
+  // Z^{<s} of chunks [first, first + count) into `slots`, continuing the running prefix carry_.
+  void prefix_states(const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh, Index first, Index count,
+                     MatrixRef<T> slots, std::vector<Workspace>& ws) {
+    key_states(Kh, Vh, first, count, slots, ws);
+    exclusive_scan(slots, Vh.cols() + 1, carry_, +1);
+  }
+
+  // M_{Q,t}^T E_t of chunks [first, first + count) into `slots` (count slots of r x (d_v+2)); the chunks' query
+  // monomials and adjoints are left in the workspaces.
+  void query_state_grads(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Oh, const ConstMatrixRef<T>& Gh,
+                         const Eigen::Ref<const Vector<T>>& normalisers, Index first, Index count,
+                         MatrixRef<T> slots, std::vector<Workspace>& ws) {
+    const Index dv = Gh.cols(), n = Qh.rows(), b = scan_rows(n);
+    parallel_for(count, [&](Index k, int thread) {
+      Workspace& w = ws[static_cast<std::size_t>(thread)];
+      const Index s = (first + k) * b, rows = std::min(b, n - s);
+      expand(w, Qh.middleRows(s, rows), w.scaled_queries);
+      load_adjoints(w, Gh.middleRows(s, rows), Oh.middleRows(s, rows), normalisers, s);
+      slots.middleCols(k * (dv + 2), dv + 2).noalias() = top(w.monomials, rows).transpose() * top(w.adjoints, rows);
+    }, work(count * b, dv));
+  }
+
+  // `sum` = the first `blocks` block partials of partials_ (sum.cols() columns each), added in block order;
+  // zero when there are none (an empty shard).
+  template <class Sum>
+  void sum_partials(Index blocks, Sum& sum) const {
+    const Index width = sum.cols();
+    if (blocks == 0) {
+      sum.setZero();
+      return;
+    }
+    sum = partials_.leftCols(width);
+    for (Index block = 1; block < blocks; ++block) sum += partials_.middleCols(block * width, width);
+  }
+
+  // Which ranks' states combine_over_ranks() adds: all of them, or those before or after this one.
+  enum class Ranks { all, earlier, later };
+
+  // Replaces `states` by their sum over `ranks`, added in double (the exchange's contract) and rounded back to T.
+  void combine_over_ranks(MatrixRef<T> states, Ranks ranks) {
+    exchange_buffer_ = states.template cast<double>();
+    if (ranks == Ranks::all)
+      exchange_->all_reduce_sum(exchange_buffer_);
+    else
+      exchange_->exclusive_prefix_sum(exchange_buffer_, ranks == Ranks::later);
+    states = exchange_buffer_.template cast<T>();
+  }
+
+  // The largest column sum of P~ over the chunks or blocks of column_sums_ (-inf for none), over all ranks with
+  // an exchange.
+  double largest_column_sum() const {
+    const double local = column_sums_.empty() ? -std::numeric_limits<double>::infinity()
+                                              : *std::max_element(column_sums_.begin(), column_sums_.end());
+    return exchange_ ? exchange_->all_reduce_max(local) : local;
   }
 
   const FeatureMap<T>* map_ = nullptr;
@@ -466,14 +557,17 @@ class PolynomialKernel {
   // Block partials (non-causal), causal window slots, prefix carries and state gradients.
   Matrix<T> partials_, window_states_, window_starts_, state_grad_slots_, carry_, state_grads_;
   std::vector<double> column_sums_;
+  StateExchange* exchange_ = nullptr;
+  Eigen::MatrixXd exchange_buffer_;  // the states being exchanged, in double
 };
 
 // Out of the class body so that they are not inline: see the note at the top of the class's private part.
 template <class T>
 void PolynomialKernel<T>::forward(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
-                                  MatrixRef<T> Oh, Eigen::Ref<Vector<T>> normalisers, MatrixRef<T> states) {
+                                  MatrixRef<T> Oh, Eigen::Ref<Vector<T>> normalisers, MatrixRef<T> states,
+                                  MatrixRef<T> incoming_state) {
   if (causal_)
-    forward_causal(Qh, Kh, Vh, Oh, normalisers, states);
+    forward_causal(Qh, Kh, Vh, Oh, normalisers, states, incoming_state);
   else
     forward_full(Qh, Kh, Vh, Oh, normalisers, states);
 }
@@ -482,9 +576,9 @@ template <class T>
 double PolynomialKernel<T>::backward(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh,
                                      const ConstMatrixRef<T>& Vh, const ConstMatrixRef<T>& Oh,
                                      const ConstMatrixRef<T>& Gh, const Eigen::Ref<const Vector<T>>& normalisers,
-                                     const ConstMatrixRef<T>& states, MatrixRef<T> dQh, MatrixRef<T> dKh,
-                                     MatrixRef<T> dVh) {
-  return causal_ ? backward_causal(Qh, Kh, Vh, Oh, Gh, normalisers, states, dQh, dKh, dVh)
+                                     const ConstMatrixRef<T>& states, const ConstMatrixRef<T>& incoming_state,
+                                     MatrixRef<T> dQh, MatrixRef<T> dKh, MatrixRef<T> dVh) {
+  return causal_ ? backward_causal(Qh, Kh, Vh, Oh, Gh, normalisers, states, incoming_state, dQh, dKh, dVh)
                  : backward_full(Qh, Kh, Vh, Oh, Gh, normalisers, states, dQh, dKh, dVh);
 }
 

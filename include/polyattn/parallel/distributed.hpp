@@ -1,0 +1,178 @@
+/// \file parallel/distributed.hpp
+/// Sequence-parallel attention over MPI: every rank holds a contiguous shard of the sequence (rows of Q, K, V, O,
+/// G, uneven or empty), and the polynomial method's states are combined over the ranks
+/// (parallel/state_exchange.hpp). Not included by polyattn.hpp, because it needs `<mpi.h>`: link
+/// `polyattn::mpi` (polyattn and MPI::MPI_CXX) and include this header.
+///
+/// Rank p of the communicator holds rows \f$[s_p, s_{p+1})\f$, in rank order. Per head, with
+/// \f$S_p\f$ the sum over rank p's rows:
+/// - non-causal: \f$Z = \sum_p S_p(Z)\f$ and \f$Y = \sum_p S_p(Y)\f$ (MPI_Allreduce);
+/// - causal: rank p's forward scan starts from \f$\sum_{q<p} S_q(Z)\f$ (MPI_Exscan) and its backward scan from
+///   \f$\sum_{q>p} S_q(Y)\f$ (MPI_Exscan on a communicator with the ranks reversed).
+///
+/// States are r x (d_v+1) or r x (d_v+2) numbers per head, exchanged in double; the cost per call is a few
+/// small collectives per head, independent of the sequence length. Results agree with the serial pass on the
+/// whole sequence up to the rounding of the different summation order (tests/mpi/). polyattn calls MPI only
+/// from the thread that called it, never inside its OpenMP loops, so MPI_Init (or MPI_THREAD_FUNNELED) suffices.
+///
+/// \code
+///   MPI_Init(&argc, &argv);
+///   {
+///     polyattn::PolynomialAttentionOptions options;
+///     options.attention.causal = true;
+///     auto attention = polyattn::make_distributed_backend<float>(polyattn::AttentionMethod::adjoint, options,
+///                                                                MPI_COMM_WORLD);
+///     attention->forward(Q_rows, K_rows, V_rows, O_rows);                           // this rank's rows
+///     attention->backward(Q_rows, K_rows, V_rows, O_rows, G_rows, dQ_rows, dK_rows, dV_rows);
+///   }  // destroy the backend (it frees its communicators) before MPI_Finalize
+///   MPI_Finalize();
+/// \endcode
+#pragma once
+
+#include "../attention/backend_factory.hpp"
+#include "state_exchange.hpp"
+
+#include <mpi.h>
+
+#include <climits>
+#include <exception>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+namespace polyattn {
+
+/// StateExchange over an MPI communicator, whose rank order is the sequence order. The constructor and the
+/// destructor are collective over the communicator (it is duplicated, so polyattn's messages never meet the
+/// caller's, and split once with the ranks reversed for the backward scans). Destroy it before MPI_Finalize.
+class MpiStateExchange final : public StateExchange {
+ public:
+  explicit MpiStateExchange(MPI_Comm comm) {
+    int initialized = 0;
+    MPI_Initialized(&initialized);
+    detail::require(initialized != 0, where_, "MPI_Init must be called first");
+    check(MPI_Comm_dup(comm, &comm_), "MPI_Comm_dup");
+    check(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
+    check(MPI_Comm_size(comm_, &ranks_), "MPI_Comm_size");
+    check(MPI_Comm_split(comm_, 0, ranks_ - 1 - rank_, &reversed_), "MPI_Comm_split");
+  }
+  MpiStateExchange(const MpiStateExchange&) = delete;
+  MpiStateExchange& operator=(const MpiStateExchange&) = delete;
+  ~MpiStateExchange() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (finalized) return;  // too late to free: MPI_Finalize released the communicators
+    MPI_Comm_free(&reversed_);
+    MPI_Comm_free(&comm_);
+  }
+
+  int rank() const override { return rank_; }
+  int ranks() const override { return ranks_; }
+
+  void all_reduce_sum(Eigen::Ref<Eigen::MatrixXd> values) override {
+    in_contiguous_memory(values, [&](double* data, int count) {
+      check(MPI_Allreduce(MPI_IN_PLACE, data, count, MPI_DOUBLE, MPI_SUM, comm_), "MPI_Allreduce");
+    });
+  }
+
+  void exclusive_prefix_sum(Eigen::Ref<Eigen::MatrixXd> local_total_in_prefix_out, bool reverse) override {
+    const MPI_Comm order = reverse ? reversed_ : comm_;
+    in_contiguous_memory(local_total_in_prefix_out, [&](double* data, int count) {
+      check(MPI_Exscan(MPI_IN_PLACE, data, count, MPI_DOUBLE, MPI_SUM, order), "MPI_Exscan");
+    });
+    // MPI_Exscan leaves the first rank's buffer undefined; nothing comes before it.
+    if ((reverse ? ranks_ - 1 - rank_ : rank_) == 0) local_total_in_prefix_out.setZero();
+  }
+
+  double all_reduce_max(double value) override {
+    check(MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_DOUBLE, MPI_MAX, comm_), "MPI_Allreduce");
+    return value;
+  }
+
+  void all_reduce_min(Eigen::Ref<Eigen::VectorXd> values) override {
+    check(MPI_Allreduce(MPI_IN_PLACE, values.data(), count_of(values.size()), MPI_DOUBLE, MPI_MIN, comm_),
+          "MPI_Allreduce");
+  }
+
+ private:
+  static constexpr const char* where_ = "polyattn::MpiStateExchange";
+
+  // Throws std::runtime_error when an MPI call fails (only reached when the communicator's error handler
+  // returns errors instead of aborting, MPI's default).
+  static void check(int code, const char* call) {
+    if (code == MPI_SUCCESS) return;
+    char text[MPI_MAX_ERROR_STRING];
+    int length = 0;
+    MPI_Error_string(code, text, &length);
+    throw std::runtime_error(detail::concat(where_, ": ", call, " failed: ", std::string(text, length)));
+  }
+
+  // MPI counts are int; states are far smaller, so a larger one is a caller's error.
+  static int count_of(Index size) {
+    detail::require(size <= INT_MAX, where_, "a state of ", size, " numbers exceeds MPI's count limit ", INT_MAX);
+    return static_cast<int>(size);
+  }
+
+  // Calls collective(data, count) on the entries of `values`, in place when they are contiguous.
+  template <class Collective>
+  void in_contiguous_memory(Eigen::Ref<Eigen::MatrixXd> values, Collective&& collective) {
+    if (values.outerStride() == values.rows()) {
+      collective(values.data(), count_of(values.size()));
+      return;
+    }
+    buffer_ = values;
+    collective(buffer_.data(), count_of(buffer_.size()));
+    values = buffer_;
+  }
+
+  MPI_Comm comm_ = MPI_COMM_NULL, reversed_ = MPI_COMM_NULL;
+  int rank_ = 0, ranks_ = 1;
+  Eigen::MatrixXd buffer_;  // a copy of non-contiguous states
+};
+
+/// A backend computing attention by `method` on this rank's shard of the sequence, combining its states with
+/// the other ranks of `comm` (see the file documentation); collective: every rank of `comm` calls it, and then
+/// forward() and backward(), with the same method and options. Distributed today: `adjoint` (the polynomial
+/// forward pass, bitwise PolynomialAttention's, and its exact gradient). For the forward pass alone, a
+/// PolynomialAttention with `set_state_exchange(std::make_shared<MpiStateExchange>(comm))` avoids keeping the
+/// adjoint's checkpoints. Throws std::invalid_argument on every rank for invalid options, a method that is not
+/// distributed yet, or a method that differs between ranks.
+template <class T>
+std::unique_ptr<AttentionBackend<T>> make_distributed_backend(AttentionMethod method,
+                                                              const PolynomialAttentionOptions& options,
+                                                              MPI_Comm comm) {
+  detail::static_check_scalar<T>();
+  constexpr const char* where = "polyattn::make_distributed_backend";
+  auto exchange = std::make_shared<MpiStateExchange>(comm);
+  std::unique_ptr<AttentionBackend<T>> backend;
+  std::exception_ptr failure;  // agree() makes every rank throw it
+  try {
+    options.check();
+    switch (method) {
+      case AttentionMethod::adjoint: {
+        auto adjoint = std::make_unique<AdjointBackend<T>>(options);
+        adjoint->set_state_exchange(exchange);
+        backend = std::move(adjoint);
+        break;
+      }
+      // Extension point: the exact methods need the online-softmax state of every query (running maximum,
+      // normaliser, weighted values) over all keys, a ring over the key shards rather than the polynomial
+      // method's small key state; the paper's method needs its low-rank factors combined. Add them here once
+      // their backends take an exchange.
+      case AttentionMethod::exact_reference:
+      case AttentionMethod::exact_blocked:
+      case AttentionMethod::paper:
+        throw std::invalid_argument(detail::concat(where, ": method '", attention_method_name(method),
+                                                   "' is not distributed yet; use 'adjoint'"));
+      default:
+        throw std::invalid_argument(detail::concat(where, ": argument 'method' has the invalid value ",
+                                                   static_cast<int>(method)));
+    }
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  exchange->agree(where, failure, {{"method", static_cast<double>(method)}});
+  return backend;
+}
+
+}  // namespace polyattn
