@@ -91,7 +91,7 @@ const Gradients& exact_gradients(Index n, Index d, bool causal) {
   static std::map<std::tuple<Index, Index, bool>, Gradients> cache;
   auto found = cache.find({n, d, causal});
   if (found != cache.end()) return found->second;
-  polyattn::ExactBlockedBackend<float> exact(adjoint_options(causal, 2));
+  polyattn::ExactBlockedBackend<float> exact(adjoint_options(causal, 2).attention);
   return cache.emplace(std::make_tuple(n, d, causal), run_backend(exact, problem(n, d))).first->second;
 }
 
@@ -127,7 +127,7 @@ void adjoint_forward_backward(benchmark::State& state, bool causal, int degree, 
 void exact_blocked_forward_backward(benchmark::State& state, bool causal) {
   const Problem& p = problem(baseline_n, baseline_d);
   polyattn::set_num_threads(1);
-  polyattn::ExactBlockedBackend<float> exact(adjoint_options(causal, 2));
+  polyattn::ExactBlockedBackend<float> exact(adjoint_options(causal, 2).attention);
   Mat O(baseline_n, baseline_d), dQ(baseline_n, baseline_d), dK(baseline_n, baseline_d), dV(baseline_n, baseline_d);
   for (auto _ : state) {
     exact.forward(p.Q, p.K, p.V, O);

@@ -1,19 +1,22 @@
-// Forward + backward of exact attention (float, one head, single-threaded): the materialised reference
-// (ExactReferenceBackend, n <= 2^12) and the blocked FlashAttention-2 style backend (ExactBlockedBackend,
-// n = 2^10 ... 2^16), the baseline of the approximate gradients' speed-up targets.
+// Forward + backward of exact attention (float, one head): the materialised reference (ExactReferenceBackend,
+// n <= 2^12, single-threaded) and the blocked FlashAttention-2 style backend (ExactBlockedBackend, n = 2^10 ... 2^16,
+// on T polyattn threads, timed by the wall clock), the baseline of the approximate gradients' speed-up targets.
 //
 // Inputs follow the authors' distribution: q, k ~ N(0, 1)/sqrt(d), v, G ~ N(0, 1); scale 1/sqrt(d). The
 // exact methods' speed does not depend on the values.
 //
-// Names: exact_reference_fwd_bwd/n:N/d:D/causal:C and exact_blocked_fwd_bwd/n:N/d:D/causal:C.
+// Names: BM_exact_reference_fwd_bwd/n:N/d:D/causal:C and BM_exact_blocked_fwd_bwd/n:N/d:D/causal:C/threads:T.
 // Counters:
 //   gflops      multiply-adds actually performed (2 flops each) per second, see the *_flops() functions:
 //               the blocked backend computes whole diagonal blocks under the mask, the reference computes
 //               the full n x n matrices in both cases;
 //   forward_s, backward_s   seconds per iteration of each half (blocked only).
 // n >= 2^14 runs a single iteration (about 20 s at n = 2^16, d = 16 without mask on one core).
-// Example: --benchmark_filter='exact_blocked.*n:65536/d:16'
+// Example: --benchmark_filter='^BM_exact_blocked.*n:65536/d:16'
+// Threading target: threads:2 vs threads:1 at n = 2^14, d = 16 (>= 1.8x), measured with
+//   --benchmark_filter='^BM_exact_blocked_fwd_bwd/n:16384/d:16/causal:./threads:./' --benchmark_repetitions=5
 #include <polyattn/attention/exact_gradients.hpp>
+#include <polyattn/parallel/threads.hpp>
 
 #include <benchmark/benchmark.h>
 
@@ -51,20 +54,25 @@ Inputs make_inputs(Index n, Index d) {
 // multiply-adds per entry of the full n x n matrix, masked or not.
 double reference_flops(double n, double d) { return 2 * n * n * 4 * (d + d); }
 
-// Blocked, counting the block pairs the loops of ExactAttention and ExactBlockedBackend visit.
+// Blocked, counting the block pairs the loops of ExactAttention and of the two passes of ExactBlockedBackend
+// visit (n queries and n keys): the dQ pass does 2 d_k + d_v multiply-adds per score, the dK, dV pass 2 d_k + 2 d_v.
 double blocked_flops(Index n, Index d, bool causal, const polyattn::ExactBlockedOptions& blocks) {
-  double forward_pairs = 0, backward_pairs = 0;
+  double forward_pairs = 0, query_pass_pairs = 0, key_pass_pairs = 0;
   for (Index q0 = 0; q0 < n; q0 += blocks.forward_query_block) {
     const Index bq = std::min(blocks.forward_query_block, n - q0);
     forward_pairs += static_cast<double>(bq) * static_cast<double>(causal ? q0 + bq : n);
   }
+  for (Index q0 = 0; q0 < n; q0 += blocks.query_block) {
+    const Index bq = std::min(blocks.query_block, n - q0);
+    query_pass_pairs += static_cast<double>(bq) * static_cast<double>(causal ? q0 + bq : n);
+  }
   for (Index k0 = 0; k0 < n; k0 += blocks.key_block) {
     const Index bk = std::min(blocks.key_block, n - k0);
     const Index first_query = causal ? (k0 / blocks.query_block) * blocks.query_block : 0;
-    backward_pairs += static_cast<double>(bk) * static_cast<double>(n - first_query);
+    key_pass_pairs += static_cast<double>(bk) * static_cast<double>(n - first_query);
   }
   const double dk = static_cast<double>(d), dv = dk;
-  return 2 * (forward_pairs * (dk + dv) + backward_pairs * (3 * dk + 2 * dv));
+  return 2 * (forward_pairs * (dk + dv) + query_pass_pairs * (2 * dk + dv) + key_pass_pairs * (2 * dk + 2 * dv));
 }
 
 void set_gflops(benchmark::State& state, double flops) {
@@ -97,6 +105,7 @@ void BM_exact_blocked_fwd_bwd(benchmark::State& state) {
   Eigen::setNbThreads(1);
   const Index n = state.range(0), d = state.range(1);
   const bool causal = state.range(2) != 0;
+  polyattn::set_num_threads(static_cast<int>(state.range(3)));
   const Inputs in = make_inputs(n, d);
   const polyattn::ExactBlockedOptions blocks;
   polyattn::ExactBlockedBackend<float> exact(options(causal), blocks);
@@ -117,6 +126,7 @@ void BM_exact_blocked_fwd_bwd(benchmark::State& state) {
   set_gflops(state, blocked_flops(n, d, causal, blocks));
   state.counters["forward_s"] = benchmark::Counter(forward_seconds, benchmark::Counter::kAvgIterations);
   state.counters["backward_s"] = benchmark::Counter(backward_seconds, benchmark::Counter::kAvgIterations);
+  polyattn::set_num_threads(0);
 }
 
 }  // namespace
@@ -128,14 +138,22 @@ BENCHMARK(BM_exact_reference_fwd_bwd)
     ->UseRealTime();
 
 BENCHMARK(BM_exact_blocked_fwd_bwd)
-    ->ArgNames({"n", "d", "causal"})
-    ->ArgsProduct({benchmark::CreateRange(1 << 10, 1 << 13, 2), {8, 16}, {0, 1}})
+    ->ArgNames({"n", "d", "causal", "threads"})
+    ->ArgsProduct({benchmark::CreateRange(1 << 10, 1 << 13, 2), {8, 16}, {0, 1}, {1}})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
 BENCHMARK(BM_exact_blocked_fwd_bwd)
-    ->ArgNames({"n", "d", "causal"})
-    ->ArgsProduct({benchmark::CreateRange(1 << 14, 1 << 16, 2), {8, 16}, {0, 1}})
+    ->ArgNames({"n", "d", "causal", "threads"})
+    ->ArgsProduct({benchmark::CreateRange(1 << 14, 1 << 16, 2), {8, 16}, {0, 1}, {1}})
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+// Two threads for the shape of the threading target.
+BENCHMARK(BM_exact_blocked_fwd_bwd)
+    ->ArgNames({"n", "d", "causal", "threads"})
+    ->ArgsProduct({{1 << 14}, {16}, {0, 1}, {2}})
     ->Iterations(1)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();

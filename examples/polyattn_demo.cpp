@@ -529,7 +529,7 @@ void gradient_table(const Settings& settings, bool causal) {
   const polyattn::PolynomialAttentionOptions options = approximation(2, causal, polyattn::FeatureMapKind::kronecker);
   for (int d = settings.d_min; d <= settings.d_max; ++d) {
     const Problem problem = authors_problem(d, settings.seed);
-    polyattn::ExactBlockedBackend<float> exact_backend(options);
+    polyattn::ExactBlockedBackend<float> exact_backend(options.attention);
     const GradientRun<float> exact = timed_gradients(exact_backend, problem, settings);
     const auto report = [&](const char* method, polyattn::AttentionBackend<float>& backend) {
       const GradientRun<float> approx = timed_gradients(backend, problem, settings);

@@ -4,7 +4,10 @@ set -euo pipefail
 
 # clang and libomp-dev: the ThreadSanitizer stage (LLVM's OpenMP runtime is instrumented for it; GCC's is not).
 # libopenmpi-dev and openmpi-bin: polyattn::mpi (parallel/distributed.hpp) and its tests under mpirun.
-packages=(cmake g++ libeigen3-dev catch2 libbenchmark-dev gnuplot-nox clang libomp-dev libopenmpi-dev openmpi-bin)
+# ninja-build: the test command's generator (it keeps both cores busy across targets, where make waits for a
+# library before compiling the tests that link it).
+packages=(cmake g++ ninja-build libeigen3-dev catch2 libbenchmark-dev gnuplot-nox clang libomp-dev libopenmpi-dev
+          openmpi-bin)
 
 missing=()
 for package in "${packages[@]}"; do

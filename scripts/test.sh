@@ -25,8 +25,19 @@ step_done() { timings+=("$(printf '%5ds  %s' $((SECONDS - stage_start)) "$stage_
 
 bash "$root/scripts/install-deps.sh"
 
+# Ninja, because it compiles a target's objects while the library they link is still being built. A tree
+# configured earlier with another generator is configured afresh.
+configure() {
+  local tree=$1
+  shift
+  if [[ -f $tree/CMakeCache.txt ]] && ! grep -q '^CMAKE_GENERATOR:INTERNAL=Ninja$' "$tree/CMakeCache.txt"; then
+    rm -rf "$tree"
+  fi
+  cmake -G Ninja -S "$root" -B "$tree" "$@"
+}
+
 step "Release build and tests"
-cmake -S "$root" -B "$build/release" -DCMAKE_BUILD_TYPE=Release -DPOLYATTN_NATIVE=ON \
+configure "$build/release" -DCMAKE_BUILD_TYPE=Release -DPOLYATTN_NATIVE=ON \
   -DCMAKE_COMPILE_WARNING_AS_ERROR=ON
 # The tests, the MPI tests and the examples (example_cli runs them); the benchmarks only with --bench.
 targets=(--target polyattn_tests polyattn_mpi_tests polyattn_demo train_gpt accuracy_frontier)
@@ -45,7 +56,7 @@ step "AddressSanitizer+UBSan build and tests"
 # UBSan check (signed overflow, shifts, division, bounds, object-size, bool/enum loads, vptr, return,
 # unreachable, nonnull, ...) stays on.
 sanitizer_env=(env ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1)
-cmake -S "$root" -B "$build/sanitize" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
+configure "$build/sanitize" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
   -DPOLYATTN_SANITIZE=address,undefined -DPOLYATTN_SANITIZE_SKIP=alignment,null,pointer-overflow \
   -DPOLYATTN_BUILD_BENCHMARKS=OFF -DPOLYATTN_BUILD_EXAMPLES=OFF
 # The build runs the test binary to discover test cases, so it needs the sanitizer settings too.
@@ -59,7 +70,7 @@ step "ThreadSanitizer build and tests (clang, LLVM OpenMP with its Archer race a
 archer=$(clang++ -print-file-name=libarcher.so)
 tsan_env=(env "OMP_TOOL_LIBRARIES=$archer" "TSAN_OPTIONS=halt_on_error=1 ignore_noninstrumented_modules=1"
           OMP_NUM_THREADS=3)
-cmake -S "$root" -B "$build/tsan" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=Debug \
+configure "$build/tsan" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=Debug \
   -DCMAKE_CXX_FLAGS_DEBUG="-O1 -gline-tables-only" -DPOLYATTN_SANITIZE=thread -DPOLYATTN_BUILD_BENCHMARKS=OFF \
   -DPOLYATTN_BUILD_EXAMPLES=OFF
 "${tsan_env[@]}" cmake --build "$build/tsan" -j2 --target polyattn_thread_tests

@@ -147,6 +147,45 @@ TEST_CASE("blocked exact attention equals the materialised reference (double, 1e
         }
 }
 
+TEST_CASE("causal attention of fewer queries than keys masks bottom-right, as the definition says",
+          "[exact_attention]") {
+  // The n queries stand at positions m - n .. m - 1 (AttentionOptions::causal): the long-double definition with
+  // those positions is the ground truth for the materialised reference and the streaming forward, within
+  // forward_tolerance (< 1e-13 here).
+  struct Blocks {
+    Index query, key;
+  };
+  std::uint64_t seed = 700;
+  for (const Index heads : {1, 2})
+    for (const Index n : {1, 6, 31, 64})
+      for (const Blocks blocks : {Blocks{1, 1}, Blocks{8, 16}, Blocks{7, 13}, Blocks{128, 256}}) {
+        const Index m = 64, dk = 4, dv = 3;
+        CAPTURE(heads, n, blocks.query, blocks.key);
+        const AttentionOptions opt = make_options(std::nullopt, true, heads);
+        const Matrix<double> Q = random_matrix<double>(n, heads * dk, seed++);
+        const Matrix<double> K = random_matrix<double>(m, heads * dk, seed++);
+        const Matrix<double> V = random_matrix<double>(m, heads * dv, seed++);
+        std::vector<Index> positions(static_cast<std::size_t>(n));
+        for (Index i = 0; i < n; ++i) positions[static_cast<std::size_t>(i)] = i + m - n;
+        const Matrix<double> truth = naive_attention(Q, K, V, opt, &positions);
+        const double tolerance = forward_tolerance(dk, m, score_radius(Q, K, opt), u_double);
+        REQUIRE(relative_error(attention_reference(Q, K, V, opt), truth) <= tolerance);
+        ExactAttention<double> exact(opt, blocks.query, blocks.key);
+        Matrix<double> O(n, heads * dv);
+        exact.forward(Q, K, V, O);
+        REQUIRE(relative_error(O, truth) <= tolerance);
+      }
+  // More queries than keys: the first queries would see no key.
+  const AttentionOptions opt = make_options(std::nullopt, true, 1);
+  const Matrix<double> Q = random_matrix<double>(6, 4, 1), K = random_matrix<double>(5, 4, 2);
+  const Matrix<double> V = random_matrix<double>(5, 2, 3);
+  Matrix<double> O(6, 2);
+  REQUIRE_THROWS_AS(ExactAttention<double>(opt).forward(Q, K, V, O), std::invalid_argument);
+  REQUIRE_THROWS_WITH(ExactAttention<double>(opt).forward(Q, K, V, O),
+                      Contains("ExactAttention::forward") && Contains("at most as many queries as keys") &&
+                          Contains("'Q' with 6 rows") && Contains("'K' with 5"));
+}
+
 TEST_CASE("every row of P sums to one: V = ones gives ones", "[exact_attention]") {
   const Index n = 70, dk = 6;
   for (const bool causal : {false, true}) {
@@ -338,13 +377,13 @@ TEST_CASE("bad exact-attention input throws std::invalid_argument naming the arg
   REQUIRE_THROWS_WITH(three_heads.forward(Q, K, V, O), Contains("'heads'"));
   ExactAttention<double> four_heads(make_options(std::nullopt, false, 4));
   REQUIRE_THROWS_WITH(four_heads.forward(Q, K, V, O), Contains("'heads'") && Contains("'V'"));
-  // Causal with n != m.
+  // Causal with more queries than keys (fewer are the last positions of the sequence).
   ExactAttention<double> causal(make_options(std::nullopt, true, 1));
-  const Matrix<double> longer_K = random_matrix<double>(8, 4, 46), longer_V = random_matrix<double>(8, 2, 47);
-  REQUIRE_THROWS_AS(causal.forward(Q, longer_K, longer_V, O), std::invalid_argument);
-  REQUIRE_THROWS_WITH(causal.forward(Q, longer_K, longer_V, O), Contains("'Q'") && Contains("'K'"));
-  REQUIRE_THROWS_WITH(attention_reference(Q, longer_K, longer_V, causal.options()), Contains("'Q'") &&
-                                                                                        Contains("'K'"));
+  const Matrix<double> shorter_K = random_matrix<double>(4, 4, 46), shorter_V = random_matrix<double>(4, 2, 47);
+  REQUIRE_THROWS_AS(causal.forward(Q, shorter_K, shorter_V, O), std::invalid_argument);
+  REQUIRE_THROWS_WITH(causal.forward(Q, shorter_K, shorter_V, O), Contains("'Q'") && Contains("'K'"));
+  REQUIRE_THROWS_WITH(attention_reference(Q, shorter_K, shorter_V, causal.options()), Contains("'Q'") &&
+                                                                                          Contains("'K'"));
   // forward_rows: positions must match the rows, ascend and lie in [0, m).
   Matrix<double> two_rows(2, 2);
   const Matrix<double> two_queries = Q.topRows(2);

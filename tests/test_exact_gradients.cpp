@@ -98,6 +98,95 @@ TEST_CASE("Exact dQ, dK, dV match central finite differences of the exact loss",
         }
 }
 
+TEST_CASE("Causal exact gradients with fewer queries than keys match central finite differences",
+          "[exact_gradients]") {
+  // The loss of the first test case on n < m queries, the last n positions: attention_reference() on the
+  // bottom-right mask is itself checked against the definition (test_exact_attention.cpp). Same tolerance
+  // argument as there.
+  const double tolerance = 1e-7;
+  struct Case {
+    Index n, m;
+  };
+  for (const Case shape : {Case{5, 9}, Case{1, 7}, Case{8, 9}})
+    for (const bool blocked : {false, true})
+      for (const Index heads : {1, 2}) {
+        CAPTURE(shape.n, shape.m, blocked, heads);
+        const AttentionOptions opt{std::nullopt, true, heads};
+        Problem<double> x = random_problem<double>(shape.n, shape.m, heads, 3, 2, 400 + std::uint64_t(shape.n));
+        const auto backend = make_backend(blocked, opt);
+        const Gradients g = run(*backend, x);
+        const auto loss = [&] { return projected_loss(x, opt); };
+        REQUIRE(gradient_error(loss, x.Q, g.dQ) < tolerance);
+        REQUIRE(gradient_error(loss, x.K, g.dK) < tolerance);
+        REQUIRE(gradient_error(loss, x.V, g.dV) < tolerance);
+      }
+}
+
+TEST_CASE("Causal exact attention of the last n queries is the last n rows of the full causal run",
+          "[exact_gradients]") {
+  // Queries that stand at positions m - n .. m - 1 see the keys they see in the full n = m run, so O is its
+  // last n rows. The full run's gradient with G zero on its first m - n rows is the gradient of the same loss:
+  // dQ is zero on those rows and the sub-problem's dQ below them; dK and dV are the sub-problem's. Different
+  // blockings sum the same terms in other orders: ~1e-15 relative, 1e-12 fails on any misplaced mask.
+  const double tolerance = 1e-12;
+  struct Case {
+    Index n, m;
+  };
+  for (const Case shape : {Case{13, 40}, Case{1, 40}, Case{39, 40}, Case{25, 26}, Case{17, 33}})
+    for (const bool blocked : {false, true})
+      for (const Index heads : {1, 3}) {
+        CAPTURE(shape.n, shape.m, blocked, heads);
+        const AttentionOptions opt{std::nullopt, true, heads};
+        const std::uint64_t seed = 500 + std::uint64_t(shape.n);
+        Problem<double> full = random_problem<double>(shape.m, shape.m, heads, 4, 3, seed);
+        full.G.topRows(shape.m - shape.n).setZero();
+        const Problem<double> last{full.Q.bottomRows(shape.n), full.K, full.V, full.G.bottomRows(shape.n)};
+        const Gradients expected = run(*make_backend(blocked, opt), full);
+        const Gradients actual = run(*make_backend(blocked, opt), last);
+        REQUIRE(relative_error(actual.O, expected.O.bottomRows(shape.n)) < tolerance);
+        REQUIRE(expected.dQ.topRows(shape.m - shape.n).isZero(0));
+        REQUIRE(relative_error(actual.dQ, expected.dQ.bottomRows(shape.n)) < tolerance);
+        REQUIRE(relative_error(actual.dK, expected.dK) < tolerance);
+        REQUIRE(relative_error(actual.dV, expected.dV) < tolerance);
+      }
+}
+
+TEST_CASE("Only the exact methods take fewer queries than keys under the causal mask", "[exact_gradients]") {
+  const AttentionOptions opt{std::nullopt, true, 2};
+  const Problem<double> fewer = random_problem<double>(5, 8, 2, 3, 2, 600);
+  const Problem<double> more = random_problem<double>(8, 5, 2, 3, 2, 601);
+  for (const AttentionMethod method : polyattn::all_attention_methods) {
+    CAPTURE(polyattn::attention_method_name(method));
+    const auto backend = polyattn::make_attention_backend<double>(method, opt);
+    Matrix<double> O(5, 4), dQ(5, 6), dK(8, 6), dV(8, 4);
+    const bool exact = method == AttentionMethod::exact_reference || method == AttentionMethod::exact_blocked;
+    if (exact) {
+      REQUIRE_NOTHROW(backend->forward(fewer.Q, fewer.K, fewer.V, O));
+      REQUIRE_NOTHROW(backend->backward(fewer.Q, fewer.K, fewer.V, O, fewer.G, dQ, dK, dV));
+    } else {
+      REQUIRE_THROWS_AS(backend->forward(fewer.Q, fewer.K, fewer.V, O), std::invalid_argument);
+      REQUIRE_THROWS_WITH(backend->forward(fewer.Q, fewer.K, fewer.V, O),
+                          Contains("causal attention needs as many queries as keys") && Contains("'Q' with 5 rows") &&
+                              Contains("'K' with 8"));
+      REQUIRE_THROWS_WITH(backend->backward(fewer.Q, fewer.K, fewer.V, O, fewer.G, dQ, dK, dV),
+                          Contains("Backend::backward") && Contains("causal attention needs as many queries as keys"));
+    }
+    // More queries than keys: the first ones would see no key, for every method.
+    Matrix<double> O8(8, 4), dQ8(8, 6), dK5(5, 6), dV5(5, 4);
+    REQUIRE_THROWS_AS(backend->forward(more.Q, more.K, more.V, O8), std::invalid_argument);
+    REQUIRE_THROWS_WITH(backend->forward(more.Q, more.K, more.V, O8),
+                        Contains("'Q' with 8 rows") && Contains("'K' with 5"));
+    REQUIRE_THROWS_WITH(backend->backward(more.Q, more.K, more.V, O8, more.G, dQ8, dK5, dV5),
+                        Contains("'Q' with 8 rows") && Contains("'K' with 5"));
+  }
+  Matrix<double> dQ(8, 6), dK(5, 6), dV(5, 4);
+  REQUIRE_THROWS_WITH(
+      polyattn::attention_backward_reference<double>(more.Q, more.K, more.V, more.G, opt, dQ, dK, dV),
+      Contains("attention_backward_reference") && Contains("at most as many queries as keys"));
+  REQUIRE_THROWS_WITH(polyattn::attention_reference(more.Q, more.K, more.V, opt),
+                      Contains("attention_reference") && Contains("at most as many queries as keys"));
+}
+
 TEST_CASE("Causal exact gradients do not reach keys after the query", "[exact_gradients]") {
   // Under the causal mask query i never sees key j > i: the gradient of row i of O reaches only keys 0..i.
   const Index n = 6;
@@ -119,13 +208,13 @@ TEST_CASE("Blocked exact backward equals the materialised backward in double", "
   struct Case {
     Index n, m, query_block, key_block;
   };
-  // block sizes that divide n, that do not, that differ from each other and that exceed n
+  // block sizes that divide n, that do not, that differ from each other and that exceed n; fewer queries than
+  // keys (causal: the queries are the last positions), down to a single query
   const Case cases[] = {{32, 32, 8, 8}, {32, 32, 16, 4}, {37, 37, 8, 5}, {37, 37, 5, 8}, {37, 37, 64, 64},
-                        {37, 37, 1, 7}, {11, 23, 4, 6}};
+                        {37, 37, 1, 7}, {11, 23, 4, 6}, {11, 23, 3, 4}, {30, 41, 8, 5}, {1, 17, 4, 4}};
   for (const Case& k : cases)
     for (const bool causal : {false, true})
       for (const Index heads : {1, 3}) {
-        if (causal && k.n != k.m) continue;
         CAPTURE(k.n, k.m, k.query_block, k.key_block, causal, heads);
         const AttentionOptions opt{std::nullopt, causal, heads};
         const Problem<double> x = random_problem<double>(k.n, k.m, heads, 4, 3, 200);
@@ -188,14 +277,17 @@ TEST_CASE("Exact backends report their method and an exact certificate", "[exact
   }
 }
 
-TEST_CASE("Exact backends take their options from PolynomialAttentionOptions::attention", "[exact_gradients]") {
+TEST_CASE("make_attention_backend configures exact methods from PolynomialAttentionOptions::attention",
+          "[exact_gradients]") {
   polyattn::PolynomialAttentionOptions poly;
   poly.attention = AttentionOptions{0.25, true, 2};
-  ExactReferenceBackend<double> reference(poly);
-  ExactBlockedBackend<double> blocked(poly);
-  REQUIRE(reference.options().causal);
-  REQUIRE(blocked.options().heads == 2);
-  REQUIRE(*blocked.options().scale == 0.25);
+  for (const AttentionMethod method : {AttentionMethod::exact_reference, AttentionMethod::exact_blocked}) {
+    const auto backend = polyattn::make_attention_backend<double>(method, poly);
+    REQUIRE(backend->method() == method);
+    REQUIRE(backend->attention_options().causal);
+    REQUIRE(backend->attention_options().heads == 2);
+    REQUIRE(*backend->attention_options().scale == 0.25);
+  }
 }
 
 TEST_CASE("make_attention_backend takes plain AttentionOptions for every method", "[exact_gradients]") {

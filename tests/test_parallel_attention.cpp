@@ -1,8 +1,10 @@
 // Attention on polyattn's threads (parallel/threads.hpp): outputs, gradients and certificates are bitwise the same
 // for 1, 2, 3 and 4 threads, for every method, with and without the causal mask, in float and double; and the
-// polynomial forward pass is one kernel, so the adjoint's output is PolynomialAttention's to the bit. The CI script
-// also runs this file under ThreadSanitizer.
+// polynomial forward pass is one kernel, so the adjoint's output is PolynomialAttention's to the bit; the exact
+// blocked backend also with small uneven blocks and with fewer queries than keys. The CI script also runs this file
+// under ThreadSanitizer.
 #include <polyattn/attention/backend_factory.hpp>
+#include <polyattn/attention/exact_gradients.hpp>
 #include <polyattn/parallel/threads.hpp>
 
 #include "gradient_check.hpp"
@@ -77,7 +79,58 @@ void check_every_method() {
     }
 }
 
+// The exact blocked backend with blocks far smaller than n that do not divide it (many work items, short last
+// blocks, query and key blocks of different sizes in each pass), on n queries and m >= n keys.
+template <class T>
+Run<T> exact_blocked_forward_backward(const polyattn::AttentionOptions& options, Index n, Index m) {
+  const Index width = options.heads * 8;
+  const Matrix<T> Q = random_matrix<T>(n, width, 31, 0.4), K = random_matrix<T>(m, width, 32, 0.4);
+  const Matrix<T> V = random_matrix<T>(m, width, 33), G = random_matrix<T>(n, width, 34);
+  polyattn::ExactBlockedOptions blocks;
+  blocks.forward_query_block = 48;
+  blocks.forward_key_block = 80;
+  blocks.query_block = 56;
+  blocks.key_block = 40;
+  polyattn::ExactBlockedBackend<T> backend(options, blocks);
+  Run<T> run{Matrix<T>(n, width), Matrix<T>(n, width), Matrix<T>(m, width), Matrix<T>(m, width), 0, 0, 0};
+  run.radius = backend.forward(Q, K, V, run.O).radius;
+  const polyattn::GradientCertificate certificate = backend.backward(Q, K, V, run.O, G, run.dQ, run.dK, run.dV);
+  run.dqk_bound = certificate.dqk_bound;
+  run.dv_bound = certificate.dv_bound;
+  return run;
+}
+
+template <class T>
+void check_exact_blocked_thread_counts_agree() {
+  ThreadCountGuard guard;
+  struct Case {
+    Index n, m;
+  };
+  // n = m; fewer queries than keys (causal: the queries are the last positions); one query block (then only the
+  // key blocks of the backward pass are parallel). Every other loop here exceeds min_parallel_work, so the threads
+  // really share the blocks.
+  for (const Case shape : {Case{700, 700}, Case{515, 733}, Case{40, 733}})
+    for (const bool causal : {false, true})
+      for (const Index heads : {1, 2}) {
+        const polyattn::AttentionOptions options{std::nullopt, causal, heads};
+        INFO("n " << shape.n << ", m " << shape.m << ", causal " << causal << ", heads " << heads);
+        polyattn::set_num_threads(1);
+        const Run<T> serial = exact_blocked_forward_backward<T>(options, shape.n, shape.m);
+        for (const int threads : {2, 3, 4}) {
+          polyattn::set_num_threads(threads);
+          INFO("threads " << threads);
+          REQUIRE(exact_blocked_forward_backward<T>(options, shape.n, shape.m) == serial);
+        }
+      }
+}
+
 }  // namespace
+
+TEST_CASE("The exact blocked backend gives bitwise the same results on 1, 2, 3 and 4 threads for uneven blocks",
+          "[threads]") {
+  check_exact_blocked_thread_counts_agree<float>();
+  check_exact_blocked_thread_counts_agree<double>();
+}
 
 TEST_CASE("Every method gives bitwise the same results on 1, 2, 3 and 4 threads (float)", "[threads]") {
   check_every_method<float>();

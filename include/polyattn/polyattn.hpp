@@ -8,6 +8,7 @@
 #include "attention/polynomial.hpp"
 #include "attention/feature_map.hpp"
 #include "attention/options.hpp"
+#include "attention/certificate.hpp"
 #include "attention/exact_attention.hpp"
 #include "attention/polynomial_attention.hpp"
 #include "attention/backend.hpp"

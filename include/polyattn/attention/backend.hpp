@@ -17,7 +17,8 @@
 /// \endcode
 #pragma once
 
-#include "polynomial_attention.hpp"
+#include "certificate.hpp"
+#include "options.hpp"
 
 #include <array>
 #include <limits>
@@ -32,35 +33,18 @@ enum class AttentionMethod {
   adjoint,          ///< exact gradient of the polynomial forward pass, \f$O(nrd)\f$
 };
 
-/// Error statement of one backward call. Exact methods leave every bound at zero.
-struct GradientCertificate {
-  /// The certificate of the forward pass whose gradient this is (R, \f$\varepsilon\f$, output bound).
-  Certificate forward;
-  /// A-priori bound on every entry of \f$\widetilde{dV} - dV\f$; \f$+\infty\f$ when vacuous.
-  double dv_bound = 0;
-  /// A-priori bound on every entry of \f$\widetilde{dQ} - dQ\f$ and \f$\widetilde{dK} - dK\f$; \f$+\infty\f$ when vacuous.
-  double dqk_bound = 0;
-  /// A-priori bound on every entry of \f$\widetilde{dQ} - dQ\f$ alone (\f$\le\f$ dqk_bound), reported by the adjoint
-  /// method, whose dQ bound lacks the column-sum factor of its dK bound; 0 where a method reports only dqk_bound.
-  double dq_bound = 0;
-  /// A-priori bound on every entry of \f$\widetilde{dK} - dK\f$ alone (\f$\le\f$ dqk_bound); see dq_bound.
-  double dk_bound = 0;
-  /// \f$\varepsilon'\f$: certified \f$\max|p'(x)e^{-x} - 1|\f$ over the forward interval, for methods that
-  /// differentiate p (adjoint); 0 for exact methods.
-  double derivative_error = 0;
-};
-
 namespace detail {
 
-/// Checks the arguments of a backward() call: Q, K, V as check_qkv(), O and G (n x h d_v, finite) and the
-/// outputs dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v), which must share no memory with each other or with
-/// Q, K, V, O, G. Returns the head shape.
+/// Checks the arguments of a backward() call: Q, K, V as check_qkv() (with `causal_queries`), O and G
+/// (n x h d_v, finite) and the outputs dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v), which must share no memory
+/// with each other or with Q, K, V, O, G. Returns the head shape.
 template <class T>
 HeadShape check_backward_arguments(const char* where, const AttentionOptions& opt, const ConstMatrixRef<T>& Q,
                                    const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                                    const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G,
-                                   const MatrixRef<T>& dQ, const MatrixRef<T>& dK, const MatrixRef<T>& dV) {
-  const HeadShape shape = check_qkv(where, Q, K, V, opt);
+                                   const MatrixRef<T>& dQ, const MatrixRef<T>& dK, const MatrixRef<T>& dV,
+                                   CausalQueries causal_queries = CausalQueries::as_many_as_keys) {
+  const HeadShape shape = check_qkv(where, Q, K, V, opt, causal_queries);
   require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
   require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
   require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);

@@ -67,8 +67,8 @@ std::unique_ptr<AttentionBackend<T>> make_attention_backend(AttentionMethod meth
   constexpr const char* where = "polyattn::make_attention_backend";
   options.check();
   switch (method) {
-    case AttentionMethod::exact_reference: return std::make_unique<ExactReferenceBackend<T>>(options);
-    case AttentionMethod::exact_blocked: return std::make_unique<ExactBlockedBackend<T>>(options);
+    case AttentionMethod::exact_reference: return std::make_unique<ExactReferenceBackend<T>>(options.attention);
+    case AttentionMethod::exact_blocked: return std::make_unique<ExactBlockedBackend<T>>(options.attention);
     case AttentionMethod::paper: return std::make_unique<PaperBackend<T>>(options);
     case AttentionMethod::adjoint: return std::make_unique<AdjointBackend<T>>(options);
   }

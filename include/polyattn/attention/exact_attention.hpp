@@ -5,9 +5,14 @@
 ///   reference every other routine is tested against.
 /// - ExactAttention: streams over key blocks with an online softmax (as FlashAttention does) and never
 ///   forms the \f$n\times m\f$ matrix: \f$O(nd + b_q b_k)\f$ memory. This is the honest baseline every
-///   speed-up is measured against, so its inner loop is two GEMM-shaped products per block.
+///   speed-up is measured against, so its inner loop is two GEMM-shaped products per block. Query blocks
+///   are independent and run on polyattn's threads (parallel/threads.hpp), bitwise the same for any count.
+///
+/// Under the causal mask there may be fewer queries than keys: the \f$n\f$ queries are the last \f$n\f$ of the
+/// \f$m\f$ positions, query \f$i\f$ attends to keys \f$j \le i + (m - n)\f$ (AttentionOptions::causal).
 #pragma once
 
+#include "../parallel/threads.hpp"
 #include "options.hpp"
 
 #include <algorithm>
@@ -27,9 +32,31 @@ void mask_future_keys(Eigen::MatrixBase<Derived>& S, const Index* positions, Ind
     for (Index j = std::max<Index>(0, positions[i] - first_key + 1); j < S.cols(); ++j) S(i, j) = minus_inf;
 }
 
-}  // namespace detail
+/// Position of query 0 under the bottom-right causal mask: the n queries are the last of the m positions, so
+/// query i stands at position i + (m - n) and sees keys 0 .. i + (m - n).
+inline Index first_query_position(const HeadShape& shape) { return shape.m - shape.n; }
 
-namespace detail {
+/// Sets the keys that no query of a materialised n x m score matrix `S` may see to -inf: under the
+/// bottom-right causal mask, the strict upper triangle of the last n columns (all of S when n == m).
+template <class Derived>
+void mask_scores_causally(Eigen::MatrixBase<Derived>& S) {
+  using T = typename Derived::Scalar;
+  S.rightCols(S.rows()).template triangularView<Eigen::StrictlyUpper>().setConstant(
+      -std::numeric_limits<T>::infinity());
+}
+
+/// Number of work items of a loop over `blocks` blocks whose cost grows or shrinks linearly with the block index
+/// (causal query blocks see more keys the later they stand, causal key blocks fewer queries): item `i` takes
+/// blocks `i` and `blocks - 1 - i`, so every item costs about the same and parallel_for()'s contiguous share of
+/// items gives each thread an equal share of the work.
+inline Index balanced_block_pairs(Index blocks) { return (blocks + 1) / 2; }
+
+/// Calls `body(block)` for the one or two blocks of work item `pair` (see balanced_block_pairs()).
+template <class Body>
+void for_each_block_of_pair(Index pair, Index blocks, Body&& body) {
+  body(pair);
+  if (blocks - 1 - pair != pair) body(blocks - 1 - pair);
+}
 
 /// attention_reference() reporting errors as `where`.
 template <class DQ, class DK, class DV>
@@ -38,12 +65,12 @@ Matrix<typename DQ::Scalar> attention_reference(const char* where, const Eigen::
                                                 const AttentionOptions& opt) {
   using T = typename DQ::Scalar;
   static_check_scalar<T>();
-  const auto shape = check_qkv(where, Q, K, V, opt);
+  const auto shape = check_qkv(where, Q, K, V, opt, CausalQueries::last_positions);
   Matrix<T> O(shape.n, shape.heads * shape.dv);
   for (Index h = 0; h < shape.heads; ++h) {
     const T c = static_cast<T>(opt.resolved_scale(shape.dk));
     Matrix<T> S = c * Q.middleCols(h * shape.dk, shape.dk) * K.middleCols(h * shape.dk, shape.dk).transpose();
-    if (opt.causal) S.template triangularView<Eigen::StrictlyUpper>().setConstant(-std::numeric_limits<T>::infinity());
+    if (opt.causal) mask_scores_causally(S);
     const Vector<T> row_max = S.rowwise().maxCoeff();
     S = (S.colwise() - row_max).array().exp();
     const Vector<T> row_sum = S.rowwise().sum();
@@ -57,7 +84,8 @@ Matrix<typename DQ::Scalar> attention_reference(const char* where, const Eigen::
 
 }  // namespace detail
 
-/// Materialised exact attention (the reference). Returns O (n x h d_v). Throws std::invalid_argument for bad
+/// Materialised exact attention (the reference). Returns O (n x h d_v); causal, Q may have fewer rows than K
+/// (the queries are the last positions, AttentionOptions::causal). Throws std::invalid_argument for bad
 /// shapes or non-finite input, std::domain_error when finite input overflows the scalar type.
 ///
 /// \code
@@ -75,8 +103,13 @@ Matrix<typename DQ::Scalar> attention_reference(const Eigen::MatrixBase<DQ>& Q, 
 /// and unnormalised output \f$A\f$; a key block with scores \f$S\f$ updates
 /// \f[ \mu' = \max(\mu, \max_j S_{\cdot j}),\quad \ell' = e^{\mu-\mu'}\ell + \textstyle\sum_j e^{S_{\cdot j}-\mu'},
 ///     \quad A' = e^{\mu-\mu'}A + e^{S-\mu'}V_{\text{block}}, \f]
-/// and \f$O = A/\ell\f$ at the end. Under a causal mask key blocks after the query block are skipped.
+/// and \f$O = A/\ell\f$ at the end. Under a causal mask key blocks after the query block are skipped, and Q
+/// may have fewer rows than K (the queries are the last positions, AttentionOptions::causal).
 /// The per-row log-sum-exp \f$\mu + \log\ell\f$ is kept for a recomputing backward pass.
+///
+/// **Threads.** Query blocks of all heads are independent and spread over polyattn's threads, each with its own
+/// workspace; under the mask, early and late query blocks are paired so that threads get equal work. Each block
+/// is computed the same way on any thread, so O and the log-sum-exp do not depend on the thread count.
 ///
 /// \code
 ///   polyattn::ExactAttention<float> exact({std::nullopt, /*causal=*/true, /*heads=*/2});
@@ -87,8 +120,8 @@ template <class T>
 class ExactAttention {
  public:
   /// \param query_block rows \f$b_q\f$ of Q per block, \param key_block rows \f$b_k\f$ of K and V per block.
-  /// The workspace is \f$b_q b_k + b_q (d_k + d_v)\f$ scalars. The defaults (256 x 256 floats: 256 KiB of
-  /// scores, fits L2) measured fastest on AVX-512 for \f$d \in [8, 64]\f$; both must be \f$\ge 1\f$.
+  /// The workspace is \f$b_q b_k + b_q (d_k + d_v)\f$ scalars per thread. The defaults (256 x 256 floats:
+  /// 256 KiB of scores, fits L2) measured fastest on AVX-512 for \f$d \in [8, 64]\f$; both must be \f$\ge 1\f$.
   explicit ExactAttention(AttentionOptions options = {}, Index query_block = 256, Index key_block = 256)
       : options_(std::move(options)), query_block_(query_block), key_block_(key_block) {
     detail::static_check_scalar<T>();
@@ -131,30 +164,45 @@ class ExactAttention {
     detail::require_finite_result(where, "the log-sum-exp of the scores", logsumexp_, cause);
   }
 
-  // Sizes the workspaces for blocks of up to `query_rows` queries; a later call of the same shape reuses them.
-  void reserve(Index query_rows, const detail::HeadShape& shape) {
+  // One thread's scratch for blocks of up to `query_rows` queries: scaled queries, a score block, the running
+  // output and row statistics of the online softmax, and the queries' positions.
+  struct Workspace {
+    Matrix<T> scaled_queries, scores, accumulator;
+    Vector<T> running_max, running_sum, block_max, rescale;
+    std::vector<Index> positions;
+  };
+
+  // Sizes the first `threads` workspaces for blocks of up to `query_rows` queries; later calls of the same shape
+  // reuse them (fresh memory would cost page faults on every call).
+  void reserve(Index query_rows, const detail::HeadShape& shape, int threads) {
     const Index key_rows = std::min(key_block_, shape.m);
-    detail::ensure_shape(scaled_queries_, query_rows, shape.dk);
-    detail::ensure_shape(scores_, query_rows, key_rows);
-    detail::ensure_shape(accumulator_, query_rows, shape.dv);
-    for (Vector<T>* v : {&running_max_, &running_sum_, &block_max_, &rescale_}) detail::ensure_shape(*v, query_rows, 1);
+    if (workspaces_.size() < static_cast<std::size_t>(threads)) workspaces_.resize(static_cast<std::size_t>(threads));
+    for (int t = 0; t < threads; ++t) {
+      Workspace& w = workspaces_[static_cast<std::size_t>(t)];
+      detail::ensure_shape(w.scaled_queries, query_rows, shape.dk);
+      detail::ensure_shape(w.scores, query_rows, key_rows);
+      detail::ensure_shape(w.accumulator, query_rows, shape.dv);
+      for (Vector<T>* v : {&w.running_max, &w.running_sum, &w.block_max, &w.rescale})
+        detail::ensure_shape(*v, query_rows, 1);
+      w.positions.resize(static_cast<std::size_t>(query_rows));
+    }
   }
 
-  // Online softmax of the (already scaled) queries `Qs` at `positions` over all keys, in the top rows of the
-  // workspaces.
-  void rows(const ConstMatrixRef<T>& Qs, const Index* positions, const ConstMatrixRef<T>& Kh,
-            const ConstMatrixRef<T>& Vh, MatrixRef<T> O, Eigen::Ref<Vector<T>> lse) {
-    const Index bq = Qs.rows();
+  // Online softmax of the (already scaled) queries in the top `bq` rows of `w.scaled_queries`, standing at
+  // `positions`, over all keys they see.
+  void rows(Workspace& w, Index bq, const Index* positions, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
+            MatrixRef<T> O, Eigen::Ref<Vector<T>> lse) const {
+    const auto Qs = w.scaled_queries.topRows(bq);
     const Index key_end = options_.causal ? positions[bq - 1] + 1 : Kh.rows();
-    auto running_max = running_max_.head(bq), running_sum = running_sum_.head(bq);
-    auto block_max = block_max_.head(bq), rescale = rescale_.head(bq);
-    auto accumulator = accumulator_.topRows(bq);
+    auto running_max = w.running_max.head(bq), running_sum = w.running_sum.head(bq);
+    auto block_max = w.block_max.head(bq), rescale = w.rescale.head(bq);
+    auto accumulator = w.accumulator.topRows(bq);
     running_max.setConstant(-std::numeric_limits<T>::infinity());
     running_sum.setZero();
     accumulator.setZero();
     for (Index k0 = 0; k0 < key_end; k0 += key_block_) {
       const Index bk = std::min(key_block_, key_end - k0);
-      auto scores = scores_.topLeftCorner(bq, bk);
+      auto scores = w.scores.topLeftCorner(bq, bk);
       scores.noalias() = Qs * Kh.middleRows(k0, bk).transpose();
       if (options_.causal && k0 + bk - 1 > positions[0]) detail::mask_future_keys(scores, positions, k0);
       // Column by column: each column is contiguous, so max, exp and sum run on full SIMD packets
@@ -178,9 +226,8 @@ class ExactAttention {
 
   AttentionOptions options_;
   Index query_block_, key_block_;
-  std::vector<Index> positions_;
-  Matrix<T> scaled_queries_, scores_, accumulator_, logsumexp_;
-  Vector<T> running_max_, running_sum_, block_max_, rescale_;
+  std::vector<Workspace> workspaces_;  // one per thread
+  Matrix<T> logsumexp_;
 };
 
 // Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
@@ -188,25 +235,36 @@ class ExactAttention {
 template <class T>
 void ExactAttention<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                                 MatrixRef<T> O, const char* where) {
-  const auto shape = detail::check_qkv(where, Q, K, V, options_);
+  const auto shape = detail::check_qkv(where, Q, K, V, options_, detail::CausalQueries::last_positions);
   detail::check_forward_output(where, shape, Q, K, V, O);
   detail::ensure_shape(logsumexp_, shape.n, shape.heads);
   const Index query_rows = std::min(query_block_, shape.n);  // never sized by the option alone
-  positions_.resize(static_cast<std::size_t>(query_rows));
-  reserve(query_rows, shape);
+  const Index query_blocks = detail::block_count(shape.n, query_block_);
+  const Index pairs_per_head = detail::balanced_block_pairs(query_blocks);
+  const Index items = shape.heads * pairs_per_head;
+  reserve(query_rows, shape, detail::parallel_threads(items));
+  const Index first_position = detail::first_query_position(shape);
   const T c = static_cast<T>(options_.resolved_scale(shape.dk));
-  for (Index h = 0; h < shape.heads; ++h) {
-    const auto Kh = K.middleCols(h * shape.dk, shape.dk);
-    const auto Vh = V.middleCols(h * shape.dv, shape.dv);
-    for (Index q0 = 0; q0 < shape.n; q0 += query_block_) {
-      const Index bq = std::min(query_block_, shape.n - q0);
-      for (Index i = 0; i < bq; ++i) positions_[static_cast<std::size_t>(i)] = q0 + i;
-      auto Qs = scaled_queries_.topRows(bq);
-      Qs.noalias() = c * Q.block(q0, h * shape.dk, bq, shape.dk);
-      rows(Qs, positions_.data(), Kh, Vh, O.block(q0, h * shape.dv, bq, shape.dv),
-           logsumexp_.col(h).segment(q0, bq));
-    }
-  }
+  const double scores_computed =
+      static_cast<double>(shape.n) * static_cast<double>(shape.m) * (options_.causal ? 0.5 : 1.0);
+  const double work = static_cast<double>(shape.heads) * scores_computed * static_cast<double>(shape.dk + shape.dv);
+  detail::parallel_for(
+      items,
+      [&](Index item, int thread) {
+        Workspace& w = workspaces_[static_cast<std::size_t>(thread)];
+        const Index h = item / pairs_per_head;
+        const auto Kh = K.middleCols(h * shape.dk, shape.dk);
+        const auto Vh = V.middleCols(h * shape.dv, shape.dv);
+        detail::for_each_block_of_pair(item % pairs_per_head, query_blocks, [&](Index block) {
+          const Index q0 = block * query_block_;
+          const Index bq = std::min(query_block_, shape.n - q0);
+          for (Index i = 0; i < bq; ++i) w.positions[static_cast<std::size_t>(i)] = first_position + q0 + i;
+          w.scaled_queries.topRows(bq).noalias() = c * Q.block(q0, h * shape.dk, bq, shape.dk);
+          rows(w, bq, w.positions.data(), Kh, Vh, O.block(q0, h * shape.dv, bq, shape.dv),
+               logsumexp_.col(h).segment(q0, bq));
+        });
+      },
+      work);
   check_finite_results(where, Q, K, V, O, shape);
 }
 
@@ -225,12 +283,13 @@ void ExactAttention<T>::forward_rows(const ConstMatrixRef<T>& Q, const std::vect
                     where, "'positions' must be ascending within [0, ", shape.m, "), got ", positions[i],
                     " at index ", i);
   detail::ensure_shape(logsumexp_, shape.n, shape.heads);
-  reserve(shape.n, shape);
+  reserve(shape.n, shape, 1);  // a few rows: the calling thread alone
+  Workspace& w = workspaces_.front();
   const T c = static_cast<T>(options_.resolved_scale(shape.dk));
   for (Index h = 0; h < shape.heads; ++h) {
-    scaled_queries_.noalias() = c * Q.middleCols(h * shape.dk, shape.dk);
-    rows(scaled_queries_, positions.data(), K.middleCols(h * shape.dk, shape.dk),
-         V.middleCols(h * shape.dv, shape.dv), O.middleCols(h * shape.dv, shape.dv), logsumexp_.col(h));
+    w.scaled_queries.noalias() = c * Q.middleCols(h * shape.dk, shape.dk);
+    rows(w, shape.n, positions.data(), K.middleCols(h * shape.dk, shape.dk), V.middleCols(h * shape.dv, shape.dv),
+         O.middleCols(h * shape.dv, shape.dv), logsumexp_.col(h));
   }
   check_finite_results(where, Q, K, V, O, shape);
 }

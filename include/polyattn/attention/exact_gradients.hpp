@@ -1,8 +1,9 @@
 /// \file attention/exact_gradients.hpp
 /// Exact gradients of softmax attention.
 ///
-/// With \f$S = c\,QK^\top\f$ (\f$-\infty\f$ above the diagonal when causal), \f$P = \mathrm{softmax}_{\text{rows}}(S)\f$,
-/// \f$O = PV\f$ and \f$G = \partial L/\partial O\f$:
+/// With \f$S = c\,QK^\top\f$ (causal: \f$-\infty\f$ where key \f$j > i + (m - n)\f$, the queries being the last
+/// \f$n\f$ of \f$m \ge n\f$ positions; above the diagonal when \f$n = m\f$),
+/// \f$P = \mathrm{softmax}_{\text{rows}}(S)\f$, \f$O = PV\f$ and \f$G = \partial L/\partial O\f$:
 /// \f[ \kappa = \mathrm{rowsum}(O\circ G),\quad p = P\circ(GV^\top) - \mathrm{diag}(\kappa)P = \partial L/\partial S,\f]
 /// \f[ \partial L/\partial Q = c\,pK,\qquad \partial L/\partial K = c\,p^\top Q,\qquad \partial L/\partial V = P^\top G. \f]
 /// (\f$\kappa_i = \sum_j P_{ij}(GV^\top)_{ij}\f$ because \f$O = PV\f$; the paper calls it \f$K\f$.)
@@ -10,14 +11,15 @@
 /// - attention_backward_reference() and ExactReferenceBackend form each head's \f$n\times m\f$ matrices:
 ///   the readable reference, \f$O(nm)\f$ memory.
 /// - ExactBlockedBackend recomputes \f$P\f$ block by block from the forward pass's log-sum-exp, as
-///   FlashAttention-2 does: \f$O(nd + b_qb_k)\f$ memory and five GEMM-shaped products per block. It is the
-///   honest exact baseline the approximate backends are timed against.
+///   FlashAttention-2 does: \f$O(nd + b_qb_k)\f$ memory and seven GEMM-shaped products per block pair, on
+///   polyattn's threads. It is the honest exact baseline the approximate backends are timed against.
 #pragma once
 
 #include "backend.hpp"
 #include "exact_attention.hpp"
 
 #include <algorithm>
+#include <vector>
 
 namespace polyattn {
 
@@ -37,7 +39,7 @@ void attention_backward_reference_unchecked(const char* where, const HeadShape& 
     const auto Vh = V.middleCols(h * shape.dv, shape.dv);
     const auto Gh = G.middleCols(h * shape.dv, shape.dv);
     Matrix<T> P = c * Qh * Kh.transpose();
-    if (opt.causal) P.template triangularView<Eigen::StrictlyUpper>().setConstant(-std::numeric_limits<T>::infinity());
+    if (opt.causal) mask_scores_causally(P);
     const Vector<T> row_max = P.rowwise().maxCoeff();
     P.colwise() -= row_max;  // apart from exp(): Eigen 3.4 vectorises exp() of a plain matrix only
     P = P.array().exp();
@@ -57,7 +59,8 @@ void attention_backward_reference_unchecked(const char* where, const HeadShape& 
 }  // namespace detail
 
 /// Materialised exact attention backward (the reference): forms each head's \f$n\times m\f$ matrices.
-/// Writes dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v) for G = dL/dO (n x h d_v);
+/// Writes dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v) for G = dL/dO (n x h d_v); causal, Q may have fewer
+/// rows than K (the queries are the last positions, AttentionOptions::causal);
 /// the outputs must share no memory with the inputs or each other (std::invalid_argument).
 ///
 /// \code
@@ -70,7 +73,7 @@ void attention_backward_reference(const ConstMatrixRef<T>& Q, const ConstMatrixR
                                   MatrixRef<T> dK, MatrixRef<T> dV) {
   detail::static_check_scalar<T>();
   constexpr const char* where = "polyattn::attention_backward_reference";
-  const auto shape = detail::check_qkv(where, Q, K, V, opt);
+  const auto shape = detail::check_qkv(where, Q, K, V, opt, detail::CausalQueries::last_positions);
   detail::require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
   detail::require_finite(where, "G", G);
   detail::require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
@@ -98,7 +101,7 @@ inline Certificate exact_method_certificate() {
 
 /// Exact attention through the materialised reference routines: attention_reference() forward and
 /// attention_backward_reference() backward, \f$O(nm)\f$ memory per head. Use it for small problems and
-/// as the ground truth in tests; its certificate reports zero error.
+/// as the ground truth in tests; its certificate reports zero error. Causal, Q may have fewer rows than K.
 ///
 /// \code
 ///   polyattn::ExactReferenceBackend<double> exact(polyattn::AttentionOptions{1.0 / 16, true, 2});
@@ -112,8 +115,6 @@ class ExactReferenceBackend final : public AttentionBackend<T> {
     detail::static_check_scalar<T>();
     options_.check();
   }
-  /// Uses only `options.attention`, so one options object configures every method.
-  explicit ExactReferenceBackend(const PolynomialAttentionOptions& options) : ExactReferenceBackend(options.attention) {}
 
   AttentionMethod method() const override { return AttentionMethod::exact_reference; }
   const AttentionOptions& attention_options() const override { return options_; }
@@ -137,7 +138,7 @@ template <class T>
 Certificate ExactReferenceBackend<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
                                               const ConstMatrixRef<T>& V, MatrixRef<T> O) {
   constexpr const char* where = "polyattn::ExactReferenceBackend::forward";
-  const auto shape = detail::check_qkv(where, Q, K, V, options_);
+  const auto shape = detail::check_qkv(where, Q, K, V, options_, detail::CausalQueries::last_positions);
   detail::check_forward_output(where, shape, Q, K, V, O);
   O.noalias() = detail::attention_reference(where, Q, K, V, options_);
   return detail::exact_method_certificate();
@@ -149,7 +150,8 @@ GradientCertificate ExactReferenceBackend<T>::backward(const ConstMatrixRef<T>& 
                                                        const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
                                                        MatrixRef<T> dV) {
   constexpr const char* where = "polyattn::ExactReferenceBackend::backward";
-  const auto shape = detail::check_backward_arguments<T>(where, options_, Q, K, V, O, G, dQ, dK, dV);
+  const auto shape = detail::check_backward_arguments<T>(where, options_, Q, K, V, O, G, dQ, dK, dV,
+                                                         detail::CausalQueries::last_positions);
   detail::attention_backward_reference_unchecked<T>(where, shape, Q, K, V, G, options_, dQ, dK, dV);
   return {detail::exact_method_certificate(), 0, 0};
 }
@@ -183,16 +185,22 @@ struct ExactBlockedOptions {
 /// \f$P\f$ block by block instead of storing it.
 ///
 /// Per head, with \f$\kappa = \mathrm{rowsum}(O\circ G)\f$ computed once, every query block \f$b\f$ and key
-/// block \f$k\f$ (under a causal mask only \f$k \le b\f$, the diagonal block masked) contribute
-/// \f[ P = e^{c\,Q_bK_k^\top - \ell_b},\quad dV_k \mathrel{+}= P^\top G_b,\quad
-///     dS = P\circ(G_bV_k^\top - \kappa_b\mathbf 1^\top),\quad dQ_b \mathrel{+}= c\,dS\,K_k,\quad
-///     dK_k \mathrel{+}= c\,dS^\top Q_b. \f]
-/// The loop runs over key blocks outside, so \f$dK_k, dV_k\f$ live in a small workspace and \f$dQ\f$
-/// accumulates in the output. The cost is \f$3d_k + 2d_v\f$ multiply-adds per computed score plus one
-/// exponential, against \f$d_k + d_v\f$ and one exponential in the forward pass.
+/// block \f$k\f$ (under a causal mask only the pairs where some query of \f$b\f$ sees some key of \f$k\f$, the
+/// partly visible ones masked) contribute
+/// \f[ P = e^{c\,Q_bK_k^\top - \ell_b},\quad dS = P\circ(G_bV_k^\top - \kappa_b\mathbf 1^\top),\quad
+///     dQ_b \mathrel{+}= c\,dS\,K_k,\quad dV_k \mathrel{+}= P^\top G_b,\quad dK_k \mathrel{+}= c\,dS^\top Q_b. \f]
+/// Two passes make every sum belong to one block, so blocks run on polyattn's threads without atomics or
+/// per-thread copies of the gradients: the first loops over query blocks, each summing its \f$dQ_b\f$ over key
+/// blocks in order; the second over key blocks, each summing \f$dK_k, dV_k\f$ over query blocks in order. Both
+/// recompute \f$P\f$ and \f$dS\f$: \f$4d_k + 3d_v\f$ multiply-adds per computed score and two exponentials,
+/// against \f$d_k + d_v\f$ and one in the forward pass (a single pass would need \f$3d_k + 2d_v\f$ and one, but
+/// would have to add every key block's \f$dQ\f$ into shared rows). Under the mask, early and late blocks are
+/// paired so that threads get equal work. The partition and the order of every sum depend on the shapes and
+/// block sizes only, so the gradients are bitwise the same for any number of threads.
 ///
 /// backward() uses the log-sum-exp of the last forward() call: call it with the Q, K, V passed to that
-/// forward() and the O it wrote.
+/// forward() and the O it wrote. Causal, Q may have fewer rows than K (the queries are the last positions,
+/// AttentionOptions::causal).
 ///
 /// \code
 ///   polyattn::ExactBlockedBackend<float> exact(polyattn::AttentionOptions{std::nullopt, /*causal=*/true, 2});
@@ -208,9 +216,6 @@ class ExactBlockedBackend final : public AttentionBackend<T> {
         forward_(options_, blocks_.forward_query_block, blocks_.forward_key_block) {
     detail::static_check_scalar<T>();
   }
-  /// Uses only `options.attention`, so one options object configures every method.
-  explicit ExactBlockedBackend(const PolynomialAttentionOptions& options, const ExactBlockedOptions& blocks = {})
-      : ExactBlockedBackend(options.attention, blocks) {}
 
   AttentionMethod method() const override { return AttentionMethod::exact_blocked; }
   const AttentionOptions& attention_options() const override { return options_; }
@@ -237,54 +242,41 @@ class ExactBlockedBackend final : public AttentionBackend<T> {
     return blocks;
   }
 
-  // One head; scaled_queries_ and kappa_ hold c Q_h and rowsum(O_h o G_h). Writes dK_h, dV_h and
-  // dQ_h / c (the caller applies c once instead of once per block).
-  template <class KeyBlock, class ValueBlock, class GradBlock, class LseColumn, class DQBlock, class DKBlock,
-            class DVBlock>
-  void backward_head(const KeyBlock& Kh, const ValueBlock& Vh, const GradBlock& Gh, const LseColumn& lse,
-                     DQBlock&& dQh, DKBlock&& dKh, DVBlock&& dVh) {
-    const Index n = scaled_queries_.rows(), m = Kh.rows();
-    const Index query_block = probabilities_.rows(), key_block = probabilities_.cols();
-    dQh.setZero();
-    for (Index k0 = 0; k0 < m; k0 += key_block) {
-      const Index bk = std::min(key_block, m - k0);
-      const auto Kk = Kh.middleRows(k0, bk);
-      const auto Vk = Vh.middleRows(k0, bk);
-      auto dKk = key_grads_.topRows(bk);
-      auto dVk = value_grads_.topRows(bk);
-      dKk.setZero();
-      dVk.setZero();
-      // Under the mask, query blocks that end before this key block starts see none of its keys.
-      const Index first_query = options_.causal ? (k0 / query_block) * query_block : 0;
-      for (Index q0 = first_query; q0 < n; q0 += query_block) {
-        const Index bq = std::min(query_block, n - q0);
-        const auto Qb = scaled_queries_.middleRows(q0, bq);
-        const auto Gb = Gh.middleRows(q0, bq);
-        auto P = probabilities_.topLeftCorner(bq, bk);
-        auto dS = score_grads_.topLeftCorner(bq, bk);
-        P.noalias() = Qb * Kk.transpose();
-        // Two statements on purpose: Eigen 3.4 evaluates exp() of a colwise-replicated difference with
-        // scalar expf, ten times slower than its vectorised exp of a plain block.
-        P.colwise() -= lse.segment(q0, bq);
-        P = P.array().exp().matrix();
-        if (options_.causal && k0 + bk - 1 > q0) mask_future(P, q0, k0);
-        dVk.noalias() += P.transpose() * Gb;
-        dS.noalias() = Gb * Vk.transpose();
-        dS.colwise() -= kappa_.segment(q0, bq);
-        dS = dS.cwiseProduct(P);
-        dQh.middleRows(q0, bq).noalias() += dS * Kk;
-        dKk.noalias() += dS.transpose() * Qb;
-      }
-      dKh.middleRows(k0, bk) = dKk;
-      dVh.middleRows(k0, bk) = dVk;
-    }
-  }
+  // One thread's scratch: a block of probabilities P, one of score gradients dS, and the dK, dV sums of one key
+  // block (contiguous: the output's columns lie m entries apart, often a multiple of 4 KiB, and accumulating there
+  // would make a GEMM's column accesses collide in the same cache sets).
+  struct Workspace {
+    Matrix<T> probabilities, score_grads, key_grads, value_grads;
+  };
 
-  // Zeroes P(i, j) where key k0 + j comes after query q0 + i (exp overflow there is discarded, not used).
+  // The problem of one backward() call as the block loops see it, besides c Q (n x h d_k) and
+  // kappa = rowsum(O_h o G_h) of every head, which the members scaled_queries_ and kappa_ hold.
+  struct Blocking {
+    detail::HeadShape shape;
+    Index first_position;  // of query 0 under the causal mask
+  };
+
+  // Writes P = exp(Qs_b K_k^T - lse_b) (masked) and dS = P o (G_b V_k^T - kappa_b 1^T) of query rows
+  // [q0, q0 + bq) and key rows [k0, k0 + bk) of head h into the top-left corners of the workspace.
+  void score_block_gradients(Workspace& w, const Blocking& b, Index h, const ConstMatrixRef<T>& K,
+                             const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& G, Index q0, Index bq, Index k0,
+                             Index bk) const;
+
+  // dQ of query block `block` of head h, over the key blocks it sees in order.
+  void query_block_gradient(Workspace& w, const Blocking& b, Index h, Index block, const ConstMatrixRef<T>& K,
+                            const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& G, MatrixRef<T>& dQ) const;
+
+  // dK and dV of key block `block` of head h, over the query blocks that see it in order.
+  void key_block_gradients(Workspace& w, const Blocking& b, Index h, Index block, const ConstMatrixRef<T>& K,
+                           const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& G, MatrixRef<T>& dK,
+                           MatrixRef<T>& dV) const;
+
+  // Zeroes P(i, j) where key k0 + j comes after the query at position first_position + i (exp overflow there is
+  // discarded, not used).
   template <class Block>
-  static void mask_future(Block& P, Index q0, Index k0) {
+  static void mask_future(Block& P, Index first_position, Index k0) {
     for (Index j = 0; j < P.cols(); ++j) {
-      const Index masked_rows = std::clamp<Index>(k0 + j - q0, 0, P.rows());
+      const Index masked_rows = std::clamp<Index>(k0 + j - first_position, 0, P.rows());
       P.col(j).head(masked_rows).setZero();
     }
   }
@@ -292,8 +284,11 @@ class ExactBlockedBackend final : public AttentionBackend<T> {
   AttentionOptions options_;
   ExactBlockedOptions blocks_;
   ExactAttention<T> forward_;
-  Matrix<T> scaled_queries_, probabilities_, score_grads_, key_grads_, value_grads_;
-  Vector<T> kappa_;
+  Matrix<T> scaled_queries_;
+  // One vector per head, not the columns of one n x h matrix: Eigen sums the rows of O_h o G_h in another order
+  // into a column that starts unaligned, so a head's gradients would change in the last bit with its position.
+  std::vector<Vector<T>> kappa_;
+  std::vector<Workspace> workspaces_;  // one per thread
 };
 
 // Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
@@ -306,33 +301,128 @@ Certificate ExactBlockedBackend<T>::forward(const ConstMatrixRef<T>& Q, const Co
 }
 
 template <class T>
+void ExactBlockedBackend<T>::score_block_gradients(Workspace& w, const Blocking& b, Index h,
+                                                   const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                                                   const ConstMatrixRef<T>& G, Index q0, Index bq, Index k0,
+                                                   Index bk) const {
+  const detail::HeadShape& shape = b.shape;
+  auto P = w.probabilities.topLeftCorner(bq, bk);
+  auto dS = w.score_grads.topLeftCorner(bq, bk);
+  P.noalias() =
+      scaled_queries_.block(q0, h * shape.dk, bq, shape.dk) * K.block(k0, h * shape.dk, bk, shape.dk).transpose();
+  // Two statements on purpose: Eigen 3.4 evaluates exp() of a colwise-replicated difference with
+  // scalar expf, ten times slower than its vectorised exp of a plain block.
+  P.colwise() -= forward_.logsumexp().col(h).segment(q0, bq);
+  P = P.array().exp().matrix();
+  if (options_.causal && k0 + bk - 1 > b.first_position + q0) mask_future(P, b.first_position + q0, k0);
+  dS.noalias() = G.block(q0, h * shape.dv, bq, shape.dv) * V.block(k0, h * shape.dv, bk, shape.dv).transpose();
+  dS.colwise() -= kappa_[static_cast<std::size_t>(h)].segment(q0, bq);
+  dS = dS.cwiseProduct(P);
+}
+
+template <class T>
+void ExactBlockedBackend<T>::query_block_gradient(Workspace& w, const Blocking& b, Index h, Index block,
+                                                  const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                                                  const ConstMatrixRef<T>& G, MatrixRef<T>& dQ) const {
+  const detail::HeadShape& shape = b.shape;
+  const Index q0 = block * blocks_.query_block;
+  const Index bq = std::min(blocks_.query_block, shape.n - q0);
+  // Under the mask the block's last query, at position first_position + q0 + bq - 1, sees the most keys.
+  const Index key_end = options_.causal ? b.first_position + q0 + bq : shape.m;
+  auto dQb = dQ.block(q0, h * shape.dk, bq, shape.dk);
+  dQb.setZero();
+  for (Index k0 = 0; k0 < key_end; k0 += blocks_.key_block) {
+    const Index bk = std::min(blocks_.key_block, key_end - k0);
+    score_block_gradients(w, b, h, K, V, G, q0, bq, k0, bk);
+    dQb.noalias() += w.score_grads.topLeftCorner(bq, bk) * K.block(k0, h * shape.dk, bk, shape.dk);
+  }
+  dQb *= static_cast<T>(options_.resolved_scale(shape.dk));  // once per block instead of once per product
+}
+
+template <class T>
+void ExactBlockedBackend<T>::key_block_gradients(Workspace& w, const Blocking& b, Index h, Index block,
+                                                 const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                                                 const ConstMatrixRef<T>& G, MatrixRef<T>& dK,
+                                                 MatrixRef<T>& dV) const {
+  const detail::HeadShape& shape = b.shape;
+  const Index k0 = block * blocks_.key_block;
+  const Index bk = std::min(blocks_.key_block, shape.m - k0);
+  auto dKk = w.key_grads.topRows(bk);
+  auto dVk = w.value_grads.topRows(bk);
+  dKk.setZero();
+  dVk.setZero();
+  // Under the mask, query blocks that end before position k0 see none of these keys (and with fewer queries
+  // than keys, every query sees the first m - n + 1 keys).
+  const Index first_query =
+      options_.causal ? (std::max<Index>(0, k0 - b.first_position) / blocks_.query_block) * blocks_.query_block : 0;
+  for (Index q0 = first_query; q0 < shape.n; q0 += blocks_.query_block) {
+    const Index bq = std::min(blocks_.query_block, shape.n - q0);
+    score_block_gradients(w, b, h, K, V, G, q0, bq, k0, bk);
+    dVk.noalias() += w.probabilities.topLeftCorner(bq, bk).transpose() * G.block(q0, h * shape.dv, bq, shape.dv);
+    dKk.noalias() += w.score_grads.topLeftCorner(bq, bk).transpose() *
+                     scaled_queries_.block(q0, h * shape.dk, bq, shape.dk);
+  }
+  dK.block(k0, h * shape.dk, bk, shape.dk) = dKk;
+  dV.block(k0, h * shape.dv, bk, shape.dv) = dVk;
+}
+
+template <class T>
 GradientCertificate ExactBlockedBackend<T>::backward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
                                                      const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& O,
                                                      const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
                                                      MatrixRef<T> dV) {
   constexpr const char* where = "polyattn::ExactBlockedBackend::backward";
-  const auto shape = detail::check_backward_arguments<T>(where, options_, Q, K, V, O, G, dQ, dK, dV);
+  const auto shape = detail::check_backward_arguments<T>(where, options_, Q, K, V, O, G, dQ, dK, dV,
+                                                         detail::CausalQueries::last_positions);
   const Matrix<T>& logsumexp = forward_.logsumexp();
   detail::require(logsumexp.rows() == shape.n && logsumexp.cols() == shape.heads, where,
                   "needs the log-sum-exp of a preceding forward() with the same shapes: saved ", logsumexp.rows(),
                   "x", logsumexp.cols(), ", expected ", shape.n, "x", shape.heads, " (rows x heads)");
-  const Index bq = std::min(blocks_.query_block, shape.n);
-  const Index bk = std::min(blocks_.key_block, shape.m);
-  probabilities_.resize(bq, bk);
-  score_grads_.resize(bq, bk);
-  key_grads_.resize(bk, shape.dk);
-  value_grads_.resize(bk, shape.dv);
+  const Blocking blocking{shape, detail::first_query_position(shape)};
   const T c = static_cast<T>(options_.resolved_scale(shape.dk));
-  for (Index h = 0; h < shape.heads; ++h) {
-    scaled_queries_.noalias() = c * Q.middleCols(h * shape.dk, shape.dk);
-    kappa_.noalias() = O.middleCols(h * shape.dv, shape.dv).cwiseProduct(G.middleCols(h * shape.dv, shape.dv))
-                           .rowwise()
-                           .sum();
-    backward_head(K.middleCols(h * shape.dk, shape.dk), V.middleCols(h * shape.dv, shape.dv),
-                  G.middleCols(h * shape.dv, shape.dv), logsumexp.col(h), dQ.middleCols(h * shape.dk, shape.dk),
-                  dK.middleCols(h * shape.dk, shape.dk), dV.middleCols(h * shape.dv, shape.dv));
-    dQ.middleCols(h * shape.dk, shape.dk) *= c;
+  scaled_queries_.noalias() = c * Q;
+  kappa_.resize(static_cast<std::size_t>(shape.heads));
+  for (Index h = 0; h < shape.heads; ++h)
+    kappa_[static_cast<std::size_t>(h)].noalias() =
+        O.middleCols(h * shape.dv, shape.dv).cwiseProduct(G.middleCols(h * shape.dv, shape.dv)).rowwise().sum();
+
+  const Index query_blocks = detail::block_count(shape.n, blocks_.query_block);
+  const Index key_blocks = detail::block_count(shape.m, blocks_.key_block);
+  const Index query_pairs = detail::balanced_block_pairs(query_blocks);
+  const Index key_pairs = detail::balanced_block_pairs(key_blocks);
+  const int threads = detail::parallel_threads(shape.heads * std::max(query_pairs, key_pairs));
+  if (workspaces_.size() < static_cast<std::size_t>(threads)) workspaces_.resize(static_cast<std::size_t>(threads));
+  for (int t = 0; t < threads; ++t) {
+    Workspace& w = workspaces_[static_cast<std::size_t>(t)];
+    detail::ensure_shape(w.probabilities, std::min(blocks_.query_block, shape.n),
+                         std::min(blocks_.key_block, shape.m));
+    detail::ensure_shape(w.score_grads, w.probabilities.rows(), w.probabilities.cols());
+    detail::ensure_shape(w.key_grads, w.probabilities.cols(), shape.dk);
+    detail::ensure_shape(w.value_grads, w.probabilities.cols(), shape.dv);
   }
+  // Multiply-adds of each pass: the scores computed (about half under the mask) times P, G V^T and the product
+  // of the pass.
+  const double scores_computed = static_cast<double>(shape.heads) * static_cast<double>(shape.n) *
+                                 static_cast<double>(shape.m) * (options_.causal ? 0.5 : 1.0);
+  const auto dk = static_cast<double>(shape.dk), dv = static_cast<double>(shape.dv);
+  detail::parallel_for(
+      shape.heads * query_pairs,
+      [&](Index item, int thread) {
+        Workspace& w = workspaces_[static_cast<std::size_t>(thread)];
+        detail::for_each_block_of_pair(item % query_pairs, query_blocks, [&](Index block) {
+          query_block_gradient(w, blocking, item / query_pairs, block, K, V, G, dQ);
+        });
+      },
+      scores_computed * (2 * dk + dv));
+  detail::parallel_for(
+      shape.heads * key_pairs,
+      [&](Index item, int thread) {
+        Workspace& w = workspaces_[static_cast<std::size_t>(thread)];
+        detail::for_each_block_of_pair(item % key_pairs, key_blocks, [&](Index block) {
+          key_block_gradients(w, blocking, item / key_pairs, block, K, V, G, dK, dV);
+        });
+      },
+      scores_computed * (2 * dk + 2 * dv));
   detail::check_backward_results<T>(where, options_, shape, Q, K, V, G, dQ, dK, dV);
   return {detail::exact_method_certificate(), 0, 0};
 }

@@ -26,7 +26,12 @@ struct AttentionOptions {
   /// Score scale \f$c\f$. Default (empty): \f$1/\sqrt{d_h}\f$. The paper uses \f$1/d\f$; the authors'
   /// experiment uses 1.
   std::optional<double> scale;
-  /// Lower-triangular mask: query \f$i\f$ attends to keys \f$j \le i\f$.
+  /// Causal mask, aligned bottom-right: with \f$n\f$ queries and \f$m \ge n\f$ keys, query \f$i\f$ attends to
+  /// keys \f$j \le i + (m - n)\f$, i.e. the queries are the last \f$n\f$ of \f$m\f$ positions (a KV cache, or a
+  /// shard of a sequence given all earlier keys). With \f$n = m\f$ this is the lower-triangular mask
+  /// \f$j \le i\f$. Every query sees at least one key, so \f$n > m\f$ is an error. The exact methods
+  /// (attention_reference, ExactAttention, ExactReferenceBackend, ExactBlockedBackend) accept \f$n \le m\f$;
+  /// the polynomial methods (PolynomialAttention, paper, adjoint) need \f$n = m\f$.
   bool causal = false;
   /// Number of heads \f$h\f$; must divide the number of columns of Q and K (and of V).
   Index heads = 1;
@@ -55,12 +60,20 @@ struct HeadShape {
   Index heads;
 };
 
+/// Which numbers of queries a causal method accepts (see AttentionOptions::causal).
+enum class CausalQueries {
+  as_many_as_keys,  ///< \f$n = m\f$ only: the polynomial methods, whose prefix scans pair query i with key i
+  last_positions    ///< \f$n \le m\f$, the queries being the last n positions: the exact methods
+};
+
 /// Validates the shapes of Q (n x h dk), K (m x h dk), V (m x h dv) against the options, but not their
-/// entries; throws std::invalid_argument naming the argument. Causal attention needs n == m (query i and
-/// key i are the same position). For callers that detect non-finite entries in a pass they make anyway.
+/// entries; throws std::invalid_argument naming the argument. Under the causal mask `causal_queries` says
+/// whether n < m is accepted (never n > m: a query would see no key). For callers that detect non-finite
+/// entries in a pass they make anyway.
 template <class DQ, class DK, class DV>
 HeadShape check_qkv_shapes(const char* where, const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
-                           const Eigen::MatrixBase<DV>& V, const AttentionOptions& opt) {
+                           const Eigen::MatrixBase<DV>& V, const AttentionOptions& opt,
+                           CausalQueries causal_queries = CausalQueries::as_many_as_keys) {
   opt.check();
   require_nonempty(where, "Q", Q);
   require_nonempty(where, "K", K);
@@ -73,17 +86,22 @@ HeadShape check_qkv_shapes(const char* where, const Eigen::MatrixBase<DQ>& Q, co
           " columns of 'Q'");
   require(V.cols() % opt.heads == 0, where, "'heads' = ", opt.heads, " must divide the ", V.cols(),
           " columns of 'V'");
-  if (opt.causal)
+  if (opt.causal && causal_queries == CausalQueries::as_many_as_keys)
     require(Q.rows() == K.rows(), where, "causal attention needs as many queries as keys, got 'Q' with ",
-            Q.rows(), " rows and 'K' with ", K.rows());
+            Q.rows(), " rows and 'K' with ", K.rows(), " (only the exact methods accept fewer queries than keys)");
+  if (opt.causal && causal_queries == CausalQueries::last_positions)
+    require(Q.rows() <= K.rows(), where,
+            "causal attention needs at most as many queries as keys (the queries are the last positions), got "
+            "'Q' with ", Q.rows(), " rows and 'K' with ", K.rows());
   return {Q.rows(), K.rows(), Q.cols() / opt.heads, V.cols() / opt.heads, opt.heads};
 }
 
 /// check_qkv_shapes() and, in addition, every entry of Q, K and V finite.
 template <class DQ, class DK, class DV>
 HeadShape check_qkv(const char* where, const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
-                    const Eigen::MatrixBase<DV>& V, const AttentionOptions& opt) {
-  const HeadShape shape = check_qkv_shapes(where, Q, K, V, opt);
+                    const Eigen::MatrixBase<DV>& V, const AttentionOptions& opt,
+                    CausalQueries causal_queries = CausalQueries::as_many_as_keys) {
+  const HeadShape shape = check_qkv_shapes(where, Q, K, V, opt, causal_queries);
   require_finite(where, "Q", Q);
   require_finite(where, "K", K);
   require_finite(where, "V", V);

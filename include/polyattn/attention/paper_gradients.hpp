@@ -380,6 +380,9 @@ GradientCertificate PaperBackend<T>::backward(const ConstMatrixRef<T>& Q, const 
     result.dqk_bound = std::numeric_limits<double>::infinity();
     result.dv_bound = std::numeric_limits<double>::infinity();
   }
+  // The paper's analysis bounds dQ and dK together, and it never differentiates p.
+  result.dq_bound = result.dk_bound = result.dqk_bound;
+  result.derivative_error = std::numeric_limits<double>::quiet_NaN();
   return result;
 }
 

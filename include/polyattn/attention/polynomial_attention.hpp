@@ -55,6 +55,7 @@
 /// \endcode
 #pragma once
 
+#include "certificate.hpp"
 #include "exact_attention.hpp"
 #include "feature_map.hpp"
 #include "polynomial.hpp"
@@ -128,36 +129,6 @@ struct PolynomialAttentionOptions {
     detail::require(range_policy != RangePolicy::raise_degree || radius > 0, where,
                     "'range_policy' raise_degree needs a 'radius' > 0 to define the target error");
   }
-};
-
-/// Error statement of one approximate call.
-struct Certificate {
-  /// Measured score radius \f$R = c\max_i\|q_i\|\max_j\|k_j\|\f$ (maximum over heads).
-  double radius = 0;
-  /// The polynomial's certified interval \f$[-\text{interval}, \text{interval}]\f$.
-  double interval = 0;
-  /// Degree actually used (may exceed the requested one under RangePolicy::raise_degree).
-  int degree = 0;
-  /// Feature width r.
-  Index features = 0;
-  /// \f$\varepsilon\f$: certified \f$\max |p(x)e^{-x}-1|\f$ over the interval.
-  double poly_error = std::numeric_limits<double>::infinity();
-  /// p certified positive on the interval (keeps every normaliser \f$\tilde D_{ii} > 0\f$).
-  bool positive = false;
-  /// \f$\frac{2\varepsilon}{1-\varepsilon}\max_j\|v_j\|_\infty\f$: bounds every entry of \f$\tilde O - O\f$
-  /// unless vacuous(); \f$+\infty\f$ when \f$\varepsilon \ge 1\f$.
-  double output_bound = std::numeric_limits<double>::infinity();
-  /// False when \f$R\f$ exceeded the interval (RangePolicy::mark_invalid): no bound holds.
-  bool valid = true;
-  /// Number of sampled rows of the a-posteriori estimate (0: not run).
-  Index sampled_rows = 0;
-  /// Largest sampled \f$\|\tilde o_i - o_i\|_2 / \|o_i\|_2\f$.
-  double sampled_max_error = std::numeric_limits<double>::quiet_NaN();
-  /// Mean sampled \f$\|\tilde o_i - o_i\|_2 / \|o_i\|_2\f$.
-  double sampled_mean_error = std::numeric_limits<double>::quiet_NaN();
-
-  /// True when no a-priori bound holds (invalid interval or \f$\varepsilon \ge 1\f$).
-  bool vacuous() const { return !valid || !(poly_error < 1); }
 };
 
 namespace detail {

@@ -232,23 +232,19 @@ class PolynomialKernel {
 
   // The running sum `carry` over the slots (rows x width each, side by side) made exclusive: slot s receives the
   // sum of the slots before it (in `order`: +1 forward, -1 backward) plus the incoming carry, and `carry` ends as
-  // the sum of all. Parallel over blocks of state rows; each entry is summed in slot order.
+  // the sum of all. Parallel over blocks of columns of the state, so that every slot is read as contiguous
+  // memory; each entry is summed in slot order.
   static void exclusive_scan(MatrixRef<T> slots, Index width, Matrix<T>& carry, int order) {
     const Index count = slots.cols() / width, rows = slots.rows();
-    constexpr Index rows_per_block = 32;
-    parallel_for(block_count(rows, rows_per_block), [&](Index block, int) {
-      const Index r0 = block * rows_per_block, nr = std::min(rows_per_block, rows - r0);
+    constexpr Index columns_per_block = 4;
+    parallel_for(block_count(width, columns_per_block), [&](Index block, int) {
+      const Index c0 = block * columns_per_block, nc = std::min(columns_per_block, width - c0);
+      auto running = carry.block(0, c0, rows, nc);
       for (Index k = 0; k < count; ++k) {
-        const Index s = order > 0 ? k : count - 1 - k;
-        for (Index c = 0; c < width; ++c) {
-          auto slot = slots.col(s * width + c).segment(r0, nr);
-          auto running = carry.col(c).segment(r0, nr);
-          for (Index i = 0; i < nr; ++i) {
-            const T value = slot(i);
-            slot(i) = running(i);
-            running(i) += value;
-          }
-        }
+        auto slot = slots.block(0, (order > 0 ? k : count - 1 - k) * width + c0, rows, nc);
+        // slot <- running and running <- running + slot, in two vectorised passes over a few KiB.
+        slot.swap(running);
+        running += slot;
       }
     }, static_cast<double>(slots.size()));
   }
