@@ -39,6 +39,11 @@ struct CrossEntropyOptions {
 /// \f[ \partial L/\partial z_{i\cdot} \mathrel{+}= \tfrac1{|S|}\,(P_{i\cdot} - e_{t_i}^\top)\quad (i \in S). \f]
 /// Forward also counts the scored rows whose target attains the row maximum (ties count as correct).
 ///
+/// **A mean over several shards.** When the rows of one mean are split over ranks (GPT::set_state_exchange()),
+/// each rank takes loss_sum() and scored() of its rows, the ranks add them, and backward(logits, targets,
+/// dlogits, scored_total) differentiates \f$L = \frac1{|S_{\text{total}}|}\sum_{i\in S}\ell_i\f$ with the
+/// global count, so that the shards' gradients are exactly the rows of the unsplit mean's gradient.
+///
 /// Both passes run on num_threads() threads over blocks of block_rows rows (parallel/threads.hpp); forward sums
 /// the loss, scored and correct rows per block and adds the blocks' sums in block order, so results are the same
 /// for any number of threads.
@@ -65,6 +70,12 @@ class CrossEntropy {
   /// preceding forward().
   void backward(const ConstMatrixRef<T>& logits, const std::vector<Index>& targets, MatrixRef<T> dlogits);
 
+  /// As backward() above, but for the mean over `scored_total` scored rows of which this forward() saw scored()
+  /// (the others are on other ranks): accumulates \f$\tfrac1{\text{scored\_total}}(P_{i\cdot} - e_{t_i}^\top)\f$
+  /// for the scored rows. Throws std::invalid_argument unless `scored_total` >= scored().
+  void backward(const ConstMatrixRef<T>& logits, const std::vector<Index>& targets, MatrixRef<T> dlogits,
+                Index scored_total);
+
   /// Rows per parallel block: a row costs V exponentials, so 256 rows are ample work per block even for a byte
   /// vocabulary (64K exponentials at V = 256) and leave n / 256 blocks for load balance. Fixed, so results
   /// never depend on the thread count.
@@ -74,6 +85,8 @@ class CrossEntropy {
   const Matrix<T>& probabilities() const { return probabilities_; }
   /// Number of rows the last forward call scored.
   Index scored() const { return scored_; }
+  /// Sum of the losses of the rows the last forward call scored (the mean times scored()), added in block order.
+  double loss_sum() const { return loss_sum_; }
   /// Number of scored rows whose target attained the row maximum.
   Index correct() const { return correct_; }
   /// correct() / scored() (0 when nothing was scored).
@@ -108,6 +121,7 @@ class CrossEntropy {
   std::vector<Index> targets_;
   Index scored_ = 0;
   Index correct_ = 0;
+  double loss_sum_ = 0;
 };
 
 // Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
@@ -153,21 +167,31 @@ double CrossEntropy<T>::forward(const ConstMatrixRef<T>& logits, const std::vect
     correct_ += sums.correct;
     total += sums.loss;
   }
+  loss_sum_ = total;
   return scored_ > 0 ? total / static_cast<double>(scored_) : 0.0;
 }
 
 template <class T>
 void CrossEntropy<T>::backward(const ConstMatrixRef<T>& logits, const std::vector<Index>& targets,
                                MatrixRef<T> dlogits) {
+  backward(logits, targets, dlogits, scored_);
+}
+
+template <class T>
+void CrossEntropy<T>::backward(const ConstMatrixRef<T>& logits, const std::vector<Index>& targets,
+                               MatrixRef<T> dlogits, Index scored_total) {
   constexpr const char* where = "polyattn::CrossEntropy::backward";
   check_input(where, logits, targets);
+  detail::require(scored_total >= scored_, where,
+                  "argument 'scored_total' must be at least the rows the forward pass scored (", scored_, "), got ",
+                  scored_total);
   detail::require_shape(where, "dlogits", dlogits, logits.rows(), logits.cols());
   detail::require(probabilities_.rows() == logits.rows() && probabilities_.cols() == logits.cols() &&
                       targets_ == targets,
                   where, "needs the forward pass of the same 'logits' and 'targets' first (saved state is ",
                   probabilities_.rows(), "x", probabilities_.cols(), " with ", targets_.size(), " targets)");
   if (scored_ == 0) return;
-  const T weight = static_cast<T>(1.0 / static_cast<double>(scored_));
+  const T weight = static_cast<T>(1.0 / static_cast<double>(scored_total));
   const Index n = logits.rows();
   const bool all_scored = scored_ == n;
   if (!all_scored) row_weight_.resize(n);

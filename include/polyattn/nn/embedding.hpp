@@ -39,11 +39,13 @@ struct EmbeddingOptions {
   }
 };
 
-/// Row \f$i\f$ of the output is the embedding of token \f$t_i\f$ at position \f$i\f$:
-/// \f[ Y_{i,\cdot} = E^{\text{tok}}_{t_i,\cdot} + E^{\text{pos}}_{i,\cdot},\qquad i = 0, \dots, n-1 \le N-1. \f]
+/// Row \f$i\f$ of the output is the embedding of token \f$t_i\f$ at position \f$s + i\f$, where \f$s\f$ is the
+/// `first_position` argument (0 unless the tokens are a shard of a longer sequence, as in GPT::set_state_exchange()):
+/// \f[ Y_{i,\cdot} = E^{\text{tok}}_{t_i,\cdot} + E^{\text{pos}}_{s+i,\cdot},\qquad i = 0, \dots, n-1,\quad
+///     s + n \le N. \f]
 /// Tokens are discrete, so there is no input gradient; with \f$G = \partial L/\partial Y\f$ backward scatters
 /// \f[ \partial L/\partial E^{\text{tok}}_{t,\cdot} \mathrel{+}= \textstyle\sum_{i:\,t_i = t} G_{i,\cdot},\qquad
-///     \partial L/\partial E^{\text{pos}}_{i,\cdot} \mathrel{+}= G_{i,\cdot}. \f]
+///     \partial L/\partial E^{\text{pos}}_{s+i,\cdot} \mathrel{+}= G_{i,\cdot}. \f]
 /// Every token id is checked against \f$[0, V)\f$ in both passes, so a bad id can never index out of the table.
 ///
 /// Both passes run on num_threads() threads (parallel/threads.hpp): forward and the position gradient over
@@ -57,6 +59,7 @@ struct EmbeddingOptions {
 ///   polyattn::Matrix<float> X(3, 64);
 ///   embed.forward(tokens, X);
 ///   embed.backward(tokens, dX);       // scatters into embed.token_table.grad and embed.position_table.grad
+///   embed.forward(tokens, X, /*first_position=*/100);   // the same tokens at positions 100, 101, 102
 /// \endcode
 template <class T>
 class Embedding {
@@ -80,11 +83,13 @@ class Embedding {
     out.push_back(&position_table);
   }
 
-  /// Writes \f$Y\f$ (n x d) for the n token ids `tokens` (1 <= n <= max_positions).
-  void forward(const std::vector<Index>& tokens, MatrixRef<T> Y) const;
+  /// Writes \f$Y\f$ (n x d) for the n token ids `tokens` at positions `first_position` + 0..n-1
+  /// (1 <= n, 0 <= first_position, first_position + n <= max_positions).
+  void forward(const std::vector<Index>& tokens, MatrixRef<T> Y, Index first_position = 0) const;
 
-  /// Scatters `dY` \f$= \partial L/\partial Y\f$ (n x d) into the table gradients (trainable tables only).
-  void backward(const std::vector<Index>& tokens, const ConstMatrixRef<T>& dY);
+  /// Scatters `dY` \f$= \partial L/\partial Y\f$ (n x d) into the table gradients (trainable tables only), for
+  /// the tokens and `first_position` of the forward pass.
+  void backward(const std::vector<Index>& tokens, const ConstMatrixRef<T>& dY, Index first_position = 0);
 
   /// Positions per parallel block of forward() and of the position gradient: d additions per position, so 512
   /// positions make enough work per block to amortise the loop. Fixed, as every block size in polyattn.
@@ -94,12 +99,20 @@ class Embedding {
   static constexpr Index token_block_rows = 16;
 
  private:
-  Index check_tokens(const char* where, const std::vector<Index>& tokens) const {
+  Index check_tokens(const char* where, const std::vector<Index>& tokens, Index first_position) const {
     detail::require_parameter_shape(where, token_table, vocab_size(), d_model());
     detail::require_parameter_shape(where, position_table, max_positions(), d_model());
+    detail::require(first_position >= 0 && first_position < max_positions(), where,
+                    "argument 'first_position' must be in [0, ", max_positions(), ") (max_positions), got ",
+                    first_position);
     const Index n = static_cast<Index>(tokens.size());
-    detail::require(n >= 1 && n <= max_positions(), where, "argument 'tokens' must have between 1 and ",
-                    max_positions(), " (max_positions) entries, got ", n);
+    if (first_position == 0)
+      detail::require(n >= 1 && n <= max_positions(), where, "argument 'tokens' must have between 1 and ",
+                      max_positions(), " (max_positions) entries, got ", n);
+    else
+      detail::require(n >= 1 && n <= max_positions() - first_position, where,
+                      "argument 'tokens' must have between 1 and ", max_positions() - first_position,
+                      " (max_positions - first_position) entries, got ", n);
     for (Index i = 0; i < n; ++i) {
       const Index token = tokens[static_cast<std::size_t>(i)];
       detail::require(token >= 0 && token < vocab_size(), where, "argument 'tokens' entry ", i, " must be in [0, ",
@@ -127,29 +140,29 @@ Embedding<T>::Embedding(const EmbeddingOptions& options, const std::string& name
 }
 
 template <class T>
-void Embedding<T>::forward(const std::vector<Index>& tokens, MatrixRef<T> Y) const {
+void Embedding<T>::forward(const std::vector<Index>& tokens, MatrixRef<T> Y, Index first_position) const {
   constexpr const char* where = "polyattn::Embedding::forward";
-  const Index n = check_tokens(where, tokens);
+  const Index n = check_tokens(where, tokens, first_position);
   detail::require_shape(where, "Y", Y, n, d_model());
   detail::parallel_for(detail::block_count(n, position_block_rows), [&](Index block, int) {
     const Index begin = block * position_block_rows, end = std::min(n, begin + position_block_rows);
     // Column by column: Y and each table column are contiguous, the token gather stays inside one column.
-    Y.middleRows(begin, end - begin) = position_table.value.middleRows(begin, end - begin);
+    Y.middleRows(begin, end - begin) = position_table.value.middleRows(first_position + begin, end - begin);
     for (Index j = 0; j < d_model(); ++j)
       for (Index i = begin; i < end; ++i) Y(i, j) += token_table.value(tokens[static_cast<std::size_t>(i)], j);
   });
 }
 
 template <class T>
-void Embedding<T>::backward(const std::vector<Index>& tokens, const ConstMatrixRef<T>& dY) {
+void Embedding<T>::backward(const std::vector<Index>& tokens, const ConstMatrixRef<T>& dY, Index first_position) {
   constexpr const char* where = "polyattn::Embedding::backward";
-  const Index n = check_tokens(where, tokens);
+  const Index n = check_tokens(where, tokens, first_position);
   detail::require_shape(where, "dY", dY, n, d_model());
   detail::require_finite(where, "dY", dY);
   if (position_table.trainable)
     detail::parallel_for(detail::block_count(n, position_block_rows), [&](Index block, int) {
       const Index begin = block * position_block_rows, count = std::min(position_block_rows, n - begin);
-      position_table.grad.middleRows(begin, count) += dY.middleRows(begin, count);
+      position_table.grad.middleRows(first_position + begin, count) += dY.middleRows(begin, count);
     });
   if (!token_table.trainable) return;
   // Stable counting sort: positions_by_token_[token_start_[t] .. token_start_[t + 1]) are the positions of

@@ -16,6 +16,37 @@
 /// **Loss.** Mean softmax cross-entropy of next-token prediction over the positions whose target is not
 /// `ignore_target` (so a task can score only its answer positions); backward() differentiates that mean.
 ///
+/// **Sequence parallel.** After GPT::set_state_exchange() every rank (process) of the exchange holds a contiguous
+/// shard of one sequence, in rank order: rank \f$p\f$ passes tokens \f$[s_p, s_{p+1})\f$ and their targets
+/// (uneven shards are fine; an empty one is refused, see below). The per-token layers (embedding, LayerNorm,
+/// MLP, head, loss) run on the shard, the embedding at the global positions \f$s_p + i\f$ with
+/// \f$s_p = \sum_{q<p} n_q\f$ (StateExchange::exclusive_prefix_sum() of the shard lengths), and every attention
+/// layer combines its states over the ranks (parallel/state_exchange.hpp; only the `adjoint` method is
+/// distributed). The loss is the mean over the scored positions of the whole sequence,
+/// \f[ L = \frac{\sum_p \sum_{i \in S_p} \ell_i}{\sum_p |S_p|}, \f]
+/// from one all-reduce of each rank's (sum, count, correct); backward() differentiates it with the global count
+/// and sums the parameter gradients over the ranks in one all-reduce (all trainable gradients concatenated in
+/// double), so that every rank holds \f$\partial L/\partial\theta\f$ of the whole sequence and the same optimizer
+/// step keeps the parameters identical. Results equal the serial pass on the whole sequence up to the rounding of
+/// the different summation order (tests/mpi/test_distributed_gpt.cpp).
+///
+/// No rank waits for one that failed: forward() first agrees on the configuration and validates every shard
+/// (StateExchange::agree()), every attention layer checks before its collectives that no rank failed since the
+/// last check (SelfAttention), and forward() and backward() end with such a check before the loss and gradient
+/// reductions; an error on one rank thus makes every rank throw. Every rank must make the same calls.
+///
+/// \code
+///   // every rank: the same config and seed, its own shard of tokens and targets (parallel/distributed.hpp)
+///   config.method = polyattn::AttentionMethod::adjoint;
+///   polyattn::GPT<float> model(config);
+///   model.set_state_exchange(std::make_shared<polyattn::MpiStateExchange>(MPI_COMM_WORLD));
+///   polyattn::AdamW<float> adam(model.parameters(), {3e-3});
+///   adam.zero_grad();
+///   const double loss = model.forward(shard_tokens, shard_targets);   // the loss of the whole sequence
+///   model.backward();                                                 // the gradient of the whole sequence
+///   adam.step();                                                      // the same step on every rank
+/// \endcode
+///
 /// \code
 ///   polyattn::GPTConfig config;
 ///   config.vocab_size = 256;
@@ -41,9 +72,11 @@
 #include "mlp.hpp"
 #include "self_attention.hpp"
 #include "serialization.hpp"
+#include "../parallel/state_exchange.hpp"
 
 #include <cstdint>
 #include <cstdio>
+#include <exception>
 #include <initializer_list>
 #include <memory>
 #include <string>
@@ -230,20 +263,36 @@ class GPT {
       if (linear->has_lora()) linear->merge_lora();
   }
 
-  /// Switches every layer to `method` (weights unchanged).
+  /// Switches every layer to `method` (weights unchanged). With a state exchange only `adjoint` is accepted
+  /// (std::invalid_argument otherwise, changing nothing).
   void set_attention_method(AttentionMethod method) {
     for (SelfAttention<T>* layer : attention_layers_) layer->set_method(method);
   }
 
-  /// Computes the logits (n x vocab) of `tokens` (1 <= n <= context ids in [0, vocab)) without a loss.
+  /// Makes forward() and backward() sequence parallel over the ranks of `exchange` (see the file documentation):
+  /// every attention layer exchanges its states through it, positions are global, and the loss, accuracy and
+  /// parameter gradients are those of the whole sequence. Collective: every rank calls it with the same model.
+  /// Throws std::invalid_argument on every rank, changing nothing, when a block's method is not `adjoint` (the
+  /// only distributed method) on some rank, or when the configuration or the parameters (a checksum of their
+  /// values) differ between ranks. Null restores the serial passes (not collective). Either way a backward()
+  /// needs a forward() after this call.
+  void set_state_exchange(std::shared_ptr<StateExchange> exchange);
+  /// The exchange set by set_state_exchange() (null: serial).
+  StateExchange* state_exchange() const { return exchange_.get(); }
+
+  /// Computes the logits (n x vocab) of `tokens` (1 <= n <= context ids in [0, vocab)) without a loss. With a
+  /// state exchange, `tokens` is this rank's shard (1 <= n, and the whole sequence at most `context` long) and
+  /// the logits are its rows.
   const Matrix<T>& forward(const std::vector<Index>& tokens);
 
   /// Forward pass and mean cross-entropy of predicting `targets[i]` from `tokens[0..i]`, over the positions
-  /// whose target is not `ignore_target` (0 when there are none). `targets` has the length of `tokens`.
+  /// whose target is not `ignore_target` (0 when there are none). `targets` has the length of `tokens`. With a
+  /// state exchange both are this rank's shard and the mean is over the whole sequence (the same on every rank).
   double forward(const std::vector<Index>& tokens, const std::vector<Index>& targets);
 
   /// Accumulates \f$\partial L/\partial\theta\f$ of the loss of the last forward(tokens, targets) into every
-  /// parameter's gradient.
+  /// parameter's gradient; with a state exchange the gradient of the whole sequence's loss, the same on every
+  /// rank (the gradients accumulated before are kept, not summed over the ranks again).
   void backward();
 
   /// The configuration fields a checkpoint of this model stores and checks on load (serialization.hpp): every
@@ -260,8 +309,9 @@ class GPT {
   const Matrix<T>& logits() const { return logits_; }
   /// Loss of the last forward(tokens, targets).
   double loss() const { return loss_; }
-  /// Fraction of scored positions of the last forward(tokens, targets) whose target attains the largest logit.
-  double accuracy() const { return loss_function_.accuracy(); }
+  /// Fraction of scored positions of the last forward(tokens, targets) whose target attains the largest logit
+  /// (of the whole sequence with a state exchange).
+  double accuracy() const { return accuracy_; }
 
  private:
   static LayerNormOptions layer_norm_options(Index width) {
@@ -318,15 +368,79 @@ class GPT {
     return config;
   }
 
-  void check_ids(const char* where, const char* name, const std::vector<Index>& ids, bool allow_ignore) const {
+  // `first_position` is the global position of ids[0] (non-zero only for a shard, set_state_exchange()).
+  void check_ids(const char* where, const char* name, const std::vector<Index>& ids, bool allow_ignore,
+                 Index first_position) const {
     const Index n = static_cast<Index>(ids.size());
-    detail::require(n >= 1 && n <= config_.context, where, "argument '", name, "' must have 1 to 'context' = ",
-                    config_.context, " entries, got ", n);
+    if (first_position == 0)
+      detail::require(n >= 1 && n <= config_.context, where, "argument '", name, "' must have 1 to 'context' = ",
+                      config_.context, " entries, got ", n);
+    else
+      detail::require(n >= 1 && n <= config_.context - first_position, where, "argument '", name,
+                      "' must have 1 to 'context' - (this shard's first position) = ", config_.context, " - ",
+                      first_position, " entries, got ", n);
     for (Index i = 0; i < n; ++i) {
       const Index id = ids[static_cast<std::size_t>(i)];
       detail::require((id >= 0 && id < config_.vocab_size) || (allow_ignore && id == config_.ignore_target), where,
                       "argument '", name, "' has id ", id, " at position ", i, ", expected [0, ", config_.vocab_size,
                       ")", allow_ignore ? " or 'ignore_target'" : "");
+    }
+  }
+
+  // Validates the arguments of a forward pass (`targets` null: logits only) and sets first_position_; with an
+  // exchange, after the prefix sum of the shard lengths, collectively (agree()): every rank continues or throws.
+  void begin_forward(const char* where, const std::vector<Index>& tokens, const std::vector<Index>* targets);
+
+  // Embedding, body and the finite check of the logits of `tokens` (validated) at first_position_.
+  void compute_logits(const char* where, const std::vector<Index>& tokens);
+
+  // The backward pass of this rank's rows, from the loss to the embedding.
+  void backward_local();
+
+  // Runs `local_work`; with an exchange, then checks collectively that it succeeded on every rank (succeeded()),
+  // unless it threw from a collective check of an attention layer, which every rank threw from at once.
+  template <class LocalWork>
+  void collectively(const char* where, LocalWork&& local_work);
+
+  // The settings every rank must share (agree()): the configuration fields that shape the per-token layers and
+  // the messages (the attention layers agree on their own options), and the size of the gradient message.
+  std::vector<StateExchange::Setting> shared_settings();
+
+  std::uint64_t collective_failures() const {
+    std::uint64_t count = 0;
+    for (const SelfAttention<T>* layer : attention_layers_) count += layer->collective_failures();
+    return count;
+  }
+
+  std::vector<Parameter<T>*> trainable_parameters() {
+    std::vector<Parameter<T>*> trainable;
+    for (Parameter<T>* p : parameters())
+      if (p->trainable) trainable.push_back(p);
+    return trainable;
+  }
+
+  static Index total_size(const std::vector<Parameter<T>*>& list) {
+    Index size = 0;
+    for (const Parameter<T>* p : list) size += p->size();
+    return size;
+  }
+
+  // The gradients of `list`, concatenated in double (one message for all of them).
+  static void pack_gradients(const std::vector<Parameter<T>*>& list, Eigen::MatrixXd& packed) {
+    packed.resize(total_size(list), 1);
+    Index offset = 0;
+    for (const Parameter<T>* p : list) {
+      packed.col(0).segment(offset, p->size()) =
+          Eigen::Map<const Vector<T>>(p->grad.data(), p->size()).template cast<double>();
+      offset += p->size();
+    }
+  }
+
+  static void unpack_gradients(const Eigen::MatrixXd& packed, const std::vector<Parameter<T>*>& list) {
+    Index offset = 0;
+    for (Parameter<T>* p : list) {
+      Eigen::Map<Vector<T>>(p->grad.data(), p->size()) = packed.col(0).segment(offset, p->size()).template cast<T>();
+      offset += p->size();
     }
   }
 
@@ -339,7 +453,12 @@ class GPT {
   CrossEntropy<T> loss_function_;
   std::vector<Index> tokens_, targets_;
   Matrix<T> embedded_, logits_, embedded_grad_, logits_grad_;
-  double loss_ = 0;
+  double loss_ = 0, accuracy_ = 0;
+  std::shared_ptr<StateExchange> exchange_;
+  // Global position of tokens_[0] and the scored positions of the whole sequence, of the last forward pass.
+  Index first_position_ = 0, scored_total_ = 0;
+  // backward() with an exchange: the gradients accumulated before it, and the message summing its own.
+  Eigen::MatrixXd earlier_gradients_, gradient_message_;
 };
 
 // Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
@@ -393,15 +512,122 @@ void GPT<T>::add_lora(const LoRAOptions& options, const LoRATargets& targets) {
 }
 
 template <class T>
+void GPT<T>::set_state_exchange(std::shared_ptr<StateExchange> exchange) {
+  constexpr const char* where = "polyattn::GPT::set_state_exchange";
+  targets_.clear();  // a backward() pairs with a forward() under the same exchange
+  if (!exchange) {
+    for (SelfAttention<T>* layer : attention_layers_) layer->set_state_exchange(nullptr);
+    exchange_ = nullptr;
+    first_position_ = 0;
+    return;
+  }
+  std::exception_ptr failure;  // agree() makes every rank throw it
+  double parameter_sum = 0, parameter_square_sum = 0;
+  try {
+    for (std::size_t layer = 0; layer < attention_layers_.size(); ++layer) {
+      const AttentionMethod method = attention_layers_[layer]->method();
+      detail::require(method == AttentionMethod::adjoint, where, "block ", layer, " uses the attention method '",
+                      attention_method_name(method), "', which is not distributed: only 'adjoint' is (set "
+                      "GPTConfig::method or layer_methods, or call set_attention_method())");
+    }
+    // Identical parameters are what keeps the ranks' optimizer steps identical; a checksum catches different
+    // seeds or checkpoints.
+    for (const Parameter<T>* p : parameters()) {
+      parameter_sum += p->value.template cast<double>().sum();
+      parameter_square_sum += p->value.template cast<double>().squaredNorm();
+    }
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  std::vector<StateExchange::Setting> settings = shared_settings();
+  settings.push_back({"sum of the parameters", parameter_sum});
+  settings.push_back({"sum of the squared parameters", parameter_square_sum});
+  exchange->agree(where, failure, settings);
+  for (SelfAttention<T>* layer : attention_layers_) layer->set_state_exchange(exchange);
+  exchange_ = std::move(exchange);
+}
+
+template <class T>
+std::vector<StateExchange::Setting> GPT<T>::shared_settings() {
+  return {{"vocab_size", static_cast<double>(config_.vocab_size)},
+          {"context", static_cast<double>(config_.context)},
+          {"d_model", static_cast<double>(config_.d_model)},
+          {"heads", static_cast<double>(config_.heads)},
+          {"layers", static_cast<double>(config_.layers)},
+          {"mlp_hidden", static_cast<double>(config_.mlp_hidden)},
+          {"activation", static_cast<double>(static_cast<int>(config_.activation))},
+          {"ignore_target", static_cast<double>(config_.ignore_target)},
+          {"trainable parameter entries", static_cast<double>(total_size(trainable_parameters()))}};
+}
+
+template <class T>
+template <class LocalWork>
+void GPT<T>::collectively(const char* where, LocalWork&& local_work) {
+  if (!exchange_) {
+    local_work();
+    return;
+  }
+  const std::uint64_t collective_failures_before = collective_failures();
+  std::exception_ptr failure;
+  try {
+    local_work();
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  // Reporting a failure that every rank already threw from would wait for ranks that are not coming.
+  if (failure && collective_failures() != collective_failures_before) std::rethrow_exception(failure);
+  // A local failure meets the other ranks here or at the check of their next attention layer.
+  exchange_->succeeded(where, failure);
+}
+
+template <class T>
+void GPT<T>::begin_forward(const char* where, const std::vector<Index>& tokens, const std::vector<Index>* targets) {
+  Index first_position = 0;
+  if (exchange_) {
+    Eigen::MatrixXd tokens_before(1, 1);
+    tokens_before(0, 0) = static_cast<double>(tokens.size());
+    exchange_->exclusive_prefix_sum(tokens_before, false);
+    first_position = static_cast<Index>(tokens_before(0, 0));
+  }
+  std::exception_ptr failure;  // with an exchange, agree() makes every rank throw it
+  try {
+    first_position_ = first_position;
+    // An empty shard would need every per-token layer to accept zero rows; no use case needs it.
+    if (exchange_)
+      detail::require(!tokens.empty(), where, "argument 'tokens' is empty on rank ", exchange_->rank(),
+                      ": every rank of the state exchange needs at least one token (empty shards are not supported)");
+    if (targets) {
+      detail::require(targets->size() == tokens.size(), where, "argument 'targets' must have the length of 'tokens' (",
+                      tokens.size(), "), got ", targets->size());
+      check_ids(where, "targets", *targets, true, first_position);
+    }
+    check_ids(where, "tokens", tokens, false, first_position);
+  } catch (...) {
+    if (!exchange_) throw;
+    failure = std::current_exception();
+  }
+  if (!exchange_) return;
+  std::vector<StateExchange::Setting> settings = shared_settings();
+  settings.push_back({"forward with targets", targets ? 1.0 : 0.0});
+  exchange_->agree(where, failure, settings);
+}
+
+template <class T>
 const Matrix<T>& GPT<T>::forward(const std::vector<Index>& tokens) {
   constexpr const char* where = "polyattn::GPT::forward";
-  check_ids(where, "tokens", tokens, false);
+  begin_forward(where, tokens, nullptr);
+  collectively(where, [&] { compute_logits(where, tokens); });
+  return logits_;
+}
+
+template <class T>
+void GPT<T>::compute_logits(const char* where, const std::vector<Index>& tokens) {
   const Index n = static_cast<Index>(tokens.size());
   tokens_ = tokens;
   embedded_.resize(n, config_.d_model);
   logits_.resize(n, config_.vocab_size);
   targets_.clear();
-  embedding_.forward(tokens_, embedded_);
+  embedding_.forward(tokens_, embedded_, first_position_);
   try {
     body_.forward(embedded_, logits_);
   } catch (const std::invalid_argument& error) {
@@ -414,31 +640,66 @@ const Matrix<T>& GPT<T>::forward(const std::vector<Index>& tokens) {
     throw std::invalid_argument(detail::concat(where, ": the logits have a non-finite entry although every "
                                                "parameter is finite (an activation overflowed)"));
   }
-  return logits_;
 }
 
 template <class T>
 double GPT<T>::forward(const std::vector<Index>& tokens, const std::vector<Index>& targets) {
   constexpr const char* where = "polyattn::GPT::forward";
-  detail::require(targets.size() == tokens.size(), where, "argument 'targets' must have the length of 'tokens' (",
-                  tokens.size(), "), got ", targets.size());
-  check_ids(where, "targets", targets, true);
-  forward(tokens);
-  targets_ = targets;
-  loss_ = loss_function_.forward(logits_, targets_);
+  begin_forward(where, tokens, &targets);
+  collectively(where, [&] {
+    compute_logits(where, tokens);
+    targets_ = targets;
+    loss_ = loss_function_.forward(logits_, targets_);
+    scored_total_ = loss_function_.scored();
+    accuracy_ = loss_function_.accuracy();
+  });
+  if (!exchange_) return loss_;
+  Eigen::MatrixXd totals(3, 1);  // one message: the loss sum, the scored and the correct positions
+  totals << loss_function_.loss_sum(), static_cast<double>(loss_function_.scored()),
+      static_cast<double>(loss_function_.correct());
+  exchange_->all_reduce_sum(totals);
+  scored_total_ = static_cast<Index>(totals(1, 0));
+  loss_ = scored_total_ > 0 ? totals(0, 0) / totals(1, 0) : 0.0;
+  accuracy_ = scored_total_ > 0 ? totals(2, 0) / totals(1, 0) : 0.0;
   return loss_;
+}
+
+template <class T>
+void GPT<T>::backward_local() {
+  const Index n = static_cast<Index>(tokens_.size());
+  logits_grad_.setZero(n, config_.vocab_size);
+  loss_function_.backward(logits_, targets_, logits_grad_, scored_total_);
+  embedded_grad_.setZero(n, config_.d_model);
+  body_.backward(embedded_, logits_grad_, embedded_grad_);
+  embedding_.backward(tokens_, embedded_grad_, first_position_);
 }
 
 template <class T>
 void GPT<T>::backward() {
   constexpr const char* where = "polyattn::GPT::backward";
-  detail::require(!targets_.empty(), where, "needs a preceding forward(tokens, targets)");
-  const Index n = static_cast<Index>(tokens_.size());
-  logits_grad_.setZero(n, config_.vocab_size);
-  loss_function_.backward(logits_, targets_, logits_grad_);
-  embedded_grad_.setZero(n, config_.d_model);
-  body_.backward(embedded_, logits_grad_, embedded_grad_);
-  embedding_.backward(tokens_, embedded_grad_);
+  if (!exchange_) {
+    detail::require(!targets_.empty(), where, "needs a preceding forward(tokens, targets)");
+    backward_local();
+    return;
+  }
+  // Only this pass's gradients are summed over the ranks: the ones accumulated before are every rank's already
+  // and would be counted P times, so they wait aside.
+  const std::vector<Parameter<T>*> trainable = trainable_parameters();
+  pack_gradients(trainable, earlier_gradients_);
+  for (Parameter<T>* p : trainable) p->grad.setZero();
+  try {
+    collectively(where, [&] {
+      detail::require(!targets_.empty(), where, "needs a preceding forward(tokens, targets)");
+      backward_local();
+    });
+  } catch (...) {
+    unpack_gradients(earlier_gradients_, trainable);  // a failed pass adds nothing
+    throw;
+  }
+  pack_gradients(trainable, gradient_message_);
+  exchange_->all_reduce_sum(gradient_message_);
+  gradient_message_ += earlier_gradients_;
+  unpack_gradients(gradient_message_, trainable);
 }
 
 template <class T>

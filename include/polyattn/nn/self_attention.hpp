@@ -1,13 +1,17 @@
 /// \file nn/self_attention.hpp
 /// Multi-head causal self-attention with learned projections \f$W_Q, W_K, W_V, W_O\f$ and an attention
-/// backend chosen per layer (exact, exact blocked, paper, adjoint).
+/// backend chosen per layer (exact, exact blocked, paper, adjoint), serial or sequence parallel.
 #pragma once
 
 #include "../attention/backend_factory.hpp"
+#include "../parallel/state_exchange.hpp"
 #include "linear.hpp"
 
+#include <cstdint>
+#include <exception>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace polyattn {
@@ -71,6 +75,15 @@ struct SelfAttentionOptions {
 ///
 /// forward() keeps \f$Q, K, V, A\f$ for backward(), which must be called with the same \f$X\f$.
 ///
+/// **Sequence parallel.** After set_state_exchange() every rank passes its own contiguous rows of \f$X\f$ (the
+/// projections are per row) and the adjoint backend combines its states over the ranks
+/// (parallel/state_exchange.hpp). Each pass runs its local work, then one collective check
+/// (StateExchange::succeeded()) right before the backend's collectives: a failure on one rank, here or in a
+/// per-row layer before this one that its caller reports at its own check (GPT does), makes every rank throw
+/// there instead of leaving the others waiting in the backend. collective_failures() counts the passes that threw
+/// on every rank at once, so that a caller does not report those again. What runs after the backend (the output
+/// projection in forward(), the input projections in backward()) is local: the caller reports its failure.
+///
 /// \code
 ///   polyattn::SelfAttentionOptions opt;
 ///   opt.d_model = 64;
@@ -79,6 +92,7 @@ struct SelfAttentionOptions {
 ///   polyattn::SelfAttention<float> attn(opt, "block0.attn");
 ///   attn.forward(X, Y);
 ///   attn.backward(X, dY, dX);      // projection gradients and dX accumulate
+///   attn.set_state_exchange(exchange);  // then X, Y, dY, dX are this rank's rows of the sequence
 /// \endcode
 template <class T>
 class SelfAttention {
@@ -99,8 +113,21 @@ class SelfAttention {
   Index heads() const { return options_.heads; }
   AttentionMethod method() const { return options_.method; }
 
-  /// Switches the attention method (the weights are kept). Takes effect at the next forward().
+  /// Switches the attention method (the weights are kept). Takes effect at the next forward(). With a state
+  /// exchange only `adjoint` is accepted (std::invalid_argument otherwise, changing nothing).
   void set_method(AttentionMethod method);
+
+  /// Makes forward() and backward() sequence parallel over the ranks of `exchange` (see the class
+  /// documentation): the backend becomes an AdjointBackend with this exchange, the only distributed method
+  /// today. Throws std::invalid_argument, changing nothing, when the layer's method is not `adjoint`. Null
+  /// restores the serial backend of the layer's method. Not collective itself; every rank must call it before
+  /// the next forward().
+  void set_state_exchange(std::shared_ptr<StateExchange> exchange);
+  /// The exchange set by set_state_exchange() (null: serial).
+  StateExchange* state_exchange() const { return exchange_.get(); }
+  /// Number of forward() and backward() calls, since construction, that threw on every rank of the exchange at
+  /// once (from the collective check or the backend), as opposed to a failure of this rank alone.
+  std::uint64_t collective_failures() const { return collective_failures_; }
 
   /// The backend in use (for its statistics; forward() and backward() drive it).
   AttentionBackend<T>& backend() { return *backend_; }
@@ -142,7 +169,12 @@ class SelfAttention {
     return linear;
   }
 
+  // The backend for `method`: serial, or an AdjointBackend on exchange_ (`where` names the caller).
+  std::unique_ptr<AttentionBackend<T>> make_backend(const char* where, AttentionMethod method) const;
+
   SelfAttentionOptions options_;
+  std::shared_ptr<StateExchange> exchange_;
+  std::uint64_t collective_failures_ = 0;
   std::unique_ptr<AttentionBackend<T>> backend_;
   Matrix<T> queries_, keys_, values_, heads_out_;
   Matrix<T> heads_grad_, query_grad_, key_grad_, value_grad_;
@@ -159,49 +191,95 @@ SelfAttention<T>::SelfAttention(const SelfAttentionOptions& options, const std::
       value(projection(options, 2), name + ".wv"),
       output(projection(options, 3), name + ".wo"),
       options_(options),
-      backend_(make_attention_backend<T>(options.method, options.backend_options())) {}
+      backend_(make_backend("polyattn::SelfAttention", options.method)) {}
+
+template <class T>
+std::unique_ptr<AttentionBackend<T>> SelfAttention<T>::make_backend(const char* where, AttentionMethod method) const {
+  if (!exchange_) return make_attention_backend<T>(method, options_.backend_options());
+  detail::require(method == AttentionMethod::adjoint, where,
+                  "with a state exchange the method must be 'adjoint' (the only distributed one), got '",
+                  attention_method_name(method), "'");
+  auto adjoint = std::make_unique<AdjointBackend<T>>(options_.backend_options());
+  adjoint->set_state_exchange(exchange_);
+  return adjoint;
+}
 
 template <class T>
 void SelfAttention<T>::set_method(AttentionMethod method) {
-  backend_ = make_attention_backend<T>(method, options_.backend_options());
+  backend_ = make_backend("polyattn::SelfAttention::set_method", method);
   options_.method = method;
+}
+
+template <class T>
+void SelfAttention<T>::set_state_exchange(std::shared_ptr<StateExchange> exchange) {
+  std::swap(exchange_, exchange);
+  try {
+    backend_ = make_backend("polyattn::SelfAttention::set_state_exchange", options_.method);
+  } catch (...) {
+    std::swap(exchange_, exchange);  // changes nothing
+    throw;
+  }
 }
 
 template <class T>
 void SelfAttention<T>::forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
   constexpr const char* where = "polyattn::SelfAttention::forward";
-  detail::require_nonempty(where, "X", X);
-  detail::require_shape(where, "X", X, X.rows(), d_model());
-  detail::require_shape(where, "Y", Y, X.rows(), d_model());
-  const Index n = X.rows();
-  queries_.resize(n, d_model());
-  keys_.resize(n, d_model());
-  values_.resize(n, d_model());
-  heads_out_.resize(n, d_model());
-  query.forward(X, queries_);
-  key.forward(X, keys_);
-  value.forward(X, values_);
-  forward_certificate_ = backend_->forward(queries_, keys_, values_, heads_out_);
+  std::exception_ptr local_failure;  // with an exchange, reported to every rank before the backend's collectives
+  try {
+    detail::require_nonempty(where, "X", X);
+    detail::require_shape(where, "X", X, X.rows(), d_model());
+    detail::require_shape(where, "Y", Y, X.rows(), d_model());
+    const Index n = X.rows();
+    queries_.resize(n, d_model());
+    keys_.resize(n, d_model());
+    values_.resize(n, d_model());
+    heads_out_.resize(n, d_model());
+    query.forward(X, queries_);
+    key.forward(X, keys_);
+    value.forward(X, values_);
+  } catch (...) {
+    if (!exchange_) throw;
+    local_failure = std::current_exception();
+  }
+  try {
+    if (exchange_) exchange_->succeeded(where, local_failure);
+    forward_certificate_ = backend_->forward(queries_, keys_, values_, heads_out_);
+  } catch (...) {
+    if (exchange_) ++collective_failures_;  // both throw on every rank together
+    throw;
+  }
   output.forward(heads_out_, Y);
 }
 
 template <class T>
 void SelfAttention<T>::backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX) {
   constexpr const char* where = "polyattn::SelfAttention::backward";
-  detail::require(queries_.rows() == X.rows() && queries_.cols() == d_model(), where,
-                  "needs a preceding forward() with the same X: saved ", queries_.rows(), "x", queries_.cols(),
-                  " activations, got X of ", X.rows(), " rows");
-  detail::require_shape(where, "X", X, X.rows(), d_model());
-  detail::require_shape(where, "dY", dY, X.rows(), d_model());
-  detail::require_shape(where, "dX", dX, X.rows(), d_model());
-  const Index n = X.rows();
-  heads_grad_.setZero(n, d_model());
-  output.backward(heads_out_, dY, heads_grad_);
-  query_grad_.resize(n, d_model());
-  key_grad_.resize(n, d_model());
-  value_grad_.resize(n, d_model());
-  gradient_certificate_ =
-      backend_->backward(queries_, keys_, values_, heads_out_, heads_grad_, query_grad_, key_grad_, value_grad_);
+  std::exception_ptr local_failure;  // with an exchange, reported to every rank before the backend's collectives
+  try {
+    detail::require(queries_.rows() == X.rows() && queries_.cols() == d_model(), where,
+                    "needs a preceding forward() with the same X: saved ", queries_.rows(), "x", queries_.cols(),
+                    " activations, got X of ", X.rows(), " rows");
+    detail::require_shape(where, "X", X, X.rows(), d_model());
+    detail::require_shape(where, "dY", dY, X.rows(), d_model());
+    detail::require_shape(where, "dX", dX, X.rows(), d_model());
+    const Index n = X.rows();
+    heads_grad_.setZero(n, d_model());
+    output.backward(heads_out_, dY, heads_grad_);
+    query_grad_.resize(n, d_model());
+    key_grad_.resize(n, d_model());
+    value_grad_.resize(n, d_model());
+  } catch (...) {
+    if (!exchange_) throw;
+    local_failure = std::current_exception();
+  }
+  try {
+    if (exchange_) exchange_->succeeded(where, local_failure);
+    gradient_certificate_ =
+        backend_->backward(queries_, keys_, values_, heads_out_, heads_grad_, query_grad_, key_grad_, value_grad_);
+  } catch (...) {
+    if (exchange_) ++collective_failures_;  // both throw on every rank together
+    throw;
+  }
   query.backward(X, query_grad_, dX);
   key.backward(X, key_grad_, dX);
   value.backward(X, value_grad_, dX);

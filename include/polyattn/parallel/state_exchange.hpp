@@ -93,8 +93,7 @@ class StateExchange {
       if (smallest != largest)
         throw std::invalid_argument(detail::concat(where, ": '", setting.name, "' differs across the ", ranks(),
                                                    " ranks (from ", smallest, " to ", largest, "; this rank has ",
-                                                   setting.value, "): every rank must use the same options and "
-                                                   "head shapes"));
+                                                   setting.value, "): every rank must use the same settings"));
     }
   }
 
