@@ -40,7 +40,7 @@ step "Release build and tests"
 configure "$build/release" -DCMAKE_BUILD_TYPE=Release -DPOLYATTN_NATIVE=ON \
   -DCMAKE_COMPILE_WARNING_AS_ERROR=ON
 # The tests, the MPI tests and the examples (example_cli runs them); the benchmarks only with --bench.
-targets=(--target polyattn_tests polyattn_mpi_tests polyattn_demo train_gpt accuracy_frontier)
+targets=(--target polyattn_tests polyattn_mpi_tests polyattn_demo train_gpt accuracy_frontier distributed_attention)
 (( bench )) && targets+=(polyattn_bench)
 cmake --build "$build/release" -j2 "${targets[@]}"
 ctest --test-dir "$build/release" --output-on-failure -j2

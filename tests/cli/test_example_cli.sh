@@ -3,14 +3,19 @@
 # exit status 2 and a one-line message on stderr naming the option, before any work starts; and train_gpt's
 # --out-dir is never interpreted by a shell (nor by gnuplot as a pipe).
 #
-#   test_example_cli.sh POLYATTN_DEMO TRAIN_GPT ACCURACY_FRONTIER
+#   test_example_cli.sh POLYATTN_DEMO TRAIN_GPT ACCURACY_FRONTIER [DISTRIBUTED_ATTENTION]
+#
+# DISTRIBUTED_ATTENTION (built with MPI only) runs without mpirun, as a single MPI process (MPI's singleton
+# start-up, a few tenths of a second); its runs under mpirun are tests of their own (examples/CMakeLists.txt).
 set -u
 
-if [ $# -ne 3 ]; then
-  echo "usage: $0 POLYATTN_DEMO TRAIN_GPT ACCURACY_FRONTIER" >&2
+if [ $# -ne 3 ] && [ $# -ne 4 ]; then
+  echo "usage: $0 POLYATTN_DEMO TRAIN_GPT ACCURACY_FRONTIER [DISTRIBUTED_ATTENTION]" >&2
   exit 2
 fi
 demo=$(realpath "$1") train=$(realpath "$2") frontier=$(realpath "$3")
+distributed=""
+[ $# -eq 4 ] && distributed=$(realpath "$4")
 
 passed=0 failed=0
 work=$(mktemp -d "${TMPDIR:-/tmp}/polyattn_cli.XXXXXX")
@@ -96,6 +101,21 @@ expect_usage_error --n "$frontier" --n 99999999999
 expect_usage_error --seed "$frontier" --seed -1
 expect_usage_error --max-degree "$frontier" --max-degree -2
 expect_usage_error --max-degree "$frontier" --max-degree ''
+
+if [ -n "$distributed" ]; then
+  echo "== distributed_attention (one MPI process): --help and bad input"
+  expect_help "$distributed"
+  expect_usage_error --bogus "$distributed" --bogus
+  expect_usage_error --tokens "$distributed" --tokens
+  expect_usage_error --tokens "$distributed" --tokens 10abc
+  expect_usage_error --tokens "$distributed" --tokens 0
+  expect_usage_error --tokens "$distributed" --tokens 99999999999
+  expect_usage_error --heads "$distributed" --heads 0
+  expect_usage_error --head-dim "$distributed" --head-dim 65
+  expect_usage_error --repeats "$distributed" --repeats -1
+  expect_usage_error --seed "$distributed" --seed -1
+  expect_usage_error extra "$distributed" --exchange-only extra
+fi
 
 echo "== train_gpt: bad input"
 printf 'too short\n' >"$work/short.txt"

@@ -45,6 +45,9 @@ namespace polyattn {
 /// StateExchange over an MPI communicator, whose rank order is the sequence order. The constructor and the
 /// destructor are collective over the communicator (it is duplicated, so polyattn's messages never meet the
 /// caller's, and split once with the ranks reversed for the backward scans). Destroy it before MPI_Finalize.
+///
+/// It counts what this rank contributes (bytes_sent(), collectives()), so that a caller can measure the
+/// exchange's share of a step and model it on another network.
 class MpiStateExchange final : public StateExchange {
  public:
   explicit MpiStateExchange(MPI_Comm comm) {
@@ -69,6 +72,16 @@ class MpiStateExchange final : public StateExchange {
   int rank() const override { return rank_; }
   int ranks() const override { return ranks_; }
 
+  /// Payload this rank has passed to the collectives of this exchange since its construction: for every
+  /// all_reduce_sum(), exclusive_prefix_sum(), all_reduce_max() and all_reduce_min() call, the number of doubles
+  /// it contributes times 8 (the states, and the few numbers of agree(), succeeded() and the maxima). It is not
+  /// the traffic on the wire, which depends on MPI's algorithm and P (a ring all-reduce sends about 2(P-1)/P
+  /// times the payload per rank, a tree or a scan up to log2(P) times); the constructor's communicator set-up
+  /// is not counted.
+  std::size_t bytes_sent() const { return bytes_sent_; }
+  /// Number of those collective calls; each costs at least one network latency whatever its size.
+  std::size_t collectives() const { return collectives_; }
+
   void all_reduce_sum(Eigen::Ref<Eigen::MatrixXd> values) override {
     in_contiguous_memory(values, [&](double* data, int count) {
       check(MPI_Allreduce(MPI_IN_PLACE, data, count, MPI_DOUBLE, MPI_SUM, comm_), "MPI_Allreduce");
@@ -85,13 +98,15 @@ class MpiStateExchange final : public StateExchange {
   }
 
   double all_reduce_max(double value) override {
+    tally(1);
     check(MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_DOUBLE, MPI_MAX, comm_), "MPI_Allreduce");
     return value;
   }
 
   void all_reduce_min(Eigen::Ref<Eigen::VectorXd> values) override {
-    check(MPI_Allreduce(MPI_IN_PLACE, values.data(), count_of(values.size()), MPI_DOUBLE, MPI_MIN, comm_),
-          "MPI_Allreduce");
+    const int count = count_of(values.size());
+    tally(count);
+    check(MPI_Allreduce(MPI_IN_PLACE, values.data(), count, MPI_DOUBLE, MPI_MIN, comm_), "MPI_Allreduce");
   }
 
  private:
@@ -113,37 +128,47 @@ class MpiStateExchange final : public StateExchange {
     return static_cast<int>(size);
   }
 
+  // Counts one collective call to which this rank contributes `count` doubles.
+  void tally(int count) {
+    bytes_sent_ += static_cast<std::size_t>(count) * sizeof(double);
+    ++collectives_;
+  }
+
   // Calls collective(data, count) on the entries of `values`, in place when they are contiguous.
   template <class Collective>
   void in_contiguous_memory(Eigen::Ref<Eigen::MatrixXd> values, Collective&& collective) {
+    const int count = count_of(values.size());
+    tally(count);
     if (values.outerStride() == values.rows()) {
-      collective(values.data(), count_of(values.size()));
+      collective(values.data(), count);
       return;
     }
     buffer_ = values;
-    collective(buffer_.data(), count_of(buffer_.size()));
+    collective(buffer_.data(), count);
     values = buffer_;
   }
 
   MPI_Comm comm_ = MPI_COMM_NULL, reversed_ = MPI_COMM_NULL;
   int rank_ = 0, ranks_ = 1;
   Eigen::MatrixXd buffer_;  // a copy of non-contiguous states
+  std::size_t bytes_sent_ = 0, collectives_ = 0;
 };
 
 /// A backend computing attention by `method` on this rank's shard of the sequence, combining its states with
-/// the other ranks of `comm` (see the file documentation); collective: every rank of `comm` calls it, and then
+/// the other ranks through `exchange` (see the file documentation); collective: every rank calls it, and then
 /// forward() and backward(), with the same method and options. Distributed today: `adjoint` (the polynomial
 /// forward pass, bitwise PolynomialAttention's, and its exact gradient). For the forward pass alone, a
-/// PolynomialAttention with `set_state_exchange(std::make_shared<MpiStateExchange>(comm))` avoids keeping the
-/// adjoint's checkpoints. Throws std::invalid_argument on every rank for invalid options, a method that is not
-/// distributed yet, or a method that differs between ranks.
+/// PolynomialAttention with `set_state_exchange(exchange)` avoids keeping the adjoint's checkpoints. Throws
+/// std::invalid_argument on every rank for invalid options, a method that is not distributed yet, or a method
+/// that differs between ranks; a null `exchange` throws std::invalid_argument at once. Pass the exchange yourself
+/// to read its counters (MpiStateExchange::bytes_sent()); like a backend it serves one thread at a time.
 template <class T>
 std::unique_ptr<AttentionBackend<T>> make_distributed_backend(AttentionMethod method,
                                                               const PolynomialAttentionOptions& options,
-                                                              MPI_Comm comm) {
+                                                              std::shared_ptr<StateExchange> exchange) {
   detail::static_check_scalar<T>();
   constexpr const char* where = "polyattn::make_distributed_backend";
-  auto exchange = std::make_shared<MpiStateExchange>(comm);
+  detail::require(exchange != nullptr, where, "argument 'exchange' must not be null");
   std::unique_ptr<AttentionBackend<T>> backend;
   std::exception_ptr failure;  // agree() makes every rank throw it
   try {
@@ -173,6 +198,14 @@ std::unique_ptr<AttentionBackend<T>> make_distributed_backend(AttentionMethod me
   }
   exchange->agree(where, failure, {{"method", static_cast<double>(method)}});
   return backend;
+}
+
+/// make_distributed_backend() over the ranks of `comm`, through a new MpiStateExchange.
+template <class T>
+std::unique_ptr<AttentionBackend<T>> make_distributed_backend(AttentionMethod method,
+                                                              const PolynomialAttentionOptions& options,
+                                                              MPI_Comm comm) {
+  return make_distributed_backend<T>(method, options, std::make_shared<MpiStateExchange>(comm));
 }
 
 }  // namespace polyattn
