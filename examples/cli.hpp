@@ -1,5 +1,6 @@
 /// \file cli.hpp
-/// Strict command-line parsing shared by the example programs (polyattn_demo, train_gpt, accuracy_frontier).
+/// Strict command-line parsing shared by the example programs (polyattn_demo, train_gpt, accuracy_frontier,
+/// distributed_attention).
 ///
 /// Every mistake is a UsageError whose message is one line naming the option, what it expects and what it got,
 /// e.g. `--steps expects an integer in [1, 10000000], got '10abc'`; main() prints it with usage_error() and
