@@ -6,6 +6,7 @@
 #include <polyattn/parallel/distributed.hpp>
 
 #include "gradient_check.hpp"
+#include "mpi/mpi_testing.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -24,50 +25,16 @@ using polyattn::AttentionMethod;
 using polyattn::Index;
 using polyattn::Matrix;
 using polyattn::PolynomialAttentionOptions;
+using polyattn::testing::invalid_argument_message;
 using polyattn::testing::random_matrix;
+using polyattn::testing::Shard;
+using polyattn::testing::shard_of;
+using polyattn::testing::Split;
+using polyattn::testing::world_rank;
+using polyattn::testing::world_size;
 using Catch::Matchers::Contains;
 
 namespace {
-
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-int world_size() {
-  int size = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
-
-// Rows [first, first + rows) of the sequence on this rank.
-struct Shard {
-  Index first, rows;
-};
-
-// How the rows are split over the ranks.
-enum class Split {
-  uneven,     // rank p gets a share proportional to p + 1
-  empty_rank  // as uneven, but rank 1 gets no rows when there are at least 3 ranks
-};
-
-Shard shard_of(Index n, Split split) {
-  const int ranks = world_size(), rank = world_rank();
-  std::vector<Index> weights(static_cast<std::size_t>(ranks));
-  for (int p = 0; p < ranks; ++p) weights[static_cast<std::size_t>(p)] = p + 1;
-  if (split == Split::empty_rank && ranks >= 3) weights[1] = 0;
-  Index total = 0;
-  for (const Index w : weights) total += w;
-  std::vector<Index> cuts{0};
-  Index running = 0;
-  for (const Index w : weights) {
-    running += w;
-    cuts.push_back(n * running / total);
-  }
-  const auto p = static_cast<std::size_t>(rank);
-  return {cuts[p], cuts[p + 1] - cuts[p]};
-}
 
 // max |a - b| over the shard, relative to max |full| over the whole serial result (so an empty shard is 0).
 template <class T, class A, class B>
@@ -162,20 +129,6 @@ void check_every_configuration() {
           check_against_serial<T>(options, 203, 4, split);
         }
       }
-}
-
-// Runs `call` on every rank and returns the message of the std::invalid_argument it threw ("" if none, "other" for
-// another exception type).
-template <class Call>
-std::string invalid_argument_message(Call&& call) {
-  try {
-    call();
-  } catch (const std::invalid_argument& error) {
-    return error.what();
-  } catch (...) {
-    return "other";
-  }
-  return "";
 }
 
 }  // namespace

@@ -8,6 +8,8 @@
 #include <polyattn/parallel/distributed.hpp>
 #include <polyattn/polyattn.hpp>
 
+#include "mpi/mpi_testing.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <mpi.h>
@@ -28,21 +30,14 @@ using polyattn::GPTConfig;
 using polyattn::Index;
 using polyattn::Matrix;
 using polyattn::Parameter;
+using polyattn::testing::invalid_argument_message;
+using polyattn::testing::Shard;
+using polyattn::testing::shard_of;
+using polyattn::testing::world_rank;
+using polyattn::testing::world_size;
 using Catch::Matchers::Contains;
 
 namespace {
-
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-int world_size() {
-  int size = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
 
 std::shared_ptr<polyattn::StateExchange> world_exchange() {
   return std::make_shared<polyattn::MpiStateExchange>(MPI_COMM_WORLD);
@@ -63,21 +58,9 @@ GPTConfig small_config() {
   return config;
 }
 
-// Rows [first, first + count) of the sequence on this rank: rank p gets a share proportional to p + 1.
-struct Shard {
-  Index first, count;
-};
-
-Shard shard_of(Index n) {
-  const Index ranks = world_size(), rank = world_rank();
-  const Index total_weight = ranks * (ranks + 1) / 2;
-  const auto cut = [&](Index p) { return n * (p * (p + 1) / 2) / total_weight; };
-  return {cut(rank), cut(rank + 1) - cut(rank)};
-}
-
 template <class Vector>
 Vector slice(const Vector& whole, Shard shard) {
-  return Vector(whole.begin() + shard.first, whole.begin() + shard.first + shard.count);
+  return Vector(whole.begin() + shard.first, whole.begin() + shard.first + shard.rows);
 }
 
 // A random sequence of n + 1 ids: tokens are the first n, targets the last n (next-token prediction). Every
@@ -121,18 +104,6 @@ Worst compare_parameters(GPT<T>& model, GPT<T>& reference, Matrix<T> Parameter<T
   return worst;
 }
 
-template <class Call>
-std::string invalid_argument_message(Call&& call) {
-  try {
-    call();
-  } catch (const std::invalid_argument& error) {
-    return error.what();
-  } catch (...) {
-    return "other";
-  }
-  return "";
-}
-
 }  // namespace
 
 TEST_CASE("sharded GPT training matches the serial model on the whole sequence in double", "[mpi]") {
@@ -151,7 +122,7 @@ TEST_CASE("sharded GPT training matches the serial model on the whole sequence i
   const double reference_loss = reference.forward(sequence.tokens, sequence.targets);
   const double loss = model.forward(slice(sequence.tokens, shard), slice(sequence.targets, shard));
   const Matrix<double> logits = model.logits();
-  const Matrix<double> reference_logits = reference.logits().middleRows(shard.first, shard.count);
+  const Matrix<double> reference_logits = reference.logits().middleRows(shard.first, shard.rows);
   reference.backward();
   model.backward();
   const Worst gradient = compare_parameters(model, reference, &Parameter<double>::grad);
@@ -176,7 +147,7 @@ TEST_CASE("sharded GPT training matches the serial model on the whole sequence i
   const double stepped_reference_loss = reference.forward(sequence.tokens, sequence.targets);
   const double stepped_loss = model.forward(slice(sequence.tokens, shard), slice(sequence.targets, shard));
 
-  INFO("rank " << world_rank() << " of " << world_size() << ": tokens " << shard.first << " + " << shard.count);
+  INFO("rank " << world_rank() << " of " << world_size() << ": tokens " << shard.first << " + " << shard.rows);
   CHECK(std::abs(loss - reference_loss) <= tolerance * std::abs(reference_loss));
   CHECK(model.accuracy() == reference.accuracy());
   CHECK(relative_difference(logits, reference_logits) <= tolerance);
