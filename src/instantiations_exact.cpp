@@ -7,4 +7,5 @@ POLYATTN_INSTANTIATE_CLASS(, ExactAttention)
 POLYATTN_INSTANTIATE_CLASS(, CausalScan)
 POLYATTN_INSTANTIATE_CLASS(, ExactReferenceBackend)
 POLYATTN_INSTANTIATE_CLASS(, ExactBlockedBackend)
+POLYATTN_INSTANTIATE_CLASS(, GatheredKeysBackend)
 }  // namespace polyattn

@@ -36,6 +36,7 @@
   apply(storage, ExactBlockedBackend)                     \
   apply(storage, PaperBackend)                            \
   apply(storage, AdjointBackend)                          \
+  apply(storage, GatheredKeysBackend)                     \
   apply(storage, MergedQKAttentionLayer)                  \
   apply(storage, ProjectedAttentionLayer)
 

@@ -115,6 +115,10 @@ if [ -n "$distributed" ]; then
   expect_usage_error --repeats "$distributed" --repeats -1
   expect_usage_error --seed "$distributed" --seed -1
   expect_usage_error extra "$distributed" --exchange-only extra
+  expect_usage_error --method "$distributed" --method softmax
+  expect_usage_error --method "$distributed" --method
+  expect_usage_error --gpt-step "$distributed" --gpt-step --exchange-only
+  expect_usage_error --gpt-step "$distributed" --gpt-step --non-causal
 fi
 
 echo "== train_gpt: bad input"

@@ -188,31 +188,6 @@ class AdjointBackend final : public AttentionBackend<T> {
   std::array<Index, 4> forward_shape_{};
 };
 
-namespace detail {
-
-/// check_backward_arguments() for one rank's shard of a sequence-parallel call, which may have no rows.
-template <class T>
-HeadShape check_shard_backward_arguments(const char* where, const AttentionOptions& opt, const ConstMatrixRef<T>& Q,
-                                         const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
-                                         const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G,
-                                         const MatrixRef<T>& dQ, const MatrixRef<T>& dK, const MatrixRef<T>& dV) {
-  if (Q.rows() > 0 && K.rows() > 0) return check_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
-  const HeadShape shape = check_shard_shapes(where, Q, K, V, opt);
-  require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
-  require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
-  require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
-  require_shape(where, "dK", dK, shape.m, shape.heads * shape.dk);
-  require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
-  // Without queries only K and V have entries (non-causal); without keys only Q, O and G.
-  for (const auto& [name, X] : {std::pair<const char*, const ConstMatrixRef<T>*>{"Q", &Q}, {"K", &K}, {"V", &V},
-                                {"O", &O}, {"G", &G}})
-    require_finite(where, name, *X);
-  require_disjoint(where, {memory_of("dQ", dQ), memory_of("dK", dK), memory_of("dV", dV)},
-                   {memory_of("Q", Q), memory_of("K", K), memory_of("V", V), memory_of("O", O), memory_of("G", G)});
-  return shape;
-}
-
-}  // namespace detail
 
 // Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
 // compiled instantiation instead of instantiating the backend again.

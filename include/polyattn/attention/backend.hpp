@@ -22,6 +22,9 @@
 
 #include <array>
 #include <limits>
+#include <stdexcept>
+#include <string>
+#include <utility>
 
 namespace polyattn {
 
@@ -32,6 +35,32 @@ enum class AttentionMethod {
   paper,            ///< Algorithm 1 of Liang et al. 2024: low-rank \f$p \approx U_pV_p^\top\f$, \f$O(nrd^2)\f$
   adjoint,          ///< exact gradient of the polynomial forward pass, \f$O(nrd)\f$
 };
+
+/// Every method, in the order of the enumeration.
+inline constexpr std::array<AttentionMethod, 4> all_attention_methods{
+    AttentionMethod::exact_reference, AttentionMethod::exact_blocked, AttentionMethod::paper,
+    AttentionMethod::adjoint};
+
+/// The method's name as spelled in the enumeration ("exact_blocked", "adjoint", ...).
+inline const char* attention_method_name(AttentionMethod method) {
+  switch (method) {
+    case AttentionMethod::exact_reference: return "exact_reference";
+    case AttentionMethod::exact_blocked: return "exact_blocked";
+    case AttentionMethod::paper: return "paper";
+    case AttentionMethod::adjoint: return "adjoint";
+  }
+  throw std::invalid_argument(detail::concat("polyattn::attention_method_name: argument 'method' has the invalid value ",
+                                             static_cast<int>(method)));
+}
+
+/// Inverse of attention_method_name(); throws std::invalid_argument listing the valid names.
+inline AttentionMethod parse_attention_method(const std::string& name) {
+  for (const AttentionMethod method : all_attention_methods)
+    if (name == attention_method_name(method)) return method;
+  throw std::invalid_argument(detail::concat("polyattn::parse_attention_method: argument 'name' must be one of "
+                                             "exact_reference, exact_blocked, paper, adjoint; got '",
+                                             name, "'"));
+}
 
 namespace detail {
 
@@ -52,6 +81,28 @@ HeadShape check_backward_arguments(const char* where, const AttentionOptions& op
   require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
   require_finite(where, "O", O);
   require_finite(where, "G", G);
+  require_disjoint(where, {memory_of("dQ", dQ), memory_of("dK", dK), memory_of("dV", dV)},
+                   {memory_of("Q", Q), memory_of("K", K), memory_of("V", V), memory_of("O", O), memory_of("G", G)});
+  return shape;
+}
+
+/// check_backward_arguments() for one rank's shard of a sequence-parallel call, which may have no rows.
+template <class T>
+HeadShape check_shard_backward_arguments(const char* where, const AttentionOptions& opt, const ConstMatrixRef<T>& Q,
+                                         const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                                         const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G,
+                                         const MatrixRef<T>& dQ, const MatrixRef<T>& dK, const MatrixRef<T>& dV) {
+  if (Q.rows() > 0 && K.rows() > 0) return check_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
+  const HeadShape shape = check_shard_shapes(where, Q, K, V, opt);
+  require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
+  require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
+  require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
+  require_shape(where, "dK", dK, shape.m, shape.heads * shape.dk);
+  require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
+  // Without queries only K and V have entries (non-causal); without keys only Q, O and G.
+  for (const auto& [name, X] : {std::pair<const char*, const ConstMatrixRef<T>*>{"Q", &Q}, {"K", &K}, {"V", &V},
+                                {"O", &O}, {"G", &G}})
+    require_finite(where, name, *X);
   require_disjoint(where, {memory_of("dQ", dQ), memory_of("dK", dK), memory_of("dV", dV)},
                    {memory_of("Q", Q), memory_of("K", K), memory_of("V", V), memory_of("O", O), memory_of("G", G)});
   return shape;

@@ -32,32 +32,6 @@
 
 namespace polyattn {
 
-/// Every method, in the order of the enumeration.
-inline constexpr std::array<AttentionMethod, 4> all_attention_methods{
-    AttentionMethod::exact_reference, AttentionMethod::exact_blocked, AttentionMethod::paper,
-    AttentionMethod::adjoint};
-
-/// The method's name as spelled in the enumeration ("exact_blocked", "adjoint", ...).
-inline const char* attention_method_name(AttentionMethod method) {
-  switch (method) {
-    case AttentionMethod::exact_reference: return "exact_reference";
-    case AttentionMethod::exact_blocked: return "exact_blocked";
-    case AttentionMethod::paper: return "paper";
-    case AttentionMethod::adjoint: return "adjoint";
-  }
-  throw std::invalid_argument(detail::concat("polyattn::attention_method_name: argument 'method' has the invalid value ",
-                                             static_cast<int>(method)));
-}
-
-/// Inverse of attention_method_name(); throws std::invalid_argument listing the valid names.
-inline AttentionMethod parse_attention_method(const std::string& name) {
-  for (const AttentionMethod method : all_attention_methods)
-    if (name == attention_method_name(method)) return method;
-  throw std::invalid_argument(detail::concat("polyattn::parse_attention_method: argument 'name' must be one of "
-                                             "exact_reference, exact_blocked, paper, adjoint; got '",
-                                             name, "'"));
-}
-
 /// A new backend computing attention by `method`, configured by `options` (exact methods read only
 /// `options.attention`). Throws std::invalid_argument for invalid options or an invalid method value.
 template <class T>

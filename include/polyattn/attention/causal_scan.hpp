@@ -95,6 +95,11 @@ class CausalScan {
   /// and end_chunk() for each.
   void start(ScanDirection direction, Index rank, Index cols);
 
+  /// start() from `initial_state` (rank x cols) instead of zero: the sum \f$\sum_j v_j h_j^\top\f$ (prefix) or
+  /// \f$\sum_i u_i h_i^\top\f$ (suffix) over rows that precede (follow) the scanned ones but are held elsewhere,
+  /// e.g. by the other ranks of a sequence-parallel call.
+  void start(ScanDirection direction, const ConstMatrixRef<T>& initial_state);
+
   /// Begins a chunk of `rows` rows: clears the in-chunk block.
   void begin_chunk(Index rows) {
     detail::require(rows >= 1 && state_.size() > 0, "polyattn::CausalScan::begin_chunk",
@@ -165,6 +170,12 @@ void CausalScan<T>::start(ScanDirection direction, Index rank, Index cols) {
   direction_ = direction;
   state_.setZero(rank, cols);
   block_.resize(0, 0);
+}
+
+template <class T>
+void CausalScan<T>::start(ScanDirection direction, const ConstMatrixRef<T>& initial_state) {
+  start(direction, initial_state.rows(), initial_state.cols());
+  state_ = initial_state;
 }
 
 template <class T>

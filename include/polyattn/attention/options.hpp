@@ -108,6 +108,30 @@ HeadShape check_qkv(const char* where, const Eigen::MatrixBase<DQ>& Q, const Eig
   return shape;
 }
 
+/// check_qkv_shapes() for one rank's shard of a sequence-parallel call, which may have no rows (the rank then
+/// contributes zero states); the column conditions are the same.
+template <class DQ, class DK, class DV>
+HeadShape check_shard_shapes(const char* where, const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
+                             const Eigen::MatrixBase<DV>& V, const AttentionOptions& opt) {
+  if (Q.rows() > 0 && K.rows() > 0) return check_qkv_shapes(where, Q, K, V, opt);
+  require(Q.cols() > 0 && K.cols() > 0 && V.cols() > 0, where, "arguments 'Q', 'K', 'V' must have columns, got ",
+          Q.rows(), "x", Q.cols(), ", ", K.rows(), "x", K.cols(), ", ", V.rows(), "x", V.cols());
+  // One-row stand-ins check the column conditions; the row conditions follow.
+  check_qkv_shapes(where, Eigen::MatrixXd::Zero(1, Q.cols()), Eigen::MatrixXd::Zero(1, K.cols()),
+                   Eigen::MatrixXd::Zero(1, V.cols()), opt);
+  require(V.rows() == K.rows(), where, "argument 'V' must have as many rows as 'K' (", K.rows(), "), got ", V.rows());
+  if (opt.causal)
+    require(Q.rows() == K.rows(), where, "causal attention needs as many queries as keys, got 'Q' with ", Q.rows(),
+            " rows and 'K' with ", K.rows());
+  return {Q.rows(), K.rows(), Q.cols() / opt.heads, V.cols() / opt.heads, opt.heads};
+}
+
+/// The largest |entry| of `X`, 0 when it has none (an empty shard).
+template <class Derived>
+double max_abs(const Eigen::MatrixBase<Derived>& X) {
+  return X.size() == 0 ? 0.0 : static_cast<double>(X.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
+}
+
 /// Throws unless `O` is the n x h d_v output of the checked (Q, K, V) of `shape` and shares no memory with them.
 template <class DQ, class DK, class DV, class DO>
 void check_forward_output(const char* where, const HeadShape& shape, const Eigen::MatrixBase<DQ>& Q,

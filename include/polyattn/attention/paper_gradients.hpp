@@ -52,6 +52,16 @@
 /// bound covers the approximation of \f$P\f$ in exact arithmetic, not floating-point rounding, and is
 /// \f$+\infty\f$ when the forward certificate is vacuous().
 ///
+/// **Sequence parallel.** With set_state_exchange() (or make_distributed_backend(), parallel/distributed_backend.hpp)
+/// every rank passes its own rows of Q, K, V, O, G and receives its rows of O, dQ, dK, dV. The backward pass's
+/// states are sums over rows, like the forward pass's key state: without the mask the ranks add the states of the
+/// key pass (\f$V_1^\top\mathbf 1\f$, \f$V_p^\top K\f$) and of the query pass (\f$U_p^\top Q\f$, \f$U_1^\top[G, \mathbf 1]\f$),
+/// one all-reduce each per head; under the mask the prefix scans start from the sum over the earlier ranks (an
+/// exclusive scan of the shard totals, which costs one more pass over the local keys) and the suffix scans from the
+/// sum over the later ones (totals accumulated during the prefix pass). States travel in double. The bounds use
+/// maxima over all ranks, so every rank returns the certificate of the whole sequence; an error on one rank makes
+/// every rank throw.
+///
 /// \code
 ///   polyattn::PolynomialAttentionOptions opt;
 ///   opt.attention.causal = true;
@@ -71,7 +81,12 @@
 
 #include <algorithm>
 #include <array>
+#include <cstddef>
+#include <exception>
 #include <limits>
+#include <memory>
+#include <utility>
+#include <vector>
 
 namespace polyattn {
 
@@ -124,6 +139,16 @@ class PaperBackend final : public AttentionBackend<T> {
   const PolynomialAttentionOptions& options() const { return attention_.options(); }
   const PaperGradientOptions& gradient_options() const { return gradient_options_; }
 
+  /// Makes the next forward() and backward() calls sequence parallel: every argument is this rank's rows, and
+  /// every rank of `exchange` must make the same calls with the same options (see the file documentation). Null
+  /// restores the serial passes. Call it before forward(): a backward() pairs with the forward() before it.
+  void set_state_exchange(std::shared_ptr<StateExchange> exchange) {
+    attention_.set_state_exchange(std::move(exchange));
+    has_forward_ = false;
+  }
+  /// The exchange set by set_state_exchange() (null: serial).
+  StateExchange* state_exchange() const { return attention_.state_exchange(); }
+
   /// Writes \f$\tilde O\f$ exactly as PolynomialAttention::forward() does and returns its certificate.
   Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                       MatrixRef<T> O) override;
@@ -138,9 +163,10 @@ class PaperBackend final : public AttentionBackend<T> {
  private:
   Index chunk_rows(Index n) const {
     const Index requested = options().chunk_size;
-    if (requested > 0) return std::min(requested, n);
-    // Causal chunks pay O(b^2 r d) for the in-chunk block against O(b r d^2) for the state products.
-    return std::min<Index>(options().attention.causal ? 16 : 256, n);
+    // Causal chunks pay O(b^2 r d) for the in-chunk block against O(b r d^2) for the state products. At least one
+    // row, also for an empty shard.
+    const Index preferred = requested > 0 ? requested : options().attention.causal ? 16 : 256;
+    return std::max<Index>(1, std::min(preferred, n));
   }
 
   Index tile_groups(Index chunk, Index r, Index groups) const {
@@ -165,14 +191,36 @@ class PaperBackend final : public AttentionBackend<T> {
     map.monomials(Kc, scaled_, v1_);
   }
 
-  // Divides u1_ by the chunk's normaliser (rows of first_row...), which must be positive.
+  // Divides u1_ by the chunk's normaliser (rows of first_row...), which must be positive. With an exchange the
+  // error is kept for succeeded() and the pass goes on, so that this rank still joins the remaining collectives.
   void normalise_query_factor(const Vector<T>& normaliser, Index first_row) {
     for (Index i = 0; i < normaliser.size(); ++i)
-      if (!(normaliser(i) > 0) || !std::isfinite(static_cast<double>(normaliser(i))))
-        throw std::domain_error(detail::bad_normaliser_message(
+      if (!(normaliser(i) > 0) || !std::isfinite(static_cast<double>(normaliser(i)))) {
+        const std::domain_error error(detail::bad_normaliser_message(
             "polyattn::PaperBackend::backward", first_row + i, static_cast<double>(normaliser(i)),
             certificate_.degree, certificate_.radius, sizeof(T) == sizeof(float) ? "float" : "double"));
+        if (!state_exchange()) throw error;
+        if (!deferred_failure_) deferred_failure_ = std::make_exception_ptr(error);
+        break;
+      }
     u1_ = normaliser.cwiseInverse().asDiagonal() * u1_;
+  }
+
+  // Replaces `top` (and `bottom`, stacked beside it in one message) by their sums over all ranks (non-causal),
+  // or over the earlier (`direction` prefix) or later (suffix) ranks (causal). No-op without an exchange.
+  void combine_over_ranks(ScanDirection direction, MatrixRef<T> left, MatrixRef<T> right) {
+    StateExchange* const exchange = state_exchange();
+    if (!exchange) return;
+    const Index rows = std::max(left.rows(), right.rows());
+    packed_.setZero(rows, left.cols() + right.cols());
+    packed_.topLeftCorner(left.rows(), left.cols()) = left.template cast<double>();
+    packed_.topRightCorner(right.rows(), right.cols()) = right.template cast<double>();
+    if (options().attention.causal)
+      exchange->exclusive_prefix_sum(packed_, direction == ScanDirection::suffix);
+    else
+      exchange->all_reduce_sum(packed_);
+    left = packed_.topLeftCorner(left.rows(), left.cols()).template cast<T>();
+    right = packed_.topRightCorner(right.rows(), right.cols()).template cast<T>();
   }
 
   // Non-causal head: three passes (keys, queries, keys) accumulating the r(dv+1) x dk states V_p^T K,
@@ -196,6 +244,7 @@ class PaperBackend final : public AttentionBackend<T> {
         query_state_.middleRows(g0 * r, tg * r).noalias() += vp_.transpose() * Kc;
       }
     }
+    combine_over_ranks(ScanDirection::prefix, query_state_, key_sum_);
     key_state_.setZero(r * groups, dk);
     value_state_.setZero(r, dv + 1);
     for (Index q0 = 0; q0 < n; q0 += b) {
@@ -217,6 +266,7 @@ class PaperBackend final : public AttentionBackend<T> {
       value_state_.leftCols(dv).noalias() += u1_.transpose() * Gc;
       value_state_.col(dv).noalias() += u1_.colwise().sum().transpose();
     }
+    combine_over_ranks(ScanDirection::suffix, key_state_, value_state_);
     double column_sum = 0;
     for (Index k0 = 0; k0 < m; k0 += b) {
       const Index rows = std::min(b, m - k0);
@@ -245,9 +295,30 @@ class PaperBackend final : public AttentionBackend<T> {
     const Index groups = dv + 1, b = chunk_rows(n), tile = tile_groups(b, r, groups);
     const Index chunks = (n + b - 1) / b;
     const T c = static_cast<T>(map.scale());
+    const bool sharded = state_exchange() != nullptr;
     row_normaliser_.resize(n);
-    normaliser_scan_.start(ScanDirection::prefix, r, 1);
-    query_scan_.start(ScanDirection::prefix, r * groups, dk);
+    // The prefix scans start from the earlier ranks' key totals; this rank's own totals take a pass over its keys.
+    key_sum_.setZero(r);
+    query_state_.setZero(r * groups, dk);
+    if (sharded) {
+      for (Index s = 0; s < n; s += b) {
+        const Index rows = std::min(b, n - s);
+        const auto Kc = K.middleRows(s, rows);
+        key_monomials(map, Kc);
+        key_sum_.noalias() += v1_.colwise().sum().transpose();
+        for (Index g0 = 0; g0 < groups; g0 += tile) {
+          const Index tg = std::min(tile, groups - g0);
+          detail::kronecker_groups(v1_, V.middleRows(s, rows), Vector<T>::Ones(rows), g0, tg, vp_);
+          query_state_.middleRows(g0 * r, tg * r).noalias() += vp_.transpose() * Kc;
+        }
+      }
+      combine_over_ranks(ScanDirection::prefix, query_state_, key_sum_);
+    }
+    normaliser_scan_.start(ScanDirection::prefix, key_sum_);
+    query_scan_.start(ScanDirection::prefix, query_state_);
+    // The suffix scans start from the later ranks' query totals, which the prefix pass accumulates.
+    key_state_.setZero(r * groups, dk);
+    value_state_.setZero(r, dv + 1);
     for (Index s = 0; s < n; s += b) {
       const Index rows = std::min(b, n - s);
       const auto Kc = K.middleRows(s, rows);
@@ -271,12 +342,18 @@ class PaperBackend final : public AttentionBackend<T> {
         detail::kronecker_groups(u1_, Gc, -kappa_.segment(s, rows), g0, tg, up_);
         detail::kronecker_groups(v1_, Vc, Vector<T>::Ones(rows), g0, tg, vp_);
         query_scan_.add_factors(g0 * r, up_, vp_, Kc, dQc);
+        if (sharded) key_state_.middleRows(g0 * r, tg * r).noalias() += up_.transpose() * Q.middleRows(s, rows);
       }
       query_scan_.end_chunk(Kc, dQc);
       dQc *= c;
+      if (sharded) {
+        value_state_.leftCols(dv).noalias() += u1_.transpose() * Gc;
+        value_state_.col(dv).noalias() += u1_.colwise().sum().transpose();
+      }
     }
-    key_scan_.start(ScanDirection::suffix, r * groups, dk);
-    value_scan_.start(ScanDirection::suffix, r, dv + 1);
+    combine_over_ranks(ScanDirection::suffix, key_state_, value_state_);
+    key_scan_.start(ScanDirection::suffix, key_state_);
+    value_scan_.start(ScanDirection::suffix, value_state_);
     double column_sum = 0;
     for (Index chunk = chunks - 1; chunk >= 0; --chunk) {
       const Index s = chunk * b, rows = std::min(b, n - s);
@@ -319,6 +396,8 @@ class PaperBackend final : public AttentionBackend<T> {
   Matrix<T> scaled_, u1_, v1_, up_, vp_, query_state_, key_state_, value_state_, ones_, chunk_normaliser_,
       value_rhs_, value_out_;
   Vector<T> kappa_, key_sum_, normaliser_, row_normaliser_;
+  Eigen::MatrixXd packed_;               // states on their way through the exchange
+  std::exception_ptr deferred_failure_;  // this rank's error of a sequence-parallel backward(), see succeeded()
 };
 
 // Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
@@ -347,35 +426,66 @@ GradientCertificate PaperBackend<T>::backward(const ConstMatrixRef<T>& Q, const 
                                               MatrixRef<T> dV) {
   constexpr const char* where = "polyattn::PaperBackend::backward";
   const AttentionOptions& opt = options().attention;
-  const auto shape = detail::check_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
-  detail::require_same_forward<T>(where, has_forward_, forward_shape_, Q, K, V);
+  StateExchange* const exchange = state_exchange();
+  detail::HeadShape shape{};
+  if (exchange) {
+    std::exception_ptr failure;  // agree() makes every rank throw it
+    try {
+      shape = detail::check_shard_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
+      detail::require_same_forward<T>(where, has_forward_, forward_shape_, Q, K, V);
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    exchange->agree(where, failure, attention_.shard_settings(shape));
+  } else {
+    shape = detail::check_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
+    detail::require_same_forward<T>(where, has_forward_, forward_shape_, Q, K, V);
+  }
 
   const FeatureMap<T>& map = attention_.feature_map();
+  // Per head: max |g_i|, max |v_j|, max |Q|, max |K|, max |G| and max_j (P~^T 1)_j (over all ranks with an exchange).
+  constexpr std::size_t per_head = 6;
+  std::vector<double> maxima;
+  deferred_failure_ = nullptr;
+  try {
+    for (Index h = 0; h < shape.heads; ++h) {
+      const auto Qh = Q.middleCols(h * shape.dk, shape.dk);
+      const auto Kh = K.middleCols(h * shape.dk, shape.dk);
+      const auto Vh = V.middleCols(h * shape.dv, shape.dv);
+      const auto Gh = G.middleCols(h * shape.dv, shape.dv);
+      auto dQh = dQ.middleCols(h * shape.dk, shape.dk);
+      auto dKh = dK.middleCols(h * shape.dk, shape.dk);
+      auto dVh = dV.middleCols(h * shape.dv, shape.dv);
+      kappa_.noalias() = O.middleCols(h * shape.dv, shape.dv).cwiseProduct(Gh).rowwise().sum();
+      const double column_sum =
+          opt.causal ? head_causal(map, Qh, Kh, Vh, Gh, dQh, dKh, dVh) : head_full(map, Qh, Kh, Vh, Gh, dQh, dKh, dVh);
+      maxima.insert(maxima.end(), {detail::max_row_norm(Gh), detail::max_row_norm(Vh), detail::max_abs(Qh),
+                                   detail::max_abs(Kh), detail::max_abs(Gh), column_sum});
+    }
+    if (deferred_failure_) std::rethrow_exception(deferred_failure_);
+    detail::check_backward_results<T>(where, opt, shape, Q, K, V, G, dQ, dK, dV);
+  } catch (...) {
+    if (!exchange) throw;
+    deferred_failure_ = std::current_exception();
+    maxima.assign(per_head * static_cast<std::size_t>(shape.heads), 0.0);
+  }
+  if (exchange) {
+    exchange->maxima_over_ranks(maxima);
+    exchange->succeeded(where, deferred_failure_);
+  }
+
   const double c = map.scale();
   const double eps = certificate_.poly_error;
   const double delta = 2 * eps / (1 - eps), rho = (1 + eps) / (1 - eps);
   GradientCertificate result;
   result.forward = certificate_;
   for (Index h = 0; h < shape.heads; ++h) {
-    const auto Qh = Q.middleCols(h * shape.dk, shape.dk);
-    const auto Kh = K.middleCols(h * shape.dk, shape.dk);
-    const auto Vh = V.middleCols(h * shape.dv, shape.dv);
-    const auto Gh = G.middleCols(h * shape.dv, shape.dv);
-    auto dQh = dQ.middleCols(h * shape.dk, shape.dk);
-    auto dKh = dK.middleCols(h * shape.dk, shape.dk);
-    auto dVh = dV.middleCols(h * shape.dv, shape.dv);
-    kappa_.noalias() = O.middleCols(h * shape.dv, shape.dv).cwiseProduct(Gh).rowwise().sum();
-    const double column_sum =
-        opt.causal ? head_causal(map, Qh, Kh, Vh, Gh, dQh, dKh, dVh) : head_full(map, Qh, Kh, Vh, Gh, dQh, dKh, dVh);
-    const double a = detail::max_row_norm(Gh) * detail::max_row_norm(Vh);
-    const double max_q = static_cast<double>(Qh.cwiseAbs().maxCoeff());
-    const double max_k = static_cast<double>(Kh.cwiseAbs().maxCoeff());
-    const double max_g = static_cast<double>(Gh.cwiseAbs().maxCoeff());
+    const double* head = maxima.data() + per_head * static_cast<std::size_t>(h);
+    const double a = head[0] * head[1], max_q = head[2], max_k = head[3], max_g = head[4], column_sum = head[5];
     result.dqk_bound = std::max({result.dqk_bound, 3 * c * delta * a * max_k,
                                  (2 * rho + 1) * c * delta * a * max_q * column_sum});
     result.dv_bound = std::max(result.dv_bound, rho * delta * max_g * column_sum);
   }
-  detail::check_backward_results<T>(where, opt, shape, Q, K, V, G, dQ, dK, dV);
   if (certificate_.vacuous()) {
     result.dqk_bound = std::numeric_limits<double>::infinity();
     result.dv_bound = std::numeric_limits<double>::infinity();

@@ -21,8 +21,8 @@
 /// (uneven shards are fine; an empty one is refused, see below). The per-token layers (embedding, LayerNorm,
 /// MLP, head, loss) run on the shard, the embedding at the global positions \f$s_p + i\f$ with
 /// \f$s_p = \sum_{q<p} n_q\f$ (StateExchange::exclusive_prefix_sum() of the shard lengths), and every attention
-/// layer combines its states over the ranks (parallel/state_exchange.hpp; only the `adjoint` method is
-/// distributed). The loss is the mean over the scored positions of the whole sequence,
+/// layer combines with the other ranks (make_distributed_backend(), parallel/distributed_backend.hpp: states for the
+/// polynomial methods, all keys and values for the exact ones). The loss is the mean over the scored positions of the whole sequence,
 /// \f[ L = \frac{\sum_p \sum_{i \in S_p} \ell_i}{\sum_p |S_p|}, \f]
 /// from one all-reduce of each rank's (sum, count, correct); backward() differentiates it with the global count
 /// and sums the parameter gradients over the ranks in one all-reduce (all trainable gradients concatenated in
@@ -272,9 +272,8 @@ class GPT {
   /// Makes forward() and backward() sequence parallel over the ranks of `exchange` (see the file documentation):
   /// every attention layer exchanges its states through it, positions are global, and the loss, accuracy and
   /// parameter gradients are those of the whole sequence. Collective: every rank calls it with the same model.
-  /// Throws std::invalid_argument on every rank, changing nothing, when a block's method is not `adjoint` (the
-  /// only distributed method) on some rank, or when the configuration or the parameters (a checksum of their
-  /// values) differ between ranks. Null restores the serial passes (not collective). Either way a backward()
+  /// Throws std::invalid_argument on every rank, changing nothing, when the configuration, a block's attention
+  /// method or the parameters (a checksum of their values) differ between ranks. Null restores the serial passes (not collective). Either way a backward()
   /// needs a forward() after this call.
   void set_state_exchange(std::shared_ptr<StateExchange> exchange);
   /// The exchange set by set_state_exchange() (null: serial).
@@ -524,12 +523,6 @@ void GPT<T>::set_state_exchange(std::shared_ptr<StateExchange> exchange) {
   std::exception_ptr failure;  // agree() makes every rank throw it
   double parameter_sum = 0, parameter_square_sum = 0;
   try {
-    for (std::size_t layer = 0; layer < attention_layers_.size(); ++layer) {
-      const AttentionMethod method = attention_layers_[layer]->method();
-      detail::require(method == AttentionMethod::adjoint, where, "block ", layer, " uses the attention method '",
-                      attention_method_name(method), "', which is not distributed: only 'adjoint' is (set "
-                      "GPTConfig::method or layer_methods, or call set_attention_method())");
-    }
     // Identical parameters are what keeps the ranks' optimizer steps identical; a checksum catches different
     // seeds or checkpoints.
     for (const Parameter<T>* p : parameters()) {
@@ -549,15 +542,19 @@ void GPT<T>::set_state_exchange(std::shared_ptr<StateExchange> exchange) {
 
 template <class T>
 std::vector<StateExchange::Setting> GPT<T>::shared_settings() {
-  return {{"vocab_size", static_cast<double>(config_.vocab_size)},
-          {"context", static_cast<double>(config_.context)},
-          {"d_model", static_cast<double>(config_.d_model)},
-          {"heads", static_cast<double>(config_.heads)},
-          {"layers", static_cast<double>(config_.layers)},
-          {"mlp_hidden", static_cast<double>(config_.mlp_hidden)},
-          {"activation", static_cast<double>(static_cast<int>(config_.activation))},
-          {"ignore_target", static_cast<double>(config_.ignore_target)},
-          {"trainable parameter entries", static_cast<double>(total_size(trainable_parameters()))}};
+  std::vector<StateExchange::Setting> settings{
+      {"vocab_size", static_cast<double>(config_.vocab_size)},
+      {"context", static_cast<double>(config_.context)},
+      {"d_model", static_cast<double>(config_.d_model)},
+      {"heads", static_cast<double>(config_.heads)},
+      {"layers", static_cast<double>(config_.layers)},
+      {"mlp_hidden", static_cast<double>(config_.mlp_hidden)},
+      {"activation", static_cast<double>(static_cast<int>(config_.activation))},
+      {"ignore_target", static_cast<double>(config_.ignore_target)},
+      {"trainable parameter entries", static_cast<double>(total_size(trainable_parameters()))}};
+  for (const SelfAttention<T>* layer : attention_layers_)
+    settings.push_back({"attention method of a block", static_cast<double>(layer->method())});
+  return settings;
 }
 
 template <class T>

@@ -4,7 +4,7 @@
 #pragma once
 
 #include "../attention/backend_factory.hpp"
-#include "../parallel/state_exchange.hpp"
+#include "../parallel/distributed_backend.hpp"
 #include "linear.hpp"
 
 #include <cstdint>
@@ -76,8 +76,8 @@ struct SelfAttentionOptions {
 /// forward() keeps \f$Q, K, V, A\f$ for backward(), which must be called with the same \f$X\f$.
 ///
 /// **Sequence parallel.** After set_state_exchange() every rank passes its own contiguous rows of \f$X\f$ (the
-/// projections are per row) and the adjoint backend combines its states over the ranks
-/// (parallel/state_exchange.hpp). Each pass runs its local work, then one collective check
+/// projections are per row) and the backend combines with the other ranks (make_distributed_backend(),
+/// parallel/distributed_backend.hpp: states for the polynomial methods, gathered keys for the exact ones). Each pass runs its local work, then one collective check
 /// (StateExchange::succeeded()) right before the backend's collectives: a failure on one rank, here or in a
 /// per-row layer before this one that its caller reports at its own check (GPT does), makes every rank throw
 /// there instead of leaving the others waiting in the backend. collective_failures() counts the passes that threw
@@ -114,14 +114,13 @@ class SelfAttention {
   AttentionMethod method() const { return options_.method; }
 
   /// Switches the attention method (the weights are kept). Takes effect at the next forward(). With a state
-  /// exchange only `adjoint` is accepted (std::invalid_argument otherwise, changing nothing).
+  /// exchange it is collective: every rank must call it with the same method.
   void set_method(AttentionMethod method);
 
   /// Makes forward() and backward() sequence parallel over the ranks of `exchange` (see the class
-  /// documentation): the backend becomes an AdjointBackend with this exchange, the only distributed method
-  /// today. Throws std::invalid_argument, changing nothing, when the layer's method is not `adjoint`. Null
-  /// restores the serial backend of the layer's method. Not collective itself; every rank must call it before
-  /// the next forward().
+  /// documentation): the backend becomes make_distributed_backend() of the layer's method. Collective (every
+  /// rank calls it, with the same method); throws std::invalid_argument on every rank, changing nothing, when
+  /// the methods differ. Null restores the serial backend of the layer's method (not collective).
   void set_state_exchange(std::shared_ptr<StateExchange> exchange);
   /// The exchange set by set_state_exchange() (null: serial).
   StateExchange* state_exchange() const { return exchange_.get(); }
@@ -170,7 +169,7 @@ class SelfAttention {
   }
 
   // The backend for `method`: serial, or an AdjointBackend on exchange_ (`where` names the caller).
-  std::unique_ptr<AttentionBackend<T>> make_backend(const char* where, AttentionMethod method) const;
+  std::unique_ptr<AttentionBackend<T>> make_backend(AttentionMethod method) const;
 
   SelfAttentionOptions options_;
   std::shared_ptr<StateExchange> exchange_;
@@ -191,22 +190,17 @@ SelfAttention<T>::SelfAttention(const SelfAttentionOptions& options, const std::
       value(projection(options, 2), name + ".wv"),
       output(projection(options, 3), name + ".wo"),
       options_(options),
-      backend_(make_backend("polyattn::SelfAttention", options.method)) {}
+      backend_(make_backend(options.method)) {}
 
 template <class T>
-std::unique_ptr<AttentionBackend<T>> SelfAttention<T>::make_backend(const char* where, AttentionMethod method) const {
+std::unique_ptr<AttentionBackend<T>> SelfAttention<T>::make_backend(AttentionMethod method) const {
   if (!exchange_) return make_attention_backend<T>(method, options_.backend_options());
-  detail::require(method == AttentionMethod::adjoint, where,
-                  "with a state exchange the method must be 'adjoint' (the only distributed one), got '",
-                  attention_method_name(method), "'");
-  auto adjoint = std::make_unique<AdjointBackend<T>>(options_.backend_options());
-  adjoint->set_state_exchange(exchange_);
-  return adjoint;
+  return make_distributed_backend<T>(method, options_.backend_options(), exchange_);
 }
 
 template <class T>
 void SelfAttention<T>::set_method(AttentionMethod method) {
-  backend_ = make_backend("polyattn::SelfAttention::set_method", method);
+  backend_ = make_backend(method);
   options_.method = method;
 }
 
@@ -214,7 +208,7 @@ template <class T>
 void SelfAttention<T>::set_state_exchange(std::shared_ptr<StateExchange> exchange) {
   std::swap(exchange_, exchange);
   try {
-    backend_ = make_backend("polyattn::SelfAttention::set_state_exchange", options_.method);
+    backend_ = make_backend(options_.method);
   } catch (...) {
     std::swap(exchange_, exchange);  // changes nothing
     throw;

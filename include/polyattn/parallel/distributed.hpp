@@ -29,7 +29,7 @@
 /// \endcode
 #pragma once
 
-#include "../attention/backend_factory.hpp"
+#include "distributed_backend.hpp"
 #include "state_exchange.hpp"
 
 #include <mpi.h>
@@ -109,6 +109,43 @@ class MpiStateExchange final : public StateExchange {
     check(MPI_Allreduce(MPI_IN_PLACE, values.data(), count, MPI_DOUBLE, MPI_MIN, comm_), "MPI_Allreduce");
   }
 
+  void all_gather_rows(const Eigen::Ref<const RowMajorMatrixXd>& local, const std::vector<Index>& rows_per_rank,
+                       RowMajorMatrixXd& gathered) override {
+    const Index total = row_layout("all_gather_rows", local.rows(), local.cols(), rows_per_rank);
+    gathered.resize(total, local.cols());
+    // A Ref may have padded rows; MPI needs this rank's block contiguous.
+    const double* send = local.data();
+    if (local.outerStride() != local.cols()) {
+      row_buffer_ = local;
+      send = row_buffer_.data();
+    }
+    const int count = counts_[static_cast<std::size_t>(rank_)];
+    tally(count);
+    check(MPI_Allgatherv(send, count, MPI_DOUBLE, gathered.data(), counts_.data(), displacements_.data(), MPI_DOUBLE,
+                         comm_),
+          "MPI_Allgatherv");
+  }
+
+  void reduce_scatter_rows(const Eigen::Ref<const RowMajorMatrixXd>& all_rows, const std::vector<Index>& rows_per_rank,
+                           Eigen::Ref<RowMajorMatrixXd> local) override {
+    const Index total = row_layout("reduce_scatter_rows", local.rows(), local.cols(), rows_per_rank);
+    detail::require(all_rows.rows() == total && all_rows.cols() == local.cols(), where_,
+                    "reduce_scatter_rows needs 'all_rows' of ", total, "x", local.cols(), ", got ", all_rows.rows(),
+                    "x", all_rows.cols());
+    const double* send = all_rows.data();
+    if (all_rows.outerStride() != all_rows.cols()) {
+      row_buffer_ = all_rows;
+      send = row_buffer_.data();
+    }
+    tally(count_of(all_rows.size()));
+    const bool contiguous = local.outerStride() == local.cols();
+    if (!contiguous) received_.resize(local.rows(), local.cols());
+    check(MPI_Reduce_scatter(send, contiguous ? local.data() : received_.data(), counts_.data(), MPI_DOUBLE, MPI_SUM,
+                             comm_),
+          "MPI_Reduce_scatter");
+    if (!contiguous) local = received_;
+  }
+
  private:
   static constexpr const char* where_ = "polyattn::MpiStateExchange";
 
@@ -126,6 +163,25 @@ class MpiStateExchange final : public StateExchange {
   static int count_of(Index size) {
     detail::require(size <= INT_MAX, where_, "a state of ", size, " numbers exceeds MPI's count limit ", INT_MAX);
     return static_cast<int>(size);
+  }
+
+  // Checks `rows_per_rank` against this rank's `rows` x `cols` block, fills counts_ and displacements_ (in
+  // doubles) and returns the total number of rows.
+  Index row_layout(const char* call, Index rows, Index cols, const std::vector<Index>& rows_per_rank) {
+    detail::require(static_cast<int>(rows_per_rank.size()) == ranks_, where_, call, " needs 'rows_per_rank' with ",
+                    ranks_, " entries (one per rank), got ", rows_per_rank.size());
+    detail::require(rows_per_rank[static_cast<std::size_t>(rank_)] == rows, where_, call, " on rank ", rank_,
+                    " got ", rows, " local rows but 'rows_per_rank' says ", rows_per_rank[static_cast<std::size_t>(rank_)]);
+    counts_.resize(rows_per_rank.size());
+    displacements_.resize(rows_per_rank.size());
+    Index total = 0;
+    for (std::size_t p = 0; p < rows_per_rank.size(); ++p) {
+      displacements_[p] = count_of(total * cols);
+      counts_[p] = count_of(rows_per_rank[p] * cols);
+      total += rows_per_rank[p];
+    }
+    count_of(total * cols);
+    return total;
   }
 
   // Counts one collective call to which this rank contributes `count` doubles.
@@ -151,54 +207,10 @@ class MpiStateExchange final : public StateExchange {
   MPI_Comm comm_ = MPI_COMM_NULL, reversed_ = MPI_COMM_NULL;
   int rank_ = 0, ranks_ = 1;
   Eigen::MatrixXd buffer_;  // a copy of non-contiguous states
+  RowMajorMatrixXd row_buffer_, received_;  // copies of non-contiguous rows
+  std::vector<int> counts_, displacements_;  // of the row collectives, in doubles
   std::size_t bytes_sent_ = 0, collectives_ = 0;
 };
-
-/// A backend computing attention by `method` on this rank's shard of the sequence, combining its states with
-/// the other ranks through `exchange` (see the file documentation); collective: every rank calls it, and then
-/// forward() and backward(), with the same method and options. Distributed today: `adjoint` (the polynomial
-/// forward pass, bitwise PolynomialAttention's, and its exact gradient). For the forward pass alone, a
-/// PolynomialAttention with `set_state_exchange(exchange)` avoids keeping the adjoint's checkpoints. Throws
-/// std::invalid_argument on every rank for invalid options, a method that is not distributed yet, or a method
-/// that differs between ranks; a null `exchange` throws std::invalid_argument at once. Pass the exchange yourself
-/// to read its counters (MpiStateExchange::bytes_sent()); like a backend it serves one thread at a time.
-template <class T>
-std::unique_ptr<AttentionBackend<T>> make_distributed_backend(AttentionMethod method,
-                                                              const PolynomialAttentionOptions& options,
-                                                              std::shared_ptr<StateExchange> exchange) {
-  detail::static_check_scalar<T>();
-  constexpr const char* where = "polyattn::make_distributed_backend";
-  detail::require(exchange != nullptr, where, "argument 'exchange' must not be null");
-  std::unique_ptr<AttentionBackend<T>> backend;
-  std::exception_ptr failure;  // agree() makes every rank throw it
-  try {
-    options.check();
-    switch (method) {
-      case AttentionMethod::adjoint: {
-        auto adjoint = std::make_unique<AdjointBackend<T>>(options);
-        adjoint->set_state_exchange(exchange);
-        backend = std::move(adjoint);
-        break;
-      }
-      // Extension point: the exact methods need the online-softmax state of every query (running maximum,
-      // normaliser, weighted values) over all keys, a ring over the key shards rather than the polynomial
-      // method's small key state; the paper's method needs its low-rank factors combined. Add them here once
-      // their backends take an exchange.
-      case AttentionMethod::exact_reference:
-      case AttentionMethod::exact_blocked:
-      case AttentionMethod::paper:
-        throw std::invalid_argument(detail::concat(where, ": method '", attention_method_name(method),
-                                                   "' is not distributed yet; use 'adjoint'"));
-      default:
-        throw std::invalid_argument(detail::concat(where, ": argument 'method' has the invalid value ",
-                                                   static_cast<int>(method)));
-    }
-  } catch (...) {
-    failure = std::current_exception();
-  }
-  exchange->agree(where, failure, {{"method", static_cast<double>(method)}});
-  return backend;
-}
 
 /// make_distributed_backend() over the ranks of `comm`, through a new MpiStateExchange.
 template <class T>

@@ -1,6 +1,6 @@
 /// \file parallel/state_exchange.hpp
-/// Sequence parallelism without a dependency on MPI: the collectives that the polynomial kernel needs when every
-/// rank (process) holds a contiguous shard of the sequence, and the checks that keep the ranks in step.
+/// Sequence parallelism without a dependency on MPI: the collectives that attention needs when every rank
+/// (process) holds a contiguous shard of the sequence, and the checks that keep the ranks in step.
 ///
 /// The polynomial method's key state \f$Z = \mathrm{diag}(\omega)M_K^\top[V, \mathbf 1]\f$ and the adjoint's
 /// state gradient \f$Y = \mathrm{diag}(\omega)M_Q^\top E\f$ are sums over rows (polynomial_kernel.hpp). With the
@@ -12,6 +12,10 @@
 ///
 /// The states are exchanged in double whatever the scalar type of the attention (the kernel converts), so that
 /// adding P partial states costs no more accuracy than the sums inside a rank.
+///
+/// The exact methods have no small state: every query needs every key. Their sequence-parallel form is the simple
+/// baseline (parallel/gathered_keys.hpp): all_gather_rows() of the keys and values, and reduce_scatter_rows() of
+/// the key-side gradients, O(n d) numbers per rank instead of O(r d).
 ///
 /// **Every call is collective**: all ranks must call the same sequence of methods with the same shapes.
 /// PolynomialAttention and AdjointBackend guarantee this by agree() before their first exchange (all ranks then
@@ -36,6 +40,9 @@
 
 namespace polyattn {
 
+/// Rows in the order MPI sends them (row-major, each row contiguous), for the row collectives of StateExchange.
+using RowMajorMatrixXd = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
 /// Collectives over the ranks that share one sequence (see the file documentation). Implementations: MpiStateExchange
 /// (parallel/distributed.hpp); a test may implement it over threads or a single rank.
 class StateExchange {
@@ -59,6 +66,28 @@ class StateExchange {
 
   /// Replaces `values` by their entrywise minimum over all ranks (the building block of agree() and succeeded()).
   virtual void all_reduce_min(Eigen::Ref<Eigen::VectorXd> values) = 0;
+
+  /// Gathers every rank's rows in rank order: `local` holds this rank's rows (rows_per_rank[rank()] x cols, the
+  /// same cols on every rank) and `rows_per_rank` every rank's count (rows_per_rank() gives it); `gathered`
+  /// becomes (their sum) x cols.
+  virtual void all_gather_rows(const Eigen::Ref<const RowMajorMatrixXd>& local, const std::vector<Index>& rows_per_rank,
+                               RowMajorMatrixXd& gathered) = 0;
+
+  /// Sums `all_rows` ((sum of rows_per_rank) x cols, the same shape on every rank) over the ranks and writes this
+  /// rank's rows of the sum, rows \f$[s_p, s_p + \f$ rows_per_rank[rank()]\f$)\f$ with \f$s_p\f$ the rows of the ranks
+  /// before it, into `local`.
+  virtual void reduce_scatter_rows(const Eigen::Ref<const RowMajorMatrixXd>& all_rows,
+                                   const std::vector<Index>& rows_per_rank, Eigen::Ref<RowMajorMatrixXd> local) = 0;
+
+  /// Every rank's `local_rows`, in rank order, in one all_reduce_sum().
+  std::vector<Index> rows_per_rank(Index local_rows) {
+    Eigen::MatrixXd counts = Eigen::MatrixXd::Zero(ranks(), 1);
+    counts(rank(), 0) = static_cast<double>(local_rows);
+    all_reduce_sum(counts);
+    std::vector<Index> rows(static_cast<std::size_t>(ranks()));
+    for (int p = 0; p < ranks(); ++p) rows[static_cast<std::size_t>(p)] = static_cast<Index>(counts(p, 0));
+    return rows;
+  }
 
   /// A setting every rank must hold the same value of, with its name for the error message.
   struct Setting {
