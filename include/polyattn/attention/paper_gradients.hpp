@@ -52,6 +52,13 @@
 /// bound covers the approximation of \f$P\f$ in exact arithmetic, not floating-point rounding, and is
 /// \f$+\infty\f$ when the forward certificate is vacuous().
 ///
+/// **Threads.** Each pass splits the rows into blocks of whole chunks (at least 1024 rows, at most 64 blocks: the
+/// partition depends on n only) that polyattn's threads share (parallel/threads.hpp). Sums over rows are taken per
+/// block and added in block order; under the mask every block's scans start from the sum over the blocks before
+/// it (prefix) or after it (suffix), which costs one more pass over the keys for the prefix sums, and two more
+/// products per chunk for the suffix sums, once there are several blocks. So results are bitwise the same for any
+/// number of threads (tests/test_parallel_attention.cpp).
+///
 /// **Sequence parallel.** With set_state_exchange() (or make_distributed_backend(), parallel/distributed_backend.hpp)
 /// every rank passes its own rows of Q, K, V, O, G and receives its rows of O, dQ, dK, dV. The backward pass's
 /// states are sums over rows, like the forward pass's key state: without the mask the ranks add the states of the
@@ -78,6 +85,7 @@
 #include "backend.hpp"
 #include "causal_scan.hpp"
 #include "polynomial_attention.hpp"
+#include "../parallel/threads.hpp"
 
 #include <algorithm>
 #include <array>
@@ -174,39 +182,80 @@ class PaperBackend final : public AttentionBackend<T> {
     return std::clamp<Index>((Index(1) << 18) / (chunk * r), 1, groups);
   }
 
-  // Writes M_Q diag(omega) of a chunk of queries into u1_ (so that u1_ * v1_^T = phi_Q phi_K^T).
-  template <class Derived>
-  void weighted_query_monomials(const FeatureMap<T>& map, const Eigen::MatrixBase<Derived>& Qc) {
-    scaled_.resize(Qc.rows(), Qc.cols());
-    u1_.resize(Qc.rows(), map.width());
-    map.monomials(Qc, scaled_, u1_);
-    u1_ = u1_ * map.weights().asDiagonal();
+  // How the passes split n rows: chunks of `chunk` rows (the unit of factor generation and of the causal block),
+  // grouped into `blocks` blocks of `block` rows that the threads share. Whole chunks of at least 1024 rows per
+  // block, at most 64 blocks: the partition, and so every sum's order, depends on n alone, never on the thread
+  // count, and the per-block states stay small.
+  struct Partition {
+    Index chunk, tile, block, blocks;
+    Index rows_of_block(Index k, Index n) const { return std::min(block, n - k * block); }
+  };
+  Partition partition(Index n, Index r, Index groups) const {
+    constexpr Index min_block_rows = 1024, max_blocks = 64;
+    const Index b = chunk_rows(n);
+    const Index chunks = detail::block_count(n, b);
+    const Index per_block =
+        std::max(detail::block_count(min_block_rows, b), detail::block_count(chunks, max_blocks));
+    return {b, tile_groups(b, r, groups), per_block * b, detail::block_count(n, per_block * b)};
   }
 
-  // Writes the monomials M_K of a chunk of keys into v1_.
-  template <class Derived>
-  void key_monomials(const FeatureMap<T>& map, const Eigen::MatrixBase<Derived>& Kc) {
-    scaled_.resize(Kc.rows(), Kc.cols());
-    v1_.resize(Kc.rows(), map.width());
-    map.monomials(Kc, scaled_, v1_);
+  // What one thread needs to generate and multiply the factors of a chunk.
+  struct Workspace {
+    Matrix<T> scaled, u1, v1, up, vp, ones, chunk_normaliser, value_rhs, value_out;
+    Vector<T> normaliser;
+    CausalScan<T> normaliser_scan, query_scan, key_scan, value_scan;
+  };
+
+  // One workspace per thread of a loop over `blocks` blocks.
+  void prepare_workspaces(Index blocks) {
+    workspaces_.resize(static_cast<std::size_t>(std::max(1, detail::parallel_threads(blocks))));
   }
 
-  // Divides u1_ by the chunk's normaliser (rows of first_row...), which must be positive. With an exchange the
-  // error is kept for succeeded() and the pass goes on, so that this rank still joins the remaining collectives.
-  void normalise_query_factor(const Vector<T>& normaliser, Index first_row) {
+  // Writes M_Q diag(omega) of a chunk of queries into w.u1 (so that u1 * v1^T = phi_Q phi_K^T).
+  template <class Derived>
+  static void weighted_query_monomials(Workspace& w, const FeatureMap<T>& map, const Eigen::MatrixBase<Derived>& Qc) {
+    w.scaled.resize(Qc.rows(), Qc.cols());
+    w.u1.resize(Qc.rows(), map.width());
+    map.monomials(Qc, w.scaled, w.u1);
+    w.u1 = w.u1 * map.weights().asDiagonal();
+  }
+
+  // Writes the monomials M_K of a chunk of keys into w.v1.
+  template <class Derived>
+  static void key_monomials(Workspace& w, const FeatureMap<T>& map, const Eigen::MatrixBase<Derived>& Kc) {
+    w.scaled.resize(Kc.rows(), Kc.cols());
+    w.v1.resize(Kc.rows(), map.width());
+    map.monomials(Kc, w.scaled, w.v1);
+  }
+
+  // Divides w.u1 by the chunk's normaliser (rows of first_row...), which must be positive.
+  void normalise_query_factor(Workspace& w, const Vector<T>& normaliser, Index first_row) const {
     for (Index i = 0; i < normaliser.size(); ++i)
-      if (!(normaliser(i) > 0) || !std::isfinite(static_cast<double>(normaliser(i)))) {
-        const std::domain_error error(detail::bad_normaliser_message(
+      if (!(normaliser(i) > 0) || !std::isfinite(static_cast<double>(normaliser(i))))
+        throw std::domain_error(detail::bad_normaliser_message(
             "polyattn::PaperBackend::backward", first_row + i, static_cast<double>(normaliser(i)),
             certificate_.degree, certificate_.radius, sizeof(T) == sizeof(float) ? "float" : "double"));
-        if (!state_exchange()) throw error;
-        if (!deferred_failure_) deferred_failure_ = std::make_exception_ptr(error);
-        break;
-      }
-    u1_ = normaliser.cwiseInverse().asDiagonal() * u1_;
+    w.u1 = normaliser.cwiseInverse().asDiagonal() * w.u1;
   }
 
-  // Replaces `top` (and `bottom`, stacked beside it in one message) by their sums over all ranks (non-causal),
+  // Runs `body(block, workspace)` for every block on polyattn's threads. With an exchange an error is kept for
+  // succeeded() instead of thrown, and the later loops are skipped, so that this rank still joins the remaining
+  // collectives.
+  template <class Body>
+  void for_each_block(Index blocks, Body&& body) {
+    if (deferred_failure_) return;
+    prepare_workspaces(blocks);
+    try {
+      detail::parallel_for(blocks, [&](Index block, int thread) {
+        body(block, workspaces_[static_cast<std::size_t>(thread)]);
+      });
+    } catch (...) {
+      if (!state_exchange()) throw;
+      deferred_failure_ = std::current_exception();
+    }
+  }
+
+  // Replaces `left` and `right` (exchanged side by side in one message) by their sums over all ranks (non-causal),
   // or over the earlier (`direction` prefix) or later (suffix) ranks (causal). No-op without an exchange.
   void combine_over_ranks(ScanDirection direction, MatrixRef<T> left, MatrixRef<T> right) {
     StateExchange* const exchange = state_exchange();
@@ -223,168 +272,247 @@ class PaperBackend final : public AttentionBackend<T> {
     right = packed_.topRightCorner(right.rows(), right.cols()).template cast<T>();
   }
 
-  // Non-causal head: three passes (keys, queries, keys) accumulating the r(dv+1) x dk states V_p^T K,
-  // U_p^T Q and the r x (dv+1) state U_1^T [G, 1]. Returns max_j (P~^T 1)_j.
+  // Per-block states: block k's `left` (rows x cols) and `right` (r x right_cols) sums, stacked by block.
+  struct BlockStates {
+    Matrix<T> left, right;
+    void reset(Index blocks, Index rows, Index cols, Index r, Index right_cols) {
+      left.setZero(blocks * rows, cols);
+      right.setZero(blocks * r, right_cols);
+    }
+    auto left_of(Index k, Index rows) { return left.middleRows(k * rows, rows); }
+    auto right_of(Index k, Index r) { return right.middleRows(k * r, r); }
+  };
+
+  // Adds the blocks' sums in block order into `left`, `right` (which must hold zero) and then combines them over
+  // the ranks; with `exclusive`, also turns the blocks' sums into what comes before block k in `direction` (plus
+  // the other ranks' sums), the state its scan starts from.
+  void reduce_blocks(BlockStates& states, Index blocks, ScanDirection direction, bool exclusive, MatrixRef<T> left,
+                     MatrixRef<T> right) {
+    const Index rows = left.rows(), r = right.rows();
+    for (Index k = 0; k < blocks; ++k) {
+      left += states.left_of(k, rows);
+      right += states.right_of(k, r);
+    }
+    if (!exclusive) {
+      combine_over_ranks(direction, left, right);
+      return;
+    }
+    if (state_exchange()) {
+      combine_over_ranks(direction, left, right);
+    } else {
+      left.setZero();
+      right.setZero();
+    }
+    // left and right now hold what precedes (follows) this rank: the first block in scan order starts there.
+    Matrix<T> running_left = left, running_right = right;
+    for (Index step = 0; step < blocks; ++step) {
+      const Index k = direction == ScanDirection::prefix ? step : blocks - 1 - step;
+      auto block_left = states.left_of(k, rows);
+      auto block_right = states.right_of(k, r);
+      block_left.swap(running_left);
+      block_right.swap(running_right);
+      running_left += block_left;
+      running_right += block_right;
+    }
+  }
+
+  // Non-causal head: three passes (keys, queries, keys), each over blocks in parallel, accumulating per block the
+  // r(dv+1) x dk states V_p^T K, U_p^T Q and the r x (dv+1) state U_1^T [G, 1], which are then added in block order.
+  // Returns max_j (P~^T 1)_j.
   double head_full(const FeatureMap<T>& map, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
                    const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
                    MatrixRef<T> dV) {
-    const Index n = Q.rows(), m = K.rows(), dk = Q.cols(), dv = V.cols(), r = map.width();
-    const Index groups = dv + 1, b = chunk_rows(std::max(n, m)), tile = tile_groups(b, r, groups);
+    const Index n = Q.rows(), dk = Q.cols(), dv = V.cols(), r = map.width(), groups = dv + 1;
+    const Partition part = partition(n, r, groups);
+    const Index b = part.chunk, tile = part.tile;
     const T c = static_cast<T>(map.scale());
-    key_sum_.setZero(r);
-    query_state_.setZero(r * groups, dk);
-    for (Index k0 = 0; k0 < m; k0 += b) {
-      const Index rows = std::min(b, m - k0);
-      const auto Kc = K.middleRows(k0, rows);
-      key_monomials(map, Kc);
-      key_sum_.noalias() += v1_.colwise().sum().transpose();
-      for (Index g0 = 0; g0 < groups; g0 += tile) {
-        const Index tg = std::min(tile, groups - g0);
-        detail::kronecker_groups(v1_, V.middleRows(k0, rows), Vector<T>::Ones(rows), g0, tg, vp_);
-        query_state_.middleRows(g0 * r, tg * r).noalias() += vp_.transpose() * Kc;
+    block_states_.reset(part.blocks, r * groups, dk, r, 1);
+    for_each_block(part.blocks, [&](Index k, Workspace& w) {
+      auto query_state = block_states_.left_of(k, r * groups);
+      auto key_sum = block_states_.right_of(k, r);
+      for (Index k0 = k * part.block, end = k0 + part.rows_of_block(k, n); k0 < end; k0 += b) {
+        const Index rows = std::min(b, end - k0);
+        const auto Kc = K.middleRows(k0, rows);
+        key_monomials(w, map, Kc);
+        key_sum.noalias() += w.v1.colwise().sum().transpose();
+        for (Index g0 = 0; g0 < groups; g0 += tile) {
+          const Index tg = std::min(tile, groups - g0);
+          detail::kronecker_groups(w.v1, V.middleRows(k0, rows), Vector<T>::Ones(rows), g0, tg, w.vp);
+          query_state.middleRows(g0 * r, tg * r).noalias() += w.vp.transpose() * Kc;
+        }
       }
-    }
-    combine_over_ranks(ScanDirection::prefix, query_state_, key_sum_);
+    });
+    query_state_.setZero(r * groups, dk);
+    key_sum_.setZero(r);
+    reduce_blocks(block_states_, part.blocks, ScanDirection::prefix, false, query_state_, key_sum_);
+
+    block_states_.reset(part.blocks, r * groups, dk, r, dv + 1);
+    for_each_block(part.blocks, [&](Index k, Workspace& w) {
+      auto key_state = block_states_.left_of(k, r * groups);
+      auto value_state = block_states_.right_of(k, r);
+      for (Index q0 = k * part.block, end = q0 + part.rows_of_block(k, n); q0 < end; q0 += b) {
+        const Index rows = std::min(b, end - q0);
+        const auto Qc = Q.middleRows(q0, rows);
+        const auto Gc = G.middleRows(q0, rows);
+        weighted_query_monomials(w, map, Qc);
+        w.normaliser.noalias() = w.u1 * key_sum_;
+        normalise_query_factor(w, w.normaliser, q0);
+        auto dQc = dQ.middleRows(q0, rows);
+        dQc.setZero();
+        for (Index g0 = 0; g0 < groups; g0 += tile) {
+          const Index tg = std::min(tile, groups - g0);
+          detail::kronecker_groups(w.u1, Gc, -kappa_.segment(q0, rows), g0, tg, w.up);
+          dQc.noalias() += w.up * query_state_.middleRows(g0 * r, tg * r);
+          key_state.middleRows(g0 * r, tg * r).noalias() += w.up.transpose() * Qc;
+        }
+        dQc *= c;
+        value_state.leftCols(dv).noalias() += w.u1.transpose() * Gc;
+        value_state.col(dv).noalias() += w.u1.colwise().sum().transpose();
+      }
+    });
     key_state_.setZero(r * groups, dk);
     value_state_.setZero(r, dv + 1);
-    for (Index q0 = 0; q0 < n; q0 += b) {
-      const Index rows = std::min(b, n - q0);
-      const auto Qc = Q.middleRows(q0, rows);
-      const auto Gc = G.middleRows(q0, rows);
-      weighted_query_monomials(map, Qc);
-      normaliser_.noalias() = u1_ * key_sum_;
-      normalise_query_factor(normaliser_, q0);
-      auto dQc = dQ.middleRows(q0, rows);
-      dQc.setZero();
-      for (Index g0 = 0; g0 < groups; g0 += tile) {
-        const Index tg = std::min(tile, groups - g0);
-        detail::kronecker_groups(u1_, Gc, -kappa_.segment(q0, rows), g0, tg, up_);
-        dQc.noalias() += up_ * query_state_.middleRows(g0 * r, tg * r);
-        key_state_.middleRows(g0 * r, tg * r).noalias() += up_.transpose() * Qc;
+    reduce_blocks(block_states_, part.blocks, ScanDirection::suffix, false, key_state_, value_state_);
+
+    block_column_sums_.setZero(part.blocks);
+    for_each_block(part.blocks, [&](Index k, Workspace& w) {
+      for (Index k0 = k * part.block, end = k0 + part.rows_of_block(k, n); k0 < end; k0 += b) {
+        const Index rows = std::min(b, end - k0);
+        key_monomials(w, map, K.middleRows(k0, rows));
+        dV.middleRows(k0, rows).noalias() = w.v1 * value_state_.leftCols(dv);
+        block_column_sums_(k) = std::max(block_column_sums_(k),
+                                         static_cast<double>((w.v1 * value_state_.col(dv)).maxCoeff()));
+        auto dKc = dK.middleRows(k0, rows);
+        dKc.setZero();
+        for (Index g0 = 0; g0 < groups; g0 += tile) {
+          const Index tg = std::min(tile, groups - g0);
+          detail::kronecker_groups(w.v1, V.middleRows(k0, rows), Vector<T>::Ones(rows), g0, tg, w.vp);
+          dKc.noalias() += w.vp * key_state_.middleRows(g0 * r, tg * r);
+        }
+        dKc *= c;
       }
-      dQc *= c;
-      value_state_.leftCols(dv).noalias() += u1_.transpose() * Gc;
-      value_state_.col(dv).noalias() += u1_.colwise().sum().transpose();
-    }
-    combine_over_ranks(ScanDirection::suffix, key_state_, value_state_);
-    double column_sum = 0;
-    for (Index k0 = 0; k0 < m; k0 += b) {
-      const Index rows = std::min(b, m - k0);
-      key_monomials(map, K.middleRows(k0, rows));
-      dV.middleRows(k0, rows).noalias() = v1_ * value_state_.leftCols(dv);
-      column_sum = std::max(column_sum, static_cast<double>((v1_ * value_state_.col(dv)).maxCoeff()));
-      auto dKc = dK.middleRows(k0, rows);
-      dKc.setZero();
-      for (Index g0 = 0; g0 < groups; g0 += tile) {
-        const Index tg = std::min(tile, groups - g0);
-        detail::kronecker_groups(v1_, V.middleRows(k0, rows), Vector<T>::Ones(rows), g0, tg, vp_);
-        dKc.noalias() += vp_ * key_state_.middleRows(g0 * r, tg * r);
-      }
-      dKc *= c;
-    }
-    return column_sum;
+    });
+    return part.blocks > 0 ? block_column_sums_.maxCoeff() : 0.0;
   }
 
-  // Causal head: a forward loop over chunks runs the prefix scans for the normaliser D~ (kept for the
-  // second loop) and for dQ; a reverse loop runs the suffix scans for dK and for [dV, P~^T 1].
-  // Returns max_j (P~^T 1)_j.
+  // Causal head: the prefix scans (normaliser D~, kept for the suffix pass, and dQ) and then the suffix scans (dK
+  // and [dV, P~^T 1]), each over blocks in parallel, every block's scan starting from the sum over the blocks (and
+  // ranks) before it, or after it. Those sums take a pass over the keys before the prefix scans; the prefix scans
+  // accumulate the ones the suffix scans need. Returns max_j (P~^T 1)_j.
   double head_causal(const FeatureMap<T>& map, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
                      const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
                      MatrixRef<T> dV) {
-    const Index n = Q.rows(), dk = Q.cols(), dv = V.cols(), r = map.width();
-    const Index groups = dv + 1, b = chunk_rows(n), tile = tile_groups(b, r, groups);
-    const Index chunks = (n + b - 1) / b;
+    const Index n = Q.rows(), dk = Q.cols(), dv = V.cols(), r = map.width(), groups = dv + 1;
+    const Partition part = partition(n, r, groups);
+    const Index b = part.chunk, tile = part.tile;
     const T c = static_cast<T>(map.scale());
-    const bool sharded = state_exchange() != nullptr;
+    // One block of one rank scans from zero: the sums before and after it are not needed.
+    const bool split = part.blocks > 1 || state_exchange() != nullptr;
     row_normaliser_.resize(n);
-    // The prefix scans start from the earlier ranks' key totals; this rank's own totals take a pass over its keys.
-    key_sum_.setZero(r);
+
+    block_states_.reset(part.blocks, r * groups, dk, r, 1);
+    if (split)
+      for_each_block(part.blocks, [&](Index k, Workspace& w) {
+        auto query_state = block_states_.left_of(k, r * groups);
+        auto key_sum = block_states_.right_of(k, r);
+        for (Index s = k * part.block, end = s + part.rows_of_block(k, n); s < end; s += b) {
+          const Index rows = std::min(b, end - s);
+          const auto Kc = K.middleRows(s, rows);
+          key_monomials(w, map, Kc);
+          key_sum.noalias() += w.v1.colwise().sum().transpose();
+          for (Index g0 = 0; g0 < groups; g0 += tile) {
+            const Index tg = std::min(tile, groups - g0);
+            detail::kronecker_groups(w.v1, V.middleRows(s, rows), Vector<T>::Ones(rows), g0, tg, w.vp);
+            query_state.middleRows(g0 * r, tg * r).noalias() += w.vp.transpose() * Kc;
+          }
+        }
+      });
     query_state_.setZero(r * groups, dk);
-    if (sharded) {
-      for (Index s = 0; s < n; s += b) {
-        const Index rows = std::min(b, n - s);
+    key_sum_.setZero(r);
+    reduce_blocks(block_states_, part.blocks, ScanDirection::prefix, true, query_state_, key_sum_);
+
+    // The prefix scans; their blocks' sums of U_p^T Q and U_1^T [G, 1] are what the suffix scans start from.
+    reverse_states_.reset(part.blocks, r * groups, dk, r, dv + 1);
+    for_each_block(part.blocks, [&](Index k, Workspace& w) {
+      w.normaliser_scan.start(ScanDirection::prefix, block_states_.right_of(k, r));
+      w.query_scan.start(ScanDirection::prefix, block_states_.left_of(k, r * groups));
+      auto key_state = reverse_states_.left_of(k, r * groups);
+      auto value_state = reverse_states_.right_of(k, r);
+      for (Index s = k * part.block, end = s + part.rows_of_block(k, n); s < end; s += b) {
+        const Index rows = std::min(b, end - s);
+        const auto Qc = Q.middleRows(s, rows);
         const auto Kc = K.middleRows(s, rows);
-        key_monomials(map, Kc);
-        key_sum_.noalias() += v1_.colwise().sum().transpose();
+        const auto Vc = V.middleRows(s, rows);
+        const auto Gc = G.middleRows(s, rows);
+        weighted_query_monomials(w, map, Qc);
+        key_monomials(w, map, Kc);
+        w.ones.setOnes(rows, 1);
+        w.chunk_normaliser.setZero(rows, 1);
+        w.normaliser_scan.begin_chunk(rows);
+        w.normaliser_scan.add_factors(0, w.u1, w.v1, w.ones, w.chunk_normaliser);
+        w.normaliser_scan.end_chunk(w.ones, w.chunk_normaliser);
+        w.normaliser = w.chunk_normaliser.col(0);
+        normalise_query_factor(w, w.normaliser, s);
+        row_normaliser_.segment(s, rows) = w.normaliser;
+        auto dQc = dQ.middleRows(s, rows);
+        dQc.setZero();
+        w.query_scan.begin_chunk(rows);
         for (Index g0 = 0; g0 < groups; g0 += tile) {
           const Index tg = std::min(tile, groups - g0);
-          detail::kronecker_groups(v1_, V.middleRows(s, rows), Vector<T>::Ones(rows), g0, tg, vp_);
-          query_state_.middleRows(g0 * r, tg * r).noalias() += vp_.transpose() * Kc;
+          detail::kronecker_groups(w.u1, Gc, -kappa_.segment(s, rows), g0, tg, w.up);
+          detail::kronecker_groups(w.v1, Vc, Vector<T>::Ones(rows), g0, tg, w.vp);
+          w.query_scan.add_factors(g0 * r, w.up, w.vp, Kc, dQc);
+          if (split) key_state.middleRows(g0 * r, tg * r).noalias() += w.up.transpose() * Qc;
+        }
+        w.query_scan.end_chunk(Kc, dQc);
+        dQc *= c;
+        if (split) {
+          value_state.leftCols(dv).noalias() += w.u1.transpose() * Gc;
+          value_state.col(dv).noalias() += w.u1.colwise().sum().transpose();
         }
       }
-      combine_over_ranks(ScanDirection::prefix, query_state_, key_sum_);
-    }
-    normaliser_scan_.start(ScanDirection::prefix, key_sum_);
-    query_scan_.start(ScanDirection::prefix, query_state_);
-    // The suffix scans start from the later ranks' query totals, which the prefix pass accumulates.
+    });
     key_state_.setZero(r * groups, dk);
     value_state_.setZero(r, dv + 1);
-    for (Index s = 0; s < n; s += b) {
-      const Index rows = std::min(b, n - s);
-      const auto Kc = K.middleRows(s, rows);
-      const auto Vc = V.middleRows(s, rows);
-      const auto Gc = G.middleRows(s, rows);
-      weighted_query_monomials(map, Q.middleRows(s, rows));
-      key_monomials(map, Kc);
-      ones_.setOnes(rows, 1);
-      chunk_normaliser_.setZero(rows, 1);
-      normaliser_scan_.begin_chunk(rows);
-      normaliser_scan_.add_factors(0, u1_, v1_, ones_, chunk_normaliser_);
-      normaliser_scan_.end_chunk(ones_, chunk_normaliser_);
-      normaliser_ = chunk_normaliser_.col(0);
-      normalise_query_factor(normaliser_, s);
-      row_normaliser_.segment(s, rows) = normaliser_;
-      auto dQc = dQ.middleRows(s, rows);
-      dQc.setZero();
-      query_scan_.begin_chunk(rows);
-      for (Index g0 = 0; g0 < groups; g0 += tile) {
-        const Index tg = std::min(tile, groups - g0);
-        detail::kronecker_groups(u1_, Gc, -kappa_.segment(s, rows), g0, tg, up_);
-        detail::kronecker_groups(v1_, Vc, Vector<T>::Ones(rows), g0, tg, vp_);
-        query_scan_.add_factors(g0 * r, up_, vp_, Kc, dQc);
-        if (sharded) key_state_.middleRows(g0 * r, tg * r).noalias() += up_.transpose() * Q.middleRows(s, rows);
+    reduce_blocks(reverse_states_, part.blocks, ScanDirection::suffix, true, key_state_, value_state_);
+
+    block_column_sums_.setZero(part.blocks);
+    for_each_block(part.blocks, [&](Index k, Workspace& w) {
+      w.key_scan.start(ScanDirection::suffix, reverse_states_.left_of(k, r * groups));
+      w.value_scan.start(ScanDirection::suffix, reverse_states_.right_of(k, r));
+      const Index first = k * part.block, block_rows = part.rows_of_block(k, n);
+      for (Index chunk = detail::block_count(block_rows, b) - 1; chunk >= 0; --chunk) {
+        const Index s = first + chunk * b, rows = std::min(b, first + block_rows - s);
+        const auto Qc = Q.middleRows(s, rows);
+        const auto Vc = V.middleRows(s, rows);
+        const auto Gc = G.middleRows(s, rows);
+        weighted_query_monomials(w, map, Qc);
+        w.u1 = row_normaliser_.segment(s, rows).cwiseInverse().asDiagonal() * w.u1;
+        key_monomials(w, map, K.middleRows(s, rows));
+        auto dKc = dK.middleRows(s, rows);
+        dKc.setZero();
+        w.key_scan.begin_chunk(rows);
+        for (Index g0 = 0; g0 < groups; g0 += tile) {
+          const Index tg = std::min(tile, groups - g0);
+          detail::kronecker_groups(w.u1, Gc, -kappa_.segment(s, rows), g0, tg, w.up);
+          detail::kronecker_groups(w.v1, Vc, Vector<T>::Ones(rows), g0, tg, w.vp);
+          w.key_scan.add_factors(g0 * r, w.up, w.vp, Qc, dKc);
+        }
+        w.key_scan.end_chunk(Qc, dKc);
+        dKc *= c;
+        w.value_rhs.resize(rows, dv + 1);
+        w.value_rhs.leftCols(dv) = Gc;
+        w.value_rhs.col(dv).setOnes();
+        w.value_out.setZero(rows, dv + 1);
+        w.value_scan.begin_chunk(rows);
+        w.value_scan.add_factors(0, w.u1, w.v1, w.value_rhs, w.value_out);
+        w.value_scan.end_chunk(w.value_rhs, w.value_out);
+        dV.middleRows(s, rows) = w.value_out.leftCols(dv);
+        block_column_sums_(k) =
+            std::max(block_column_sums_(k), static_cast<double>(w.value_out.col(dv).maxCoeff()));
       }
-      query_scan_.end_chunk(Kc, dQc);
-      dQc *= c;
-      if (sharded) {
-        value_state_.leftCols(dv).noalias() += u1_.transpose() * Gc;
-        value_state_.col(dv).noalias() += u1_.colwise().sum().transpose();
-      }
-    }
-    combine_over_ranks(ScanDirection::suffix, key_state_, value_state_);
-    key_scan_.start(ScanDirection::suffix, key_state_);
-    value_scan_.start(ScanDirection::suffix, value_state_);
-    double column_sum = 0;
-    for (Index chunk = chunks - 1; chunk >= 0; --chunk) {
-      const Index s = chunk * b, rows = std::min(b, n - s);
-      const auto Qc = Q.middleRows(s, rows);
-      const auto Vc = V.middleRows(s, rows);
-      const auto Gc = G.middleRows(s, rows);
-      weighted_query_monomials(map, Qc);
-      u1_ = row_normaliser_.segment(s, rows).cwiseInverse().asDiagonal() * u1_;
-      key_monomials(map, K.middleRows(s, rows));
-      auto dKc = dK.middleRows(s, rows);
-      dKc.setZero();
-      key_scan_.begin_chunk(rows);
-      for (Index g0 = 0; g0 < groups; g0 += tile) {
-        const Index tg = std::min(tile, groups - g0);
-        detail::kronecker_groups(u1_, Gc, -kappa_.segment(s, rows), g0, tg, up_);
-        detail::kronecker_groups(v1_, Vc, Vector<T>::Ones(rows), g0, tg, vp_);
-        key_scan_.add_factors(g0 * r, up_, vp_, Qc, dKc);
-      }
-      key_scan_.end_chunk(Qc, dKc);
-      dKc *= c;
-      value_rhs_.resize(rows, dv + 1);
-      value_rhs_.leftCols(dv) = Gc;
-      value_rhs_.col(dv).setOnes();
-      value_out_.setZero(rows, dv + 1);
-      value_scan_.begin_chunk(rows);
-      value_scan_.add_factors(0, u1_, v1_, value_rhs_, value_out_);
-      value_scan_.end_chunk(value_rhs_, value_out_);
-      dV.middleRows(s, rows) = value_out_.leftCols(dv);
-      column_sum = std::max(column_sum, static_cast<double>(value_out_.col(dv).maxCoeff()));
-    }
-    return column_sum;
+    });
+    return part.blocks > 0 ? block_column_sums_.maxCoeff() : 0.0;
   }
 
   PolynomialAttention<T> attention_;
@@ -392,10 +520,11 @@ class PaperBackend final : public AttentionBackend<T> {
   Certificate certificate_;
   bool has_forward_ = false;
   std::array<Index, 4> forward_shape_{};  // rows of Q, rows of K, columns of Q, columns of V
-  CausalScan<T> normaliser_scan_, query_scan_, key_scan_, value_scan_;
-  Matrix<T> scaled_, u1_, v1_, up_, vp_, query_state_, key_state_, value_state_, ones_, chunk_normaliser_,
-      value_rhs_, value_out_;
-  Vector<T> kappa_, key_sum_, normaliser_, row_normaliser_;
+  std::vector<Workspace> workspaces_;  // one per thread
+  BlockStates block_states_, reverse_states_;
+  Eigen::VectorXd block_column_sums_;
+  Matrix<T> query_state_, key_state_, value_state_;
+  Vector<T> kappa_, key_sum_, row_normaliser_;
   Eigen::MatrixXd packed_;               // states on their way through the exchange
   std::exception_ptr deferred_failure_;  // this rank's error of a sequence-parallel backward(), see succeeded()
 };
