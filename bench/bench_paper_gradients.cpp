@@ -39,6 +39,9 @@ double paper_flops(double n, double d, double r, double b, bool causal) {
     forward += n * b * (4 * d + 2);               // in-chunk p(c q.k) block and its product with [V, 1]
     backward += n * b * (2 * k + 2 * d)           // dQ, dK: triangular U_p V_p^T blocks and their products
                 + n * b * (2 * r + d + 2);        // normaliser and dV blocks
+    if (n > 1024)                                 // several blocks of rows: the sums the blocks' scans start from
+      backward += 4 * n * k * d                   // V_p^T K before the prefix scans, U_p^T Q during them
+                  + 2 * n * r * (d + 1);          // U_1^T [G, 1]
   }
   return forward + backward;
 }
