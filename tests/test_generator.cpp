@@ -113,10 +113,12 @@ TEMPLATE_TEST_CASE("Generated logits equal the full forward on the same prefix, 
 
 TEST_CASE("A prompt longer than a prefill block and an appended tail match the full forward", "[generator]") {
   // 300 positions: the prompt's states are summed over two blocks of rows (256 + 44) and the caches grow by
-  // doubling while tokens are appended.
-  for (const AttentionMethod method : {AttentionMethod::exact_blocked, AttentionMethod::adjoint}) {
-    CAPTURE(polyattn::attention_method_name(method));
+  // doubling while tokens are appended; also a model with an exact and a polynomial block.
+  for (const int variant : {0, 1, 2}) {
+    const AttentionMethod method = variant == 0 ? AttentionMethod::exact_blocked : AttentionMethod::adjoint;
+    CAPTURE(variant);
     GPTConfig config = generation_config(method);
+    if (variant == 2) config.layer_methods = {AttentionMethod::adjoint, AttentionMethod::exact_blocked};
     config.context = 300;
     config.attention.chunk_size = 0;  // the default scan chunk
     GPT<double> model(config);

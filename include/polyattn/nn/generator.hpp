@@ -10,8 +10,8 @@
 ///   per head the new query's softmax over all of them,
 ///   \f$s = c\,K q,\ w = e^{s - \max s},\ o = V^\top w / \mathbf 1^\top w\f$, vectorised along the keys (the blocked
 ///   ExactAttention kernel is vectorised along queries, which a single query would leave scalar), the heads on
-///   polyattn's threads once the context is long: \f$O(n d)\f$ time per token and \f$O(n d)\f$ memory at context
-///   length \f$n\f$.
+///   polyattn's threads once the context is long (each head one thread's work, so the result does not depend on
+///   the thread count): \f$O(n d)\f$ time per token and \f$O(n d)\f$ memory at context length \f$n\f$.
 /// - **Polynomial methods** (paper, adjoint: their forward pass is the polynomial method,
 ///   polynomial_attention.hpp). With monomials \f$m(\cdot)\f$ and weights \f$\omega\f$ of the feature map
 ///   (feature_map.hpp), \f$\varphi_Q(q)^\top\varphi_K(k) = m(\sqrt c\,q)^\top\mathrm{diag}(\omega)\,m(\sqrt c\,k)
@@ -29,11 +29,12 @@
 /// \f$p(c\,QK^\top)\f$ and earlier chunks through \f$Z\f$, the recurrence every key through \f$Z\f$; the exact
 /// forward sums keys in blocks of its own), so the logits agree up to rounding (tests/test_generator.cpp checks
 /// every method in float and double). The polynomial must be the one the full forward would choose on the prefix:
-/// it depends on the score radius \f$R = c\max_i\|q_i\|\max_j\|k_j\|\f$ only through the options, so the generator
-/// tracks \f$R\f$ and re-applies the range policy whenever \f$R\f$ grows. A polynomial refit to every call's
-/// \f$R\f$ (minimax with `radius` = 0) is refused; under RangePolicy::throw_error a radius beyond `radius` throws
-/// as the forward pass does, and under raise_degree, when the policy picks another polynomial, append() throws
-/// std::domain_error (the state holds the sums of the old polynomial's features): prefill() the sequence again.
+/// it depends on the score radius \f$R = c\max_i\|q_i\|\max_j\|k_j\|\f$ only through the options (only once
+/// \f$R\f$ exceeds a configured `radius` > 0), so the generator tracks \f$R\f$ and re-applies the range policy
+/// there. A polynomial refit to every call's \f$R\f$ (minimax with `radius` = 0) is refused; under
+/// RangePolicy::throw_error a radius beyond `radius` throws as the forward pass does, and under raise_degree, when
+/// the policy picks another polynomial, append() throws std::domain_error (the state holds the sums of the old
+/// polynomial's features): prefill() the sequence again.
 ///
 /// **Sampling** (TokenSampler, GenerationOptions): temperature 0 (or top_k 1) takes the most likely token;
 /// otherwise the token is drawn from \f$\mathrm{softmax}(\ell / \tau)\f$ restricted to the top_k largest logits,
@@ -75,6 +76,7 @@
 #include <memory>
 #include <random>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace polyattn {
