@@ -2,7 +2,9 @@
 // with the almost-linear adjoint backend per requested Taylor degree, and compares loss, accuracy and time
 // per step. For each adjoint run it also reports the largest score radius R = c max|q| max|k| the trained
 // model reaches and the certified error of the polynomial on [-R, R]: a model may learn scores the degree
-// cannot follow, which is what a higher degree fixes.
+// cannot follow, which is what a higher degree fixes. Every trained model is evaluated twice: with the attention
+// it trained with and with exact attention ("train approximate, deploy exact": the same weights, exact softmax).
+// After the text task every model writes a short sample (nn/generator.hpp), continuing a held-out prompt.
 //
 //   train_gpt [--steps N] [--text-steps N] [--context N] [--layers N] [--d-model N] [--heads N]
 //             [--degrees G1,G2,...] [--batch B] [--lr X] [--seed S] [--log-every N] [--out-dir DIR]
@@ -19,6 +21,7 @@
 //
 // Writes <out-dir>/<task>_loss.csv (step, then the training loss of every run) and, when gnuplot is installed,
 // <out-dir>/<task>_loss.png.
+#include <polyattn/nn/generator.hpp>
 #include <polyattn/nn/gpt.hpp>
 #include <polyattn/nn/optimizer.hpp>
 
@@ -43,6 +46,8 @@
 #include <stdexcept>
 #include <string>
 #include <system_error>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cli.hpp"
@@ -83,7 +88,8 @@ void usage(std::ostream& out) {
   out << "usage: train_gpt [options] [FILE]\n"
          "\n"
          "Trains the same small GPT from one seed with exact blocked attention and with the adjoint backend at\n"
-         "each degree of --degrees, on associative recall and, given a text file, on its bytes.\n"
+         "each degree of --degrees, on associative recall and, given a text file, on its bytes. Evaluates every\n"
+         "trained model with its own attention and with exact attention; after the text task, prints a sample.\n"
          "\n"
          "Options (default in parentheses):\n"
          "  --steps N        training steps of the recall task, 1.."
@@ -269,9 +275,38 @@ struct RunResult {
   std::vector<double> losses;
   double seconds_per_step = 0;
   double eval_loss = 0, eval_accuracy = 0;
+  // The same weights evaluated with exact (blocked) attention.
+  double exact_eval_loss = 0, exact_eval_accuracy = 0;
   // Largest score radius over the layers in evaluation, and the certified polynomial error there.
   double radius = 0, poly_error = 0;
+  // Text generated from the sample prompt with the trained attention (empty without a prompt).
+  std::vector<Index> sample;
 };
+
+// Sample length: bytes of prompt and new bytes, within the context.
+constexpr Index sample_prompt_bytes = 32, sample_new_bytes = 96;
+
+// Mean loss and accuracy of `model` over `eval` (accuracy over the scored positions); with `result`, also the
+// largest score radius of the attention layers and its certified polynomial error.
+std::pair<double, double> evaluate(polyattn::GPT<float>& model, const std::vector<Example>& eval,
+                                   RunResult* result) {
+  double loss = 0, correct = 0, scored = 0;
+  for (const Example& ex : eval) {
+    loss += model.forward(ex.tokens, ex.targets) / static_cast<double>(eval.size());
+    Index n = 0;
+    for (Index t : ex.targets) n += t >= 0;
+    correct += model.accuracy() * static_cast<double>(n);
+    scored += static_cast<double>(n);
+    for (Index layer = 0; result && layer < model.config().layers; ++layer) {
+      const polyattn::Certificate& certificate = model.attention(layer).forward_certificate();
+      if (certificate.radius > result->radius) {
+        result->radius = certificate.radius;
+        result->poly_error = certificate.poly_error;
+      }
+    }
+  }
+  return {loss, scored > 0 ? correct / scored : 0};
+}
 
 std::string format_seconds(double seconds) {
   char buffer[32];
@@ -281,10 +316,11 @@ std::string format_seconds(double seconds) {
 }
 
 // Trains from the seed with `method` (Taylor degree `degree` when approximate), `flags.batch` examples from
-// `next_train` per step, and evaluates on `eval`.
+// `next_train` per step, and evaluates on `eval`, with `method` and with exact attention; given a prompt, generates a
+// sample after it with `method`.
 RunResult train(const Flags& flags, Index vocab, AttentionMethod method, int degree, int steps,
                 const std::string& label, const std::function<Example(std::mt19937_64&)>& next_train,
-                const std::vector<Example>& eval) {
+                const std::vector<Example>& eval, const std::vector<Index>* sample_prompt) {
   polyattn::GPTConfig config;
   config.vocab_size = vocab;
   config.context = flags.context;
@@ -338,23 +374,35 @@ RunResult train(const Flags& flags, Index vocab, AttentionMethod method, int deg
     }
   }
   result.seconds_per_step = train_seconds / steps;
-  double correct = 0, scored = 0;
-  for (const Example& ex : eval) {
-    result.eval_loss += model.forward(ex.tokens, ex.targets) / static_cast<double>(eval.size());
-    Index n = 0;
-    for (Index t : ex.targets) n += t >= 0;
-    correct += model.accuracy() * static_cast<double>(n);
-    scored += static_cast<double>(n);
-    for (Index layer = 0; layer < config.layers; ++layer) {
-      const polyattn::Certificate& certificate = model.attention(layer).forward_certificate();
-      if (certificate.radius > result.radius) {
-        result.radius = certificate.radius;
-        result.poly_error = certificate.poly_error;
-      }
+  std::tie(result.eval_loss, result.eval_accuracy) = evaluate(model, eval, &result);
+  if (sample_prompt) {
+    polyattn::GenerationOptions options;
+    options.max_new_tokens = std::min(sample_new_bytes, flags.context + 1 - static_cast<Index>(sample_prompt->size()));
+    options.temperature = 0.8;
+    options.seed = flags.seed;
+    polyattn::Generator<float> generator(model);
+    result.sample = generator.generate(*sample_prompt, options);
+  }
+  model.set_attention_method(AttentionMethod::exact_blocked);
+  std::tie(result.exact_eval_loss, result.exact_eval_accuracy) = evaluate(model, eval, nullptr);
+  return result;
+}
+
+// Bytes as text on one line: printable ASCII as is, newline and tab escaped, every other byte as \xHH.
+std::string escaped(const std::vector<Index>& bytes) {
+  std::string text;
+  for (const Index b : bytes) {
+    if (b == '\n') text += "\\n";
+    else if (b == '\t') text += "\\t";
+    else if (b == '\\') text += "\\\\";
+    else if (b >= 32 && b < 127) text += static_cast<char>(b);
+    else {
+      char hex[8];
+      std::snprintf(hex, sizeof hex, "\\x%02x", static_cast<unsigned>(b));
+      text += hex;
     }
   }
-  result.eval_accuracy = scored > 0 ? correct / scored : 0;
-  return result;
+  return text;
 }
 
 // Runs `command` (command[0] looked up in PATH) without a shell, so nothing in the arguments is interpreted, and
@@ -433,18 +481,21 @@ void write_curves(const Flags& flags, const std::string& task, const std::vector
   plot_curves(flags, task, runs);
 }
 
+// Trains and evaluates every run on one task and prints the comparison; with `sample_prompt`, also every run's
+// sample after it.
 void compare(const Flags& flags, const std::string& task, Index vocab, int steps,
              const std::function<Example(std::mt19937_64&)>& next_train, const std::vector<Example>& eval,
-             const std::string& chance_note) {
+             const std::string& chance_note, const std::vector<Index>* sample_prompt = nullptr) {
   std::printf("\n== task: %s  (context %ld, %ld layers, d_model %ld, %ld heads, %d steps of %ld sequences, vocab %ld)\n",
               task.c_str(), static_cast<long>(flags.context), static_cast<long>(flags.layers),
               static_cast<long>(flags.d_model), static_cast<long>(flags.heads), steps,
               static_cast<long>(flags.batch), static_cast<long>(vocab));
   std::vector<RunResult> runs;
-  runs.push_back(train(flags, vocab, AttentionMethod::exact_blocked, 0, steps, "exact_blocked", next_train, eval));
+  runs.push_back(
+      train(flags, vocab, AttentionMethod::exact_blocked, 0, steps, "exact_blocked", next_train, eval, sample_prompt));
   for (const int degree : flags.degrees)
     runs.push_back(train(flags, vocab, AttentionMethod::adjoint, degree, steps, "adjoint_g" + std::to_string(degree),
-                         next_train, eval));
+                         next_train, eval, sample_prompt));
   const auto tail_mean = [](const std::vector<double>& losses) {
     const std::size_t tail = std::max<std::size_t>(1, losses.size() / 10);
     double sum = 0;
@@ -452,20 +503,29 @@ void compare(const Flags& flags, const std::string& task, Index vocab, int steps
     return sum / static_cast<double>(tail);
   };
   const RunResult& exact = runs.front();
-  std::printf("  %-14s %11s %10s %9s %9s %9s %8s %11s\n", "run", "train loss*", "eval loss", "loss gap", "eval acc",
-              "ms/step", "speed-up", "R -> eps");
+  std::printf("  %-14s %11s %10s %9s %9s %16s %9s %8s %11s\n", "run", "train loss*", "eval loss", "loss gap",
+              "eval acc", "deployed exact**", "ms/step", "speed-up", "R -> eps");
   for (const RunResult& run : runs) {
     char certificate[48] = "-";
     if (&run != &exact) std::snprintf(certificate, sizeof certificate, "%.1f -> %.2g", run.radius, run.poly_error);
-    std::printf("  %-14s %11.4f %10.4f %+8.1f%% %8.1f%% %9.1f %7.2fx %11s\n", run.label.c_str(),
+    char deployed[48];
+    std::snprintf(deployed, sizeof deployed, "%.4f (%.1f%%)", run.exact_eval_loss, 100 * run.exact_eval_accuracy);
+    std::printf("  %-14s %11.4f %10.4f %+8.1f%% %8.1f%% %16s %9.1f %7.2fx %11s\n", run.label.c_str(),
                 tail_mean(run.losses), run.eval_loss, 100 * (run.eval_loss - exact.eval_loss) / exact.eval_loss,
-                100 * run.eval_accuracy, 1e3 * run.seconds_per_step, exact.seconds_per_step / run.seconds_per_step,
-                certificate);
+                100 * run.eval_accuracy, deployed, 1e3 * run.seconds_per_step,
+                exact.seconds_per_step / run.seconds_per_step, certificate);
   }
   std::printf("  (* mean of the last 10%% of steps; loss gap = (eval loss - exact eval loss) / exact eval loss;\n"
+              "   ** eval loss (accuracy) of the same weights with exact blocked attention;\n"
               "   speed-up = exact ms/step / ms/step; R -> eps: largest score radius in evaluation and the certified\n"
               "   max |p(x) e^-x - 1| on [-R, R]; %s)\n",
               chance_note.c_str());
+  if (sample_prompt) {
+    std::printf("  samples (temperature 0.8, seed %llu, each run with the attention it trained with) after the held-out "
+                "prompt \"%s\":\n",
+                static_cast<unsigned long long>(flags.seed), escaped(*sample_prompt).c_str());
+    for (const RunResult& run : runs) std::printf("  %-14s \"%s\"\n", run.label.c_str(), escaped(run.sample).c_str());
+  }
   write_curves(flags, task, runs);
 }
 
@@ -519,9 +579,13 @@ int main(int argc, char** argv) {
     if (text) {
       std::vector<Example> text_eval;
       for (int k = 0; k < 8; ++k) text_eval.push_back(text->sample(eval_rng, true));
+      // The first bytes of a held-out window, at most half the context.
+      const Index prompt_bytes = std::min(sample_prompt_bytes, flags.context / 2);
+      const Example prompt_window = text->sample(eval_rng, true);
+      const std::vector<Index> sample_prompt(prompt_window.tokens.begin(), prompt_window.tokens.begin() + prompt_bytes);
       compare(flags, "text", text->vocab(), flags.text_steps,
               [&](std::mt19937_64& rng) { return text->sample(rng, false); }, text_eval,
-              "text: eval on the held-out last tenth of the file");
+              "text: eval on the held-out last tenth of the file", &sample_prompt);
     } else {
       std::printf("\n(no text file given: pass one as the last argument to also train on bytes of it)\n");
     }

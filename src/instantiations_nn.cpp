@@ -1,4 +1,5 @@
-// Explicit instantiations for polyattn::compiled: network layers, optimizers and the GPT (see polyattn/extern_templates.hpp).
+// Explicit instantiations for polyattn::compiled: network layers, optimizers, the GPT and its generator (see
+// polyattn/extern_templates.hpp).
 #include <polyattn/extern_templates.hpp>
 
 namespace polyattn {
@@ -14,4 +15,5 @@ POLYATTN_INSTANTIATE_CLASS(, Residual)
 POLYATTN_INSTANTIATE_CLASS(, SGD)
 POLYATTN_INSTANTIATE_CLASS(, AdamW)
 POLYATTN_INSTANTIATE_CLASS(, GPT)
+POLYATTN_INSTANTIATE_CLASS(, Generator)
 }  // namespace polyattn

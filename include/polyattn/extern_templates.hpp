@@ -52,7 +52,8 @@
   apply(storage, Residual)                         \
   apply(storage, SGD)                              \
   apply(storage, AdamW)                            \
-  apply(storage, GPT)
+  apply(storage, GPT)                              \
+  apply(storage, Generator)
 
 namespace polyattn {
 POLYATTN_FOR_EACH_ATTENTION_CLASS(POLYATTN_INSTANTIATE_CLASS, extern)

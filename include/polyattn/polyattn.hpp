@@ -1,6 +1,6 @@
 /// \file polyattn.hpp
 /// Umbrella header: includes every public polyattn header, in data-flow order
-/// (polynomial -> feature map -> attention -> gradients -> layers -> model).
+/// (polynomial -> feature map -> attention -> gradients -> layers -> model -> generation).
 #pragma once
 
 #include "common.hpp"
@@ -33,4 +33,5 @@
 #include "nn/optimizer.hpp"
 #include "nn/composition.hpp"
 #include "nn/gpt.hpp"
+#include "nn/generator.hpp"
 #include "nn/serialization.hpp"

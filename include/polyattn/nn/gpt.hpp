@@ -243,6 +243,27 @@ class GPT {
   }
   /// The language-model head (d x vocab, no bias).
   Linear<T>& lm_head() { return *lm_head_; }
+  /// The token and position embedding (\f$g_0\f$).
+  Embedding<T>& embedding() { return embedding_; }
+  /// The LayerNorm before the attention of block `layer` ("block<i>.ln1").
+  LayerNorm<T>& ln1(Index layer) {
+    detail::require(layer >= 0 && layer < config_.layers, "polyattn::GPT::ln1", "argument 'layer' must be in [0, ",
+                    config_.layers, "), got ", layer);
+    return *ln1_layers_[static_cast<std::size_t>(layer)];
+  }
+  /// The LayerNorm before the MLP of block `layer` ("block<i>.ln2").
+  LayerNorm<T>& ln2(Index layer) {
+    detail::require(layer >= 0 && layer < config_.layers, "polyattn::GPT::ln2", "argument 'layer' must be in [0, ",
+                    config_.layers, "), got ", layer);
+    return *ln2_layers_[static_cast<std::size_t>(layer)];
+  }
+  /// The final LayerNorm, before the head ("ln_f").
+  LayerNorm<T>& ln_f() { return *ln_f_; }
+
+  /// Forgets what the last forward pass kept for backward(), which then throws until the next
+  /// forward(tokens, targets). For code that runs the model's layers itself (Generator runs them on single rows,
+  /// which overwrites what they kept).
+  void discard_activations() { targets_.clear(); }
 
   /// Adds a LoRA adapter to every Linear chosen by `targets` and freezes every other parameter (embeddings,
   /// LayerNorms, the remaining Linears, the adapted weights and any adapter added before), so that exactly the
@@ -448,6 +469,8 @@ class GPT {
   Composition<T> body_;
   std::vector<SelfAttention<T>*> attention_layers_;
   std::vector<MLP<T>*> mlp_layers_;
+  std::vector<LayerNorm<T>*> ln1_layers_, ln2_layers_;
+  LayerNorm<T>* ln_f_ = nullptr;
   Linear<T>* lm_head_ = nullptr;
   CrossEntropy<T> loss_function_;
   std::vector<Index> tokens_, targets_;
@@ -480,11 +503,13 @@ GPT<T>::GPT(const GPTConfig& config)
     attention.output_gain = residual_gain;
     attention.seed = derive_seed(seed, 0);
     auto attention_branch = std::make_unique<Composition<T>>();
-    attention_branch->add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), name + ".ln1")));
+    ln1_layers_.push_back(
+        &attention_branch->add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), name + ".ln1"))).layer());
     attention_layers_.push_back(
         &attention_branch->add(make_component<T>(d, d, SelfAttention<T>(attention, name + ".attn"))).layer());
     auto mlp_branch = std::make_unique<Composition<T>>();
-    mlp_branch->add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), name + ".ln2")));
+    ln2_layers_.push_back(
+        &mlp_branch->add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), name + ".ln2"))).layer());
     MLPOptions mlp;
     mlp.d_model = d;
     mlp.hidden = config_.mlp_hidden;
@@ -495,7 +520,7 @@ GPT<T>::GPT(const GPTConfig& config)
     body_.add(std::make_unique<Residual<T>>(std::move(attention_branch)));
     body_.add(std::make_unique<Residual<T>>(std::move(mlp_branch)));
   }
-  body_.add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), "ln_f")));
+  ln_f_ = &body_.add(make_component<T>(d, d, LayerNorm<T>(layer_norm_options(d), "ln_f"))).layer();
   const LinearOptions head{d, config_.vocab_size, false, 0, derive_seed(config_.seed, 1000)};
   lm_head_ = &body_.add(make_component<T>(d, config_.vocab_size, Linear<T>(head, "lm_head"))).layer();
 }

@@ -146,6 +146,13 @@ class SelfAttention {
   /// what the preceding forward() (same \f$X\f$) kept.
   void backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, MatrixRef<T> dX);
 
+  /// \f$Q = XW_Q\f$ (n x d) of the last forward() (Generator reads a prompt's queries, keys and values here).
+  const Matrix<T>& queries() const { return queries_; }
+  /// \f$K = XW_K\f$ (n x d) of the last forward().
+  const Matrix<T>& keys() const { return keys_; }
+  /// \f$V = XW_V\f$ (n x d) of the last forward().
+  const Matrix<T>& values() const { return values_; }
+
   /// Error statement of the last forward() (zero error for exact methods).
   const Certificate& forward_certificate() const { return forward_certificate_; }
   /// Error statement of the last backward() (zero error for exact methods).
