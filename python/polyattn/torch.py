@@ -21,12 +21,18 @@ comes from the tensors. The causal mask is aligned bottom-right: with n queries 
 j <= i + m - n (torch's ``is_causal`` aligns top-left); the polynomial methods need n = m.
 
 **Memory.** The backward pass uses what the forward pass kept in its C++ backend (the exact methods' softmax
-statistics, the adjoint's scan checkpoints), held by the autograd graph until it is freed; nothing is recomputed.
+statistics, the adjoint's scan checkpoints); nothing is recomputed. Backends are reused: after its backward pass a
+backend returns to a pool (at most 16 idle ones per method, options and head count) and serves a later call with
+its workspaces already in memory, as a C++ layer keeps its backend. Only a second backward pass through a retained
+graph (``retain_graph=True``) whose backend has been reused meanwhile runs the forward pass again.
 
 Errors: ``TypeError`` for a non-tensor or a dtype other than float32/float64 (or mixed dtypes); ``ValueError`` for
 a wrong rank, mismatched batch, heads or sizes, a tensor not on the CPU, and whatever the C++ call rejects;
 ``polyattn.DomainError`` for overflow and the like. Double backward is not supported.
 """
+
+import itertools
+import threading
 
 import torch
 
@@ -53,6 +59,47 @@ def _array(t):
     return t.detach().numpy()
 
 
+class _Lease:
+    """A C++ backend with the token of the forward call whose state it holds (None while idle)."""
+
+    def __init__(self, key, attention):
+        self.key, self.attention, self.owner = key, attention, None
+
+
+class _BackendPool:
+    """Idle backends by (method, options), reused by later calls. A fresh backend would fault its workspaces in
+    page by page on every call (1000 to 2400 minor page faults per forward+backward at n = 65536, d = 16, several
+    percent of the call), where a reused one finds them in memory."""
+
+    max_idle = 16
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._idle = {}
+        self._tokens = itertools.count()
+
+    def take(self, method, options):
+        key = (method, repr(options))
+        with self._lock:
+            idle = self._idle.get(key)
+            lease = idle.pop() if idle else None
+            token = next(self._tokens)
+        if lease is None:
+            lease = _Lease(key, _core.Attention(method, options))
+        lease.owner = token
+        return lease
+
+    def give(self, lease):
+        with self._lock:
+            lease.owner = None
+            idle = self._idle.setdefault(lease.key, [])
+            if len(idle) < self.max_idle:
+                idle.append(lease)
+
+
+_pool = _BackendPool()
+
+
 class AttentionFunction(torch.autograd.Function):
     """``apply(q, k, v, method, options)`` -> ``(output, Certificate)``; ``options`` a ``polyattn.Options`` whose
     ``heads`` is batch * heads. Prefer ``attention()``, which checks the tensors and builds the options."""
@@ -60,11 +107,17 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, method, options):
         out = _empty_like_layout(q, (*q.shape[:3], v.shape[3]))
-        backend = _core.Attention(method, options)
-        _, certificate = backend.forward(_array(q), _array(k), _array(v), out=_array(out))
+        lease = _pool.take(method, options)
+        try:
+            _, certificate = lease.attention.forward(_array(q), _array(k), _array(v), out=_array(out))
+        except BaseException:
+            _pool.give(lease)
+            raise
         if any(ctx.needs_input_grad[:3]):
-            ctx.backend = backend
+            ctx.lease, ctx.token, ctx.method, ctx.options = lease, lease.owner, method, options
             ctx.save_for_backward(q, k, v, out)
+        else:
+            _pool.give(lease)
         return out, certificate
 
     @staticmethod
@@ -74,9 +127,21 @@ class AttentionFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("polyattn.torch.attention: double backward (create_graph=True) is not supported")
         q, k, v, out = ctx.saved_tensors
+        lease = ctx.lease
+        if lease.owner != ctx.token:  # a second backward pass; the backend went back to the pool after the first
+            lease = _pool.take(ctx.method, ctx.options)
+            out = _empty_like_layout(out, out.shape)
+            try:
+                lease.attention.forward(_array(q), _array(k), _array(v), out=_array(out))
+            except BaseException:
+                _pool.give(lease)
+                raise
         dq, dk, dv = (_empty_like_layout(t, t.shape) for t in (q, k, v))
-        ctx.backend.backward(_array(q), _array(k), _array(v), _array(out), _array(grad_out),
-                             dq=_array(dq), dk=_array(dk), dv=_array(dv))
+        try:
+            lease.attention.backward(_array(q), _array(k), _array(v), _array(out), _array(grad_out),
+                                     dq=_array(dq), dk=_array(dk), dv=_array(dv))
+        finally:
+            _pool.give(lease)
         return dq, dk, dv, None, None
 
 

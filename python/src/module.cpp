@@ -21,6 +21,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <ctime>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -395,9 +396,12 @@ class Attention {
                                   {dq, dk, dv});
   }
 
-  // Wall-clock seconds of `repeats` forward+backward calls on one backend, entirely in C++ on column-major copies
-  // of the inputs made before the first: what the call costs without Python, for the binding-overhead benchmark.
-  std::vector<double> time_forward_backward(py::array q, py::array k, py::array v, py::array g, int repeats) {
+  // (wall-clock, process CPU) seconds of each of `repeats` forward+backward calls on one backend, entirely in C++
+  // on column-major copies of the inputs, after one untimed call (so that every timed call finds its outputs and
+  // workspaces in memory, as Google Benchmark's iterations do): what the call costs without Python, for the
+  // binding-overhead benchmark.
+  std::vector<std::pair<double, double>> time_forward_backward(py::array q, py::array k, py::array v, py::array g,
+                                                               int repeats) {
     constexpr const char* where = "polyattn.Attention._time_forward_backward";
     polyattn::detail::require(repeats >= 1, where, "argument 'repeats' must be >= 1, got ", repeats);
     if (common_scalar(where, {{"q", &q}, {"k", &k}, {"v", &v}, {"g", &g}}) == Scalar::float32)
@@ -489,9 +493,10 @@ class Attention {
   }
 
   template <class T>
-  std::vector<double> time_typed(const char* where, std::array<py::array, 4> inputs, int repeats) {
+  std::vector<std::pair<double, double>> time_typed(const char* where, std::array<py::array, 4> inputs,
+                                                    int repeats) {
     auto [Qa, Ka, Va, Ga] = arrays<T>(where, std::move(inputs), {"q", "k", "v", "g"});
-    std::vector<double> seconds;
+    std::vector<std::pair<double, double>> seconds;
     py::gil_scoped_release release;
     const std::lock_guard<std::mutex> lock(mutex_);
     polyattn::Matrix<T> Q(Qa.rows(), Qa.cols()), K(Ka.rows(), Ka.cols()), V(Va.rows(), Va.cols()),
@@ -502,11 +507,15 @@ class Attention {
     Ga.copy_to(G);
     polyattn::Matrix<T> O(Q.rows(), V.cols()), dQ(Q.rows(), Q.cols()), dK(K.rows(), K.cols()), dV(V.rows(), V.cols());
     AttentionBackend<T>& attention = backend<T>();
+    attention.forward(Q, K, V, O);
+    attention.backward(Q, K, V, O, G, dQ, dK, dV);
     for (int repeat = 0; repeat < repeats; ++repeat) {
       const auto start = std::chrono::steady_clock::now();
+      const std::clock_t cpu_start = std::clock();
       attention.forward(Q, K, V, O);
       attention.backward(Q, K, V, O, G, dQ, dK, dV);
-      seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      seconds.emplace_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
+                           static_cast<double>(std::clock() - cpu_start) / CLOCKS_PER_SEC);
     }
     return seconds;
   }
@@ -687,7 +696,8 @@ PYBIND11_MODULE(_core, m) {
            "overwrites dq, dk, dv when given.")
       .def("_time_forward_backward", &Attention::time_forward_backward, py::arg("q"), py::arg("k"), py::arg("v"),
            py::arg("g"), py::arg("repeats"),
-           "Seconds of each of `repeats` forward+backward calls run in C++ on one backend (benchmarks only).");
+           "(wall-clock, process CPU) seconds of each of `repeats` forward+backward calls run in C++ on one backend, "
+           "after an untimed one, on column-major copies of the inputs made first (for benchmarks).");
 
   m.def("set_num_threads", &polyattn::set_num_threads, py::arg("threads"),
         "Threads polyattn's loops use; 0 restores the default (OMP_NUM_THREADS, else every core). Results do not "

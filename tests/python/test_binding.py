@@ -2,6 +2,7 @@
 array layouts, certificates, options, threads and errors."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -317,3 +318,24 @@ def test_one_object_used_from_several_python_threads_serialises_its_calls():
     assert not errors and len(results) == 15
     for o in results:
         np.testing.assert_array_equal(o, expected)
+
+
+def test_the_gil_is_released_while_cpp_computes():
+    # With the GIL released, the main thread runs from the start of the worker's C++ call; held, it could run only
+    # once the call returned (a few microseconds before the worker records the end).
+    q, k, v, _ = random_problem(4000, 4000, 1, 16, 16, seed=15)
+    attention = polyattn.Attention("exact_blocked")
+    started, times = threading.Event(), {}
+
+    def work():
+        started.set()
+        times["call_start"] = time.perf_counter()
+        attention.forward(q, k, v)
+        times["call_end"] = time.perf_counter()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    started.wait()
+    times["main_runs"] = time.perf_counter()
+    worker.join()
+    assert times["call_end"] - times["main_runs"] > 0.25 * (times["call_end"] - times["call_start"])

@@ -167,13 +167,28 @@ def test_certificate_and_inference_without_gradients():
     assert (out - torch_attention(q, k, v, False)).abs().max() <= certificate.output_bound
 
 
-def test_retain_graph_backward_twice_and_double_backward_refused():
+def test_pooled_backends_keep_each_call_s_state_and_retained_graphs_recompute_it():
+    # Backends go back to a pool after their backward pass and serve later calls of the same configuration.
     q, k, v = random_inputs(1, 2, 8, 8, 3, 3, seed=81)
-    out = pt.attention(q, k, v, method="adjoint", causal=True)
-    first = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
-    second = torch.autograd.grad(out.sum(), (q, k, v))
-    for a, b in zip(first, second):
+    other = random_inputs(1, 2, 8, 8, 3, 3, seed=82, scale=0.5)
+    expected = outputs_and_gradients(lambda *x: torch_taylor_attention(*x, True, 2), q, k, v)[1:]
+    expected_other = outputs_and_gradients(lambda *x: torch_taylor_attention(*x, True, 2), *other)[1:]
+    g = torch.randn(1, 2, 8, 3, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+    out = pt.attention(q, k, v, method="adjoint", causal=True)            # backend A
+    between = pt.attention(*other, method="adjoint", causal=True)         # backend B: A is in use
+    first = torch.autograd.grad(out, (q, k, v), g, retain_graph=True)     # A back in the pool
+    pt.attention(*other, method="adjoint", causal=True).sum().backward()  # takes A: now holds this call's state
+    second = torch.autograd.grad(out, (q, k, v), g)                       # runs out's forward pass again
+    between_gradients = torch.autograd.grad(between, other, g)            # B kept between's state
+    for a, b, e in zip(first, second, expected):
         assert torch.equal(a, b)
+        assert (a - e).abs().max() <= 1e-12 * e.abs().max()
+    for a, e in zip(between_gradients, expected_other):
+        assert (a - e).abs().max() <= 1e-12 * e.abs().max()
+
+
+def test_double_backward_is_refused():
+    q, k, v = random_inputs(1, 2, 8, 8, 3, 3, seed=83)
     out = pt.attention(q, k, v, method="exact_blocked")
     with pytest.raises(RuntimeError, match="double backward \\(create_graph=True\\) is not supported"):
         torch.autograd.grad(out.sum(), q, create_graph=True)
