@@ -4,9 +4,11 @@ The C++ library's attention backends on numpy arrays (the extension module ``pol
 ``polyattn.torch``, a ``torch.autograd.Function`` for models trained in PyTorch.
 
 Arrays are 2-D, one token per row, heads side by side in columns: q and k are ``n x heads * d_k``, v is
-``m x heads * d_v``, float32 or float64 (all the same). Fortran-ordered arrays are read in place; C-ordered ones
-are read in place and transposed once inside the call into the column-major layout of the C++ kernels. Outputs
-are Fortran-ordered arrays.
+``m x heads * d_v``, float32 or float64 (all the same); or all 4-D ``(batch, heads, n, d)`` with the option
+``heads = batch * heads``. Fortran-ordered arrays are read in place; other layouts (C order included) are read
+without a copy in Python and transposed once inside the call into the column-major layout of the C++ kernels.
+New outputs are Fortran-ordered when q is, else C-ordered; ``out=`` (``dq=``, ``dk=``, ``dv=``) takes arrays of
+any layout.
 
     import numpy as np, polyattn
     q, k, v = (np.random.randn(4096, 64).astype(np.float32) for _ in range(3))
