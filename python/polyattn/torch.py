@@ -8,9 +8,11 @@ them, q ``(batch, heads, n, d_k)``, k ``(batch, heads, m, d_k)``, v ``(batch, he
     import polyattn.torch
     y = polyattn.torch.attention(q, k, v, causal=True, method="adjoint", degree=2)
 
-**Layout.** polyattn computes every head of every batch element in one C++ call, on column-major matrices of
-n rows with the heads side by side in columns, which the binding assembles from the tensors' memory in one pass
-(no copy in Python or torch). Inputs of any strides are accepted: the usual contiguous (batch, heads, n, d), the
+**Layout.** polyattn computes every head of every batch element in one C++ call (measured on the loaded
+machine, (4, 4, 4096, 16) causal adjoint forward+backward: 109 ms CPU, against 205 ms for 16 calls of one head
+each), on column-major matrices of n rows with the heads side by side in columns, which the binding assembles from
+the tensors' memory in one pass (no copy in Python or torch). So the certificate's R is the maximum over every
+batch element and head, and so is the interval a minimax polynomial or ``range_policy='raise_degree'`` chooses. Inputs of any strides are accepted: the usual contiguous (batch, heads, n, d), the
 heads view of a projection ``x.view(batch, n, heads, d).transpose(1, 2)``, or (used in place, with no copy at
 all) ``(batch, heads, d, n)`` memory, ``t.transpose(-1, -2)`` contiguous. The output and the gradients are laid
 out like q (and dk like k, dv like v), so that merging the heads back (``y.transpose(1, 2).reshape(batch, n,
