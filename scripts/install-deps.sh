@@ -6,8 +6,17 @@ set -euo pipefail
 # libopenmpi-dev and openmpi-bin: polyattn::mpi (parallel/distributed.hpp) and its tests under mpirun.
 # ninja-build: the test command's generator (it keeps both cores busy across targets, where make waits for a
 # library before compiling the tests that link it).
+# python3-dev: Python.h for the extension module of the Python package (python/).
+# pybind11-dev: the C++ headers and CMake package the extension module is built with.
+# python3-pybind11: pybind11 for Debian's python3 (its CMake helper finds the interpreter's settings through it).
+# python3-numpy: the arrays the module takes and returns.
+# python3-pytest: the runner of the Python tests (tests/python), called by ctest.
+# python3-torch: polyattn.torch, its tests and the PyTorch example and benchmark.
+# libopenblas0-openmp: the BLAS numpy and torch load, built on the same OpenMP runtime as polyattn (libgomp), so
+# that one process does not run two thread pools (the pthread build's) side by side.
 packages=(cmake g++ ninja-build libeigen3-dev catch2 libbenchmark-dev gnuplot-nox clang libomp-dev libopenmpi-dev
-          openmpi-bin)
+          openmpi-bin python3-dev pybind11-dev python3-pybind11 python3-numpy python3-pytest python3-torch
+          libopenblas0-openmp)
 
 missing=()
 for package in "${packages[@]}"; do

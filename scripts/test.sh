@@ -37,10 +37,14 @@ configure() {
 }
 
 step "Release build and tests"
+# Debian's python3, whose numpy, torch and pytest install-deps.sh installs (the first python3 on PATH may be
+# another one); only this tree builds the Python package and runs its tests (ctest -L python).
 configure "$build/release" -DCMAKE_BUILD_TYPE=Release -DPOLYATTN_NATIVE=ON \
-  -DCMAKE_COMPILE_WARNING_AS_ERROR=ON
-# The tests, the MPI tests and the examples (example_cli runs them); the benchmarks only with --bench.
-targets=(--target polyattn_tests polyattn_mpi_tests polyattn_demo train_gpt accuracy_frontier distributed_attention)
+  -DCMAKE_COMPILE_WARNING_AS_ERROR=ON -DPython3_EXECUTABLE=/usr/bin/python3
+# The tests, the MPI tests, the examples (example_cli runs them) and the Python package; the benchmarks only with
+# --bench.
+targets=(--target polyattn_tests polyattn_mpi_tests polyattn_demo train_gpt accuracy_frontier distributed_attention
+         polyattn_python)
 (( bench )) && targets+=(polyattn_bench)
 cmake --build "$build/release" -j2 "${targets[@]}"
 ctest --test-dir "$build/release" --output-on-failure -j2
@@ -89,9 +93,12 @@ cmake --build "$build/consumer-subdir" -j1
 wait "$installed_build"
 "$build/consumer-installed/polyattn_consumer"
 "$build/consumer-subdir/polyattn_consumer"
+# The installed Python package, imported from the prefix alone (tests/consumer/consumer.py).
+PYTHONPATH="$build/prefix/lib/python$(/usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')/site-packages" \
+  /usr/bin/python3 "$root/tests/consumer/consumer.py"
 step_done
 
-checks="release tests, sanitizer tests, thread-sanitizer tests, installed and add_subdirectory consumers"
+checks="release tests (Python included), sanitizer tests, thread-sanitizer tests, installed and add_subdirectory consumers"
 if (( bench )); then
   step "Benchmark smoke run"
   "$build/release/bench/polyattn_bench" --benchmark_min_time=0.01
