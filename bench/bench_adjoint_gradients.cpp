@@ -9,9 +9,16 @@
 //   adjoint_baseline/exact_blocked/causal:C/d:16/n:65536
 //                                                ExactBlockedBackend forward + backward, the baseline of the
 //                                                issue-3 speed-up target (about 10 s per call)
-// Counters: gflops (flops by the count below), features (r); for n <= 2^13 also rel_error_dQ, rel_error_dK,
-// rel_error_dV = ||dX~ - dX||_F / ||dX||_F against ExactBlockedBackend on the same inputs (computed once,
-// outside the timed loop).
+//   adjoint_window/causal:C/g:2/d:16/n:16384/w:W AdjointBackend forward + backward with an exact window of W
+//                                                tokens (PolynomialAttentionOptions::exact_window; 0: none), one
+//                                                thread: the accuracy-vs-window figures of issue 12
+// Counters: gflops (flops by the count below), features (r); for n <= 2^13 and for adjoint_window also
+// rel_error_dQ, rel_error_dK, rel_error_dV = ||dX~ - dX||_F / ||dX||_F against ExactBlockedBackend on the same
+// inputs (computed once, outside the timed loop); adjoint_window also rel_error (of O), radius (R) and
+// far_radius (R over the pairs outside the window, where the polynomial is used).
+//
+// Figures of issue 12 (accuracy and cost vs window, n = 16384, d = 16, g = 2):
+//   --benchmark_filter='^adjoint_window/' --benchmark_repetitions=3
 //
 // Flop count of the adjoint method: 7 products of n x r x (d + 1) shape (forward: key state and query
 // product; backward: dM_Q, dZ, dM_K, dV and, under the mask, the prefix state again), 2 flops each, i.e.
@@ -75,18 +82,18 @@ polyattn::PolynomialAttentionOptions adjoint_options(bool causal, int degree) {
 }
 
 struct Gradients {
-  Mat dQ, dK, dV;
+  Mat O, dQ, dK, dV;
 };
 
 Gradients run_backend(polyattn::AttentionBackend<float>& backend, const Problem& p) {
-  Mat O(p.Q.rows(), p.V.cols());
-  Gradients g{Mat(p.Q.rows(), p.Q.cols()), Mat(p.K.rows(), p.K.cols()), Mat(p.V.rows(), p.V.cols())};
-  backend.forward(p.Q, p.K, p.V, O);
-  backend.backward(p.Q, p.K, p.V, O, p.G, g.dQ, g.dK, g.dV);
+  Gradients g{Mat(p.Q.rows(), p.V.cols()), Mat(p.Q.rows(), p.Q.cols()), Mat(p.K.rows(), p.K.cols()),
+              Mat(p.V.rows(), p.V.cols())};
+  backend.forward(p.Q, p.K, p.V, g.O);
+  backend.backward(p.Q, p.K, p.V, g.O, p.G, g.dQ, g.dK, g.dV);
   return g;
 }
 
-// Exact gradients, computed at most once per (n, d, causal) for the rel_error counters.
+// Exact output and gradients, computed at most once per (n, d, causal) for the rel_error counters.
 const Gradients& exact_gradients(Index n, Index d, bool causal) {
   static std::map<std::tuple<Index, Index, bool>, Gradients> cache;
   auto found = cache.find({n, d, causal});
@@ -124,6 +131,31 @@ void adjoint_forward_backward(benchmark::State& state, bool causal, int degree, 
   polyattn::set_num_threads(0);
 }
 
+void adjoint_window_forward_backward(benchmark::State& state, bool causal, Index n, Index window) {
+  constexpr Index d = 16;
+  polyattn::set_num_threads(1);
+  const Problem& p = problem(n, d);
+  polyattn::PolynomialAttentionOptions options = adjoint_options(causal, 2);
+  options.exact_window = window;
+  polyattn::AdjointBackend<float> adjoint(options);
+  Mat O(n, d), dQ(n, d), dK(n, d), dV(n, d);
+  polyattn::Certificate certificate;
+  for (auto _ : state) {
+    certificate = adjoint.forward(p.Q, p.K, p.V, O);
+    adjoint.backward(p.Q, p.K, p.V, O, p.G, dQ, dK, dV);
+    benchmark::DoNotOptimize(dV.data());
+    benchmark::ClobberMemory();
+  }
+  const Gradients& exact = exact_gradients(n, d, causal);
+  state.counters["rel_error"] = relative_error(O, exact.O);
+  state.counters["rel_error_dQ"] = relative_error(dQ, exact.dQ);
+  state.counters["rel_error_dK"] = relative_error(dK, exact.dK);
+  state.counters["rel_error_dV"] = relative_error(dV, exact.dV);
+  state.counters["radius"] = certificate.radius;
+  state.counters["far_radius"] = certificate.far_radius;
+  polyattn::set_num_threads(0);
+}
+
 void exact_blocked_forward_backward(benchmark::State& state, bool causal) {
   const Problem& p = problem(baseline_n, baseline_d);
   polyattn::set_num_threads(1);
@@ -158,6 +190,15 @@ const bool registered = [] {
                 ->UseRealTime();
           }
         }
+  for (const bool causal : {false, true})
+    for (const Index window : {0, 16, 64, 256}) {
+      constexpr Index n = Index(1) << 14;
+      const std::string name = "adjoint_window/causal:" + std::to_string(causal) +
+                               "/g:2/d:16/n:" + std::to_string(n) + "/w:" + std::to_string(window);
+      benchmark::RegisterBenchmark(name.c_str(), adjoint_window_forward_backward, causal, n, window)
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+    }
   for (const bool causal : {false, true}) {
     const std::string name = "adjoint_baseline/exact_blocked/causal:" + std::to_string(causal) +
                              "/d:" + std::to_string(baseline_d) + "/n:" + std::to_string(baseline_n);

@@ -173,3 +173,36 @@ TEST_CASE("The causal adjoint gives the same bits with or without checkpoints, f
       REQUIRE(forward_backward<double>(AttentionMethod::adjoint, options, 250, 4, 11) == checkpointed);
     }
 }
+
+TEST_CASE("The exact window gives the same bits on 1, 2, 3 and 4 threads and with or without checkpoints",
+          "[threads][exact_window]") {
+  // Windows across chunk boundaries (50 rows with chunks of 40: the causal states lag by 2 chunks) and with the
+  // automatic blocks; the near-field tiles of one chunk read other chunks' rows but write only their own.
+  ThreadCountGuard guard;
+  struct Case {
+    Index chunk, n, window;
+  };
+  for (const bool causal : {false, true})
+    for (const Case shape : {Case{40, 731, 50}, Case{0, 1500, 64}}) {
+      const Index n = shape.n;
+      polyattn::PolynomialAttentionOptions options;
+      options.attention.causal = causal;
+      options.attention.heads = 2;
+      options.chunk_size = shape.chunk;
+      options.exact_window = shape.window;
+      INFO("causal " << causal << ", chunk " << shape.chunk << ", n " << n << ", window " << shape.window);
+      polyattn::set_num_threads(1);
+      const Run<float> serial = forward_backward<float>(AttentionMethod::adjoint, options, n, 8, 2025);
+      const Run<double> serial_double = forward_backward<double>(AttentionMethod::adjoint, options, n, 8, 2025);
+      for (const int threads : {2, 3, 4}) {
+        polyattn::set_num_threads(threads);
+        INFO("threads " << threads);
+        REQUIRE(forward_backward<float>(AttentionMethod::adjoint, options, n, 8, 2025) == serial);
+        REQUIRE(forward_backward<double>(AttentionMethod::adjoint, options, n, 8, 2025) == serial_double);
+      }
+      if (!causal) continue;
+      options.max_checkpoint_bytes = 0;  // the prefix states recomputed, one chunk per scan window
+      options.scan_window_bytes = 1;
+      REQUIRE(forward_backward<double>(AttentionMethod::adjoint, options, n, 8, 2025) == serial_double);
+    }
+}

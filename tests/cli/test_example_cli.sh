@@ -136,6 +136,8 @@ expect_usage_error --degrees "$train" --degrees ''
 expect_usage_error --degrees "$train" --degrees -2
 expect_usage_error --degrees "$train" --degrees 2,,4
 expect_usage_error --degrees "$train" --degrees 2,4,
+expect_usage_error --exact-windows "$train" --exact-windows -1
+expect_usage_error --exact-windows "$train" --exact-windows 0,64,
 expect_usage_error --context "$train" --context 1e8
 expect_usage_error --context "$train" --context 99999999
 expect_usage_error --context "$train" --context 16 --keys 8 --queries 10

@@ -48,6 +48,15 @@
 /// (the sums then run over \f$j \le i\f$). They cover the polynomial approximation in exact arithmetic, not
 /// floating-point rounding, and are \f$+\infty\f$ when the forward certificate is vacuous().
 ///
+/// **Exact window** (PolynomialAttentionOptions::exact_window = w > 0). The forward pass weights the window's pairs
+/// by \f$e^{s_{ij}}\f$ and the far ones by \f$p(s_{ij})\f$ (polynomial_attention.hpp); backward() is the exact gradient
+/// of that function: with \f$A'_{ij} = e^{s_{ij}}\f$ on the window and \f$p'(s_{ij})\f$ elsewhere,
+/// \f$\partial S = (\tilde D^{-1}A')\circ(GV^\top - \tilde\kappa\mathbf 1^\top)\f$ and \f$\partial V = \tilde P^\top G\f$ as
+/// above. The far terms go through the states as without a window (with the per-row shift of the forward pass);
+/// the window's pairs through direct tiles (polynomial_kernel.hpp). The bounds below hold unchanged with
+/// \f$\varepsilon, \varepsilon'\f$ certified on the far radius: on a window pair \f$\tilde A = A\f$ and
+/// \f$\tilde P'_{ij}/P_{ij} = D/\tilde D\f$, within both entrywise hypotheses.
+///
 /// **Why the gradient error exceeds the forward error.** \f$p_{ij} = P_{ij}(g_i^\top v_j - \kappa_i)\f$ is a
 /// difference of nearly equal terms: \f$\kappa_i\f$ is the \f$P\f$-weighted mean of \f$g_i^\top v_j\f$, so
 /// \f$dQ = c\,pK\f$ is a covariance-like quantity much smaller than its terms, while the errors of
@@ -249,7 +258,8 @@ GradientCertificate AdjointBackend<T>::backward(const ConstMatrixRef<T>& Q, cons
     for (Index h = 0; h < shape.heads; ++h) {
       const double column_sum = attention_.kernel_.backward(
           Q.middleCols(h * dk, dk), K.middleCols(h * dk, dk), V.middleCols(h * dv, dv), O.middleCols(h * dv, dv),
-          G.middleCols(h * dv, dv), saved_.normalisers.col(h), saved_.states.middleCols(h * state_cols, state_cols),
+          G.middleCols(h * dv, dv), saved_.normalisers.col(h), saved_.shifts.col(h),
+          saved_.states.middleCols(h * state_cols, state_cols),
           saved_.incoming_states.middleCols(h * incoming_cols, incoming_cols), dQ.middleCols(h * dk, dk),
           dK.middleCols(h * dk, dk), dV.middleCols(h * dv, dv));
       if (!certificate_.vacuous()) {

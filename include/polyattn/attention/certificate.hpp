@@ -11,8 +11,16 @@ namespace polyattn {
 
 /// Error statement of one approximate call.
 struct Certificate {
-  /// Measured score radius \f$R = c\max_i\|q_i\|\max_j\|k_j\|\f$ (maximum over heads).
+  /// Measured score radius \f$R = c\max_i\|q_i\|\max_j\|k_j\|\f$ over all pairs (maximum over heads).
   double radius = 0;
+  /// Width w of the exact near field (PolynomialAttentionOptions::exact_window); 0 when off. Its pairs are
+  /// weighted by exp itself and carry no approximation error; every bound below is about the other (far) pairs.
+  Index exact_window = 0;
+  /// Score radius over the far pairs, the only ones the polynomial evaluates: \f$c\max_{(i,j)\ \text{far}}
+  /// \|q_i\|\|k_j\|\f$ (maximum over heads), at most `radius`, equal to it without a window, 0 when every pair is
+  /// near. The interval (when PolynomialAttentionOptions::radius is 0), `valid`, `poly_error` and the bounds refer
+  /// to it: the entrywise argument of output_bound needs \f$|p(s)e^{-s} - 1| \le \varepsilon\f$ only where p is used.
+  double far_radius = 0;
   /// The polynomial's certified interval \f$[-\text{interval}, \text{interval}]\f$.
   double interval = 0;
   /// Degree actually used (may exceed the requested one under RangePolicy::raise_degree).
@@ -26,11 +34,12 @@ struct Certificate {
   /// \f$\frac{2\varepsilon}{1-\varepsilon}\max_j\|v_j\|_\infty\f$: bounds every entry of \f$\tilde O - O\f$
   /// unless vacuous(); \f$+\infty\f$ when \f$\varepsilon \ge 1\f$.
   double output_bound = std::numeric_limits<double>::infinity();
-  /// False when \f$R\f$ exceeded the interval (RangePolicy::mark_invalid): no bound holds.
+  /// False when \f$R\f$ (far_radius) exceeded the interval (RangePolicy::mark_invalid): no bound holds.
   bool valid = true;
   /// Number of sampled rows of the a-posteriori estimate (0: not run).
   Index sampled_rows = 0;
-  /// Largest sampled \f$\|\tilde o_i - o_i\|_2 / \|o_i\|_2\f$.
+  /// Largest sampled \f$\|\tilde o_i - o_i\|_2 / \|o_i\|_2\f$ against exact attention: the whole error of the
+  /// output, with or without an exact window.
   double sampled_max_error = std::numeric_limits<double>::quiet_NaN();
   /// Mean sampled \f$\|\tilde o_i - o_i\|_2 / \|o_i\|_2\f$.
   double sampled_mean_error = std::numeric_limits<double>::quiet_NaN();

@@ -536,6 +536,8 @@ PaperBackend<T>::PaperBackend(const PolynomialAttentionOptions& options, PaperGr
     : attention_(options), gradient_options_(gradient_options) {
   detail::static_check_scalar<T>();
   gradient_options_.check();
+  detail::require(options.exact_window == 0, "polyattn::PaperBackend", "'exact_window' must be 0, got ",
+                  options.exact_window, ": the paper's gradient evaluates p on every pair (use the adjoint method)");
 }
 
 template <class T>

@@ -28,6 +28,18 @@
 /// which happens already at \f$g = 2\f$ for \f$R \approx 3\f$; the a-posteriori estimate (exact attention on
 /// a seeded sample of query rows) is then the useful figure.
 ///
+/// **Exact near field** (PolynomialAttentionOptions::exact_window = w > 0). The pairs within w positions of the
+/// diagonal (causal \f$0 \le i-j < w\f$, non-causal \f$|i-j| < w\f$) are weighted by \f$e^{s_{ij}}\f$ itself, all
+/// others by \f$p(s_{ij})\f$, under one normaliser; the kernel evaluates the window directly next to the causal
+/// block it evaluates anyway, shifted per row so that no score overflows (polynomial_kernel.hpp). For the
+/// certificate the window's pairs are exact: \f$\delta_{ij} = 0\f$ there, so the argument above needs
+/// \f$|\delta_{ij}| \le \varepsilon\f$ on the far pairs only, and \f$\varepsilon\f$ is certified on their radius
+/// \f$R_{\text{far}} = c\max_{(i,j)\ \text{far}}\|q_i\|\|k_j\| \le R\f$ (Certificate::far_radius, measured in
+/// \f$O(nd)\f$ by running maxima of the key norms). The bound stays \f$\frac{2\varepsilon}{1-\varepsilon}
+/// \max_j\|v_j\|_\infty\f$: it is not scaled by the far share of each row's weight, which is unknown a priori. The
+/// range policy and a minimax fit use \f$R_{\text{far}}\f$ too. The sampled estimate compares with exact attention,
+/// so it measures the whole error, window included.
+///
 /// **Sequence parallel.** With set_state_exchange() every rank (process) passes its own contiguous shard of
 /// the rows of Q, K, V (uneven or empty shards are fine) and receives its rows of \f$\tilde O\f$: the key state
 /// \f$Z\f$ is a sum over keys, so the ranks add their partial states (all of them without the mask; under the
@@ -116,6 +128,21 @@ struct PolynomialAttentionOptions {
   Index estimate_rows = 32;
   /// Seed of the row sample.
   std::uint64_t seed = 20240826;
+  /// Exact near field: width \f$w \ge 0\f$ in tokens; 0 (default) is off and leaves every result bitwise as
+  /// without the option. Pair \f$(i, j)\f$ is *near* when \f$0 \le i - j < w\f$ (causal: the w most recent keys,
+  /// the query's own included) or \f$|i - j| < w\f$ (non-causal: the same distance on both sides, \f$2w - 1\f$
+  /// keys); near scores use \f$\exp\f$ itself, every other (far) pair the polynomial, under one normaliser:
+  /// \f[ \tilde o_i = \frac{\sum_{j\,\text{near}} e^{s_{ij}}v_j + \sum_{j\,\text{far}} p(s_{ij})v_j}
+  ///                        {\sum_{j\,\text{near}} e^{s_{ij}} + \sum_{j\,\text{far}} p(s_{ij})},
+  ///     \qquad s_{ij} = c\,q_i^\top k_j. \f]
+  /// Attention in trained models concentrates near the diagonal, where the largest scores are; there exp is
+  /// exact. Each row is shifted by its largest near score (or the log of its far normaliser, when larger), so no
+  /// score radius overflows exp (polynomial_kernel.hpp). AdjointBackend differentiates this function exactly.
+  /// The certificate then covers the far pairs only (Certificate::far_radius). Extra cost \f$O(n(w + b)d)\f$ for
+  /// the chunk or tile size b (64). Needs as many queries as keys; not available with a state exchange (a window
+  /// across a shard boundary would need the neighbouring rank's keys) nor with PaperBackend, whose gradient
+  /// evaluates p on every pair.
+  Index exact_window = 0;
 
   /// Throws std::invalid_argument naming the offending field.
   void check() const {
@@ -126,6 +153,7 @@ struct PolynomialAttentionOptions {
     detail::require(chunk_size >= 0, where, "'chunk_size' must be >= 0 (0 = automatic), got ", chunk_size);
     detail::require(max_features >= 1, where, "'max_features' must be >= 1, got ", max_features);
     detail::require(estimate_rows >= 1, where, "'estimate_rows' must be >= 1, got ", estimate_rows);
+    detail::require(exact_window >= 0, where, "'exact_window' must be >= 0 (0 = off), got ", exact_window);
     detail::require(range_policy != RangePolicy::raise_degree || radius > 0, where,
                     "'range_policy' raise_degree needs a 'radius' > 0 to define the target error");
   }
@@ -161,26 +189,30 @@ inline double apriori_output_bound(double poly_error, double max_abs_value) {
   return poly_error < 1 ? 2 * poly_error / (1 - poly_error) * max_abs_value : std::numeric_limits<double>::infinity();
 }
 
-/// Applies the options' range policy to the measured score radius; `where` names the caller in its errors.
-/// Throws std::domain_error when the radius is not finite (the inputs' scores overflow double), when it exceeds
-/// the configured interval under RangePolicy::throw_error, or when no degree up to 64 reaches the configured
-/// error on it under RangePolicy::raise_degree.
+/// Applies the options' range policy to the measured score radius of the pairs the polynomial evaluates:
+/// `far_radius`, which is `measured_radius` (all pairs) without an exact window. `where` names the caller in its
+/// errors. Throws std::domain_error when the radius is not finite (the inputs' scores overflow double), when it
+/// exceeds the configured interval under RangePolicy::throw_error, or when no degree up to 64 reaches the
+/// configured error on it under RangePolicy::raise_degree.
 inline PolynomialChoice choose_polynomial(const char* where, const PolynomialAttentionOptions& opt,
-                                          double measured_radius) {
+                                          double measured_radius, double far_radius) {
   if (!std::isfinite(measured_radius))
     throw std::domain_error(concat(where, ": the score radius R = c max|q| max|k| of the inputs 'Q', 'K' is ",
                                    measured_radius, " (it overflows double): scale Q and K down"));
   PolynomialChoice choice;
   Certificate& cert = choice.cert;
   cert.radius = measured_radius;
+  cert.exact_window = opt.exact_window;
+  cert.far_radius = far_radius;
   cert.degree = opt.degree;
-  cert.interval = opt.radius > 0 ? opt.radius : measured_radius;
-  if (opt.radius > 0 && measured_radius > opt.radius) {
+  cert.interval = opt.radius > 0 ? opt.radius : far_radius;
+  const char* pairs = opt.exact_window > 0 ? " over the pairs outside the exact window" : "";
+  if (opt.radius > 0 && far_radius > opt.radius) {
     switch (opt.range_policy) {
       case RangePolicy::throw_error:
-        throw std::domain_error(concat(where, ": measured score radius R = ", measured_radius,
-                                       " of the inputs 'Q', 'K' exceeds 'radius' = ", opt.radius, " that the degree-",
-                                       opt.degree, " polynomial covers (RangePolicy::throw_error)"));
+        throw std::domain_error(concat(where, ": measured score radius R = ", far_radius, " of the inputs 'Q', 'K'",
+                                       pairs, " exceeds 'radius' = ", opt.radius, " that the degree-", opt.degree,
+                                       " polynomial covers (RangePolicy::throw_error)"));
       case RangePolicy::mark_invalid:
         cert.valid = false;
         break;
@@ -192,15 +224,15 @@ inline PolynomialChoice choose_polynomial(const char* where, const PolynomialAtt
         constexpr int max_degree = 64;
         int degree = 0;
         try {
-          degree = select_degree(measured_radius, target, opt.kind, even_only, max_degree);
+          degree = select_degree(far_radius, target, opt.kind, even_only, max_degree);
         } catch (const std::domain_error&) {
-          throw std::domain_error(concat(where, ": measured score radius R = ", measured_radius,
-                                         " of the inputs 'Q', 'K' exceeds 'radius' = ", opt.radius,
+          throw std::domain_error(concat(where, ": measured score radius R = ", far_radius, " of the inputs 'Q', 'K'",
+                                         pairs, " exceeds 'radius' = ", opt.radius,
                                          " and no degree <= ", max_degree, " reaches the configured relative error ",
                                          target, " on [-R, R] (RangePolicy::raise_degree): scale Q and K down"));
         }
         cert.degree = std::max(opt.degree, degree);
-        cert.interval = measured_radius;
+        cert.interval = far_radius;
         break;
       }
     }
@@ -258,6 +290,37 @@ void estimate_sampled_error(ExactAttention<T>& exact, const PolynomialAttentionO
   cert.sampled_mean_error = sum_error / static_cast<double>(m);
 }
 
+/// The score radius over the far pairs of an exact window of width `window` >= 1
+/// (PolynomialAttentionOptions::exact_window), the only pairs the polynomial evaluates: the maximum over heads of
+/// \f$c\max_{(i,j)\ \text{far}}\|q_i\|\|k_j\|\f$, in double; 0 when no pair is far. O(n d) by running maxima of the
+/// key norms from the start (and, non-causal, from the end). Needs as many queries as keys.
+template <class DQ, class DK>
+double far_score_radius(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const HeadShape& shape,
+                        double scale, Index window, bool causal) {
+  const Index n = shape.n;
+  // Squared row norms in double, a column at a time (vectorised); then the largest squared key norm over keys
+  // [0, t] and [t, n).
+  Eigen::ArrayXd queries(n), up_to(n), from(n);
+  const auto squared_norms = [](const auto& X, Eigen::ArrayXd& out) {
+    out = X.col(0).template cast<double>().array().square();
+    for (Index j = 1; j < X.cols(); ++j) out += X.col(j).template cast<double>().array().square();
+  };
+  double radius = 0;
+  for (Index h = 0; h < shape.heads; ++h) {
+    squared_norms(Q.middleCols(h * shape.dk, shape.dk), queries);
+    squared_norms(K.middleCols(h * shape.dk, shape.dk), from);
+    up_to = from;
+    for (Index t = 1; t < n; ++t) up_to(t) = std::max(up_to(t), up_to(t - 1));
+    for (Index t = n - 2; t >= 0; --t) from(t) = std::max(from(t), from(t + 1));
+    double largest = 0;  // largest |q_i|^2 |k_j|^2 over the far pairs
+    for (Index i = window; i < n; ++i) largest = std::max(largest, queries(i) * up_to(i - window));
+    if (!causal)
+      for (Index i = 0; i + window < n; ++i) largest = std::max(largest, queries(i) * from(i + window));
+    radius = std::max(radius, scale * std::sqrt(largest));
+  }
+  return radius;
+}
+
 }  // namespace detail
 
 template <class T>
@@ -310,7 +373,8 @@ class PolynomialAttention {
 
   // What AdjointBackend keeps of a forward pass for its backward pass.
   struct Saved {
-    Matrix<T> normalisers;      // n x h
+    Matrix<T> normalisers;      // n x h (with an exact window the shifted ones)
+    Matrix<T> shifts;           // with an exact window, the row shifts m_i (n x h); otherwise no rows
     Matrix<T> states;           // Z per head (r x h(d_v+1)); causal: Z^{<s} per head and chunk, or no columns
     Matrix<T> incoming_states;  // causal: per head, the earlier ranks' key state (r x h(d_v+1)), zero serially
     bool checkpointed = false;
@@ -321,6 +385,7 @@ class PolynomialAttention {
   struct Measured {
     detail::HeadShape shape;
     double scale, radius, max_abs_value;
+    double far_radius;  // the radius over the pairs outside the exact window (= radius without one)
   };
 
   // forward() reporting errors as `where`; with `saved`, also keeps what the adjoint's backward needs (the
@@ -339,8 +404,8 @@ class PolynomialAttention {
   std::vector<StateExchange::Setting> shard_settings(const detail::HeadShape& shape) const;
 
   // Applies the range policy and (re)builds the feature map when degree, interval or shape changed.
-  Certificate prepare(const char* where, Index dk, double c, double radius) {
-    detail::PolynomialChoice choice = detail::choose_polynomial(where, options_, radius);
+  Certificate prepare(const char* where, Index dk, double c, double radius, double far_radius) {
+    detail::PolynomialChoice choice = detail::choose_polynomial(where, options_, radius, far_radius);
     if (!map_ || map_->dim() != dk || map_->scale() != c || map_poly_.coeffs != choice.poly.coeffs) {
       map_ = detail::make_feature_map<T>(where, options_, dk, choice.poly, c);
       map_poly_ = choice.poly;
@@ -371,6 +436,10 @@ auto PolynomialAttention<T>::measure(const char* where, const ConstMatrixRef<T>&
                                      const ConstMatrixRef<T>& V, const MatrixRef<T>& O) const -> Measured {
   const auto shape = detail::check_qkv_shapes(where, Q, K, V, options_.attention);
   detail::check_forward_output(where, shape, Q, K, V, O);
+  const Index window = options_.exact_window;
+  detail::require(window == 0 || shape.n == shape.m, where, "'exact_window' = ", window,
+                  " needs as many queries as keys (query i and key i are one position), got 'Q' with ", shape.n,
+                  " rows and 'K' with ", shape.m);
   // The passes that measure R and max|v| for the certificate also detect non-finite entries (they make the
   // result NaN or infinite); only then are the entries searched for the error message.
   const double c = options_.attention.resolved_scale(shape.dk);
@@ -381,7 +450,11 @@ auto PolynomialAttention<T>::measure(const char* where, const ConstMatrixRef<T>&
   }
   const double max_v = static_cast<double>(V.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
   if (!std::isfinite(max_v)) detail::require_finite(where, "V", V);
-  return {shape, c, radius, max_v};
+  const double far_radius =
+      window > 0 && std::isfinite(radius)
+          ? std::min(radius, detail::far_score_radius(Q, K, shape, c, window, options_.attention.causal))
+          : radius;
+  return {shape, c, radius, max_v, far_radius};
 }
 
 template <class T>
@@ -410,6 +483,9 @@ auto PolynomialAttention<T>::measure_shard(const char* where, const ConstMatrixR
   try {
     detail::require(!options_.estimate_error, where,
                     "'estimate_error' needs every key on one rank: it is not available with a state exchange");
+    detail::require(options_.exact_window == 0, where, "'exact_window' = ", options_.exact_window,
+                    " is not available with a state exchange: the window of a shard's first rows reaches into the "
+                    "previous rank's keys (set it to 0)");
     measured.shape = detail::check_shard_shapes(where, Q, K, V, options_.attention);
     detail::check_forward_output(where, measured.shape, Q, K, V, O);
     detail::require_finite(where, "Q", Q);
@@ -440,6 +516,7 @@ auto PolynomialAttention<T>::measure_shard(const char* where, const ConstMatrixR
     measured.radius = std::max(measured.radius, measured.scale * maxima[static_cast<std::size_t>(2 * h)] *
                                                     maxima[static_cast<std::size_t>(2 * h + 1)]);
   measured.max_abs_value = maxima[maxima.size() - 3];
+  measured.far_radius = measured.radius;
   return measured;
 }
 
@@ -450,14 +527,15 @@ Certificate PolynomialAttention<T>::forward(const ConstMatrixRef<T>& Q, const Co
   const Measured measured = exchange_ ? measure_shard(where, Q, K, V, O) : measure(where, Q, K, V, O);
   const detail::HeadShape& shape = measured.shape;
   const double radius = measured.radius;
-  Certificate cert = prepare(where, shape.dk, measured.scale, radius);
+  Certificate cert = prepare(where, shape.dk, measured.scale, radius, measured.far_radius);
 
   const bool causal = options_.attention.causal;
-  kernel_.configure(*map_, map_poly_, causal, options_.chunk_size, options_.scan_window_bytes, where, radius,
-                    exchange_.get());
+  kernel_.configure(*map_, map_poly_, causal, options_.chunk_size, options_.scan_window_bytes, options_.exact_window,
+                    where, radius, exchange_.get());
   const Index r = map_->width(), dv = shape.dv, chunks = causal ? kernel_.scan_chunks(shape.n) : 1;
   Saved& keep = saved ? *saved : unsaved_;
   keep.normalisers.resize(shape.n, shape.heads);
+  keep.shifts.resize(options_.exact_window > 0 ? shape.n : 0, shape.heads);
   const double checkpoint_bytes = static_cast<double>(sizeof(T)) * static_cast<double>(r) *
                                   static_cast<double>(shape.heads * chunks * (dv + 1));
   keep.checkpointed =
@@ -472,7 +550,7 @@ Certificate PolynomialAttention<T>::forward(const ConstMatrixRef<T>& Q, const Co
     try {
       kernel_.forward(Q.middleCols(h * shape.dk, shape.dk), K.middleCols(h * shape.dk, shape.dk),
                       V.middleCols(h * dv, dv), O.middleCols(h * dv, dv), keep.normalisers.col(h),
-                      keep.states.middleCols(h * state_cols, state_cols),
+                      keep.shifts.col(h), keep.states.middleCols(h * state_cols, state_cols),
                       keep.incoming_states.middleCols(h * incoming_cols, incoming_cols));
     } catch (...) {
       if (!exchange_) throw;

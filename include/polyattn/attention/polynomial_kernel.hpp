@@ -30,6 +30,45 @@
 /// forward pass returns the incoming state, so a backward() without checkpoints can rebuild its prefix states
 /// without another exchange; kept or rebuilt, every prefix is the same sum in the same order, as serially.
 /// Without an exchange every result is bitwise the serial kernel's.
+///
+/// **Exact window (near field).** With PolynomialAttentionOptions::exact_window \f$w > 0\f$ the pairs with
+/// \f$0 \le i - j < w\f$ (causal) or \f$|i - j| < w\f$ (non-causal) are *near* and weighted by \f$e^{s_{ij}}\f$, the
+/// other unmasked pairs are *far* and weighted by \f$p(s_{ij})\f$, under one normaliser. Row \f$i\f$ is computed as
+/// \f[ \tilde o_i = \frac{\sum_{\text{near}} e^{s_{ij} - m_i}[v_j, 1] + e^{-m_i}F_i}{\cdots}, \qquad
+///     F_i = \sum_{\text{far}} p(s_{ij})[v_j, 1], \qquad
+///     m_i = \max\big(\max_{\text{near}} s_{ij},\ \log F_{i,d_v+1}\big), \f]
+/// the last column giving the normaliser \f$\hat D_i\f$ (the \f$\log\f$ term only when row \f$i\f$ has far keys and
+/// their sum is positive). The shift cancels in the ratio, so it changes rounding only: every near term is at most
+/// 1 and \f$e^{-m_i}F_i\f$ at most 1 in its normaliser column, so (for a positive p) \f$1 \le \hat D_i \le 2w\f$
+/// whatever the score radius. A plain shift by the near maximum would not do: with near scores of -100 and far
+/// scores of 0 the far sum would be multiplied by \f$e^{100}\f$, which overflows float. A row without far keys
+/// gets the far factor 0 (its \f$e^{-m}\f$ may overflow). The forward pass saves \f$m_i\f$ with \f$\hat D_i\f$
+/// ("shifts").
+/// The near pairs are evaluated directly on *tiles*: a block of query rows against the band of keys around them
+/// (or, for the key rows of the backward pass, a block of keys against the queries around them), at
+/// \f$O((w + b)d)\f$ per row. How the far field excludes them:
+/// - **Causal: split.** The prefix state of chunk \f$s\f$ is *lagged* by \f$\ell = \lceil (w-1)/b\rceil\f$ chunks,
+///   \f$Z^{<s-\ell}\f$ (every key in it is far for every row of the chunk), and the tile covers chunks
+///   \f$s-\ell..s\f$ directly: \f$e^{s}\f$ on near pairs, \f$p(s)\f$ on the far ones. Backward mirrors it with the
+///   suffix state \f$Y^{>s+\ell}\f$. The lag is a shift of which chunk's state goes into which scan slot, so the
+///   scans, checkpoints and windows are unchanged. No term is added and removed again: the far sum has no
+///   cancellation beyond today's, and a row without far keys has an exact zero. Cost: tiles of
+///   \f$(\ell+1)b \le w - 1 + 2b\f$ keys instead of the \f$b\times b\f$ diagonal block.
+/// - **Non-causal: subtraction.** The far keys of a row lie on both sides of its band, so a split would need a
+///   prefix and a suffix state per chunk (memory \f$O((n/b)\,r d)\f$ and a second pass); instead the full state is
+///   kept and the tile subtracts \f$p(s_{ij})[v_j,1]\f$ of the near pairs from \f$F_i\f$, a tile of \f$b + 2(w-1)\f$
+///   keys per block of \f$b = 64\f$ rows. In exact arithmetic this is the far sum; its rounding is of the order of
+///   the polynomial sum's own (\f$u\sum_j\bar p(|s_{ij}|)|v_j|\f$), which the near terms already contributed
+///   before, and rows without far keys (\f$w > \max(i, n-1-i)\f$) get the far factor 0.
+/// The backward pass differentiates the same function: the far terms through the states with the adjoints
+/// scaled by \f$e^{-m_i}\f$ (\f$E_i = [g_i, -\kappa_i, 1]\,e^{-m_i}/\hat D_i\f$), the tile with the weights
+/// \f$W_{ij}\f$ (\f$e^{s_{ij}-m_i}\f$ near, \f$\pm e^{-m_i}p(s_{ij})\f$ polynomial) and their derivatives
+/// \f$W'_{ij}\f$ (\f$p'\f$ for \f$p\f$): \f$\partial S = W'\circ(\hat E[V,\mathbf 1]^\top)\f$ with
+/// \f$\hat E_i = [g_i, -\kappa_i]/\hat D_i\f$, \f$\partial V \mathrel{+}= W^\top\hat E_g\f$. The shift is a constant of
+/// the function (it cancels), so it has no gradient. Every tile writes only its own rows (the key side recomputes
+/// the scores of the pairs the query side saw, at twice the tile cost), so the result stays bitwise the same
+/// for any thread count. Not available with a state exchange (a window crossing a shard boundary would need
+/// the neighbouring rank's keys).
 #pragma once
 
 #include "../parallel/state_exchange.hpp"
@@ -69,17 +108,19 @@ class PolynomialKernel {
   /// the state products; 64 balances the two for d <= 32 and r ~ 150.
   static constexpr Index default_scan_rows = 64;
 
-  /// Sets the feature map and polynomial for the next calls (the map must outlive them). `chunk_size` and
-  /// `scan_window_bytes` are PolynomialAttentionOptions' (chunk_size 0: automatic); `where` and `radius` go into
-  /// error messages. `exchange` (null: serial) combines the states with the other ranks' shards; every rank must
-  /// then make the same calls (see the file documentation).
+  /// Sets the feature map and polynomial for the next calls (the map must outlive them). `chunk_size`,
+  /// `scan_window_bytes` and `exact_window` are PolynomialAttentionOptions' (chunk_size 0: automatic); `where` and
+  /// `radius` go into error messages. `exchange` (null: serial) combines the states with the other ranks' shards;
+  /// every rank must then make the same calls (see the file documentation); it requires exact_window 0.
   void configure(const FeatureMap<T>& map, const Polynomial& poly, bool causal, Index chunk_size,
-                 std::size_t scan_window_bytes, const char* where, double radius, StateExchange* exchange) {
+                 std::size_t scan_window_bytes, Index exact_window, const char* where, double radius,
+                 StateExchange* exchange) {
     map_ = &map;
     poly_ = poly;
     causal_ = causal;
     chunk_size_ = chunk_size;
     scan_window_bytes_ = scan_window_bytes;
+    exact_window_ = exact_window;
     where_ = where;
     radius_ = radius;
     exchange_ = exchange;
@@ -99,22 +140,25 @@ class PolynomialKernel {
     return std::clamp<Index>(rows, 64, 2048);
   }
 
-  /// Writes \f$\tilde O_h\f$ and its normalisers \f$\tilde D\f$. `states` receives, non-causal, \f$Z\f$ (r x (d_v+1));
-  /// causal, \f$Z^{<s}\f$ of every chunk s (r x chunks(d_v+1)) when it has that many columns, and nothing when
-  /// it has none. Causal, `incoming_state` (r x (d_v+1)) receives the state the scan starts from: the earlier
-  /// ranks' keys, zero without an exchange; non-causal it has no columns. Throws std::domain_error when a
-  /// normaliser is not positive or not finite; with an exchange only after this head's exchange.
+  /// Writes \f$\tilde O_h\f$ and its normalisers \f$\tilde D\f$ (with an exact window the shifted \f$\hat D\f$, and
+  /// the row shifts \f$m_i\f$ into `shifts`, which has no rows without a window). `states` receives, non-causal,
+  /// \f$Z\f$ (r x (d_v+1)); causal, \f$Z^{<s}\f$ (with a window \f$Z^{<s-\ell}\f$) of every chunk s
+  /// (r x chunks(d_v+1)) when it has that many columns, and nothing when it has none. Causal, `incoming_state`
+  /// (r x (d_v+1)) receives the state the scan starts from: the earlier ranks' keys, zero without an exchange;
+  /// non-causal it has no columns. Throws std::domain_error when a normaliser is not positive or not finite; with
+  /// an exchange only after this head's exchange.
   void forward(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh, MatrixRef<T> Oh,
-               Eigen::Ref<Vector<T>> normalisers, MatrixRef<T> states, MatrixRef<T> incoming_state);
+               Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts, MatrixRef<T> states,
+               MatrixRef<T> incoming_state);
 
   /// Writes dQ_h, dK_h, dV_h, the exact gradient of forward()'s \f$\tilde O_h\f$ for \f$G_h\f$, from what forward()
-  /// saved: the normalisers, `states` (non-causal: \f$Z\f$; causal: every \f$Z^{<s}\f$, or no columns, then
-  /// they are recomputed from `incoming_state`). Returns \f$\max_j\sigma_j\f$, the largest column sum of
+  /// saved: the normalisers and shifts, `states` (non-causal: \f$Z\f$; causal: every \f$Z^{<s}\f$, or no columns,
+  /// then they are recomputed from `incoming_state`). Returns \f$\max_j\sigma_j\f$, the largest column sum of
   /// \f$\tilde P\f$ (over all ranks with an exchange; \f$-\infty\f$ when there are no keys).
   double backward(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
                   const ConstMatrixRef<T>& Oh, const ConstMatrixRef<T>& Gh, const Eigen::Ref<const Vector<T>>& normalisers,
-                  const ConstMatrixRef<T>& states, const ConstMatrixRef<T>& incoming_state, MatrixRef<T> dQh,
-                  MatrixRef<T> dKh, MatrixRef<T> dVh);
+                  const Eigen::Ref<const Vector<T>>& shifts, const ConstMatrixRef<T>& states,
+                  const ConstMatrixRef<T>& incoming_state, MatrixRef<T> dQh, MatrixRef<T> dKh, MatrixRef<T> dVh);
 
  private:
   // forward() and backward() are defined after the class, not inline, so that code which includes
@@ -125,10 +169,17 @@ class PolynomialKernel {
     Matrix<T> scaled_queries, scaled_keys, monomials, monomial_grads, values, products, adjoints, chunk_state,
         weighted_state_grads, block, block_value, derivative_block, score_grads;
     Vector<T> inverse_normalisers, column_sums;
+    // Exact window only. A near-field tile (near_tile_rows() x near_band()): its scores, p and p' of them, its
+    // weights W and W', and the score gradients; the band's scaled rows, values [V, 1] and query adjoints; per
+    // query of the band its inverse normaliser, shift and far scale; per row of the tile its largest near score.
+    Matrix<T> near_scores, near_poly, near_derivative, near_weights, near_derivative_weights, near_grads,
+        near_operand, near_values, near_adjoints;
+    Vector<T> near_inverse, near_shifts, near_scales, near_maxima;
   };
 
-  // Workspaces for parallel_threads(blocks) threads; a later call of the same shape reuses them.
-  std::vector<Workspace>& workspaces(Index blocks, Index rows, Index dk, Index dv) {
+  // Workspaces for parallel_threads(blocks) threads; a later call of the same shape reuses them. With an exact
+  // window, also the near-field tiles of a sequence of n rows.
+  std::vector<Workspace>& workspaces(Index blocks, Index rows, Index dk, Index dv, Index n) {
     const auto threads = static_cast<std::size_t>(parallel_threads(blocks));
     if (workspaces_.size() < threads) workspaces_.resize(threads);
     const Index r = map_->width();
@@ -150,6 +201,18 @@ class PolynomialKernel {
         ensure_shape(w.block_value, rows, rows);
         ensure_shape(w.derivative_block, rows, rows);
         ensure_shape(w.score_grads, rows, rows);
+      }
+      if (near_width_ > 0) {
+        const Index tile = near_tile_rows(n), band = near_band(n);
+        for (Matrix<T>* m : {&w.near_scores, &w.near_poly, &w.near_derivative, &w.near_weights,
+                             &w.near_derivative_weights, &w.near_grads})
+          ensure_shape(*m, tile, band);
+        ensure_shape(w.near_operand, band, dk);
+        ensure_shape(w.near_values, band, dv + 1);
+        ensure_shape(w.near_adjoints, band, dv + 2);
+        for (Vector<T>* v : {&w.near_inverse, &w.near_shifts, &w.near_scales})
+          if (v->size() != band) v->resize(band);
+        if (w.near_maxima.size() != tile) w.near_maxima.resize(tile);
       }
     }
     return workspaces_;
@@ -191,16 +254,27 @@ class PolynomialKernel {
     Ob.noalias() = inverse.asDiagonal() * top(w.products, rows).leftCols(dv);
   }
 
-  // Top of w.adjoints = [G/D, -rowsum(G o O)/D, 1/D] (the last column gives the column sums of P~).
-  static void load_adjoints(Workspace& w, const ConstMatrixRef<T>& Gb, const ConstMatrixRef<T>& Ob,
-                            const Eigen::Ref<const Vector<T>>& normalisers, Index first_row) {
-    const Index dv = Gb.cols(), rows = Gb.rows();
-    auto inverse = w.inverse_normalisers.head(rows);
-    auto adjoints = top(w.adjoints, rows);
-    inverse = normalisers.segment(first_row, rows).cwiseInverse();
+  // `adjoints` = [G/D, -rowsum(G o O)/D, 1/D] for `inverse` = 1/D (the last column gives the column sums of P~).
+  template <class Adjoints, class Inverse>
+  static void write_adjoints(Adjoints adjoints, const ConstMatrixRef<T>& Gb, const ConstMatrixRef<T>& Ob,
+                             const Inverse& inverse) {
+    const Index dv = Gb.cols();
     adjoints.leftCols(dv).noalias() = inverse.asDiagonal() * Gb;
     adjoints.col(dv) = -Gb.cwiseProduct(Ob).rowwise().sum().cwiseProduct(inverse);
     adjoints.col(dv + 1) = inverse;
+  }
+
+  // Top of w.adjoints = the adjoints E of the polynomial terms of rows [first_row, first_row + rows):
+  // [G, -rowsum(G o O), 1] / D; with an exact window D = D^ e^{m_i}, i.e. 1/D is the far scale over D^ (file docs).
+  void load_adjoints(Workspace& w, const ConstMatrixRef<T>& Gb, const ConstMatrixRef<T>& Ob,
+                     const Eigen::Ref<const Vector<T>>& normalisers, const Eigen::Ref<const Vector<T>>& shifts,
+                     Index first_row, Index n) const {
+    const Index rows = Gb.rows();
+    auto inverse = w.inverse_normalisers.head(rows);
+    inverse = normalisers.segment(first_row, rows).cwiseInverse();
+    if (near_width_ > 0)
+      for (Index i = 0; i < rows; ++i) inverse(i) *= far_scale(first_row + i, shifts(first_row + i), n);
+    write_adjoints(top(w.adjoints, rows), Gb, Ob, inverse);
   }
 
   // dQb += the query gradient through a key state Z: M'_Q = [G/D, -kappa/D] Z^T pulled back through the
@@ -212,22 +286,227 @@ class PolynomialKernel {
     map_->monomials_backward(monomial_grads, top(w.scaled_queries, rows), top(w.monomials, rows), dQb);
   }
 
-  // Top-left rows x rows of w.block = tril(p(S)) for S = sqrt(c)Q_s (sqrt(c)K_s)^T from the tops of the
-  // scaled queries and keys; with `with_derivative`, w.derivative_block = p'(S) likewise (Horner for both).
-  void in_chunk_block(Workspace& w, Index rows, bool with_derivative) const {
-    auto block = w.block.topLeftCorner(rows, rows);
-    auto value = w.block_value.topLeftCorner(rows, rows);
-    auto derivative = w.derivative_block.topLeftCorner(rows, rows);
-    block.noalias() = top(w.scaled_queries, rows) * top(w.scaled_keys, rows).transpose();
+  // value = p(S) and, with `with_derivative`, derivative = p'(S), entrywise by Horner (the blocks are written
+  // through).
+  template <class Scores, class Values, class Derivatives>
+  void polynomial_of(const Scores& scores, Values value, Derivatives derivative, bool with_derivative) const {
     const std::vector<double>& a = poly_.coeffs;
     value.setConstant(static_cast<T>(a.back()));
     if (with_derivative) derivative.setZero();
     for (std::size_t t = a.size() - 1; t-- > 0;) {
-      if (with_derivative) derivative.array() = derivative.array() * block.array() + value.array();
-      value.array() = value.array() * block.array() + static_cast<T>(a[t]);
+      if (with_derivative) derivative.array() = derivative.array() * scores.array() + value.array();
+      value.array() = value.array() * scores.array() + static_cast<T>(a[t]);
     }
-    block = value;
+  }
+
+  // Top-left rows x rows of w.block = tril(p(S)) for S = sqrt(c)Q_s (sqrt(c)K_s)^T from the tops of the
+  // scaled queries and keys; with `with_derivative`, w.derivative_block = p'(S) likewise (Horner for both).
+  void in_chunk_block(Workspace& w, Index rows, bool with_derivative) const {
+    auto block = w.block.topLeftCorner(rows, rows);
+    block.noalias() = top(w.scaled_queries, rows) * top(w.scaled_keys, rows).transpose();
+    polynomial_of(block, w.block_value.topLeftCorner(rows, rows), w.derivative_block.topLeftCorner(rows, rows),
+                  with_derivative);
+    block = w.block_value.topLeftCorner(rows, rows);
     block.template triangularView<Eigen::StrictlyUpper>().setZero();
+  }
+
+  // ---- Exact window (near field); see the file documentation. ----
+
+  // A rectangle of the score matrix S (row0.., col0..: queries x keys) or, with `keys_as_rows`, of its transpose
+  // (rows are keys, columns queries).
+  struct NearTile {
+    Index row0, rows, col0, cols;
+    bool keys_as_rows;
+  };
+
+  // An offset i - j larger than any in a sequence.
+  static constexpr Index unbounded_offset = Index(1) << 60;
+
+  // Chunks the causal prefix and suffix states lag behind: ceil((w - 1) / b), so that every key of Z^{<s-lag} is
+  // far for every row of chunk s.
+  Index near_lag(Index b) const { return near_width_ > 1 ? (near_width_ - 2) / b + 1 : 0; }
+  // Rows of a near-field tile: the scan chunk (causal) or 64-row pieces of the blocks (non-causal).
+  Index near_tile_rows(Index n) const {
+    return causal_ ? scan_rows(n) : std::max<Index>(1, std::min({default_scan_rows, block_rows(), n}));
+  }
+  // Columns of the widest tile (the band around its rows).
+  Index near_band(Index n) const {
+    const Index b = near_tile_rows(n);
+    return std::min(n, causal_ ? (near_lag(b) + 1) * b : b + 2 * (near_width_ - 1));
+  }
+  // Offsets i - j of the near pairs: [0, w) causal, (-w, w) non-causal.
+  std::pair<Index, Index> near_offsets() const { return {causal_ ? 0 : 1 - near_width_, near_width_}; }
+  // Whether query i of n has far keys.
+  bool has_far(Index i, Index n) const { return i >= near_width_ || (!causal_ && i + near_width_ < n); }
+  // e^{-m_i}, the factor of the far terms of query i with shift m_i; 0 without far keys (an empty far sum, and
+  // e^{-m} could overflow).
+  T far_scale(Index i, T shift, Index n) const { return has_far(i, n) ? std::exp(-shift) : T(0); }
+
+  // The tile of the query rows [first, first + rows): every key they see near the diagonal and, causal, the far
+  // keys of the chunks that the lagged prefix state leaves out.
+  NearTile query_tile(Index first, Index rows, Index n) const {
+    const Index b = scan_rows(n);
+    const Index begin = std::max<Index>(0, causal_ ? first - near_lag(b) * b : first - (near_width_ - 1));
+    const Index end = causal_ ? first + rows : std::min(n, first + rows + near_width_ - 1);
+    return {first, rows, begin, end - begin, false};
+  }
+  // The tile of the key rows [first, first + rows): every query that sees them near the diagonal and, causal, the
+  // queries of the chunks that the lagged suffix state leaves out.
+  NearTile key_tile(Index first, Index rows, Index n) const {
+    const Index b = scan_rows(n);
+    const Index begin = causal_ ? first : std::max<Index>(0, first - (near_width_ - 1));
+    const Index end = std::min(n, causal_ ? first + (near_lag(b) + 1) * b : first + rows + near_width_ - 1);
+    return {first, rows, begin, end - begin, true};
+  }
+
+  // The rows [first, last) of column `col` of `tile` whose pair (i, j) has i - j in [lo, hi).
+  static std::pair<Index, Index> rows_with_offset(const NearTile& tile, Index col, Index lo, Index hi) {
+    const Index g = tile.col0 + col;
+    // Rows are queries i = j + offset, or keys j = i - offset.
+    const Index first = tile.keys_as_rows ? g - hi + 1 : g + lo, last = tile.keys_as_rows ? g - lo + 1 : g + hi;
+    const Index begin = std::clamp(first - tile.row0, Index(0), tile.rows);
+    return {begin, std::clamp(last - tile.row0, begin, tile.rows)};
+  }
+
+  // Top-left of `weights` = the tile's terms, zero elsewhere: on its polynomial pairs sign * `poly` (null: none;
+  // causal: + on the far pairs, non-causal: - on the near pairs, whose p the full state holds), times the query's
+  // far scale when `scales` is given; plus, on its near pairs, exp(S - m) for the queries' `shifts` (null: none).
+  // `scales` and `shifts` are indexed by the tile's queries.
+  void near_weights(const NearTile& tile, const Matrix<T>& scores, const Matrix<T>* poly, const Vector<T>* scales,
+                    const Vector<T>* shifts, Matrix<T>& weights) const {
+    auto out = weights.topLeftCorner(tile.rows, tile.cols);
+    out.setZero();
+    const auto [near_lo, near_hi] = near_offsets();
+    const Index poly_lo = causal_ ? near_width_ : near_lo, poly_hi = causal_ ? unbounded_offset : near_hi;
+    const T sign = causal_ ? T(1) : T(-1);
+    for (Index c = 0; c < tile.cols; ++c) {
+      if (poly) {
+        const auto [r0, r1] = rows_with_offset(tile, c, poly_lo, poly_hi);
+        auto part = out.col(c).segment(r0, r1 - r0);
+        const auto p = poly->col(c).segment(r0, r1 - r0);
+        if (!scales)
+          part = sign * p;
+        else if (tile.keys_as_rows)
+          part = (sign * (*scales)(c)) * p;
+        else
+          part = sign * p.cwiseProduct(scales->segment(r0, r1 - r0));
+      }
+      if (shifts) {
+        const auto [r0, r1] = rows_with_offset(tile, c, near_lo, near_hi);
+        const auto s = scores.col(c).segment(r0, r1 - r0).array();
+        if (tile.keys_as_rows)
+          out.col(c).segment(r0, r1 - r0).array() += (s - (*shifts)(c)).exp();
+        else
+          out.col(c).segment(r0, r1 - r0).array() += (s - shifts->segment(r0, r1 - r0).array()).exp();
+      }
+    }
+  }
+
+  // For the queries [first, first + count): w.near_adjoints = E^ = [G/D^, -rowsum(G o O)/D^, 1/D^] (the adjoints of
+  // the tile weights), w.near_shifts = m and w.near_scales = their far scales.
+  void load_near_queries(Workspace& w, const ConstMatrixRef<T>& Gh, const ConstMatrixRef<T>& Oh,
+                         const Eigen::Ref<const Vector<T>>& normalisers, const Eigen::Ref<const Vector<T>>& shifts,
+                         Index first, Index count, Index n) const {
+    auto inverse = w.near_inverse.head(count);
+    inverse = normalisers.segment(first, count).cwiseInverse();
+    write_adjoints(w.near_adjoints.topRows(count), Gh.middleRows(first, count), Oh.middleRows(first, count),
+                   inverse);
+    w.near_shifts.head(count) = shifts.segment(first, count);
+    for (Index i = 0; i < count; ++i) w.near_scales(i) = far_scale(first + i, shifts(first + i), n);
+  }
+
+  // The tile's scores: top-left of w.near_scores = `scaled_rows` times the tile's columns of `X` (scaled by
+  // sqrt(c) into w.near_operand), transposed; p (and, `with_derivative`, p') of them into w.near_poly
+  // (w.near_derivative).
+  void near_scores(Workspace& w, const NearTile& tile, const ConstMatrixRef<T>& scaled_rows,
+                   const ConstMatrixRef<T>& X, bool with_derivative) const {
+    auto operand = w.near_operand.topRows(tile.cols);
+    operand.noalias() = static_cast<T>(std::sqrt(map_->scale())) * X.middleRows(tile.col0, tile.cols);
+    auto scores = w.near_scores.topLeftCorner(tile.rows, tile.cols);
+    scores.noalias() = scaled_rows * operand.transpose();
+    polynomial_of(scores, w.near_poly.topLeftCorner(tile.rows, tile.cols),
+                  w.near_derivative.topLeftCorner(tile.rows, tile.cols), with_derivative);
+  }
+
+  // Forward: adds the near field of the query rows of `tile` (queries as rows, their sqrt(c) Q in
+  // `scaled_queries`) to `products`, which holds their unscaled far sums from the state on entry, and rescales
+  // each row by its shift m_i, written to `shifts`: products = e^{-m} (state part) + W [V, 1] with the tile's
+  // weights W = e^{-m} (sign p) + exp(S - m) (file docs).
+  void near_forward(Workspace& w, const NearTile& tile, const ConstMatrixRef<T>& scaled_queries,
+                    const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh, MatrixRef<T> products,
+                    Eigen::Ref<Vector<T>> shifts, Index n) const {
+    const Index dv = Vh.cols(), rows = tile.rows, cols = tile.cols;
+    near_scores(w, tile, scaled_queries, Kh, false);
+    // m_i: the largest near score, or the log of the far normaliser (the state's and the tile's) when larger.
+    near_weights(tile, w.near_scores, &w.near_poly, nullptr, nullptr, w.near_weights);
+    auto maxima = w.near_maxima.head(rows);
+    maxima.setConstant(-std::numeric_limits<T>::infinity());
+    const auto [near_lo, near_hi] = near_offsets();
+    for (Index c = 0; c < cols; ++c) {
+      const auto [r0, r1] = rows_with_offset(tile, c, near_lo, near_hi);
+      maxima.segment(r0, r1 - r0) = maxima.segment(r0, r1 - r0).cwiseMax(w.near_scores.col(c).segment(r0, r1 - r0));
+    }
+    auto far_normalisers = w.near_inverse.head(rows);  // scratch: the backward pass's inverse normalisers
+    far_normalisers = products.col(dv) + w.near_weights.topLeftCorner(rows, cols).rowwise().sum();
+    for (Index r = 0; r < rows; ++r) {
+      const Index i = tile.row0 + r;
+      T shift = maxima(r);
+      if (has_far(i, n) && far_normalisers(r) > 0)
+        shift = std::max(shift, static_cast<T>(std::log(far_normalisers(r))));
+      w.near_shifts(r) = shift;
+      w.near_scales(r) = far_scale(i, shift, n);
+    }
+    shifts = w.near_shifts.head(rows);
+    near_weights(tile, w.near_scores, &w.near_poly, &w.near_scales, &w.near_shifts, w.near_weights);
+    auto values = w.near_values.topRows(cols);
+    values.leftCols(dv) = Vh.middleRows(tile.col0, cols);
+    values.col(dv).setOnes();
+    products.array().colwise() *= w.near_scales.head(rows).array();
+    products.noalias() += w.near_weights.topLeftCorner(rows, cols) * values;
+  }
+
+  // Backward, query side: dQ of the query rows of `tile` += c (W' o (E^ [V, 1]^T)) K over the tile's keys.
+  void near_query_grads(Workspace& w, const NearTile& tile, const ConstMatrixRef<T>& scaled_queries,
+                        const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh, const ConstMatrixRef<T>& Gh,
+                        const ConstMatrixRef<T>& Oh, const Eigen::Ref<const Vector<T>>& normalisers,
+                        const Eigen::Ref<const Vector<T>>& shifts, Index n, MatrixRef<T> dQ) const {
+    const Index dv = Vh.cols(), rows = tile.rows, cols = tile.cols;
+    load_near_queries(w, Gh, Oh, normalisers, shifts, tile.row0, rows, n);
+    near_scores(w, tile, scaled_queries, Kh, true);
+    near_weights(tile, w.near_scores, &w.near_derivative, &w.near_scales, &w.near_shifts, w.near_derivative_weights);
+    auto values = w.near_values.topRows(cols);
+    values.leftCols(dv) = Vh.middleRows(tile.col0, cols);
+    values.col(dv).setOnes();
+    auto grads = w.near_grads.topLeftCorner(rows, cols);
+    grads.noalias() = w.near_adjoints.topLeftCorner(rows, dv + 1) * values.transpose();
+    // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K).
+    grads.array() *= static_cast<T>(std::sqrt(map_->scale())) *
+                     w.near_derivative_weights.topLeftCorner(rows, cols).array();
+    dQ.noalias() += grads * w.near_operand.topRows(cols);
+  }
+
+  // Backward, key side: dK, dV and the column sums of P~ of the key rows of `tile` (keys as rows, their sqrt(c) K
+  // and [V, 1] in `scaled_keys` and `values`) += their part from the tile's queries: c (W' o ([V, 1] E^T))^T Q,
+  // W^T E^_G and W^T (1/D^) in the transposed tile.
+  void near_key_grads(Workspace& w, const NearTile& tile, const ConstMatrixRef<T>& scaled_keys,
+                      const ConstMatrixRef<T>& values, const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Gh,
+                      const ConstMatrixRef<T>& Oh, const Eigen::Ref<const Vector<T>>& normalisers,
+                      const Eigen::Ref<const Vector<T>>& shifts, Index n, MatrixRef<T> dK, MatrixRef<T> dV,
+                      Eigen::Ref<Vector<T>> column_sums) const {
+    const Index dv = Gh.cols(), rows = tile.rows, cols = tile.cols;
+    load_near_queries(w, Gh, Oh, normalisers, shifts, tile.col0, cols, n);
+    near_scores(w, tile, scaled_keys, Qh, true);
+    near_weights(tile, w.near_scores, &w.near_poly, &w.near_scales, &w.near_shifts, w.near_weights);
+    near_weights(tile, w.near_scores, &w.near_derivative, &w.near_scales, &w.near_shifts, w.near_derivative_weights);
+    const auto adjoints = w.near_adjoints.topRows(cols);
+    const auto weights = w.near_weights.topLeftCorner(rows, cols);
+    auto grads = w.near_grads.topLeftCorner(rows, cols);
+    grads.noalias() = values * adjoints.leftCols(dv + 1).transpose();
+    grads.array() *= static_cast<T>(std::sqrt(map_->scale())) *
+                     w.near_derivative_weights.topLeftCorner(rows, cols).array();
+    dK.noalias() += grads * w.near_operand.topRows(cols);
+    dV.noalias() += weights * adjoints.leftCols(dv);
+    column_sums.noalias() += weights * adjoints.col(dv + 1);
   }
 
   // The running sum `carry` over the slots (rows x width each, side by side) made exclusive: slot s receives the
@@ -267,10 +546,11 @@ class PolynomialKernel {
   }
 
   void forward_full(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
-                    MatrixRef<T> Oh, Eigen::Ref<Vector<T>> normalisers, MatrixRef<T> state) {
+                    MatrixRef<T> Oh, Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts,
+                    MatrixRef<T> state) {
     const Index dv = Vh.cols(), m = Kh.rows(), n = Qh.rows(), b = block_rows(), r = map_->width();
     const Index key_blocks = block_count(m, b), query_blocks = block_count(n, b);
-    auto& ws = workspaces(std::max(key_blocks, query_blocks), std::min(b, std::max(n, m)), Qh.cols(), dv);
+    auto& ws = workspaces(std::max(key_blocks, query_blocks), std::min(b, std::max(n, m)), Qh.cols(), dv, n);
     ensure_shape(partials_, r, key_blocks * (dv + 1));
     parallel_for(key_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
@@ -287,17 +567,24 @@ class PolynomialKernel {
       const Index q0 = block * b, rows = std::min(b, n - q0);
       expand(w, Qh.middleRows(q0, rows), w.scaled_queries);
       top(w.products, rows).leftCols(dv + 1).noalias() = top(w.monomials, rows) * state;
+      if (near_width_ > 0)
+        for (Index t0 = 0, tile = near_tile_rows(n); t0 < rows; t0 += tile) {
+          const Index tile_rows = std::min(tile, rows - t0);
+          near_forward(w, query_tile(q0 + t0, tile_rows, n), top(w.scaled_queries, rows).middleRows(t0, tile_rows),
+                       Kh, Vh, top(w.products, rows).leftCols(dv + 1).middleRows(t0, tile_rows),
+                       shifts.segment(q0 + t0, tile_rows), n);
+        }
       normalise(w, Oh.middleRows(q0, rows), normalisers, q0);
     }, work(n, dv));
   }
 
   void forward_causal(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
-                      MatrixRef<T> Oh, Eigen::Ref<Vector<T>> normalisers, MatrixRef<T> checkpoints,
-                      MatrixRef<T> incoming_state) {
+                      MatrixRef<T> Oh, Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts,
+                      MatrixRef<T> checkpoints, MatrixRef<T> incoming_state) {
     const Index dv = Vh.cols(), n = Qh.rows(), b = scan_rows(n), chunks = scan_chunks(n), r = map_->width();
     const bool keep = checkpoints.cols() == chunks * (dv + 1);
     const Index window = keep ? chunks : window_chunks(chunks, dv + 1);
-    auto& ws = workspaces(window, b, Qh.cols(), dv);
+    auto& ws = workspaces(window, b, Qh.cols(), dv, n);
     const T sqrt_c = static_cast<T>(std::sqrt(map_->scale()));
     if (!keep) ensure_shape(window_states_, r, window * (dv + 1));
     carry_.setZero(r, dv + 1);
@@ -327,12 +614,18 @@ class PolynomialKernel {
         const Index s = (first + k) * b, rows = std::min(b, n - s);
         auto products = top(w.products, rows).leftCols(dv + 1);
         expand(w, Qh.middleRows(s, rows), w.scaled_queries);
-        load_values(w, Vh.middleRows(s, rows));
-        products.noalias() = top(w.monomials, rows) * slots.middleCols(k * (dv + 1), dv + 1);
-        top(w.scaled_keys, rows).noalias() = sqrt_c * Kh.middleRows(s, rows);
-        in_chunk_block(w, rows, false);
-        products.noalias() +=
-            w.block.topLeftCorner(rows, rows).template triangularView<Eigen::Lower>() * top(w.values, rows);
+        if (near_width_ > 0) {
+          products.noalias() = top(w.monomials, rows) * slots.middleCols(k * (dv + 1), dv + 1);
+          near_forward(w, query_tile(s, rows, n), top(w.scaled_queries, rows), Kh, Vh, products,
+                       shifts.segment(s, rows), n);
+        } else {
+          load_values(w, Vh.middleRows(s, rows));
+          products.noalias() = top(w.monomials, rows) * slots.middleCols(k * (dv + 1), dv + 1);
+          top(w.scaled_keys, rows).noalias() = sqrt_c * Kh.middleRows(s, rows);
+          in_chunk_block(w, rows, false);
+          products.noalias() +=
+              w.block.topLeftCorner(rows, rows).template triangularView<Eigen::Lower>() * top(w.values, rows);
+        }
         normalise(w, Oh.middleRows(s, rows), normalisers, s);
       }, work(count * b, dv));
     }
@@ -340,22 +633,29 @@ class PolynomialKernel {
 
   double backward_full(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
                        const ConstMatrixRef<T>& Oh, const ConstMatrixRef<T>& Gh,
-                       const Eigen::Ref<const Vector<T>>& normalisers, const ConstMatrixRef<T>& state,
-                       MatrixRef<T> dQh, MatrixRef<T> dKh, MatrixRef<T> dVh) {
+                       const Eigen::Ref<const Vector<T>>& normalisers, const Eigen::Ref<const Vector<T>>& shifts,
+                       const ConstMatrixRef<T>& state, MatrixRef<T> dQh, MatrixRef<T> dKh, MatrixRef<T> dVh) {
     const Index dv = Vh.cols(), m = Kh.rows(), n = Qh.rows(), b = block_rows(), r = map_->width();
     const Index key_blocks = block_count(m, b), query_blocks = block_count(n, b);
-    auto& ws = workspaces(std::max(key_blocks, query_blocks), std::min(b, std::max(n, m)), Qh.cols(), dv);
+    auto& ws = workspaces(std::max(key_blocks, query_blocks), std::min(b, std::max(n, m)), Qh.cols(), dv, n);
     ensure_shape(partials_, r, query_blocks * (dv + 2));
     parallel_for(query_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index q0 = block * b, rows = std::min(b, n - q0);
       expand(w, Qh.middleRows(q0, rows), w.scaled_queries);
-      load_adjoints(w, Gh.middleRows(q0, rows), Oh.middleRows(q0, rows), normalisers, q0);
+      load_adjoints(w, Gh.middleRows(q0, rows), Oh.middleRows(q0, rows), normalisers, shifts, q0, n);
       partials_.middleCols(block * (dv + 2), dv + 2).noalias() =
           top(w.monomials, rows).transpose() * top(w.adjoints, rows);
       auto dQb = dQh.middleRows(q0, rows);
       dQb.setZero();
       add_query_grads_through(w, state, dQb);
+      if (near_width_ > 0)
+        for (Index t0 = 0, tile = near_tile_rows(n); t0 < rows; t0 += tile) {
+          const Index tile_rows = std::min(tile, rows - t0);
+          near_query_grads(w, query_tile(q0 + t0, tile_rows, n),
+                           top(w.scaled_queries, rows).middleRows(t0, tile_rows), Kh, Vh, Gh, Oh, normalisers, shifts,
+                           n, dQb.middleRows(t0, tile_rows));
+        }
     }, work(n, dv));
     ensure_shape(state_grads_, r, dv + 2);
     sum_partials(query_blocks, state_grads_);
@@ -374,24 +674,37 @@ class PolynomialKernel {
       // One product for dV and the column sums of P~; its column dv (M_K times the normaliser adjoint) is unused.
       products.noalias() = monomials * state_grads_;
       dVh.middleRows(k0, rows) = products.leftCols(dv);
-      column_sums_[static_cast<std::size_t>(block)] = static_cast<double>(products.col(dv + 1).maxCoeff());
       auto dKb = dKh.middleRows(k0, rows);
       dKb.setZero();
       map_->monomials_backward(monomial_grads, top(w.scaled_keys, rows), monomials, dKb);
+      if (near_width_ == 0) {
+        column_sums_[static_cast<std::size_t>(block)] = static_cast<double>(products.col(dv + 1).maxCoeff());
+        return;
+      }
+      auto column_sums = w.column_sums.head(rows);
+      column_sums = products.col(dv + 1);
+      for (Index t0 = 0, tile = near_tile_rows(n); t0 < rows; t0 += tile) {
+        const Index tile_rows = std::min(tile, rows - t0);
+        near_key_grads(w, key_tile(k0 + t0, tile_rows, n), top(w.scaled_keys, rows).middleRows(t0, tile_rows),
+                       top(w.values, rows).middleRows(t0, tile_rows), Qh, Gh, Oh, normalisers, shifts, n,
+                       dKb.middleRows(t0, tile_rows), dVh.middleRows(k0 + t0, tile_rows),
+                       column_sums.segment(t0, tile_rows));
+      }
+      column_sums_[static_cast<std::size_t>(block)] = static_cast<double>(column_sums.maxCoeff());
     }, work(m, dv));
     return largest_column_sum();
   }
 
   double backward_causal(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
                          const ConstMatrixRef<T>& Oh, const ConstMatrixRef<T>& Gh,
-                         const Eigen::Ref<const Vector<T>>& normalisers, const ConstMatrixRef<T>& checkpoints,
-                         const ConstMatrixRef<T>& incoming_state, MatrixRef<T> dQh, MatrixRef<T> dKh,
-                         MatrixRef<T> dVh) {
+                         const Eigen::Ref<const Vector<T>>& normalisers, const Eigen::Ref<const Vector<T>>& shifts,
+                         const ConstMatrixRef<T>& checkpoints, const ConstMatrixRef<T>& incoming_state,
+                         MatrixRef<T> dQh, MatrixRef<T> dKh, MatrixRef<T> dVh) {
     const Index dv = Vh.cols(), n = Qh.rows(), b = scan_rows(n), chunks = scan_chunks(n), r = map_->width();
     const bool kept = checkpoints.cols() == chunks * (dv + 1);
     const Index window = window_chunks(chunks, kept ? dv + 2 : 2 * dv + 3);
     const Index windows = block_count(chunks, window);
-    auto& ws = workspaces(window, b, Qh.cols(), dv);
+    auto& ws = workspaces(window, b, Qh.cols(), dv, n);
     const T sqrt_c = static_cast<T>(std::sqrt(map_->scale()));
     // Without checkpoints, one pass over the windows records the prefix state at the start of each, from the
     // forward pass's incoming state; the reverse pass then rebuilds the window's Z^{<s} from it (the same sums
@@ -414,7 +727,7 @@ class PolynomialKernel {
       for (Index w0 = windows - 1; w0 >= 0; --w0) {
         const Index first = w0 * window, count = std::min(window, chunks - first);
         auto slots = state_grad_slots_.leftCols(count * (dv + 2));
-        query_state_grads(Qh, Oh, Gh, normalisers, first, count, slots, ws);
+        query_state_grads(Qh, Oh, Gh, normalisers, shifts, first, count, slots, ws);
         exclusive_scan(slots, dv + 2, state_grads_, -1);
       }
       combine_over_ranks(state_grads_, Ranks::later);
@@ -426,7 +739,7 @@ class PolynomialKernel {
         prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * (dv + 1)), ws);
       }
       auto slots = state_grad_slots_.leftCols(count * (dv + 2));
-      query_state_grads(Qh, Oh, Gh, normalisers, first, count, slots, ws);
+      query_state_grads(Qh, Oh, Gh, normalisers, shifts, first, count, slots, ws);
       exclusive_scan(slots, dv + 2, state_grads_, -1);
       parallel_for(count, [&](Index k, int thread) {
         Workspace& w = ws[static_cast<std::size_t>(thread)];
@@ -441,7 +754,7 @@ class PolynomialKernel {
         auto dQb = dQh.middleRows(s, rows);
         auto dKb = dKh.middleRows(s, rows);
         auto dVb = dVh.middleRows(s, rows);
-        // Later chunks, through Y^{>s}: dK and dV of this chunk's keys.
+        // Later chunks, through Y^{>s} (with an exact window Y^{>s+lag}): dK and dV of this chunk's keys.
         expand(w, Kh.middleRows(s, rows), w.scaled_keys);
         load_values(w, Vh.middleRows(s, rows));
         w.weighted_state_grads.noalias() = map_->weights().asDiagonal() * slots.middleCols(k * (dv + 2), dv + 2);
@@ -452,14 +765,23 @@ class PolynomialKernel {
         column_sums = products.col(dv + 1);
         dKb.setZero();
         map_->monomials_backward(monomial_grads, top(w.scaled_keys, rows), monomials, dKb);
-        // Earlier chunks, through Z^{<s}: dQ of this chunk's queries.
+        // Earlier chunks, through Z^{<s} (with an exact window Z^{<s-lag}): dQ of this chunk's queries.
         expand(w, Qh.middleRows(s, rows), w.scaled_queries);
-        load_adjoints(w, Gh.middleRows(s, rows), Oh.middleRows(s, rows), normalisers, s);
+        load_adjoints(w, Gh.middleRows(s, rows), Oh.middleRows(s, rows), normalisers, shifts, s, n);
         dQb.setZero();
         add_query_grads_through(w,
                                 kept ? ConstMatrixRef<T>(checkpoints.middleCols((first + k) * (dv + 1), dv + 1))
                                      : ConstMatrixRef<T>(window_states_.middleCols(k * (dv + 1), dv + 1)),
                                 dQb);
+        if (near_width_ > 0) {
+          // The chunks the lagged states leave out, through the near-field tiles of its queries and of its keys.
+          near_query_grads(w, query_tile(s, rows, n), top(w.scaled_queries, rows), Kh, Vh, Gh, Oh, normalisers,
+                           shifts, n, dQb);
+          near_key_grads(w, key_tile(s, rows, n), top(w.scaled_keys, rows), values, Qh, Gh, Oh, normalisers, shifts,
+                         n, dKb, dVb, column_sums);
+          column_sums_[static_cast<std::size_t>(first + k)] = static_cast<double>(column_sums.maxCoeff());
+          return;
+        }
         // The chunk itself, through its masked block with p and p'.
         in_chunk_block(w, rows, true);
         score_grads.noalias() = adjoints.leftCols(dv + 1) * values.transpose();
@@ -475,36 +797,50 @@ class PolynomialKernel {
     return largest_column_sum();
   }
 
-  // The key states Delta Z_t of chunks [first, first + count) into `slots` (count slots of r x (d_v+1)).
+  // The key states Delta Z_{t + offset} of chunks t in [first, first + count) into `slots` (count slots of
+  // r x (d_v+1)); zero where t + offset is not a chunk.
   void key_states(const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh, Index first, Index count,
-                  MatrixRef<T> slots, std::vector<Workspace>& ws) {
-    const Index dv = Vh.cols(), n = Kh.rows(), b = scan_rows(n);
+                  MatrixRef<T> slots, std::vector<Workspace>& ws, Index offset = 0) {
+    const Index dv = Vh.cols(), n = Kh.rows(), b = scan_rows(n), chunks = scan_chunks(n);
     parallel_for(count, [&](Index k, int thread) {
-      const Index s = (first + k) * b;
-      chunk_key_state(ws[static_cast<std::size_t>(thread)], Kh, Vh, s, std::min(b, n - s),
-                      slots.middleCols(k * (dv + 1), dv + 1));
+      auto slot = slots.middleCols(k * (dv + 1), dv + 1);
+      const Index chunk = first + k + offset;
+      if (chunk < 0 || chunk >= chunks) {
+        slot.setZero();
+        return;
+      }
+      const Index s = chunk * b;
+      chunk_key_state(ws[static_cast<std::size_t>(thread)], Kh, Vh, s, std::min(b, n - s), slot);
     }, work(count * b, dv));
   }
 
-  // Z^{<s} of chunks [first, first + count) into `slots`, continuing the running prefix carry_.
+  // Z^{<s} of chunks [first, first + count) into `slots`, continuing the running prefix carry_; with an exact
+  // window the lagged Z^{<s-lag}: the slot of chunk s receives Delta Z_{s-lag}, so the same scan sums them.
   void prefix_states(const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh, Index first, Index count,
                      MatrixRef<T> slots, std::vector<Workspace>& ws) {
-    key_states(Kh, Vh, first, count, slots, ws);
+    key_states(Kh, Vh, first, count, slots, ws, -near_lag(scan_rows(Kh.rows())));
     exclusive_scan(slots, Vh.cols() + 1, carry_, +1);
   }
 
-  // M_{Q,t}^T E_t of chunks [first, first + count) into `slots` (count slots of r x (d_v+2)); the chunks' query
-  // monomials and adjoints are left in the workspaces.
+  // M_{Q,t}^T E_t of chunks [first, first + count) into `slots` (count slots of r x (d_v+2)); with an exact window
+  // the slot of chunk t receives those of chunk t + lag (zero past the last), so that the suffix scan gives
+  // Y^{>t+lag}.
   void query_state_grads(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Oh, const ConstMatrixRef<T>& Gh,
-                         const Eigen::Ref<const Vector<T>>& normalisers, Index first, Index count,
-                         MatrixRef<T> slots, std::vector<Workspace>& ws) {
-    const Index dv = Gh.cols(), n = Qh.rows(), b = scan_rows(n);
+                         const Eigen::Ref<const Vector<T>>& normalisers, const Eigen::Ref<const Vector<T>>& shifts,
+                         Index first, Index count, MatrixRef<T> slots, std::vector<Workspace>& ws) {
+    const Index dv = Gh.cols(), n = Qh.rows(), b = scan_rows(n), chunks = scan_chunks(n), lag = near_lag(b);
     parallel_for(count, [&](Index k, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
-      const Index s = (first + k) * b, rows = std::min(b, n - s);
+      auto slot = slots.middleCols(k * (dv + 2), dv + 2);
+      const Index chunk = first + k + lag;
+      if (chunk >= chunks) {
+        slot.setZero();
+        return;
+      }
+      const Index s = chunk * b, rows = std::min(b, n - s);
       expand(w, Qh.middleRows(s, rows), w.scaled_queries);
-      load_adjoints(w, Gh.middleRows(s, rows), Oh.middleRows(s, rows), normalisers, s);
-      slots.middleCols(k * (dv + 2), dv + 2).noalias() = top(w.monomials, rows).transpose() * top(w.adjoints, rows);
+      load_adjoints(w, Gh.middleRows(s, rows), Oh.middleRows(s, rows), normalisers, shifts, s, n);
+      slot.noalias() = top(w.monomials, rows).transpose() * top(w.adjoints, rows);
     }, work(count * b, dv));
   }
 
@@ -547,6 +883,8 @@ class PolynomialKernel {
   bool causal_ = false;
   Index chunk_size_ = 0;
   std::size_t scan_window_bytes_ = std::size_t(16) << 20;
+  Index exact_window_ = 0;  // as configured
+  Index near_width_ = 0;    // the exact window of the current call, at most its number of rows
   const char* where_ = "";
   double radius_ = 0;
   std::vector<Workspace> workspaces_;
@@ -560,22 +898,25 @@ class PolynomialKernel {
 // Out of the class body so that they are not inline: see the note at the top of the class's private part.
 template <class T>
 void PolynomialKernel<T>::forward(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
-                                  MatrixRef<T> Oh, Eigen::Ref<Vector<T>> normalisers, MatrixRef<T> states,
-                                  MatrixRef<T> incoming_state) {
+                                  MatrixRef<T> Oh, Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts,
+                                  MatrixRef<T> states, MatrixRef<T> incoming_state) {
+  near_width_ = std::min(exact_window_, Qh.rows());
   if (causal_)
-    forward_causal(Qh, Kh, Vh, Oh, normalisers, states, incoming_state);
+    forward_causal(Qh, Kh, Vh, Oh, normalisers, shifts, states, incoming_state);
   else
-    forward_full(Qh, Kh, Vh, Oh, normalisers, states);
+    forward_full(Qh, Kh, Vh, Oh, normalisers, shifts, states);
 }
 
 template <class T>
 double PolynomialKernel<T>::backward(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh,
                                      const ConstMatrixRef<T>& Vh, const ConstMatrixRef<T>& Oh,
                                      const ConstMatrixRef<T>& Gh, const Eigen::Ref<const Vector<T>>& normalisers,
-                                     const ConstMatrixRef<T>& states, const ConstMatrixRef<T>& incoming_state,
-                                     MatrixRef<T> dQh, MatrixRef<T> dKh, MatrixRef<T> dVh) {
-  return causal_ ? backward_causal(Qh, Kh, Vh, Oh, Gh, normalisers, states, incoming_state, dQh, dKh, dVh)
-                 : backward_full(Qh, Kh, Vh, Oh, Gh, normalisers, states, dQh, dKh, dVh);
+                                     const Eigen::Ref<const Vector<T>>& shifts, const ConstMatrixRef<T>& states,
+                                     const ConstMatrixRef<T>& incoming_state, MatrixRef<T> dQh, MatrixRef<T> dKh,
+                                     MatrixRef<T> dVh) {
+  near_width_ = std::min(exact_window_, Qh.rows());
+  return causal_ ? backward_causal(Qh, Kh, Vh, Oh, Gh, normalisers, shifts, states, incoming_state, dQh, dKh, dVh)
+                 : backward_full(Qh, Kh, Vh, Oh, Gh, normalisers, shifts, states, dQh, dKh, dVh);
 }
 
 }  // namespace detail

@@ -320,6 +320,10 @@ const Matrix<T>& Generator<T>::prefill(const std::vector<Index>& prompt) {
                         polynomial.radius > 0,
                     where, "block ", l, " uses a minimax polynomial with 'radius' = 0, refit to every call's score "
                     "radius: a recurrent state needs one polynomial (set 'attention.radius' > 0 or use taylor)");
+    // A window would need the last w keys in a cache beside a state that lags them; not implemented.
+    detail::require(!is_polynomial(model_.attention(l).method()) || polynomial.exact_window == 0, where, "block ", l,
+                    " uses an exact window of ", polynomial.exact_window,
+                    " tokens, which generation does not support yet (the recurrent state holds every key's features)");
   }
   logits_ = model_.forward(prompt).bottomRows(1);
   for (Index l = 0; l < config.layers; ++l) start_layer(where, l, n);

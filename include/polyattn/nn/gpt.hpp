@@ -320,9 +320,10 @@ class GPT {
   /// "heads", "layers", "mlp_hidden" (resolved: 4 d_model for 0), "activation", the current method of every
   /// block ("block<i>.method", as set_attention_method() left it), "attention.scale" (resolved) and, when a
   /// block uses an approximate method, "attention.polynomial", "attention.degree", "attention.radius",
-  /// "attention.range_policy" and "attention.feature_map", and the scale of every LoRA adapter
-  /// ("<weight name>.lora_scale"; the rank is in the shapes). Not stored: the seed (initialisation only),
-  /// `ignore_target` (the loss, not the logits) and the chunking and error-estimate options (cost only).
+  /// "attention.range_policy", "attention.feature_map" and, when set, "attention.exact_window", and the scale of
+  /// every LoRA adapter ("<weight name>.lora_scale"; the rank is in the shapes). Not stored: the seed
+  /// (initialisation only), `ignore_target` (the loss, not the logits) and the chunking and error-estimate options
+  /// (cost only).
   ModelFields checkpoint_fields();
 
   /// Logits of the last forward() (n x vocab).
@@ -764,6 +765,8 @@ ModelFields GPT<T>::checkpoint_fields() {
                                                       {RangePolicy::mark_invalid, "mark_invalid"}}));
     fields.emplace_back("attention.feature_map", name(attention.feature_map, {{FeatureMapKind::symmetric, "symmetric"},
                                                                              {FeatureMapKind::kronecker, "kronecker"}}));
+    if (attention.exact_window > 0)
+      fields.emplace_back("attention.exact_window", std::to_string(attention.exact_window));
   }
   for (const auto& [linear, slot] : linears(LoRATargets::all()))
     if (linear->has_lora()) fields.emplace_back(linear->weight.name + ".lora_scale", number(linear->lora_scale()));
