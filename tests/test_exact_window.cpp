@@ -124,6 +124,14 @@ struct SingleRankExchange final : polyattn::StateExchange {
   void exclusive_prefix_sum(Eigen::Ref<Eigen::MatrixXd> values, bool) override { values.setZero(); }
   double all_reduce_max(double value) override { return value; }
   void all_reduce_min(Eigen::Ref<Eigen::VectorXd>) override {}
+  void all_gather_rows(const Eigen::Ref<const polyattn::RowMajorMatrixXd>& local, const std::vector<Index>&,
+                       polyattn::RowMajorMatrixXd& gathered) override {
+    gathered = local;
+  }
+  void reduce_scatter_rows(const Eigen::Ref<const polyattn::RowMajorMatrixXd>& all_rows, const std::vector<Index>&,
+                           Eigen::Ref<polyattn::RowMajorMatrixXd> local) override {
+    local = all_rows;
+  }
 };
 
 }  // namespace

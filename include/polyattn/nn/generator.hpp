@@ -370,7 +370,8 @@ void Generator<T>::start_layer(const char* where, Index l, Index n) {
   for (Index h = 0; h < state.heads; ++h)
     state.radius = std::max(state.radius, state.scale * state.max_query_norm[static_cast<std::size_t>(h)] *
                                               state.max_key_norm[static_cast<std::size_t>(h)]);
-  state.poly = detail::choose_polynomial(where, state.options, state.radius).poly;
+  // prefill() refused an exact window, so every pair is far.
+  state.poly = detail::choose_polynomial(where, state.options, state.radius, state.radius).poly;
   state.map = detail::make_feature_map<T>(where, state.options, dk, state.poly, state.scale);
   const Index r = state.map->width();
   // Z = diag(omega) M_K^T [V, 1] per head, over blocks of prompt rows (n x r monomials never exist at once).
@@ -511,7 +512,7 @@ void Generator<T>::follow_radius(const char* where, Index l, LayerState& state) 
   const bool policy_applies = !std::isfinite(radius) || (state.options.radius > 0 && radius > state.options.radius);
   state.radius = radius;
   if (!policy_applies) return;
-  const detail::PolynomialChoice choice = detail::choose_polynomial(where, state.options, radius);
+  const detail::PolynomialChoice choice = detail::choose_polynomial(where, state.options, radius, radius);
   if (choice.poly.coeffs != state.poly.coeffs)
     throw std::domain_error(detail::concat(
         where, ": block ", l, ": the score radius of the sequence grew to R = ", radius, ", beyond 'radius' = ",
