@@ -9,6 +9,7 @@
 /// relative, which is why double-precision checks use tolerances around \f$10^{-7}\f$.
 #pragma once
 
+#include <polyattn/attention/backend.hpp>
 #include <polyattn/common.hpp>
 #include <polyattn/nn/parameter.hpp>
 
@@ -133,6 +134,43 @@ Matrix<T> random_matrix(Index rows, Index cols, std::uint64_t seed, double sigma
   for (Index j = 0; j < cols; ++j)
     for (Index i = 0; i < rows; ++i) m(i, j) = static_cast<T>(normal(rng));
   return m;
+}
+
+/// The inputs of one attention call and its upstream gradient: Q, K ~ N(0, qk_sigma^2) (n x h d_k), V, G ~ N(0, 1)
+/// (n x h d_v).
+template <class T>
+struct AttentionProblem {
+  Matrix<T> Q, K, V, G;
+};
+
+template <class T>
+AttentionProblem<T> random_problem(Index n, Index heads, Index dk, Index dv, std::uint64_t seed, double qk_sigma) {
+  return {random_matrix<T>(n, heads * dk, seed, qk_sigma), random_matrix<T>(n, heads * dk, seed + 1, qk_sigma),
+          random_matrix<T>(n, heads * dv, seed + 2), random_matrix<T>(n, heads * dv, seed + 3)};
+}
+
+/// What forward_backward() returns.
+template <class T>
+struct AttentionResult {
+  Matrix<T> O, dQ, dK, dV;
+  Certificate certificate;
+  GradientCertificate gradient;
+};
+
+/// forward() then backward() of `backend` on `x`; the outputs start as NaN, so that a backend that reads them
+/// instead of overwriting them fails.
+template <class T>
+AttentionResult<T> forward_backward(AttentionBackend<T>& backend, const AttentionProblem<T>& x) {
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  AttentionResult<T> r{Matrix<T>::Constant(x.Q.rows(), x.V.cols(), nan),
+                       Matrix<T>::Constant(x.Q.rows(), x.Q.cols(), nan),
+                       Matrix<T>::Constant(x.K.rows(), x.K.cols(), nan),
+                       Matrix<T>::Constant(x.V.rows(), x.V.cols(), nan),
+                       {},
+                       {}};
+  r.certificate = backend.forward(x.Q, x.K, x.V, r.O);
+  r.gradient = backend.backward(x.Q, x.K, x.V, r.O, x.G, r.dQ, r.dK, r.dV);
+  return r;
 }
 
 }  // namespace polyattn::testing

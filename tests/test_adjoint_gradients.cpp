@@ -24,43 +24,18 @@ using polyattn::Matrix;
 using polyattn::PolynomialAttention;
 using polyattn::PolynomialAttentionOptions;
 using polyattn::PolynomialKind;
+using polyattn::testing::forward_backward;
 using polyattn::testing::gradient_error;
 using polyattn::testing::random_matrix;
+using polyattn::testing::random_problem;
 using polyattn::testing::relative_error;
 
 namespace {
 
 template <class T>
-struct Problem {
-  Matrix<T> Q, K, V, G;
-};
-
-// Q, K ~ N(0, qk_sigma^2) (n x h d_k), V, G ~ N(0, 1) (n x h d_v); G is the weight W of the loss <W, O~>.
+using Problem = polyattn::testing::AttentionProblem<T>;
 template <class T>
-Problem<T> random_problem(Index n, Index heads, Index dk, Index dv, std::uint64_t seed, double qk_sigma) {
-  return {random_matrix<T>(n, heads * dk, seed, qk_sigma), random_matrix<T>(n, heads * dk, seed + 1, qk_sigma),
-          random_matrix<T>(n, heads * dv, seed + 2), random_matrix<T>(n, heads * dv, seed + 3)};
-}
-
-template <class T>
-struct Result {
-  Matrix<T> O, dQ, dK, dV;
-  Certificate certificate;
-  GradientCertificate gradient;
-};
-
-// forward then backward; the outputs start as NaN so that a backend that reads them instead of overwriting
-// them fails.
-template <class T>
-Result<T> run(AttentionBackend<T>& backend, const Problem<T>& x) {
-  const T nan = std::numeric_limits<T>::quiet_NaN();
-  Result<T> r{Matrix<T>::Constant(x.Q.rows(), x.V.cols(), nan), Matrix<T>::Constant(x.Q.rows(), x.Q.cols(), nan),
-              Matrix<T>::Constant(x.K.rows(), x.K.cols(), nan), Matrix<T>::Constant(x.V.rows(), x.V.cols(), nan),
-              {}, {}};
-  r.certificate = backend.forward(x.Q, x.K, x.V, r.O);
-  r.gradient = backend.backward(x.Q, x.K, x.V, r.O, x.G, r.dQ, r.dK, r.dV);
-  return r;
-}
+using Result = polyattn::testing::AttentionResult<T>;
 
 PolynomialAttentionOptions options(bool causal, Index heads, int degree, FeatureMapKind map, Index chunk) {
   PolynomialAttentionOptions opt;
@@ -157,7 +132,7 @@ TEST_CASE("AdjointBackend backward is the gradient of its forward (finite differ
             Problem<double> x = random_problem<double>(n, heads, dk, dv, 100 + 7 * static_cast<std::uint64_t>(heads),
                                                        1.0);
             AdjointBackend<double> adjoint(opt);
-            const Result<double> r = run<double>(adjoint, x);
+            const Result<double> r = forward_backward<double>(adjoint, x);
             Matrix<double> O(n, heads * dv);
             AdjointBackend<double> evaluator(opt);
             auto loss = [&] {
@@ -181,7 +156,7 @@ TEST_CASE("AdjointBackend differentiates a minimax polynomial with a fixed inter
     opt.radius = 4;
     Problem<double> x = random_problem<double>(9, 2, 3, 2, 300, 0.6);
     AdjointBackend<double> adjoint(opt);
-    const Result<double> r = run<double>(adjoint, x);
+    const Result<double> r = forward_backward<double>(adjoint, x);
     REQUIRE(r.certificate.valid);
     Matrix<double> O(9, 4);
     AdjointBackend<double> evaluator(opt);
@@ -211,7 +186,7 @@ TEST_CASE("AdjointBackend equals the dense gradient of the approximate function 
           polyattn::PolynomialAttentionOptions opt = options(causal, heads, degree, FeatureMapKind::symmetric, chunk);
           if (!checkpoint) opt.max_checkpoint_bytes = 0;
           AdjointBackend<double> adjoint(opt);
-          const Result<double> r = run<double>(adjoint, x);
+          const Result<double> r = forward_backward<double>(adjoint, x);
           CHECK(adjoint.checkpointed() == (checkpoint || !causal));
           const Result<double> dense = dense_adjoint(x, polyattn::taylor_exp(degree), 0.5, causal, heads);
           CHECK(relative_error(r.O, dense.O) < 1e-12);
@@ -232,7 +207,7 @@ TEST_CASE("AdjointBackend against exact gradients within the certified bounds", 
       CAPTURE(causal, heads);
       const Problem<double> x = random_problem<double>(n, heads, 4, 3, 700, 0.3);
       AdjointBackend<double> adjoint(options(causal, heads, 4, FeatureMapKind::symmetric, 16));
-      const Result<double> r = run<double>(adjoint, x);
+      const Result<double> r = forward_backward<double>(adjoint, x);
       REQUIRE(!r.certificate.vacuous());
       REQUIRE(r.gradient.forward.poly_error == r.certificate.poly_error);
       REQUIRE(r.gradient.derivative_error > r.certificate.poly_error);
@@ -257,7 +232,7 @@ TEST_CASE("AdjointBackend gradient bounds are infinite when the forward certific
   // q, k ~ N(0, 2^2): R far beyond where degree 2 has eps < 1.
   const Problem<double> x = random_problem<double>(12, 1, 4, 2, 800, 2.0);
   AdjointBackend<double> adjoint(options(false, 1, 2, FeatureMapKind::symmetric, 0));
-  const Result<double> r = run<double>(adjoint, x);
+  const Result<double> r = forward_backward<double>(adjoint, x);
   REQUIRE(r.certificate.vacuous());
   CHECK(std::isinf(r.gradient.dq_bound));
   CHECK(std::isinf(r.gradient.dk_bound));
@@ -275,8 +250,8 @@ TEST_CASE("AdjointBackend in float agrees with double", "[adjoint_gradients]") {
     const PolynomialAttentionOptions opt = options(causal, 2, 2, FeatureMapKind::symmetric, 0);
     AdjointBackend<double> adjoint(opt);
     AdjointBackend<float> adjoint_float(opt);
-    const Result<double> r = run<double>(adjoint, x);
-    const Result<float> rf = run<float>(adjoint_float, xf);
+    const Result<double> r = forward_backward<double>(adjoint, x);
+    const Result<float> rf = forward_backward<float>(adjoint_float, xf);
     CHECK(relative_error(rf.O, r.O) < 1e-4);
     CHECK(relative_error(rf.dQ, r.dQ) < 1e-4);
     CHECK(relative_error(rf.dK, r.dK) < 1e-4);
@@ -293,8 +268,8 @@ TEST_CASE("AdjointBackend reuses its workspaces across shapes", "[adjoint_gradie
     for (const Index n : {17, 9, 17}) {
       const Problem<double> x = random_problem<double>(n, 1, 3, 2, 1000 + static_cast<std::uint64_t>(n), 1.0);
       AdjointBackend<double> fresh(opt);
-      const Result<double> a = run<double>(reused, x);
-      const Result<double> b = run<double>(fresh, x);
+      const Result<double> a = forward_backward<double>(reused, x);
+      const Result<double> b = forward_backward<double>(fresh, x);
       CHECK(a.O == b.O);
       CHECK(a.dQ == b.dQ);
       CHECK(a.dK == b.dK);
@@ -308,7 +283,7 @@ TEST_CASE("AdjointBackend through the backend interface", "[adjoint_gradients]")
       std::make_unique<AdjointBackend<double>>(options(true, 1, 2, FeatureMapKind::symmetric, 0));
   CHECK(backend->method() == AttentionMethod::adjoint);
   const Problem<double> x = random_problem<double>(6, 1, 2, 2, 1100, 1.0);
-  const Result<double> r = run<double>(*backend, x);
+  const Result<double> r = forward_backward<double>(*backend, x);
   CHECK(r.dQ.allFinite());
   CHECK(r.dK.allFinite());
   CHECK(r.dV.allFinite());

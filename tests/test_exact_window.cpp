@@ -28,40 +28,18 @@ using polyattn::Index;
 using polyattn::Matrix;
 using polyattn::PolynomialAttention;
 using polyattn::PolynomialAttentionOptions;
+using polyattn::testing::forward_backward;
 using polyattn::testing::gradient_error;
 using polyattn::testing::random_matrix;
+using polyattn::testing::random_problem;
 using polyattn::testing::relative_error;
 
 namespace {
 
 template <class T>
-struct Problem {
-  Matrix<T> Q, K, V, G;
-};
-
+using Problem = polyattn::testing::AttentionProblem<T>;
 template <class T>
-Problem<T> random_problem(Index n, Index heads, Index dk, Index dv, std::uint64_t seed, double qk_sigma) {
-  return {random_matrix<T>(n, heads * dk, seed, qk_sigma), random_matrix<T>(n, heads * dk, seed + 1, qk_sigma),
-          random_matrix<T>(n, heads * dv, seed + 2), random_matrix<T>(n, heads * dv, seed + 3)};
-}
-
-template <class T>
-struct Result {
-  Matrix<T> O, dQ, dK, dV;
-  Certificate certificate;
-  GradientCertificate gradient;
-};
-
-template <class T>
-Result<T> run(AdjointBackend<T>& backend, const Problem<T>& x) {
-  const T nan = std::numeric_limits<T>::quiet_NaN();
-  Result<T> r{Matrix<T>::Constant(x.Q.rows(), x.V.cols(), nan), Matrix<T>::Constant(x.Q.rows(), x.Q.cols(), nan),
-              Matrix<T>::Constant(x.K.rows(), x.K.cols(), nan), Matrix<T>::Constant(x.V.rows(), x.V.cols(), nan),
-              {}, {}};
-  r.certificate = backend.forward(x.Q, x.K, x.V, r.O);
-  r.gradient = backend.backward(x.Q, x.K, x.V, r.O, x.G, r.dQ, r.dK, r.dV);
-  return r;
-}
+using Result = polyattn::testing::AttentionResult<T>;
 
 PolynomialAttentionOptions options(bool causal, Index heads, int degree, Index chunk, Index window) {
   PolynomialAttentionOptions opt;
@@ -155,7 +133,7 @@ TEST_CASE("exact window: forward and adjoint gradient equal the dense formula", 
             opt.scan_window_bytes = 1;
           }
           AdjointBackend<double> adjoint(opt);
-          const Result<double> r = run<double>(adjoint, x);
+          const Result<double> r = forward_backward<double>(adjoint, x);
           const Result<double> dense = dense_window(x, polyattn::taylor_exp(2), 0.5, causal, heads, window);
           CHECK(relative_error(r.O, dense.O) < 1e-12);
           CHECK(relative_error(r.dQ, dense.dQ) < 1e-12);
@@ -175,7 +153,7 @@ TEST_CASE("exact window 0 is the polynomial method; a window changes the result"
   for (const bool causal : {false, true}) {
     CAPTURE(causal);
     AdjointBackend<double> plain(options(causal, 1, 4, 5, 0)), windowed(options(causal, 1, 4, 5, 1));
-    const Result<double> a = run<double>(plain, x), b = run<double>(windowed, x);
+    const Result<double> a = forward_backward<double>(plain, x), b = forward_backward<double>(windowed, x);
     const Result<double> dense = dense_window(x, polyattn::taylor_exp(4), 0.5, causal, 1, 0);
     CHECK(relative_error(a.O, dense.O) < 1e-12);
     CHECK(relative_error(a.dQ, dense.dQ) < 1e-12);
@@ -197,7 +175,7 @@ TEST_CASE("exact window: the adjoint gradient is the gradient of the windowed fo
         const PolynomialAttentionOptions opt = options(causal, heads, degree, 4, window);
         Problem<double> x = random_problem<double>(n, heads, 3, 2, 700 + static_cast<std::uint64_t>(window), 1.0);
         AdjointBackend<double> adjoint(opt);
-        const Result<double> r = run<double>(adjoint, x);
+        const Result<double> r = forward_backward<double>(adjoint, x);
         Matrix<double> O(n, x.V.cols());
         PolynomialAttention<double> evaluator(opt);
         auto loss = [&] {
@@ -234,8 +212,8 @@ TEST_CASE("exact window: scores beyond float's exp range stay finite and accurat
       opt.attention.scale = 1.0;
       AdjointBackend<double> reference(opt);
       AdjointBackend<float> single(opt);
-      const Result<double> r = run<double>(reference, x);
-      const Result<float> rf = run<float>(single, xf);
+      const Result<double> r = forward_backward<double>(reference, x);
+      const Result<float> rf = forward_backward<float>(single, xf);
       REQUIRE(r.certificate.radius == Approx(100).epsilon(1e-12));
       CHECK(rf.O.allFinite());
       CHECK(relative_error(rf.O, r.O) < 1e-4);
@@ -260,7 +238,7 @@ TEST_CASE("exact window: the certificate covers the far pairs and holds", "[exac
   opt.estimate_error = true;
   opt.estimate_rows = n;
   AdjointBackend<double> adjoint(opt);
-  const Result<double> r = run<double>(adjoint, x);
+  const Result<double> r = forward_backward<double>(adjoint, x);
   const Certificate& cert = r.certificate;
   // The far radius, measured independently: c max over j <= i - w of |q_i| |k_j|.
   double far = 0;
@@ -275,7 +253,7 @@ TEST_CASE("exact window: the certificate covers the far pairs and holds", "[exac
   PolynomialAttentionOptions plain_opt = opt;
   plain_opt.exact_window = 0;
   AdjointBackend<double> plain(plain_opt);
-  const Result<double> p = run<double>(plain, x);
+  const Result<double> p = forward_backward<double>(plain, x);
   CHECK(p.certificate.poly_error > 5 * cert.poly_error);
 
   const polyattn::AttentionOptions exact_opt{0.5, true, 1};
@@ -293,7 +271,7 @@ TEST_CASE("exact window: the certificate covers the far pairs and holds", "[exac
 
   // A window of at least n leaves no far pair: R_far = 0 and the output is exact attention.
   AdjointBackend<double> everything(options(true, 1, 4, 8, n));
-  const Result<double> e = run<double>(everything, x);
+  const Result<double> e = forward_backward<double>(everything, x);
   CHECK(e.certificate.far_radius == 0);
   CHECK(relative_error(e.O, O) < 1e-12);
   CHECK(relative_error(e.dQ, dQ) < 1e-12);
@@ -327,7 +305,7 @@ TEST_CASE("exact window: a reused object equals a fresh one across shapes", "[ex
     for (const Index n : {17, 4, 17}) {
       const Problem<double> x = random_problem<double>(n, 1, 3, 2, 1100 + static_cast<std::uint64_t>(n), 1.0);
       AdjointBackend<double> fresh(opt);
-      const Result<double> a = run<double>(reused, x), b = run<double>(fresh, x);
+      const Result<double> a = forward_backward<double>(reused, x), b = forward_backward<double>(fresh, x);
       CHECK(a.O == b.O);
       CHECK(a.dQ == b.dQ);
       CHECK(a.dK == b.dK);

@@ -110,12 +110,16 @@ class AttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, method, options):
         out = _empty_like_layout(q, (*q.shape[:3], v.shape[3]))
         lease = _pool.take(method, options)
+        # Autograd refuses a backward pass through saved tensors modified in place, so the backend may keep the
+        # column-major copies of q, k, v and out that this call makes, and backward() skips copying them again.
+        keep = any(ctx.needs_input_grad[:3])
         try:
-            _, certificate = lease.attention.forward(_array(q), _array(k), _array(v), out=_array(out))
+            _, certificate = lease.attention.forward(_array(q), _array(k), _array(v), out=_array(out),
+                                                     keep_copies=keep)
         except BaseException:
             _pool.give(lease)
             raise
-        if any(ctx.needs_input_grad[:3]):
+        if keep:
             ctx.lease, ctx.token, ctx.method, ctx.options = lease, lease.owner, method, options
             ctx.save_for_backward(q, k, v, out)
         else:

@@ -317,13 +317,16 @@ class OutputArray {
                               ", got ", shape_text(actual));
   }
 
-  polyattn::MatrixRef<T> target() {
+  // Where the C++ call writes: the array itself, or a workspace (in `slot` when given, so that the caller can keep
+  // the column-major result) that finish() copies into it.
+  polyattn::MatrixRef<T> target(std::optional<Workspace<T>>* slot = nullptr) {
     if (array_.column_major()) return array_.map();
-    workspace_.emplace(array_.rows(), array_.cols());
-    return workspace_->matrix();
+    if (slot) workspace_ = slot;
+    workspace_->emplace(array_.rows(), array_.cols());
+    return (*workspace_)->matrix();
   }
   void finish() {
-    if (workspace_) array_.copy_from(workspace_->matrix());
+    if (*workspace_) array_.copy_from((*workspace_)->matrix());
   }
   const py::array& array() const { return array_.array(); }
 
@@ -338,7 +341,8 @@ class OutputArray {
     return text + (shape.size() == 1 ? ",)" : ")");
   }
   ArrayMatrix<T> array_;
-  std::optional<Workspace<T>> workspace_;
+  std::optional<Workspace<T>> own_workspace_;
+  std::optional<Workspace<T>>* workspace_ = &own_workspace_;
 };
 
 // Throws std::invalid_argument unless the named output arrays share no memory. The C++ call checks this itself for
@@ -378,11 +382,11 @@ class Attention {
   const char* method() const { return polyattn::attention_method_name(method_); }
   const PolynomialAttentionOptions& options() const { return options_; }
 
-  py::tuple forward(py::array q, py::array k, py::array v, const std::optional<py::array>& out) {
+  py::tuple forward(py::array q, py::array k, py::array v, const std::optional<py::array>& out, bool keep_copies) {
     constexpr const char* where = "polyattn.Attention.forward";
     if (common_scalar(where, {{"q", &q}, {"k", &k}, {"v", &v}}) == Scalar::float32)
-      return forward_typed<float>(where, {std::move(q), std::move(k), std::move(v)}, out);
-    return forward_typed<double>(where, {std::move(q), std::move(k), std::move(v)}, out);
+      return forward_typed<float>(where, {std::move(q), std::move(k), std::move(v)}, out, keep_copies);
+    return forward_typed<double>(where, {std::move(q), std::move(k), std::move(v)}, out, keep_copies);
   }
 
   py::tuple backward(py::array q, py::array k, py::array v, py::array o, py::array g,
@@ -452,8 +456,48 @@ class Attention {
     return text + ")";
   }
 
+  // Column-major copies of a forward call's q, k, v and o that the next backward() may read instead of copying the
+  // same arrays again (Attention.forward's keep_copies), with the identity of each array.
   template <class T>
-  py::tuple forward_typed(const char* where, std::array<py::array, 3> inputs, const std::optional<py::array>& out) {
+  struct KeptCopies {
+    struct Kept {
+      std::optional<Workspace<T>> copy;
+      const void* data = nullptr;
+      std::vector<py::ssize_t> shape, strides;
+    };
+    std::array<Kept, 4> inputs;  // q, k, v, o
+
+    // Records which array inputs[i].copy (if the call made one) is the copy of.
+    void remember(std::size_t i, const py::array& array) {
+      Kept& kept = inputs[i];
+      if (!kept.copy) return;  // the C++ call read the array itself
+      kept.data = array.data();
+      kept.shape.assign(array.shape(), array.shape() + array.ndim());
+      kept.strides.assign(array.strides(), array.strides() + array.ndim());
+    }
+    // The kept copy of `array` (the same memory, shape and strides), else null.
+    std::optional<Workspace<T>>* find(std::size_t i, const py::array& array) {
+      Kept& kept = inputs[i];
+      if (!kept.copy || kept.data != array.data() ||
+          !std::equal(kept.shape.begin(), kept.shape.end(), array.shape(), array.shape() + array.ndim()) ||
+          !std::equal(kept.strides.begin(), kept.strides.end(), array.strides(), array.strides() + array.ndim()) ||
+          kept.shape.size() != static_cast<std::size_t>(array.ndim()))
+        return nullptr;
+      return &kept.copy;
+    }
+    void clear() {
+      for (Kept& kept : inputs) {
+        kept.copy.reset();
+        kept.data = nullptr;
+        kept.shape.clear();
+        kept.strides.clear();
+      }
+    }
+  };
+
+  template <class T>
+  py::tuple forward_typed(const char* where, std::array<py::array, 3> inputs, const std::optional<py::array>& out,
+                          bool keep_copies) {
     auto [Q, K, V] = arrays<T>(where, std::move(inputs), {"q", "k", "v"});
     // New outputs follow q: Fortran order for a column-major 2-D q, else C order.
     const bool fortran = Q.ndim() == 2 && Q.column_major();
@@ -462,9 +506,21 @@ class Attention {
     {
       py::gil_scoped_release release;
       const std::lock_guard<std::mutex> lock(mutex_);
-      std::optional<Workspace<T>> q_copy, k_copy, v_copy;
-      certificate = backend<T>().forward(read(Q, q_copy), read(K, k_copy), read(V, v_copy), O.target());
+      KeptCopies<T>& kept = std::get<KeptCopies<T>>(kept_);
+      kept.clear();
+      // With keep_copies the copies are made in the kept slots, else in these, freed on return.
+      std::array<std::optional<Workspace<T>>, 4> local;
+      const auto slot = [&](std::size_t i) -> std::optional<Workspace<T>>& {
+        return keep_copies ? kept.inputs[i].copy : local[i];
+      };
+      certificate = backend<T>().forward(read(Q, slot(0)), read(K, slot(1)), read(V, slot(2)), O.target(&slot(3)));
       O.finish();
+      if (keep_copies) {
+        kept.remember(0, Q.array());
+        kept.remember(1, K.array());
+        kept.remember(2, V.array());
+        kept.remember(3, O.array());
+      }
     }
     return py::make_tuple(O.array(), certificate);
   }
@@ -482,9 +538,17 @@ class Attention {
     {
       py::gil_scoped_release release;
       const std::lock_guard<std::mutex> lock(mutex_);
-      std::optional<Workspace<T>> q_copy, k_copy, v_copy, o_copy, g_copy;
-      certificate = backend<T>().backward(read(Q, q_copy), read(K, k_copy), read(V, v_copy), read(O, o_copy),
-                                          read(G, g_copy), dQ.target(), dK.target(), dV.target());
+      // The copies a forward(keep_copies=True) kept of these very arrays, else new ones.
+      KeptCopies<T>& kept = std::get<KeptCopies<T>>(kept_);
+      std::array<std::optional<Workspace<T>>, 4> copies;
+      const auto input = [&](std::size_t i, const ArrayMatrix<T>& array) -> polyattn::ConstMatrixRef<T> {
+        if (std::optional<Workspace<T>>* copy = kept.find(i, array.array())) return (*copy)->matrix();
+        return read(array, copies[i]);
+      };
+      std::optional<Workspace<T>> g_copy;
+      certificate = backend<T>().backward(input(0, Q), input(1, K), input(2, V), input(3, O), read(G, g_copy),
+                                          dQ.target(), dK.target(), dV.target());
+      kept.clear();
       dQ.finish();
       dK.finish();
       dV.finish();
@@ -523,6 +587,7 @@ class Attention {
   AttentionMethod method_;
   PolynomialAttentionOptions options_;
   std::tuple<std::unique_ptr<AttentionBackend<float>>, std::unique_ptr<AttentionBackend<double>>> backends_;
+  std::tuple<KeptCopies<float>, KeptCopies<double>> kept_;
   // The C++ backends keep workspaces and must not run two calls at once; the GIL is released while they compute.
   std::mutex mutex_;
 };
@@ -686,10 +751,13 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("method", &Attention::method)
       .def_property_readonly("options", &Attention::options)
       .def("forward", &Attention::forward, py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(),
-           py::arg("out") = py::none(),
+           py::arg("out") = py::none(), py::arg("keep_copies") = false,
            "Returns (o, Certificate); o has v's heads * d_v (or d_v) for q's tokens. New outputs are "
            "Fortran-ordered when q is (then computed in place), else C-ordered; `out`, a writeable array of that "
-           "shape and dtype in any layout, receives o instead.")
+           "shape and dtype in any layout, receives o instead. keep_copies=True keeps the column-major copies this "
+           "call makes of q, k, v and o (arrays not in that layout) for the next backward() on the same arrays, "
+           "which then skips copying them again: only for callers that guarantee the arrays are not modified in "
+           "between (polyattn.torch: autograd's saved tensors).")
       .def("backward", &Attention::backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("g"),
            py::kw_only(), py::arg("dq") = py::none(), py::arg("dk") = py::none(), py::arg("dv") = py::none(),
            "Given g = dL/do for the o of the last forward(q, k, v), returns (dq, dk, dv, GradientCertificate); "

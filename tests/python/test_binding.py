@@ -339,3 +339,31 @@ def test_the_gil_is_released_while_cpp_computes():
     times["main_runs"] = time.perf_counter()
     worker.join()
     assert times["call_end"] - times["main_runs"] > 0.25 * (times["call_end"] - times["call_start"])
+
+
+@pytest.mark.parametrize("method", ["exact_blocked", "adjoint"])
+def test_kept_copies_give_the_same_gradients_and_only_for_the_same_arrays(method):
+    # forward(keep_copies=True) keeps its column-major copies of C-ordered q, k, v and o; a backward() on those very
+    # arrays reads them instead of copying again, and must give bitwise what a plain forward and backward give. A
+    # backward() on other arrays (here with other values in q) must not use them.
+    q, k, v, g = random_problem(37, 37, 2, 4, 3, seed=5, dtype=np.float32, scale=0.5)
+    attention = polyattn.Attention(method, causal=True, heads=2)
+    o_plain, _ = attention.forward(q, k, v)
+    plain = attention.backward(q, k, v, o_plain, g)[:3]
+    o_kept, _ = attention.forward(q, k, v, keep_copies=True)
+    kept = attention.backward(q, k, v, o_kept, g)[:3]
+    assert np.array_equal(o_kept, o_plain)
+    for a, b in zip(kept, plain):
+        assert np.array_equal(a, b)
+
+    # Other memory and values for q and o, the same shapes: after a forward on q, backward() then combines q's saved
+    # normalisers with q_other, the same way whether or not that forward kept copies, as long as the kept copies of
+    # q and o are not used (those of k and v may be).
+    q_other = np.ascontiguousarray(q[::-1])
+    o_other, _ = attention.forward(q_other, k, v)
+    attention.forward(q, k, v)
+    expected = attention.backward(q_other, k, v, o_other, g)[:3]
+    attention.forward(q, k, v, keep_copies=True)
+    mixed = attention.backward(q_other, k, v, o_other, g)[:3]
+    for a, b in zip(mixed, expected):
+        assert np.array_equal(a, b)

@@ -316,17 +316,10 @@ class PaperBackend final : public AttentionBackend<T> {
     }
   }
 
-  // Non-causal head: three passes (keys, queries, keys), each over blocks in parallel, accumulating per block the
-  // r(dv+1) x dk states V_p^T K, U_p^T Q and the r x (dv+1) state U_1^T [G, 1], which are then added in block order.
-  // Returns max_j (P~^T 1)_j.
-  double head_full(const FeatureMap<T>& map, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
-                   const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
-                   MatrixRef<T> dV) {
-    const Index n = Q.rows(), dk = Q.cols(), dv = V.cols(), r = map.width(), groups = dv + 1;
-    const Partition part = partition(n, r, groups);
-    const Index b = part.chunk, tile = part.tile;
-    const T c = static_cast<T>(map.scale());
-    block_states_.reset(part.blocks, r * groups, dk, r, 1);
+  // Adds into block_states_ (reset by the caller) every block's key sums: V_p^T K (r(dv+1) x dk) and V_1^T 1 (r).
+  void key_sums_by_block(const FeatureMap<T>& map, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+                         const Partition& part) {
+    const Index n = K.rows(), r = map.width(), groups = V.cols() + 1, b = part.chunk, tile = part.tile;
     for_each_block(part.blocks, [&](Index k, Workspace& w) {
       auto query_state = block_states_.left_of(k, r * groups);
       auto key_sum = block_states_.right_of(k, r);
@@ -342,6 +335,20 @@ class PaperBackend final : public AttentionBackend<T> {
         }
       }
     });
+  }
+
+  // Non-causal head: three passes (keys, queries, keys), each over blocks in parallel, accumulating per block the
+  // r(dv+1) x dk states V_p^T K, U_p^T Q and the r x (dv+1) state U_1^T [G, 1], which are then added in block order.
+  // Returns max_j (P~^T 1)_j.
+  double head_full(const FeatureMap<T>& map, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                   const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
+                   MatrixRef<T> dV) {
+    const Index n = Q.rows(), dk = Q.cols(), dv = V.cols(), r = map.width(), groups = dv + 1;
+    const Partition part = partition(n, r, groups);
+    const Index b = part.chunk, tile = part.tile;
+    const T c = static_cast<T>(map.scale());
+    block_states_.reset(part.blocks, r * groups, dk, r, 1);
+    key_sums_by_block(map, K, V, part);
     query_state_.setZero(r * groups, dk);
     key_sum_.setZero(r);
     reduce_blocks(block_states_, part.blocks, ScanDirection::prefix, false, query_state_, key_sum_);
@@ -411,22 +418,7 @@ class PaperBackend final : public AttentionBackend<T> {
     row_normaliser_.resize(n);
 
     block_states_.reset(part.blocks, r * groups, dk, r, 1);
-    if (split)
-      for_each_block(part.blocks, [&](Index k, Workspace& w) {
-        auto query_state = block_states_.left_of(k, r * groups);
-        auto key_sum = block_states_.right_of(k, r);
-        for (Index s = k * part.block, end = s + part.rows_of_block(k, n); s < end; s += b) {
-          const Index rows = std::min(b, end - s);
-          const auto Kc = K.middleRows(s, rows);
-          key_monomials(w, map, Kc);
-          key_sum.noalias() += w.v1.colwise().sum().transpose();
-          for (Index g0 = 0; g0 < groups; g0 += tile) {
-            const Index tg = std::min(tile, groups - g0);
-            detail::kronecker_groups(w.v1, V.middleRows(s, rows), Vector<T>::Ones(rows), g0, tg, w.vp);
-            query_state.middleRows(g0 * r, tg * r).noalias() += w.vp.transpose() * Kc;
-          }
-        }
-      });
+    if (split) key_sums_by_block(map, K, V, part);
     query_state_.setZero(r * groups, dk);
     key_sum_.setZero(r);
     reduce_blocks(block_states_, part.blocks, ScanDirection::prefix, true, query_state_, key_sum_);
