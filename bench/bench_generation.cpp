@@ -22,6 +22,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "benchmark_gpt.hpp"
+
 #include <chrono>
 #include <random>
 #include <string>
@@ -34,21 +36,8 @@ using polyattn::Index;
 
 constexpr Index generated_tokens = 128;
 
-polyattn::GPTConfig bench_config(AttentionMethod method, Index prompt) {
-  polyattn::GPTConfig config;
-  config.vocab_size = 256;
-  config.context = prompt + 1 + generated_tokens;
-  config.d_model = 64;
-  config.heads = 4;
-  config.layers = 2;
-  config.method = method;
-  config.attention.degree = 2;
-  config.seed = 1;
-  return config;
-}
-
 void generate(benchmark::State& state, AttentionMethod method, Index prompt_length) {
-  polyattn::GPT<float> model(bench_config(method, prompt_length));
+  polyattn::GPT<float> model(benchmark_gpt_config(method, prompt_length + 1 + generated_tokens));
   polyattn::Generator<float> generator(model);
   std::mt19937_64 rng(5);
   std::vector<Index> prompt(static_cast<std::size_t>(prompt_length));

@@ -21,6 +21,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "benchmark_gpt.hpp"
+
 #include <chrono>
 #include <random>
 #include <string>
@@ -31,21 +33,8 @@ namespace {
 using polyattn::AttentionMethod;
 using polyattn::Index;
 
-polyattn::GPTConfig bench_config(AttentionMethod method, Index n) {
-  polyattn::GPTConfig config;
-  config.vocab_size = 256;
-  config.context = n;
-  config.d_model = 64;
-  config.heads = 4;
-  config.layers = 2;
-  config.method = method;
-  config.attention.degree = 2;
-  config.seed = 1;
-  return config;
-}
-
 void train_step(benchmark::State& state, AttentionMethod method, Index n) {
-  polyattn::GPT<float> model(bench_config(method, n));
+  polyattn::GPT<float> model(benchmark_gpt_config(method, n));
   polyattn::AdamWOptions adam_options;
   adam_options.learning_rate = 1e-3;
   polyattn::AdamW<float> adam(model.parameters(), adam_options);

@@ -116,33 +116,55 @@ TEST_CASE("AdjointBackend forward equals PolynomialAttention forward and certifi
         }
 }
 
-TEST_CASE("AdjointBackend backward is the gradient of its forward (finite differences)", "[adjoint_gradients]") {
-  // backward() differentiates O~ exactly, so central differences of L = <G, O~> agree up to their own
-  // truncation and rounding error, about 1e-10 relative here (gradient_check.hpp); 1e-7 leaves margin for
-  // the conditioning of the normaliser without admitting any modelling error (a wrong term is O(1)).
-  // n = 11 with chunks 4 (does not divide n), 11 (one chunk) and 0 (automatic); d_k = 3, d_v = 2.
+namespace {
+
+// backward() differentiates O~ exactly, so central differences of L = <G, O~> agree up to their own truncation and
+// rounding error, about 1e-10 relative here (gradient_check.hpp); 1e-7 leaves margin for the conditioning of the
+// normaliser without admitting any modelling error (a wrong term is O(1)). n = 11 with chunks 4 (does not divide
+// n), 11 (one chunk) and 0 (automatic); d_k = 3, d_v = 2. Four test cases (mask x degree) so that ctest runs them
+// side by side.
+void check_finite_differences(bool causal, int degree) {
   const Index n = 11, dk = 3, dv = 2;
-  for (const bool causal : {false, true})
-    for (const Index heads : {1, 2, 3})
-      for (const int degree : {2, 4})
-        for (const FeatureMapKind map : {FeatureMapKind::symmetric, FeatureMapKind::kronecker})
-          for (const Index chunk : {4, 11, 0}) {
-            CAPTURE(causal, heads, degree, map == FeatureMapKind::kronecker, chunk);
-            const PolynomialAttentionOptions opt = options(causal, heads, degree, map, chunk);
-            Problem<double> x = random_problem<double>(n, heads, dk, dv, 100 + 7 * static_cast<std::uint64_t>(heads),
-                                                       1.0);
-            AdjointBackend<double> adjoint(opt);
-            const Result<double> r = forward_backward<double>(adjoint, x);
-            Matrix<double> O(n, heads * dv);
-            AdjointBackend<double> evaluator(opt);
-            auto loss = [&] {
-              evaluator.forward(x.Q, x.K, x.V, O);
-              return (x.G.array() * O.array()).sum();
-            };
-            CHECK(gradient_error(loss, x.Q, r.dQ) < 1e-7);
-            CHECK(gradient_error(loss, x.K, r.dK) < 1e-7);
-            CHECK(gradient_error(loss, x.V, r.dV) < 1e-7);
-          }
+  for (const Index heads : {1, 2, 3})
+    for (const FeatureMapKind map : {FeatureMapKind::symmetric, FeatureMapKind::kronecker})
+      for (const Index chunk : {4, 11, 0}) {
+        CAPTURE(causal, heads, degree, map == FeatureMapKind::kronecker, chunk);
+        const PolynomialAttentionOptions opt = options(causal, heads, degree, map, chunk);
+        Problem<double> x = random_problem<double>(n, heads, dk, dv, 100 + 7 * static_cast<std::uint64_t>(heads), 1.0);
+        AdjointBackend<double> adjoint(opt);
+        const Result<double> r = forward_backward<double>(adjoint, x);
+        Matrix<double> O(n, heads * dv);
+        AdjointBackend<double> evaluator(opt);
+        auto loss = [&] {
+          evaluator.forward(x.Q, x.K, x.V, O);
+          return (x.G.array() * O.array()).sum();
+        };
+        CHECK(gradient_error(loss, x.Q, r.dQ) < 1e-7);
+        CHECK(gradient_error(loss, x.K, r.dK) < 1e-7);
+        CHECK(gradient_error(loss, x.V, r.dV) < 1e-7);
+      }
+}
+
+}  // namespace
+
+TEST_CASE("AdjointBackend backward is the gradient of its forward (finite differences), non-causal, degree 2",
+          "[adjoint_gradients]") {
+  check_finite_differences(false, 2);
+}
+
+TEST_CASE("AdjointBackend backward is the gradient of its forward (finite differences), non-causal, degree 4",
+          "[adjoint_gradients]") {
+  check_finite_differences(false, 4);
+}
+
+TEST_CASE("AdjointBackend backward is the gradient of its forward (finite differences), causal, degree 2",
+          "[adjoint_gradients]") {
+  check_finite_differences(true, 2);
+}
+
+TEST_CASE("AdjointBackend backward is the gradient of its forward (finite differences), causal, degree 4",
+          "[adjoint_gradients]") {
+  check_finite_differences(true, 4);
 }
 
 TEST_CASE("AdjointBackend differentiates a minimax polynomial with a fixed interval", "[adjoint_gradients]") {

@@ -478,10 +478,10 @@ class Attention {
     // The kept copy of `array` (the same memory, shape and strides), else null.
     std::optional<Workspace<T>>* find(std::size_t i, const py::array& array) {
       Kept& kept = inputs[i];
+      // The four-iterator std::equal also compares the lengths (the number of dimensions).
       if (!kept.copy || kept.data != array.data() ||
           !std::equal(kept.shape.begin(), kept.shape.end(), array.shape(), array.shape() + array.ndim()) ||
-          !std::equal(kept.strides.begin(), kept.strides.end(), array.strides(), array.strides() + array.ndim()) ||
-          kept.shape.size() != static_cast<std::size_t>(array.ndim()))
+          !std::equal(kept.strides.begin(), kept.strides.end(), array.strides(), array.strides() + array.ndim()))
         return nullptr;
       return &kept.copy;
     }
