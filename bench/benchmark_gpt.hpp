@@ -13,7 +13,7 @@ inline polyattn::GPTConfig benchmark_gpt_config(polyattn::AttentionMethod method
   config.heads = 4;
   config.layers = 2;
   config.method = method;
-  config.attention.degree = 2;
+  config.approximation.degree = 2;
   config.seed = 1;
   return config;
 }

@@ -312,7 +312,7 @@ void run_gpt_step(const Settings& settings, int rank, int ranks) {
   config.heads = 4;
   config.layers = 2;
   config.method = settings.method;
-  config.attention.degree = degree;
+  config.approximation.degree = degree;
   config.seed = 1;
   // Tokens and next-token targets of this rank's positions, drawn from (seed, rank); the time does not depend on them.
   std::seed_seq seeds{settings.seed & 0xffffffffu, settings.seed >> 32, static_cast<std::uint64_t>(rank)};

@@ -340,8 +340,8 @@ RunResult train(const Flags& flags, Index vocab, AttentionMethod method, int deg
   config.heads = flags.heads;
   config.layers = flags.layers;
   config.method = method;
-  config.attention.degree = degree;
-  config.attention.exact_window = exact_window;
+  config.approximation.degree = degree;
+  config.approximation.exact_window = exact_window;
   config.seed = flags.seed;
   polyattn::GPT<float> model(config);
   polyattn::AdamWOptions adam_options;

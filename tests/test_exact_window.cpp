@@ -354,7 +354,7 @@ TEST_CASE("exact window: a GPT checkpoint records the window", "[exact_window]")
   };
   polyattn::GPT<float> plain(config);
   CHECK(field(plain) == "absent");
-  config.attention.exact_window = 64;
+  config.approximation.exact_window = 64;
   polyattn::GPT<float> windowed(config);
   CHECK(field(windowed) == "64");
   const std::vector<Index> tokens{1, 2, 3, 4, 5, 6}, targets{2, 3, 4, 5, 6, 7};

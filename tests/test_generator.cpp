@@ -33,7 +33,7 @@ GPTConfig generation_config(AttentionMethod method) {
   config.layers = 2;
   config.mlp_hidden = 16;
   config.method = method;
-  config.attention.chunk_size = 8;
+  config.approximation.chunk_size = 8;
   config.seed = 7;
   return config;
 }
@@ -72,7 +72,7 @@ double rounding_tolerance(const GPTConfig& config, Index features) {
 }
 
 Index feature_count(const GPTConfig& config) {
-  return polyattn::feature_width(config.attention.feature_map, config.d_model / config.heads, config.attention.degree);
+  return polyattn::feature_width(config.approximation.feature_map, config.d_model / config.heads, config.approximation.degree);
 }
 
 }  // namespace
@@ -120,7 +120,7 @@ TEST_CASE("A prompt longer than a prefill block and an appended tail match the f
     GPTConfig config = generation_config(method);
     if (variant == 2) config.layer_methods = {AttentionMethod::adjoint, AttentionMethod::exact_blocked};
     config.context = 300;
-    config.attention.chunk_size = 0;  // the default scan chunk
+    config.approximation.chunk_size = 0;  // the default scan chunk
     GPT<double> model(config);
     const std::vector<Index> tokens = random_ids(300, config.vocab_size, 5);
     const Matrix<double> full = model.forward(tokens);
@@ -305,7 +305,7 @@ TEST_CASE("Generator and GenerationOptions refuse bad input with a clear message
 
 TEST_CASE("The polynomial must stay the one the full forward would choose on the prefix", "[generator]") {
   GPTConfig config = generation_config(AttentionMethod::adjoint);
-  config.attention.kind = polyattn::PolynomialKind::minimax;
+  config.approximation.kind = polyattn::PolynomialKind::minimax;
   {
     GPT<double> model(config);  // radius 0: refit to every call's R
     Generator<double> generator(model);
@@ -314,7 +314,7 @@ TEST_CASE("The polynomial must stay the one the full forward would choose on the
   // The radius of a 4-token prompt, then a radius policy at that radius: the sequence's R grows beyond it.
   const std::vector<Index> tokens = random_ids(static_cast<std::size_t>(config.context), config.vocab_size, 3);
   const std::vector<Index> prompt(tokens.begin(), tokens.begin() + 4);
-  config.attention.kind = polyattn::PolynomialKind::taylor;
+  config.approximation.kind = polyattn::PolynomialKind::taylor;
   double prompt_radius = 0, sequence_radius = 0;
   {
     GPT<double> model(config);
@@ -326,9 +326,9 @@ TEST_CASE("The polynomial must stay the one the full forward would choose on the
       sequence_radius = std::max(sequence_radius, model.attention(l).forward_certificate().radius);
   }
   REQUIRE(sequence_radius > prompt_radius);
-  config.attention.radius = prompt_radius;
+  config.approximation.radius = prompt_radius;
   for (const polyattn::RangePolicy policy : {polyattn::RangePolicy::raise_degree, polyattn::RangePolicy::throw_error}) {
-    config.attention.range_policy = policy;
+    config.approximation.range_policy = policy;
     GPT<double> model(config);
     Generator<double> generator(model);
     generator.prefill(prompt);
@@ -344,7 +344,7 @@ TEST_CASE("The polynomial must stay the one the full forward would choose on the
     CHECK_THROWS_WITH(generator.append(1), Contains("holds no sequence"));
   }
   // mark_invalid keeps the polynomial: the logits still match the full forward.
-  config.attention.range_policy = polyattn::RangePolicy::mark_invalid;
+  config.approximation.range_policy = polyattn::RangePolicy::mark_invalid;
   GPT<double> model(config);
   const Matrix<double> full = model.forward(tokens);
   Generator<double> generator(model);

@@ -103,8 +103,8 @@ TEST_CASE("GPT gradient with the adjoint backend is the exact gradient of the ap
   const double tolerance = 1e-6;
   GPTConfig config = tiny_config(AttentionMethod::adjoint);
   config.layer_methods = {AttentionMethod::adjoint, AttentionMethod::exact_blocked};
-  config.attention.degree = 2;
-  config.attention.chunk_size = 5;  // n = 12: causal chunks of 5, 5 and a partial one of 2
+  config.approximation.degree = 2;
+  config.approximation.chunk_size = 5;  // n = 12: causal chunks of 5, 5 and a partial one of 2
   GPT<double> model(config);
   REQUIRE(model.attention(0).method() == AttentionMethod::adjoint);
   REQUIRE(model.attention(1).method() == AttentionMethod::exact_blocked);
@@ -251,6 +251,13 @@ TEST_CASE("GPT rejects bad configurations and input", "[model]") {
   bad = tiny_config(AttentionMethod::exact_blocked);
   bad.ignore_target = 3;
   REQUIRE_THROWS_WITH(GPT<double>(bad), Contains("'ignore_target'"));
+  // The attention settings live in the configuration once, and are checked there.
+  bad = tiny_config(AttentionMethod::exact_blocked);
+  bad.attention_scale = -1.0;
+  REQUIRE_THROWS_WITH(GPT<double>(bad), Contains("GPTConfig") && Contains("'attention_scale'"));
+  bad = tiny_config(AttentionMethod::exact_blocked);
+  bad.approximation.degree = -1;
+  REQUIRE_THROWS_WITH(GPT<double>(bad), Contains("GPTConfig") && Contains("'degree'"));
 
   GPT<double> model(tiny_config(AttentionMethod::exact_blocked));
   REQUIRE_THROWS_WITH(model.backward(), Contains("GPT::backward") && Contains("forward"));

@@ -76,7 +76,7 @@ TEST_CASE("SelfAttention without the causal mask also matches finite differences
   const double tolerance = 1e-7;  // as above
   SelfAttentionOptions options = layer_options(4, 2, AttentionMethod::exact_reference);
   options.causal = false;
-  options.attention.attention.scale = 0.25;  // the paper's 1/d
+  options.scale = 0.25;  // the paper's 1/d
   SelfAttention<double> layer(options);
   check_attention_gradient(layer, random_matrix<double>(7, 4, 3), random_matrix<double>(7, 4, 4), tolerance);
 }
@@ -140,8 +140,8 @@ TEST_CASE("SelfAttention with the adjoint backend is the exact gradient of the a
   for (const int degree : {2, 4}) {
     CAPTURE(degree);
     SelfAttentionOptions options = layer_options(6, 2, AttentionMethod::adjoint);
-    options.attention.degree = degree;
-    options.attention.chunk_size = 4;  // several causal chunks, the last one partial (n = 10)
+    options.approximation.degree = degree;
+    options.approximation.chunk_size = 4;  // several causal chunks, the last one partial (n = 10)
     SelfAttention<double> layer(options);
     check_attention_gradient(layer, random_matrix<double>(10, 6, 11, 0.5), random_matrix<double>(10, 6, 12),
                              tolerance);
@@ -155,7 +155,7 @@ TEST_CASE("SelfAttention: adjoint and exact gradients agree within the certified
   // through linear maps, so we compare the raw products the certificate covers through the backend itself.
   const Index n = 64, d = 8;
   SelfAttentionOptions options = layer_options(d, 2, AttentionMethod::adjoint);
-  options.attention.degree = 4;
+  options.approximation.degree = 4;
   SelfAttention<double> approximate(options);
   SelfAttention<double> exact(layer_options(d, 2, AttentionMethod::exact_reference));
   const Matrix<double> X = random_matrix<double>(n, d, 13, 0.25), R = random_matrix<double>(n, d, 14);
@@ -208,6 +208,12 @@ TEST_CASE("SelfAttention rejects bad options and input", "[self_attention]") {
   SelfAttentionOptions bad_gain = layer_options(4, 1, AttentionMethod::exact_blocked);
   bad_gain.output_gain = 0;
   REQUIRE_THROWS_WITH(SelfAttention<double>(bad_gain), Contains("output_gain"));
+  SelfAttentionOptions bad_scale = layer_options(4, 1, AttentionMethod::exact_blocked);
+  bad_scale.scale = 0.0;
+  REQUIRE_THROWS_WITH(SelfAttention<double>(bad_scale), Contains("'scale'"));
+  SelfAttentionOptions bad_window = layer_options(4, 1, AttentionMethod::adjoint);
+  bad_window.approximation.exact_window = -1;
+  REQUIRE_THROWS_WITH(SelfAttention<double>(bad_window), Contains("'exact_window'"));
   REQUIRE_THROWS_WITH(polyattn::parse_attention_method("fast"), Contains("exact_blocked") && Contains("'fast'"));
 
   SelfAttention<double> layer(layer_options(4, 2, AttentionMethod::exact_blocked));

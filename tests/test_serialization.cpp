@@ -269,7 +269,7 @@ TEST_CASE("a GPT checkpoint records every configuration field that changes the m
       {"d_model", [](GPTConfig& c) { c.d_model = 12; }, "8", "12"},
       {"mlp_hidden", [](GPTConfig& c) { c.mlp_hidden = 32; }, "16", "32"},
       {"activation", [](GPTConfig& c) { c.activation = polyattn::ActivationKind::relu; }, "gelu", "relu"},
-      {"attention.scale", [](GPTConfig& c) { c.attention.attention.scale = 1.0; }, "0.70710678118654746", "1"},
+      {"attention.scale", [](GPTConfig& c) { c.attention_scale = 1.0; }, "0.70710678118654746", "1"},
   };
   for (const Variant& variant : variants) {
     CAPTURE(variant.field);
@@ -289,7 +289,7 @@ TEST_CASE("a GPT checkpoint records every configuration field that changes the m
   approximate.method = AttentionMethod::adjoint;
   GPT<float> adjoint(approximate);
   const std::string adjoint_bytes = polyattn::serialize_parameters(adjoint);
-  approximate.attention.degree = 4;
+  approximate.approximation.degree = 4;
   GPT<float> degree4(approximate);
   REQUIRE_THROWS_WITH(polyattn::deserialize_parameters(adjoint_bytes, degree4),
                       Contains("'attention.degree' is 2 in the file but 4 in the model"));

@@ -91,10 +91,11 @@ enum class RangePolicy {
   mark_invalid,  ///< compute anyway; the certificate says `valid = false`
 };
 
-/// Parameters of PolynomialAttention.
-struct PolynomialAttentionOptions {
-  /// Scale, mask and heads (options.hpp).
-  AttentionOptions attention;
+/// How the polynomial methods (PolynomialAttention, PaperBackend, AdjointBackend) approximate exp: the polynomial,
+/// its feature map, blocking, memory and the optional exact near field; everything but the attention itself
+/// (scale, mask, heads: AttentionOptions). Layers hold it beside their own heads, mask and scale
+/// (SelfAttentionOptions::approximation, GPTConfig::approximation), so that every setting has exactly one place.
+struct ApproximationOptions {
   /// Taylor truncation (default) or a relative-error minimax fit on \f$[-\text{radius},\text{radius}]\f$.
   PolynomialKind kind = PolynomialKind::taylor;
   /// Degree g of p; even by default because even Taylor truncations are positive on the whole line. It is used
@@ -144,10 +145,8 @@ struct PolynomialAttentionOptions {
   /// evaluates p on every pair.
   Index exact_window = 0;
 
-  /// Throws std::invalid_argument naming the offending field.
-  void check() const {
-    constexpr const char* where = "polyattn::PolynomialAttentionOptions";
-    attention.check();
+  /// Throws std::invalid_argument naming the offending field; `where` names the options in the message.
+  void check(const char* where = "polyattn::ApproximationOptions") const {
     detail::require(degree >= 0, where, "'degree' must be >= 0, got ", degree);
     detail::require(std::isfinite(radius) && radius >= 0, where, "'radius' must be finite and >= 0, got ", radius);
     detail::require(chunk_size >= 0, where, "'chunk_size' must be >= 0 (0 = automatic), got ", chunk_size);
@@ -156,6 +155,24 @@ struct PolynomialAttentionOptions {
     detail::require(exact_window >= 0, where, "'exact_window' must be >= 0 (0 = off), got ", exact_window);
     detail::require(range_policy != RangePolicy::raise_degree || radius > 0, where,
                     "'range_policy' raise_degree needs a 'radius' > 0 to define the target error");
+  }
+};
+
+/// Parameters of PolynomialAttention and of the polynomial backends: the attention (scale, mask, heads) and how it
+/// is approximated (the inherited ApproximationOptions fields: `options.degree`, `options.exact_window`, ...).
+struct PolynomialAttentionOptions : ApproximationOptions {
+  /// Scale, mask and heads (options.hpp).
+  AttentionOptions attention;
+
+  PolynomialAttentionOptions() = default;
+  /// `scale_mask_heads` approximated as `approximation` says.
+  PolynomialAttentionOptions(const AttentionOptions& scale_mask_heads, const ApproximationOptions& approximation)
+      : ApproximationOptions(approximation), attention(scale_mask_heads) {}
+
+  /// Throws std::invalid_argument naming the offending field.
+  void check() const {
+    attention.check();
+    ApproximationOptions::check("polyattn::PolynomialAttentionOptions");
   }
 };
 

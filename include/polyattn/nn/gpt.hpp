@@ -75,6 +75,7 @@
 #include "../parallel/state_exchange.hpp"
 
 #include <cstdint>
+#include <optional>
 #include <cstdio>
 #include <exception>
 #include <initializer_list>
@@ -144,8 +145,10 @@ struct GPTConfig {
   AttentionMethod method = AttentionMethod::exact_blocked;
   /// Per-layer methods (size `layers`), overriding `method`; empty (default) uses `method` everywhere.
   std::vector<AttentionMethod> layer_methods;
-  /// Degree, polynomial and chunking of approximate attention (its heads and mask are set per layer).
-  PolynomialAttentionOptions attention;
+  /// Score scale \f$c\f$ of every attention layer; empty (default) means \f$1/\sqrt{d_h}\f$.
+  std::optional<double> attention_scale;
+  /// Degree, polynomial, feature map, chunking and exact window of the layers using a polynomial method.
+  ApproximationOptions approximation;
   /// Targets equal to this are not scored by the loss. Default -1.
   Index ignore_target = -1;
   /// Seed of the whole initialisation; every parameter draws from its own derived stream.
@@ -166,7 +169,8 @@ struct GPTConfig {
                     layer_methods.size());
     detail::require(ignore_target < 0 || ignore_target >= vocab_size, where,
                     "'ignore_target' must not be a valid token id, got ", ignore_target);
-    attention.check();
+    if (attention_scale) detail::require_positive(where, "attention_scale", *attention_scale);
+    approximation.check(where);
   }
 
   /// The attention method of block `layer`.
@@ -500,7 +504,8 @@ GPT<T>::GPT(const GPTConfig& config)
     attention.heads = config_.heads;
     attention.causal = true;
     attention.method = config_.method_of(layer);
-    attention.attention = config_.attention;
+    attention.scale = config_.attention_scale;
+    attention.approximation = config_.approximation;
     attention.output_gain = residual_gain;
     attention.seed = derive_seed(seed, 0);
     auto attention_branch = std::make_unique<Composition<T>>();
@@ -737,7 +742,7 @@ ModelFields GPT<T>::checkpoint_fields() {
       if (known == value) return std::string(text);
     return std::to_string(static_cast<long long>(value));
   };
-  const PolynomialAttentionOptions& attention = config_.attention;
+  const ApproximationOptions& attention = config_.approximation;
   ModelFields fields{{"model", "GPT"},
                      {"vocab_size", std::to_string(config_.vocab_size)},
                      {"context", std::to_string(config_.context)},
@@ -753,7 +758,9 @@ ModelFields GPT<T>::checkpoint_fields() {
     approximate = approximate || method == AttentionMethod::paper || method == AttentionMethod::adjoint;
     fields.emplace_back("block" + std::to_string(layer) + ".method", attention_method_name(method));
   }
-  fields.emplace_back("attention.scale", number(attention.attention.resolved_scale(config_.d_model / config_.heads)));
+  AttentionOptions scale;
+  scale.scale = config_.attention_scale;
+  fields.emplace_back("attention.scale", number(scale.resolved_scale(config_.d_model / config_.heads)));
   if (approximate) {
     fields.emplace_back("attention.polynomial", name(attention.kind, {{PolynomialKind::taylor, "taylor"},
                                                                        {PolynomialKind::minimax, "minimax"}}));

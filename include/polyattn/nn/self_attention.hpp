@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -26,9 +27,11 @@ struct SelfAttentionOptions {
   bool causal = true;
   /// How attention and its gradient are computed (default exact_blocked: exact in \f$O(nd)\f$ memory).
   AttentionMethod method = AttentionMethod::exact_blocked;
-  /// Degree, polynomial, chunking and scale of the attention. Its `attention.heads` and `attention.causal`
-  /// are overwritten by `heads` and `causal` above; `attention.scale` empty (default) means \f$1/\sqrt{d_h}\f$.
-  PolynomialAttentionOptions attention;
+  /// Score scale \f$c\f$; empty (default) means \f$1/\sqrt{d_h}\f$.
+  std::optional<double> scale;
+  /// Degree, polynomial, feature map, chunking and exact window of the polynomial methods (paper, adjoint);
+  /// unused by the exact ones.
+  ApproximationOptions approximation;
   /// Add a bias to each of the four projections (default false).
   bool bias = false;
   /// The projections start with \f$\mathcal N(0, 1/d)\f$ entries; \f$W_O\f$'s are further multiplied by
@@ -48,12 +51,13 @@ struct SelfAttentionOptions {
     backend_options().check();
   }
 
-  /// `attention` with the layer's heads and mask written in: what the backend is built from.
+  /// The layer's scale, mask and heads with its approximation: what the backend is built from.
   PolynomialAttentionOptions backend_options() const {
-    PolynomialAttentionOptions options = attention;
-    options.attention.heads = heads;
-    options.attention.causal = causal;
-    return options;
+    AttentionOptions attention;
+    attention.scale = scale;
+    attention.causal = causal;
+    attention.heads = heads;
+    return {attention, approximation};
   }
 };
 
