@@ -145,7 +145,8 @@ void BM_approx(benchmark::State& state) {
   opt.degree = g;
   polyattn::PolynomialAttention<float> approx(opt);
   Mat O(n, d);
-  polyattn::Certificate cert;
+  // Untimed first call: it faults in the output's pages and the workspaces, which every later call reuses.
+  polyattn::Certificate cert = approx.forward(in.Q, in.K, in.V, O);
   for (auto _ : state) {
     cert = approx.forward(in.Q, in.K, in.V, O);
     benchmark::DoNotOptimize(O.data());

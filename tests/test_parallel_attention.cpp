@@ -164,14 +164,17 @@ TEST_CASE("The causal adjoint gives the same bits with or without checkpoints, f
   options.attention.heads = 2;
   options.chunk_size = 16;
   const Run<double> checkpointed = forward_backward<double>(AttentionMethod::adjoint, options, 250, 4, 11);
-  options.max_checkpoint_bytes = 0;  // recompute the prefix states, window by window
-  for (const std::size_t window_bytes : {std::size_t(1), std::size_t(5000), std::size_t(16) << 20})
-    for (const int threads : {1, 3}) {
-      options.scan_window_bytes = window_bytes;  // 1 byte: one chunk per window
-      polyattn::set_num_threads(threads);
-      INFO("window bytes " << window_bytes << ", threads " << threads);
-      REQUIRE(forward_backward<double>(AttentionMethod::adjoint, options, 250, 4, 11) == checkpointed);
-    }
+  // Kept checkpoints (the default budget), or none: the backward pass recomputes the prefix states window by window.
+  for (const std::size_t checkpoint_bytes : {options.max_checkpoint_bytes, std::size_t(0)})
+    // Automatic windows (all 16 chunks at once), one chunk per window (1 byte), a few chunks (5000 bytes).
+    for (const std::size_t window_bytes : {std::size_t(0), std::size_t(1), std::size_t(5000)})
+      for (const int threads : {1, 3}) {
+        options.max_checkpoint_bytes = checkpoint_bytes;
+        options.scan_window_bytes = window_bytes;
+        polyattn::set_num_threads(threads);
+        INFO("checkpoint bytes " << checkpoint_bytes << ", window bytes " << window_bytes << ", threads " << threads);
+        REQUIRE(forward_backward<double>(AttentionMethod::adjoint, options, 250, 4, 11) == checkpointed);
+      }
 }
 
 TEST_CASE("The exact window gives the same bits on 1, 2, 3 and 4 threads and with or without checkpoints",

@@ -109,7 +109,7 @@ class PolynomialKernel {
   static constexpr Index default_scan_rows = 64;
 
   /// Sets the feature map and polynomial for the next calls (the map must outlive them). `chunk_size`,
-  /// `scan_window_bytes` and `exact_window` are PolynomialAttentionOptions' (chunk_size 0: automatic); `where` and
+  /// `scan_window_bytes` and `exact_window` are PolynomialAttentionOptions' (0: automatic for the first two); `where` and
   /// `radius` go into error messages. `exchange` (null: serial) combines the states with the other ranks' shards;
   /// every rank must then make the same calls (see the file documentation); it requires exact_window 0.
   void configure(const FeatureMap<T>& map, const Polynomial& poly, bool causal, Index chunk_size,
@@ -528,12 +528,19 @@ class PolynomialKernel {
     }, static_cast<double>(slots.size()));
   }
 
-  // Chunks per window of the causal scan: as many slots of r x width as fit scan_window_bytes (at least one).
-  // The window bounds memory only: every prefix is the same sum in the same order whatever its size.
+  // Chunks per window of the causal scan: as many slots of r x width as fit scan_window_bytes (at least one);
+  // automatic (0): about half of L2, where the slots a pass writes are when the next pass reads them, and at least
+  // 32 chunks, so that each pass has blocks for every thread. The window bounds memory and sets the passes'
+  // length only: every prefix is the same sum in the same order whatever its size.
   Index window_chunks(Index chunks, Index width) const {
+    constexpr double automatic_window_bytes = 512 << 10;
+    constexpr Index min_automatic_window_chunks = 32;
     const double slot_bytes = static_cast<double>(sizeof(T)) * static_cast<double>(map_->width() * width);
-    return std::clamp<Index>(static_cast<Index>(static_cast<double>(scan_window_bytes_) / slot_bytes), 1,
-                             std::max<Index>(chunks, 1));
+    const Index fitting =
+        scan_window_bytes_ > 0
+            ? static_cast<Index>(static_cast<double>(scan_window_bytes_) / slot_bytes)
+            : std::max(static_cast<Index>(automatic_window_bytes / slot_bytes), min_automatic_window_chunks);
+    return std::clamp<Index>(fitting, 1, std::max<Index>(chunks, 1));
   }
 
   // Writes diag(w) M_K^T [V, 1] of chunk `chunk` (rows from first_row) into `slot`.
@@ -583,7 +590,7 @@ class PolynomialKernel {
                       MatrixRef<T> checkpoints, MatrixRef<T> incoming_state) {
     const Index dv = Vh.cols(), n = Qh.rows(), b = scan_rows(n), chunks = scan_chunks(n), r = map_->width();
     const bool keep = checkpoints.cols() == chunks * (dv + 1);
-    const Index window = keep ? chunks : window_chunks(chunks, dv + 1);
+    const Index window = window_chunks(chunks, dv + 1);
     auto& ws = workspaces(window, b, Qh.cols(), dv, n);
     const T sqrt_c = static_cast<T>(std::sqrt(map_->scale()));
     if (!keep) ensure_shape(window_states_, r, window * (dv + 1));
@@ -882,7 +889,7 @@ class PolynomialKernel {
   Polynomial poly_;
   bool causal_ = false;
   Index chunk_size_ = 0;
-  std::size_t scan_window_bytes_ = std::size_t(16) << 20;
+  std::size_t scan_window_bytes_ = 0;
   Index exact_window_ = 0;  // as configured
   Index near_width_ = 0;    // the exact window of the current call, at most its number of rows
   const char* where_ = "";

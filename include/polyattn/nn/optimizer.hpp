@@ -38,7 +38,7 @@ void require_distinct_parameters(const char* where, const std::vector<Parameter<
 template <class T>
 void require_finite_gradients(const char* where, const std::vector<Parameter<T>*>& parameters) {
   for (const Parameter<T>* p : parameters)
-    if (p->trainable && !p->grad.allFinite())
+    if (p->trainable && !all_finite(p->grad))
       throw std::domain_error(concat(where, ": the gradient of parameter '", p->name,
                                      "' has a non-finite entry; no parameter was changed"));
 }
