@@ -104,7 +104,6 @@
 #include "polynomial_attention.hpp"
 
 #include <algorithm>
-#include <array>
 #include <cstddef>
 #include <exception>
 #include <limits>
@@ -158,7 +157,7 @@ class AdjointBackend final : public AttentionBackend<T> {
   /// restores the serial passes. Call it before forward(): a backward() pairs with the forward() before it.
   void set_state_exchange(std::shared_ptr<StateExchange> exchange) {
     attention_.set_state_exchange(std::move(exchange));
-    has_forward_ = false;
+    forward_record_.clear();
   }
   /// The exchange set by set_state_exchange() (null: serial).
   StateExchange* state_exchange() const { return attention_.state_exchange(); }
@@ -193,8 +192,7 @@ class AdjointBackend final : public AttentionBackend<T> {
   typename PolynomialAttention<T>::Saved saved_;
   Certificate certificate_;
   double derivative_error_ = std::numeric_limits<double>::infinity();
-  bool has_forward_ = false;
-  std::array<Index, 4> forward_shape_{};
+  detail::ForwardRecord forward_record_;
 };
 
 
@@ -203,11 +201,10 @@ class AdjointBackend final : public AttentionBackend<T> {
 template <class T>
 Certificate AdjointBackend<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
                                        const ConstMatrixRef<T>& V, MatrixRef<T> O) {
-  has_forward_ = false;
+  forward_record_.clear();
   certificate_ = attention_.forward(Q, K, V, O, "polyattn::AdjointBackend::forward", &saved_);
   derivative_error_ = certify_exp(attention_.map_poly_.derivative(), certificate_.interval).relative_error;
-  forward_shape_ = {Q.rows(), K.rows(), Q.cols(), V.cols()};
-  has_forward_ = true;
+  forward_record_.record(Q, K, V);
   return certificate_;
 }
 
@@ -221,31 +218,21 @@ GradientCertificate AdjointBackend<T>::backward(const ConstMatrixRef<T>& Q, cons
   StateExchange* const exchange = attention_.state_exchange();
   // Per head, the largest |g_i|, |v_j|, |Q|, |K|, |G| of the bounds (over all ranks with an exchange).
   constexpr std::size_t per_head = 5;
+  // Needed for the bounds only, but with an exchange always: every rank takes part in their reduction.
   std::vector<double> maxima;
-  const auto measure_head = [&](const detail::HeadShape& shape, Index h) {
-    const ConstMatrixRef<T> Gh = G.middleCols(h * shape.dv, shape.dv);
-    maxima.insert(maxima.end(), {detail::max_row_norm(Gh), detail::max_row_norm(V.middleCols(h * shape.dv, shape.dv)),
-                                 detail::max_abs(Q.middleCols(h * shape.dk, shape.dk)),
-                                 detail::max_abs(K.middleCols(h * shape.dk, shape.dk)), detail::max_abs(Gh)});
-  };
-  detail::HeadShape shape{};
-  if (exchange) {
-    std::exception_ptr failure;  // agree() makes every rank throw it
-    try {
-      shape = detail::check_shard_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
-      detail::require_same_forward<T>(where, has_forward_, forward_shape_, Q, K, V);
-      for (Index h = 0; h < shape.heads; ++h) measure_head(shape, h);
-    } catch (...) {
-      failure = std::current_exception();
-    }
-    exchange->agree(where, failure, attention_.shard_settings(shape));
-    exchange->maxima_over_ranks(maxima);
-  } else {
-    shape = detail::check_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
-    detail::require_same_forward<T>(where, has_forward_, forward_shape_, Q, K, V);
-    if (!certificate_.vacuous())
-      for (Index h = 0; h < shape.heads; ++h) measure_head(shape, h);
-  }
+  const detail::HeadShape shape = detail::check_backward_call<T>(
+      where, opt, exchange, forward_record_, Q, K, V, O, G, dQ, dK, dV,
+      [&](const detail::HeadShape& s) { return attention_.shard_settings(s); },
+      [&](const detail::HeadShape& s) {
+        if (!exchange && certificate_.vacuous()) return;
+        for (Index h = 0; h < s.heads; ++h) {
+          const ConstMatrixRef<T> Gh = G.middleCols(h * s.dv, s.dv);
+          maxima.insert(maxima.end(), {detail::max_row_norm(Gh), detail::max_row_norm(V.middleCols(h * s.dv, s.dv)),
+                                       detail::max_abs(Q.middleCols(h * s.dk, s.dk)),
+                                       detail::max_abs(K.middleCols(h * s.dk, s.dk)), detail::max_abs(Gh)});
+        }
+      });
+  if (exchange) exchange->maxima_over_ranks(maxima);
   const double eps = certificate_.poly_error;
   GradientCertificate result;
   result.forward = certificate_;

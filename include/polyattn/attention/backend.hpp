@@ -19,8 +19,10 @@
 
 #include "certificate.hpp"
 #include "options.hpp"
+#include "../parallel/state_exchange.hpp"
 
 #include <array>
+#include <exception>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -128,15 +130,61 @@ void check_backward_results(const char* where, const AttentionOptions& opt, cons
   require_finite_result(where, "the gradient 'dV'", dV, cause);
 }
 
-/// Throws unless a forward() ran (`has_forward`) on Q, K, V of the shapes `forward_shape`
-/// = {rows of Q, rows of K, columns of Q, columns of V}.
-template <class T>
-void require_same_forward(const char* where, bool has_forward, const std::array<Index, 4>& forward_shape,
-                          const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V) {
-  require(has_forward, where, "call forward() first");
-  require(forward_shape == std::array<Index, 4>{Q.rows(), K.rows(), Q.cols(), V.cols()}, where,
-          "'Q', 'K', 'V' must have the shapes of the last forward() call (", forward_shape[0], "x", forward_shape[2],
-          ", ", forward_shape[1], "x", forward_shape[2], ", ", forward_shape[1], "x", forward_shape[3], ")");
+/// What a backend keeps of its last forward() for the backward() that pairs with it: whether one succeeded (since
+/// the backend was made or reconfigured) and the shapes of its Q, K, V.
+class ForwardRecord {
+ public:
+  /// Nothing to pair with: before a forward(), while one runs (it may throw) and after a configuration change.
+  void clear() { recorded_ = false; }
+  /// A forward() on Q, K, V succeeded.
+  template <class DQ, class DK, class DV>
+  void record(const Eigen::EigenBase<DQ>& Q, const Eigen::EigenBase<DK>& K, const Eigen::EigenBase<DV>& V) {
+    shape_ = {Q.rows(), K.rows(), Q.cols(), V.cols()};
+    recorded_ = true;
+  }
+  /// Throws unless a forward() was recorded on Q, K, V of these shapes.
+  template <class DQ, class DK, class DV>
+  void require_same(const char* where, const Eigen::EigenBase<DQ>& Q, const Eigen::EigenBase<DK>& K,
+                    const Eigen::EigenBase<DV>& V) const {
+    require(recorded_, where, "call forward() first");
+    require(shape_ == std::array<Index, 4>{Q.rows(), K.rows(), Q.cols(), V.cols()}, where,
+            "'Q', 'K', 'V' must have the shapes of the last forward() call (", shape_[0], "x", shape_[2], ", ",
+            shape_[1], "x", shape_[2], ", ", shape_[1], "x", shape_[3], ")");
+  }
+
+ private:
+  bool recorded_ = false;
+  std::array<Index, 4> shape_{};  // rows of Q, rows of K, columns of Q, columns of V
+};
+
+/// The checks a backward() starts with: its arguments (check_backward_arguments(), for a shard
+/// check_shard_backward_arguments()), that `record` holds a forward() of the same shapes, and `local_checks(shape)`
+/// (further local work that may throw). With an `exchange` (null: serial), a failure on any rank throws on every
+/// rank, before any collective of the pass: StateExchange::agree() with `settings(shape)`, which also checks that
+/// every rank has the same settings. Returns the head shape.
+template <class T, class Settings, class LocalChecks>
+HeadShape check_backward_call(const char* where, const AttentionOptions& opt, StateExchange* exchange,
+                              const ForwardRecord& record, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                              const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G,
+                              const MatrixRef<T>& dQ, const MatrixRef<T>& dK, const MatrixRef<T>& dV,
+                              const Settings& settings, LocalChecks&& local_checks) {
+  if (!exchange) {
+    const HeadShape shape = check_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
+    record.require_same(where, Q, K, V);
+    local_checks(shape);
+    return shape;
+  }
+  HeadShape shape{};
+  std::exception_ptr failure;  // agree() makes every rank throw it
+  try {
+    shape = check_shard_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
+    record.require_same(where, Q, K, V);
+    local_checks(shape);
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  exchange->agree(where, failure, settings(shape));
+  return shape;
 }
 
 }  // namespace detail

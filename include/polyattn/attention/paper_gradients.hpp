@@ -88,7 +88,6 @@
 #include "../parallel/threads.hpp"
 
 #include <algorithm>
-#include <array>
 #include <cstddef>
 #include <exception>
 #include <limits>
@@ -152,7 +151,7 @@ class PaperBackend final : public AttentionBackend<T> {
   /// restores the serial passes. Call it before forward(): a backward() pairs with the forward() before it.
   void set_state_exchange(std::shared_ptr<StateExchange> exchange) {
     attention_.set_state_exchange(std::move(exchange));
-    has_forward_ = false;
+    forward_record_.clear();
   }
   /// The exchange set by set_state_exchange() (null: serial).
   StateExchange* state_exchange() const { return attention_.state_exchange(); }
@@ -510,8 +509,7 @@ class PaperBackend final : public AttentionBackend<T> {
   PolynomialAttention<T> attention_;
   PaperGradientOptions gradient_options_;
   Certificate certificate_;
-  bool has_forward_ = false;
-  std::array<Index, 4> forward_shape_{};  // rows of Q, rows of K, columns of Q, columns of V
+  detail::ForwardRecord forward_record_;
   std::vector<Workspace> workspaces_;  // one per thread
   BlockStates block_states_, reverse_states_;
   Eigen::VectorXd block_column_sums_;
@@ -535,10 +533,9 @@ PaperBackend<T>::PaperBackend(const PolynomialAttentionOptions& options, PaperGr
 template <class T>
 Certificate PaperBackend<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                                      MatrixRef<T> O) {
-  has_forward_ = false;
+  forward_record_.clear();
   certificate_ = attention_.forward(Q, K, V, O, "polyattn::PaperBackend::forward", nullptr);
-  forward_shape_ = {Q.rows(), K.rows(), Q.cols(), V.cols()};
-  has_forward_ = true;
+  forward_record_.record(Q, K, V);
   return certificate_;
 }
 
@@ -550,20 +547,9 @@ GradientCertificate PaperBackend<T>::backward(const ConstMatrixRef<T>& Q, const 
   constexpr const char* where = "polyattn::PaperBackend::backward";
   const AttentionOptions& opt = options().attention;
   StateExchange* const exchange = state_exchange();
-  detail::HeadShape shape{};
-  if (exchange) {
-    std::exception_ptr failure;  // agree() makes every rank throw it
-    try {
-      shape = detail::check_shard_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
-      detail::require_same_forward<T>(where, has_forward_, forward_shape_, Q, K, V);
-    } catch (...) {
-      failure = std::current_exception();
-    }
-    exchange->agree(where, failure, attention_.shard_settings(shape));
-  } else {
-    shape = detail::check_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
-    detail::require_same_forward<T>(where, has_forward_, forward_shape_, Q, K, V);
-  }
+  const detail::HeadShape shape = detail::check_backward_call<T>(
+      where, opt, exchange, forward_record_, Q, K, V, O, G, dQ, dK, dV,
+      [&](const detail::HeadShape& s) { return attention_.shard_settings(s); }, [](const detail::HeadShape&) {});
 
   const FeatureMap<T>& map = attention_.feature_map();
   // Per head: max |g_i|, max |v_j|, max |Q|, max |K|, max |G| and max_j (P~^T 1)_j (over all ranks with an exchange).

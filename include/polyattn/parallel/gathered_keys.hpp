@@ -30,7 +30,6 @@
 #include "../attention/exact_gradients.hpp"
 #include "state_exchange.hpp"
 
-#include <array>
 #include <exception>
 #include <memory>
 #include <numeric>
@@ -85,8 +84,7 @@ class GatheredKeysBackend final : public AttentionBackend<T> {
   std::shared_ptr<StateExchange> exchange_;
   std::vector<Index> rows_per_rank_;
   Index first_row_ = 0, total_rows_ = 0;
-  bool has_forward_ = false;
-  std::array<Index, 4> forward_shape_{};
+  detail::ForwardRecord forward_record_;
   Certificate certificate_;
   RowMajorMatrixXd local_, gathered_;  // [K, V] of this rank and of all ranks; then [dK, dV]
   Matrix<T> keys_, values_, key_grads_, value_grads_;
@@ -111,7 +109,7 @@ template <class T>
 Certificate GatheredKeysBackend<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
                                             const ConstMatrixRef<T>& V, MatrixRef<T> O) {
   constexpr const char* where = "polyattn::GatheredKeysBackend::forward";
-  has_forward_ = false;
+  forward_record_.clear();
   detail::HeadShape shape{};
   std::exception_ptr failure;  // agree() makes every rank throw it
   try {
@@ -146,8 +144,7 @@ Certificate GatheredKeysBackend<T>::forward(const ConstMatrixRef<T>& Q, const Co
   }
   exchange_->succeeded(where, failure);
   certificate_ = certificate;
-  forward_shape_ = {Q.rows(), K.rows(), Q.cols(), V.cols()};
-  has_forward_ = true;
+  forward_record_.record(Q, K, V);
   return certificate_;
 }
 
@@ -157,20 +154,15 @@ GradientCertificate GatheredKeysBackend<T>::backward(const ConstMatrixRef<T>& Q,
                                                      const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
                                                      MatrixRef<T> dV) {
   constexpr const char* where = "polyattn::GatheredKeysBackend::backward";
-  detail::HeadShape shape{};
-  std::exception_ptr failure;  // agree() makes every rank throw it
-  try {
-    shape = detail::check_shard_backward_arguments<T>(where, attention_options(), Q, K, V, O, G, dQ, dK, dV);
-    detail::require_same_forward<T>(where, has_forward_, forward_shape_, Q, K, V);
-  } catch (...) {
-    failure = std::current_exception();
-  }
-  exchange_->agree(where, failure, settings(shape));
+  detail::check_backward_call<T>(
+      where, attention_options(), exchange_.get(), forward_record_, Q, K, V, O, G, dQ, dK, dV,
+      [&](const detail::HeadShape& s) { return settings(s); }, [](const detail::HeadShape&) {});
   const Index seen = visible_keys(), key_cols = K.cols(), value_cols = V.cols();
   GradientCertificate result;
   result.forward = certificate_;
   key_grads_.resize(seen, key_cols);
   value_grads_.resize(seen, value_cols);
+  std::exception_ptr failure;  // succeeded() makes every rank throw it
   try {
     if (Q.rows() > 0) result = exact_->backward(Q, keys_, values_, O, G, dQ, key_grads_, value_grads_);
   } catch (...) {
