@@ -126,11 +126,13 @@ void check_every_configuration(AttentionMethod method) {
         check_against_serial<T>(method, options, 203, 4, split);
         if (causal && method == AttentionMethod::adjoint) {
           // No checkpoints: backward() recomputes the prefix states from the forward pass's incoming state,
-          // window by window (one chunk per window).
+          // window by window: one chunk per window (1 byte), or a few with a partial last window (2000 bytes).
           options.chunk_size = 16;
           options.max_checkpoint_bytes = 0;
-          options.scan_window_bytes = 1;
-          check_against_serial<T>(method, options, 203, 4, split);
+          for (const std::size_t window_bytes : {std::size_t(1), std::size_t(2000)}) {
+            options.scan_window_bytes = window_bytes;
+            check_against_serial<T>(method, options, 203, 4, split);
+          }
         }
       }
 }

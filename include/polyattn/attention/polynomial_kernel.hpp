@@ -595,27 +595,32 @@ class PolynomialKernel {
     const T sqrt_c = static_cast<T>(std::sqrt(map_->scale()));
     if (!keep) ensure_shape(window_states_, r, window * (dv + 1));
     carry_.setZero(r, dv + 1);
-    // The scan starts from the earlier ranks' keys, which needs this shard's total before any output. Kept: the
-    // chunk states are computed now and summed in chunk order, then scanned from the incoming state; otherwise
-    // a pre-pass sums the keys window by window. Either way every Z^{<s} is the same sum in the same order.
+    // The scan starts from the earlier ranks' keys, which needs this shard's total before any output. Kept: a
+    // pre-pass computes the chunk states and sums them in chunk order, window by window (each window's states
+    // still in cache), and the output pass scans each window from the incoming state; otherwise the pre-pass sums
+    // the keys window by window. Either way every Z^{<s} is the same sum in the same order.
     const bool kept_states_ready = exchange_ && keep;
     if (exchange_) {
-      if (keep) {
-        key_states(Kh, Vh, 0, chunks, checkpoints, ws);
-        for (Index k = 0; k < chunks; ++k) carry_ += checkpoints.middleCols(k * (dv + 1), dv + 1);
-      } else {
-        for (Index first = 0; first < chunks; first += window)
-          prefix_states(Kh, Vh, first, std::min(window, chunks - first), window_states_, ws);
+      for (Index first = 0; first < chunks; first += window) {
+        const Index count = std::min(window, chunks - first);
+        if (keep) {
+          key_states(Kh, Vh, first, count, checkpoints.middleCols(first * (dv + 1), count * (dv + 1)), ws);
+          for (Index k = first; k < first + count; ++k) carry_ += checkpoints.middleCols(k * (dv + 1), dv + 1);
+        } else {
+          prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * (dv + 1)), ws);
+        }
       }
       combine_over_ranks(carry_, Ranks::earlier);
     }
     incoming_state = carry_;
-    if (kept_states_ready) exclusive_scan(checkpoints, dv + 1, carry_, +1);
     for (Index first = 0; first < chunks; first += window) {
       const Index count = std::min(window, chunks - first);
       MatrixRef<T> slots = keep ? MatrixRef<T>(checkpoints.middleCols(first * (dv + 1), count * (dv + 1)))
                                 : MatrixRef<T>(window_states_.leftCols(count * (dv + 1)));
-      if (!kept_states_ready) prefix_states(Kh, Vh, first, count, slots, ws);
+      if (kept_states_ready)
+        exclusive_scan(slots, dv + 1, carry_, +1);
+      else
+        prefix_states(Kh, Vh, first, count, slots, ws);
       parallel_for(count, [&](Index k, int thread) {
         Workspace& w = ws[static_cast<std::size_t>(thread)];
         const Index s = (first + k) * b, rows = std::min(b, n - s);
