@@ -72,7 +72,8 @@ double rounding_tolerance(const GPTConfig& config, Index features) {
 }
 
 Index feature_count(const GPTConfig& config) {
-  return polyattn::feature_width(config.approximation.feature_map, config.d_model / config.heads, config.approximation.degree);
+  return polyattn::feature_width(config.approximation.feature_map, config.d_model / config.heads,
+                                 config.approximation.degree);
 }
 
 }  // namespace

@@ -109,8 +109,8 @@ class PolynomialKernel {
   static constexpr Index default_scan_rows = 64;
 
   /// Sets the feature map and polynomial for the next calls (the map must outlive them). `chunk_size`,
-  /// `scan_window_bytes` and `exact_window` are PolynomialAttentionOptions' (0: automatic for the first two); `where` and
-  /// `radius` go into error messages. `exchange` (null: serial) combines the states with the other ranks' shards;
+  /// `scan_window_bytes` and `exact_window` are PolynomialAttentionOptions' (0: automatic for the first two);
+  /// `where` and `radius` go into error messages. `exchange` (null: serial) combines the states with the other ranks' shards;
   /// every rank must then make the same calls (see the file documentation); it requires exact_window 0.
   void configure(const FeatureMap<T>& map, const Polynomial& poly, bool causal, Index chunk_size,
                  std::size_t scan_window_bytes, Index exact_window, const char* where, double radius,

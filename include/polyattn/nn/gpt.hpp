@@ -75,11 +75,11 @@
 #include "../parallel/state_exchange.hpp"
 
 #include <cstdint>
-#include <optional>
 #include <cstdio>
 #include <exception>
 #include <initializer_list>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
