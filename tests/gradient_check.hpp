@@ -173,4 +173,20 @@ AttentionResult<T> forward_backward(AttentionBackend<T>& backend, const Attentio
   return r;
 }
 
+/// CHECKs the gradients dQ, dK, dV of `result` against central finite differences of \f$L = \langle G, O\rangle\f$,
+/// with O = `evaluator.forward(Q, K, V, O)` (a backend, or the forward-only PolynomialAttention) at the entries of `x`,
+/// which the differences perturb and restore. One assertion per gradient, each within `tolerance` (gradient_error).
+template <class Evaluator>
+void check_attention_gradients(Evaluator& evaluator, AttentionProblem<double>& x,
+                               const AttentionResult<double>& result, double tolerance) {
+  Matrix<double> O(x.Q.rows(), x.V.cols());
+  const auto loss = [&] {
+    evaluator.forward(x.Q, x.K, x.V, O);
+    return (x.G.array() * O.array()).sum();
+  };
+  CHECK(gradient_error(loss, x.Q, result.dQ) < tolerance);
+  CHECK(gradient_error(loss, x.K, result.dK) < tolerance);
+  CHECK(gradient_error(loss, x.V, result.dV) < tolerance);
+}
+
 }  // namespace polyattn::testing

@@ -24,8 +24,8 @@ using polyattn::Matrix;
 using polyattn::PolynomialAttention;
 using polyattn::PolynomialAttentionOptions;
 using polyattn::PolynomialKind;
+using polyattn::testing::check_attention_gradients;
 using polyattn::testing::forward_backward;
-using polyattn::testing::gradient_error;
 using polyattn::testing::random_matrix;
 using polyattn::testing::random_problem;
 using polyattn::testing::relative_error;
@@ -133,15 +133,8 @@ void check_finite_differences(bool causal, int degree) {
         Problem<double> x = random_problem<double>(n, heads, dk, dv, 100 + 7 * static_cast<std::uint64_t>(heads), 1.0);
         AdjointBackend<double> adjoint(opt);
         const Result<double> r = forward_backward<double>(adjoint, x);
-        Matrix<double> O(n, heads * dv);
         AdjointBackend<double> evaluator(opt);
-        auto loss = [&] {
-          evaluator.forward(x.Q, x.K, x.V, O);
-          return (x.G.array() * O.array()).sum();
-        };
-        CHECK(gradient_error(loss, x.Q, r.dQ) < 1e-7);
-        CHECK(gradient_error(loss, x.K, r.dK) < 1e-7);
-        CHECK(gradient_error(loss, x.V, r.dV) < 1e-7);
+        check_attention_gradients(evaluator, x, r, 1e-7);
       }
 }
 
@@ -180,15 +173,8 @@ TEST_CASE("AdjointBackend differentiates a minimax polynomial with a fixed inter
     AdjointBackend<double> adjoint(opt);
     const Result<double> r = forward_backward<double>(adjoint, x);
     REQUIRE(r.certificate.valid);
-    Matrix<double> O(9, 4);
     AdjointBackend<double> evaluator(opt);
-    auto loss = [&] {
-      evaluator.forward(x.Q, x.K, x.V, O);
-      return (x.G.array() * O.array()).sum();
-    };
-    CHECK(gradient_error(loss, x.Q, r.dQ) < 1e-7);
-    CHECK(gradient_error(loss, x.K, r.dK) < 1e-7);
-    CHECK(gradient_error(loss, x.V, r.dV) < 1e-7);
+    check_attention_gradients(evaluator, x, r, 1e-7);
   }
 }
 
