@@ -1,3 +1,4 @@
+#include <polyattn/attention/block_product.hpp>
 #include <polyattn/attention/polynomial_attention.hpp>
 
 #include "gradient_check.hpp"
@@ -752,4 +753,43 @@ TEST_CASE("PolynomialAttention rejects an unallocatable feature width before all
     PolynomialAttention<float>(automatic).forward(Q.leftCols(8), K.leftCols(8), V, O_automatic);
     REQUIRE(relative_error(O_chunked, O_automatic) < 1e-5);
   }
+}
+
+// block_product() (the kernel's register-tiled C = A B) against the product in long double, entry by entry within
+// the standard bound |c - c^| <= k u (|A| |B|)_ij of a length-k sum of products; the rows around the destination
+// block stay untouched. Shapes cover full tiles, single packets and single rows, every remainder of the column
+// groups, and a transposed (row-major) B.
+template <class T>
+void check_block_product(Index rows, Index depth, Index cols, bool transposed_b) {
+  using Wide = Eigen::Matrix<long double, Eigen::Dynamic, Eigen::Dynamic>;
+  const Matrix<T> A_full = Matrix<T>::Random(rows + 3, depth);
+  const Matrix<T> B_stored = transposed_b ? Matrix<T>::Random(cols, depth) : Matrix<T>::Random(depth, cols);
+  Matrix<T> C_full = Matrix<T>::Constant(rows + 5, cols, T(7));
+  const auto A = A_full.middleRows(1, rows);
+  auto C = C_full.middleRows(2, rows);
+  if (transposed_b)
+    polyattn::detail::block_product<T>(A, B_stored.transpose(), C);
+  else
+    polyattn::detail::block_product<T>(A, B_stored, C);
+  const Wide B = transposed_b ? Wide(B_stored.transpose().template cast<long double>())
+                              : Wide(B_stored.template cast<long double>());
+  const Wide exact = A.template cast<long double>() * B;
+  const Wide magnitude = A.template cast<long double>().cwiseAbs() * B.cwiseAbs();
+  const long double unit = std::numeric_limits<T>::epsilon() / 2;
+  INFO(rows << " x " << depth << " times " << depth << " x " << cols << (transposed_b ? " (B transposed)" : ""));
+  for (Index j = 0; j < cols; ++j)
+    for (Index i = 0; i < rows; ++i)
+      REQUIRE(std::abs(static_cast<long double>(C(i, j)) - exact(i, j)) <= depth * unit * magnitude(i, j));
+  REQUIRE((C_full.topRows(2).array() == T(7)).all());
+  REQUIRE((C_full.bottomRows(3).array() == T(7)).all());
+}
+
+TEST_CASE("block_product equals the product within rounding for every tile remainder", "[polynomial_attention]") {
+  for (const Index rows : {0, 1, 7, 8, 15, 16, 17, 31, 33, 64, 65, 100})
+    for (const Index depth : {1, 16, 17, 153})
+      for (const Index cols : {1, 5, 6, 7, 13, 17, 18, 64})
+        for (const bool transposed : {false, true}) {
+          check_block_product<float>(rows, depth, cols, transposed);
+          check_block_product<double>(rows, depth, cols, transposed);
+        }
 }

@@ -73,6 +73,7 @@
 
 #include "../parallel/state_exchange.hpp"
 #include "../parallel/threads.hpp"
+#include "block_product.hpp"
 #include "feature_map.hpp"
 #include "polynomial.hpp"
 
@@ -282,7 +283,7 @@ class PolynomialKernel {
   void add_query_grads_through(Workspace& w, const ConstMatrixRef<T>& state, MatrixRef<T> dQb) const {
     const Index rows = dQb.rows(), dv = state.cols() - 1;
     auto monomial_grads = top(w.monomial_grads, rows);
-    monomial_grads.noalias() = top(w.adjoints, rows).leftCols(dv + 1) * state.transpose();
+    block_product<T>(top(w.adjoints, rows).leftCols(dv + 1), state.transpose(), monomial_grads);
     map_->monomials_backward(monomial_grads, top(w.scaled_queries, rows), top(w.monomials, rows), dQb);
   }
 
@@ -303,7 +304,7 @@ class PolynomialKernel {
   // scaled queries and keys; with `with_derivative`, w.derivative_block = p'(S) likewise (Horner for both).
   void in_chunk_block(Workspace& w, Index rows, bool with_derivative) const {
     auto block = w.block.topLeftCorner(rows, rows);
-    block.noalias() = top(w.scaled_queries, rows) * top(w.scaled_keys, rows).transpose();
+    block_product<T>(top(w.scaled_queries, rows), top(w.scaled_keys, rows).transpose(), block);
     polynomial_of(block, w.block_value.topLeftCorner(rows, rows), w.derivative_block.topLeftCorner(rows, rows),
                   with_derivative);
     block = w.block_value.topLeftCorner(rows, rows);
@@ -423,7 +424,7 @@ class PolynomialKernel {
     auto operand = w.near_operand.topRows(tile.cols);
     operand.noalias() = static_cast<T>(std::sqrt(map_->scale())) * X.middleRows(tile.col0, tile.cols);
     auto scores = w.near_scores.topLeftCorner(tile.rows, tile.cols);
-    scores.noalias() = scaled_rows * operand.transpose();
+    block_product<T>(scaled_rows, operand.transpose(), scores);
     polynomial_of(scores, w.near_poly.topLeftCorner(tile.rows, tile.cols),
                   w.near_derivative.topLeftCorner(tile.rows, tile.cols), with_derivative);
   }
@@ -478,7 +479,7 @@ class PolynomialKernel {
     values.leftCols(dv) = Vh.middleRows(tile.col0, cols);
     values.col(dv).setOnes();
     auto grads = w.near_grads.topLeftCorner(rows, cols);
-    grads.noalias() = w.near_adjoints.topLeftCorner(rows, dv + 1) * values.transpose();
+    block_product<T>(w.near_adjoints.topLeftCorner(rows, dv + 1), values.transpose(), grads);
     // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K).
     grads.array() *= static_cast<T>(std::sqrt(map_->scale())) *
                      w.near_derivative_weights.topLeftCorner(rows, cols).array();
@@ -501,7 +502,7 @@ class PolynomialKernel {
     const auto adjoints = w.near_adjoints.topRows(cols);
     const auto weights = w.near_weights.topLeftCorner(rows, cols);
     auto grads = w.near_grads.topLeftCorner(rows, cols);
-    grads.noalias() = values * adjoints.leftCols(dv + 1).transpose();
+    block_product<T>(values, adjoints.leftCols(dv + 1).transpose(), grads);
     grads.array() *= static_cast<T>(std::sqrt(map_->scale())) *
                      w.near_derivative_weights.topLeftCorner(rows, cols).array();
     dK.noalias() += grads * w.near_operand.topRows(cols);
@@ -573,7 +574,7 @@ class PolynomialKernel {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index q0 = block * b, rows = std::min(b, n - q0);
       expand(w, Qh.middleRows(q0, rows), w.scaled_queries);
-      top(w.products, rows).leftCols(dv + 1).noalias() = top(w.monomials, rows) * state;
+      block_product<T>(top(w.monomials, rows), state, top(w.products, rows).leftCols(dv + 1));
       if (near_width_ > 0)
         for (Index t0 = 0, tile = near_tile_rows(n); t0 < rows; t0 += tile) {
           const Index tile_rows = std::min(tile, rows - t0);
@@ -627,12 +628,12 @@ class PolynomialKernel {
         auto products = top(w.products, rows).leftCols(dv + 1);
         expand(w, Qh.middleRows(s, rows), w.scaled_queries);
         if (near_width_ > 0) {
-          products.noalias() = top(w.monomials, rows) * slots.middleCols(k * (dv + 1), dv + 1);
+          block_product<T>(top(w.monomials, rows), slots.middleCols(k * (dv + 1), dv + 1), products);
           near_forward(w, query_tile(s, rows, n), top(w.scaled_queries, rows), Kh, Vh, products,
                        shifts.segment(s, rows), n);
         } else {
           load_values(w, Vh.middleRows(s, rows));
-          products.noalias() = top(w.monomials, rows) * slots.middleCols(k * (dv + 1), dv + 1);
+          block_product<T>(top(w.monomials, rows), slots.middleCols(k * (dv + 1), dv + 1), products);
           top(w.scaled_keys, rows).noalias() = sqrt_c * Kh.middleRows(s, rows);
           in_chunk_block(w, rows, false);
           products.noalias() +=
@@ -682,9 +683,9 @@ class PolynomialKernel {
       const auto monomials = top(w.monomials, rows);
       auto monomial_grads = top(w.monomial_grads, rows);
       auto products = top(w.products, rows);
-      monomial_grads.noalias() = top(w.values, rows) * state_grads_.leftCols(dv + 1).transpose();
+      block_product<T>(top(w.values, rows), state_grads_.leftCols(dv + 1).transpose(), monomial_grads);
       // One product for dV and the column sums of P~; its column dv (M_K times the normaliser adjoint) is unused.
-      products.noalias() = monomials * state_grads_;
+      block_product<T>(monomials, state_grads_, products);
       dVh.middleRows(k0, rows) = products.leftCols(dv);
       auto dKb = dKh.middleRows(k0, rows);
       dKb.setZero();
@@ -770,8 +771,8 @@ class PolynomialKernel {
         expand(w, Kh.middleRows(s, rows), w.scaled_keys);
         load_values(w, Vh.middleRows(s, rows));
         w.weighted_state_grads.noalias() = map_->weights().asDiagonal() * slots.middleCols(k * (dv + 2), dv + 2);
-        monomial_grads.noalias() = values * w.weighted_state_grads.leftCols(dv + 1).transpose();
-        products.noalias() = monomials * w.weighted_state_grads;
+        block_product<T>(values, w.weighted_state_grads.leftCols(dv + 1).transpose(), monomial_grads);
+        block_product<T>(monomials, w.weighted_state_grads, products);
         dVb = products.leftCols(dv);
         auto column_sums = w.column_sums.head(rows);
         column_sums = products.col(dv + 1);
@@ -796,7 +797,7 @@ class PolynomialKernel {
         }
         // The chunk itself, through its masked block with p and p'.
         in_chunk_block(w, rows, true);
-        score_grads.noalias() = adjoints.leftCols(dv + 1) * values.transpose();
+        block_product<T>(adjoints.leftCols(dv + 1), values.transpose(), score_grads);
         // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K) and likewise for dK.
         score_grads.array() *= sqrt_c * w.derivative_block.topLeftCorner(rows, rows).array();
         dQb.noalias() += score_grads.template triangularView<Eigen::Lower>() * top(w.scaled_keys, rows);

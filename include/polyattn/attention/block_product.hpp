@@ -1,0 +1,138 @@
+/// \file attention/block_product.hpp
+/// \f$C = AB\f$ for a column-major block of rows \f$A\f$ and a small right factor \f$B\f$: the products of the
+/// polynomial kernel (polynomial_kernel.hpp) between a chunk's monomials, values or adjoints and a state.
+///
+/// Those products are skinny: \f$M Z\f$ (rows x r times r x (d_v+1), 17 columns at d_v = 16) and
+/// \f$E Z^\top\f$ (rows x (d_v+1) times (d_v+1) x r). Eigen's GEMM packs both factors into panels and zeroes
+/// the destination first; with 17 columns each packed entry of \f$A\f$ then serves only 17 multiply-adds, and
+/// a causal chunk of 64 rows repacks its state for every chunk. Here each tile of \f$C\f$, a few SIMD packets
+/// of rows times a few columns, is accumulated in registers straight from \f$A\f$'s columns and written once:
+/// per step of the inner dimension it loads the tile's rows of one column of \f$A\f$ and broadcasts one entry
+/// of \f$B\f$ per column. Measured at 64 x 153 times 153 x 17 in float (AVX-512): 100-110 GFLOP/s against
+/// Eigen's 70.
+///
+/// Every entry is the multiply-add chain \f$c_{ij} = (\dots(a_{i1}b_{1j}) + \dots) + a_{ik}b_{kj}\f$ in order
+/// of \f$k\f$, whatever the shapes, so a row's result does not depend on the other rows of the block.
+///
+/// Usage (`A` column-major with unit inner stride; `B` any Eigen expression with direct access, e.g. a
+/// transposed block):
+/// \code
+///   polyattn::detail::block_product<float>(monomials, state, products);               // C = M Z
+///   polyattn::detail::block_product<float>(adjoints, state.transpose(), gradients);   // C = E Z^T
+/// \endcode
+#pragma once
+
+#include "../common.hpp"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define POLYATTN_UNROLL _Pragma("GCC unroll 8")
+#else
+#define POLYATTN_UNROLL
+#endif
+
+namespace polyattn {
+namespace detail {
+
+/// Register tile of block_product() for Packet: `row_packets` packets of rows times `columns` columns, as many
+/// accumulators as the target's SIMD registers allow beside the loads and the broadcast.
+template <class T>
+struct BlockProductTile {
+  using Packet = typename Eigen::internal::packet_traits<T>::type;
+  static constexpr int lanes = Eigen::internal::unpacket_traits<Packet>::size;
+  static constexpr int registers = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS;
+  static constexpr int row_packets = registers >= 32 ? 4 : registers >= 16 ? 2 : 1;
+  static constexpr int columns = registers >= 32 ? 6 : registers >= 16 ? 5 : 3;
+};
+
+/// One tile: C(0 : RowPackets lanes, 0 : Columns) = A(rows, 0 : depth) B(0 : depth, 0 : Columns), where B's
+/// entry (k, j) is at b[k * b_row_stride + j * b_col_stride]. Packet may be the scalar T itself (one lane).
+template <class Packet, int RowPackets, int Columns, class T>
+EIGEN_STRONG_INLINE void block_product_tile(const T* a, Index lda, Index depth, const T* b, Index b_row_stride,
+                                            Index b_col_stride, T* c, Index ldc) {
+  using namespace Eigen::internal;
+  constexpr int lanes = unpacket_traits<Packet>::size;
+  // The loops over the tile are unrolled (they have constant bounds) so that acc stays in registers; -O2
+  // does not unroll them by itself.
+  Packet acc[RowPackets][Columns];
+  POLYATTN_UNROLL
+  for (int p = 0; p < RowPackets; ++p)
+    POLYATTN_UNROLL
+    for (int j = 0; j < Columns; ++j) acc[p][j] = pset1<Packet>(T(0));
+  for (Index k = 0; k < depth; ++k) {
+    Packet rows[RowPackets];
+    POLYATTN_UNROLL
+    for (int p = 0; p < RowPackets; ++p) rows[p] = ploadu<Packet>(a + k * lda + p * lanes);
+    POLYATTN_UNROLL
+    for (int j = 0; j < Columns; ++j) {
+      const Packet entry = pset1<Packet>(b[k * b_row_stride + j * b_col_stride]);
+      POLYATTN_UNROLL
+      for (int p = 0; p < RowPackets; ++p) acc[p][j] = pmadd(rows[p], entry, acc[p][j]);
+    }
+  }
+  POLYATTN_UNROLL
+  for (int j = 0; j < Columns; ++j)
+    POLYATTN_UNROLL
+    for (int p = 0; p < RowPackets; ++p) pstoreu(c + j * ldc + p * lanes, acc[p][j]);
+}
+
+/// The last `count` (< Columns) columns of a row tile: the tile of exactly `count` columns.
+template <class Packet, int RowPackets, int Columns, class T>
+EIGEN_STRONG_INLINE void block_product_last_columns(Index count, const T* a, Index lda, Index depth, const T* b,
+                                                    Index b_row_stride, Index b_col_stride, T* c, Index ldc) {
+  if constexpr (Columns > 1) {
+    if (count == Columns - 1)
+      block_product_tile<Packet, RowPackets, Columns - 1>(a, lda, depth, b, b_row_stride, b_col_stride, c, ldc);
+    else
+      block_product_last_columns<Packet, RowPackets, Columns - 1>(count, a, lda, depth, b, b_row_stride,
+                                                                  b_col_stride, c, ldc);
+  }
+}
+
+/// The tiles of `row_count` rows (a multiple of RowPackets lanes) starting at row `row0`, over all columns: full
+/// groups of the tile's columns, then the remaining 1 to Columns - 1 columns.
+template <class Packet, int RowPackets, int Columns, class T>
+void block_product_rows(Index row0, Index row_count, const T* a, Index lda, Index depth, const T* b,
+                        Index b_row_stride, Index b_col_stride, Index cols, T* c, Index ldc) {
+  constexpr Index step = RowPackets * Eigen::internal::unpacket_traits<Packet>::size;
+  for (Index i = row0; i < row0 + row_count; i += step) {
+    Index j = 0;
+    for (; j + Columns <= cols; j += Columns)
+      block_product_tile<Packet, RowPackets, Columns>(a + i, lda, depth, b + j * b_col_stride, b_row_stride,
+                                                      b_col_stride, c + j * ldc + i, ldc);
+    if (j < cols)
+      block_product_last_columns<Packet, RowPackets, Columns>(cols - j, a + i, lda, depth, b + j * b_col_stride,
+                                                              b_row_stride, b_col_stride, c + j * ldc + i, ldc);
+  }
+}
+
+/// C = A B (written, not accumulated) for A (rows x depth) column-major with unit inner stride, B (depth x
+/// cols) any expression with direct access, and C (rows x cols) column-major; none may alias C. Rows are done in
+/// tiles of BlockProductTile<T> packets, then single packets, then one row at a time.
+template <class T, class DerivedB>
+void block_product(const ConstMatrixRef<T>& A, const Eigen::MatrixBase<DerivedB>& B, MatrixRef<T> C) {
+  static_assert(bool(DerivedB::Flags & Eigen::DirectAccessBit),
+                "block_product: B must have direct access (a Matrix, Map, Ref, Block or its transpose)");
+  using Tile = BlockProductTile<T>;
+  using Packet = typename Tile::Packet;
+  const Index rows = A.rows(), depth = A.cols(), cols = B.cols();
+  eigen_assert(B.rows() == depth && C.rows() == rows && C.cols() == cols);
+  const T* a = A.data();
+  const T* b = B.derived().data();
+  const Index lda = A.outerStride(), ldc = C.outerStride();
+  const Index b_row_stride = B.derived().rowStride(), b_col_stride = B.derived().colStride();
+  constexpr Index tile_rows = Tile::row_packets * Tile::lanes;
+  const Index tiled = rows / tile_rows * tile_rows;
+  const Index packed = tiled + (rows - tiled) / Tile::lanes * Tile::lanes;
+  block_product_rows<Packet, Tile::row_packets, Tile::columns>(0, tiled, a, lda, depth, b, b_row_stride,
+                                                               b_col_stride, cols, C.data(), ldc);
+  if constexpr (Tile::lanes > 1)
+    block_product_rows<Packet, 1, Tile::columns>(tiled, packed - tiled, a, lda, depth, b, b_row_stride,
+                                                 b_col_stride, cols, C.data(), ldc);
+  block_product_rows<T, 1, Tile::columns>(packed, rows - packed, a, lda, depth, b, b_row_stride, b_col_stride, cols,
+                                          C.data(), ldc);
+}
+
+}  // namespace detail
+}  // namespace polyattn
+
+#undef POLYATTN_UNROLL
