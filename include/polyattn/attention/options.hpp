@@ -3,11 +3,13 @@
 #pragma once
 
 #include "../common.hpp"
+#include "../parallel/threads.hpp"
 
 #include <algorithm>
 #include <limits>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace polyattn {
 
@@ -141,25 +143,47 @@ void check_forward_output(const char* where, const HeadShape& shape, const Eigen
   require_disjoint(where, {memory_of("O", O)}, {memory_of("Q", Q), memory_of("K", K), memory_of("V", V)});
 }
 
-/// \f$\max_i \|x_i\|_2\f$ over the rows of `X`, accumulated in double (so float input never overflows it):
-/// NaN if an entry is NaN, \f$+\infty\f$ if one is infinite. Accumulates squared columns over blocks of rows,
-/// so each pass is contiguous, vectorised and in cache.
+/// The largest row norm \f$\max_i \|x_i\|_2\f$ and the largest |entry| of a matrix (0 for an empty one).
+struct RowStatistics {
+  double max_row_norm = 0;  ///< NaN if an entry is NaN, +inf if one is infinite
+  double max_abs = 0;       ///< meaningful only when max_row_norm is finite
+};
+
+/// RowStatistics of `X` in one pass, parallel over blocks of rows (maxima: the same for any thread count). Each
+/// row's squares are summed in double in column order (so float input never overflows them, and
+/// nn/generator.hpp can extend a row's norm the same way); within a block the squared columns are accumulated one
+/// after the other, so each pass is contiguous, vectorised and in cache.
+template <class Derived>
+RowStatistics row_statistics(const Eigen::MatrixBase<Derived>& X) {
+  constexpr Index rows_per_block = 8192;
+  const Index blocks = block_count(X.rows(), rows_per_block);
+  std::vector<RowStatistics> per_block(static_cast<std::size_t>(blocks));
+  parallel_for(blocks, [&](Index block, int) {
+    const Index i0 = block * rows_per_block, b = std::min(rows_per_block, X.rows() - i0);
+    if (X.cols() == 0) return;
+    Eigen::ArrayXd squares = X.col(0).segment(i0, b).template cast<double>().array().square();
+    auto largest = X.col(0).segment(i0, b).cwiseAbs().maxCoeff();
+    for (Index j = 1; j < X.cols(); ++j) {
+      squares += X.col(j).segment(i0, b).template cast<double>().array().square();
+      largest = std::max(largest, X.col(j).segment(i0, b).cwiseAbs().maxCoeff());
+    }
+    per_block[static_cast<std::size_t>(block)] = {squares.template maxCoeff<Eigen::PropagateNaN>(),
+                                                  static_cast<double>(largest)};
+  }, static_cast<double>(X.size()));
+  RowStatistics result;
+  for (const RowStatistics& s : per_block) {
+    if (std::isnan(s.max_row_norm)) return {s.max_row_norm, s.max_row_norm};
+    result.max_row_norm = std::max(result.max_row_norm, s.max_row_norm);
+    result.max_abs = std::max(result.max_abs, s.max_abs);
+  }
+  result.max_row_norm = std::sqrt(result.max_row_norm);
+  return result;
+}
+
+/// \f$\max_i \|x_i\|_2\f$ over the rows of `X` (row_statistics()).
 template <class Derived>
 double max_row_norm(const Eigen::MatrixBase<Derived>& X) {
-  constexpr Index rows_per_block = 1024;
-  Eigen::ArrayXd squares(std::min(X.rows(), rows_per_block));
-  double largest = 0;
-  for (Index i0 = 0; i0 < X.rows(); i0 += rows_per_block) {
-    const Index b = std::min(rows_per_block, X.rows() - i0);
-    auto block_squares = squares.head(b);
-    block_squares = X.col(0).segment(i0, b).template cast<double>().array().square();
-    for (Index j = 1; j < X.cols(); ++j)
-      block_squares += X.col(j).segment(i0, b).template cast<double>().array().square();
-    const double block_largest = block_squares.template maxCoeff<Eigen::PropagateNaN>();
-    if (std::isnan(block_largest)) return block_largest;
-    largest = std::max(largest, block_largest);
-  }
-  return std::sqrt(largest);
+  return row_statistics(X).max_row_norm;
 }
 
 /// The score radius \f$R = \max_l c\max_i\|q_i\|\max_j\|k_j\|\f$ over the heads of `shape`, in double: every

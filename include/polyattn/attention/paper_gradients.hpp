@@ -568,8 +568,9 @@ GradientCertificate PaperBackend<T>::backward(const ConstMatrixRef<T>& Q, const 
       kappa_.noalias() = O.middleCols(h * shape.dv, shape.dv).cwiseProduct(Gh).rowwise().sum();
       const double column_sum =
           opt.causal ? head_causal(map, Qh, Kh, Vh, Gh, dQh, dKh, dVh) : head_full(map, Qh, Kh, Vh, Gh, dQh, dKh, dVh);
-      maxima.insert(maxima.end(), {detail::max_row_norm(Gh), detail::max_row_norm(Vh), detail::max_abs(Qh),
-                                   detail::max_abs(Kh), detail::max_abs(Gh), column_sum});
+      const detail::RowStatistics g = detail::row_statistics(Gh);
+      maxima.insert(maxima.end(), {g.max_row_norm, detail::max_row_norm(Vh), detail::max_abs(Qh),
+                                   detail::max_abs(Kh), g.max_abs, column_sum});
     }
     if (deferred_failure_) std::rethrow_exception(deferred_failure_);
     detail::check_backward_results<T>(where, opt, shape, Q, K, V, G, dQ, dK, dV);

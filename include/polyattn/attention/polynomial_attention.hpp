@@ -565,18 +565,20 @@ Certificate PolynomialAttention<T>::forward(const ConstMatrixRef<T>& Q, const Co
   // With an exchange, an error on this rank (a normaliser, found after that head's exchange) is held until every
   // head has exchanged its states and then thrown on every rank by succeeded(); serially it is thrown at once.
   std::exception_ptr failure;
+  bool outputs_finite = true;  // as the kernel found them block by block
   for (Index h = 0; h < shape.heads; ++h) {
     try {
       kernel_.forward(Q.middleCols(h * shape.dk, shape.dk), K.middleCols(h * shape.dk, shape.dk),
                       V.middleCols(h * dv, dv), O.middleCols(h * dv, dv), keep.normalisers.col(h),
                       keep.shifts.col(h), keep.states.middleCols(h * state_cols, state_cols),
                       keep.incoming_states.middleCols(h * incoming_cols, incoming_cols));
+      outputs_finite = outputs_finite && kernel_.results_finite();
     } catch (...) {
       if (!exchange_) throw;
       if (!failure) failure = std::current_exception();
     }
   }
-  if (!failure) {
+  if (!failure && !outputs_finite) {
     try {
       detail::require_finite_result(where, "the output", O, [&] {
         return detail::polynomial_overflow_cause<T>(V, map_poly_.degree(), radius);

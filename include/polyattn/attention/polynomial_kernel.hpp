@@ -161,6 +161,13 @@ class PolynomialKernel {
                   const Eigen::Ref<const Vector<T>>& shifts, const ConstMatrixRef<T>& states,
                   const ConstMatrixRef<T>& incoming_state, MatrixRef<T> dQh, MatrixRef<T> dKh, MatrixRef<T> dVh);
 
+  /// Whether every entry that the last forward() or backward() wrote (O_h, or dQ_h, dK_h, dV_h) is finite. Each
+  /// block is checked when it is written, still in cache, so that the caller's check of the results need not
+  /// read them again unless one is not.
+  bool results_finite() const {
+    return std::all_of(workspaces_.begin(), workspaces_.end(), [](const Workspace& w) { return w.results_finite; });
+  }
+
  private:
   // forward() and backward() are defined after the class, not inline, so that code which includes
   // extern_templates.hpp calls the compiled instantiation instead of instantiating the kernel again.
@@ -176,6 +183,8 @@ class PolynomialKernel {
     Matrix<T> near_scores, near_poly, near_derivative, near_weights, near_derivative_weights, near_grads,
         near_operand, near_values, near_adjoints;
     Vector<T> near_inverse, near_shifts, near_scales, near_maxima;
+    // Whether every result block this thread wrote in the current call was finite (results_finite()).
+    bool results_finite = true;
   };
 
   // Workspaces for parallel_threads(blocks) threads; a later call of the same shape reuses them. With an exact
@@ -253,6 +262,13 @@ class PolynomialKernel {
     auto inverse = w.inverse_normalisers.head(rows);
     inverse = denominators.cwiseInverse();
     Ob.noalias() = inverse.asDiagonal() * top(w.products, rows).leftCols(dv);
+    note_results(w, Ob);
+  }
+
+  // Records in w whether the result blocks are finite (results_finite()).
+  template <class... Blocks>
+  static void note_results(Workspace& w, const Blocks&... blocks) {
+    w.results_finite = w.results_finite && (all_finite(blocks) && ...);
   }
 
   // `adjoints` = [G/D, -rowsum(G o O)/D, 1/D] for `inverse` = 1/D (the last column gives the column sums of P~).
@@ -669,6 +685,7 @@ class PolynomialKernel {
                            top(w.scaled_queries, rows).middleRows(t0, tile_rows), Kh, Vh, Gh, Oh, normalisers, shifts,
                            n, dQb.middleRows(t0, tile_rows));
         }
+      note_results(w, dQb);
     }, work(n, dv));
     ensure_shape(state_grads_, r, dv + 2);
     sum_partials(query_blocks, state_grads_);
@@ -690,20 +707,18 @@ class PolynomialKernel {
       auto dKb = dKh.middleRows(k0, rows);
       dKb.setZero();
       map_->monomials_backward(monomial_grads, top(w.scaled_keys, rows), monomials, dKb);
-      if (near_width_ == 0) {
-        column_sums_[static_cast<std::size_t>(block)] = static_cast<double>(products.col(dv + 1).maxCoeff());
-        return;
-      }
       auto column_sums = w.column_sums.head(rows);
       column_sums = products.col(dv + 1);
-      for (Index t0 = 0, tile = near_tile_rows(n); t0 < rows; t0 += tile) {
-        const Index tile_rows = std::min(tile, rows - t0);
-        near_key_grads(w, key_tile(k0 + t0, tile_rows, n), top(w.scaled_keys, rows).middleRows(t0, tile_rows),
-                       top(w.values, rows).middleRows(t0, tile_rows), Qh, Gh, Oh, normalisers, shifts, n,
-                       dKb.middleRows(t0, tile_rows), dVh.middleRows(k0 + t0, tile_rows),
-                       column_sums.segment(t0, tile_rows));
-      }
+      if (near_width_ > 0)
+        for (Index t0 = 0, tile = near_tile_rows(n); t0 < rows; t0 += tile) {
+          const Index tile_rows = std::min(tile, rows - t0);
+          near_key_grads(w, key_tile(k0 + t0, tile_rows, n), top(w.scaled_keys, rows).middleRows(t0, tile_rows),
+                         top(w.values, rows).middleRows(t0, tile_rows), Qh, Gh, Oh, normalisers, shifts, n,
+                         dKb.middleRows(t0, tile_rows), dVh.middleRows(k0 + t0, tile_rows),
+                         column_sums.segment(t0, tile_rows));
+        }
       column_sums_[static_cast<std::size_t>(block)] = static_cast<double>(column_sums.maxCoeff());
+      note_results(w, dKb, dVh.middleRows(k0, rows));
     }, work(m, dv));
     return largest_column_sum();
   }
@@ -792,19 +807,20 @@ class PolynomialKernel {
                            shifts, n, dQb);
           near_key_grads(w, key_tile(s, rows, n), top(w.scaled_keys, rows), values, Qh, Gh, Oh, normalisers, shifts,
                          n, dKb, dVb, column_sums);
-          column_sums_[static_cast<std::size_t>(first + k)] = static_cast<double>(column_sums.maxCoeff());
-          return;
+        } else {
+          // The chunk itself, through its masked block with p and p'.
+          in_chunk_block(w, rows, true);
+          block_product<T>(adjoints.leftCols(dv + 1), values.transpose(), score_grads);
+          // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K) and likewise for dK.
+          score_grads.array() *= sqrt_c * w.derivative_block.topLeftCorner(rows, rows).array();
+          dQb.noalias() += score_grads.template triangularView<Eigen::Lower>() * top(w.scaled_keys, rows);
+          dKb.noalias() +=
+              score_grads.transpose().template triangularView<Eigen::Upper>() * top(w.scaled_queries, rows);
+          dVb.noalias() += block.transpose().template triangularView<Eigen::Upper>() * adjoints.leftCols(dv);
+          column_sums.noalias() += block.transpose().template triangularView<Eigen::Upper>() * adjoints.col(dv + 1);
         }
-        // The chunk itself, through its masked block with p and p'.
-        in_chunk_block(w, rows, true);
-        block_product<T>(adjoints.leftCols(dv + 1), values.transpose(), score_grads);
-        // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K) and likewise for dK.
-        score_grads.array() *= sqrt_c * w.derivative_block.topLeftCorner(rows, rows).array();
-        dQb.noalias() += score_grads.template triangularView<Eigen::Lower>() * top(w.scaled_keys, rows);
-        dKb.noalias() += score_grads.transpose().template triangularView<Eigen::Upper>() * top(w.scaled_queries, rows);
-        dVb.noalias() += block.transpose().template triangularView<Eigen::Upper>() * adjoints.leftCols(dv);
-        column_sums.noalias() += block.transpose().template triangularView<Eigen::Upper>() * adjoints.col(dv + 1);
         column_sums_[static_cast<std::size_t>(first + k)] = static_cast<double>(column_sums.maxCoeff());
+        note_results(w, dQb, dKb, dVb);
       }, work(count * b, dv));
     }
     return largest_column_sum();
@@ -914,6 +930,7 @@ void PolynomialKernel<T>::forward(const ConstMatrixRef<T>& Qh, const ConstMatrix
                                   MatrixRef<T> Oh, Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts,
                                   MatrixRef<T> states, MatrixRef<T> incoming_state) {
   near_width_ = std::min(exact_window_, Qh.rows());
+  for (Workspace& w : workspaces_) w.results_finite = true;
   if (causal_)
     forward_causal(Qh, Kh, Vh, Oh, normalisers, shifts, states, incoming_state);
   else
@@ -928,6 +945,7 @@ double PolynomialKernel<T>::backward(const ConstMatrixRef<T>& Qh, const ConstMat
                                      const ConstMatrixRef<T>& incoming_state, MatrixRef<T> dQh, MatrixRef<T> dKh,
                                      MatrixRef<T> dVh) {
   near_width_ = std::min(exact_window_, Qh.rows());
+  for (Workspace& w : workspaces_) w.results_finite = true;
   return causal_ ? backward_causal(Qh, Kh, Vh, Oh, Gh, normalisers, shifts, states, incoming_state, dQh, dKh, dVh)
                  : backward_full(Qh, Kh, Vh, Oh, Gh, normalisers, shifts, states, dQh, dKh, dVh);
 }
