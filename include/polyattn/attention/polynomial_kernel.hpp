@@ -755,7 +755,8 @@ class PolynomialKernel {
       for (Index w0 = windows - 1; w0 >= 0; --w0) {
         const Index first = w0 * window, count = std::min(window, chunks - first);
         auto slots = state_grad_slots_.leftCols(count * (dv + 2));
-        query_state_grads(Qh, Oh, Gh, normalisers, shifts, first, count, slots, ws);
+        query_state_grads(Qh, Oh, Gh, normalisers, shifts, first, count, slots, ws,
+                          [](Workspace&, Index, Index, Index) {});
         exclusive_scan(slots, dv + 2, state_grads_, -1);
       }
       combine_over_ranks(state_grads_, Ranks::later);
@@ -767,7 +768,19 @@ class PolynomialKernel {
         prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * (dv + 1)), ws);
       }
       auto slots = state_grad_slots_.leftCols(count * (dv + 2));
-      query_state_grads(Qh, Oh, Gh, normalisers, shifts, first, count, slots, ws);
+      // The window's Z^{<s} (with an exact window Z^{<s-lag}).
+      const ConstMatrixRef<T> prefix =
+          kept ? ConstMatrixRef<T>(checkpoints.middleCols(first * (dv + 1), count * (dv + 1)))
+               : ConstMatrixRef<T>(window_states_.leftCols(count * (dv + 1)));
+      // Earlier chunks, through Z^{<s}: dQ of a chunk's queries, while its query monomials are at hand (with an
+      // exact window the pass holds chunk s + lag's queries, so the main pass does it).
+      query_state_grads(Qh, Oh, Gh, normalisers, shifts, first, count, slots, ws,
+                        [&](Workspace& w, Index k, Index s, Index rows) {
+                          if (near_width_ > 0) return;
+                          auto dQb = dQh.middleRows(s, rows);
+                          dQb.setZero();
+                          add_query_grads_through(w, prefix.middleCols(k * (dv + 1), dv + 1), dQb);
+                        });
       exclusive_scan(slots, dv + 2, state_grads_, -1);
       parallel_for(count, [&](Index k, int thread) {
         Workspace& w = ws[static_cast<std::size_t>(thread)];
@@ -793,15 +806,11 @@ class PolynomialKernel {
         column_sums = products.col(dv + 1);
         dKb.setZero();
         map_->monomials_backward(monomial_grads, top(w.scaled_keys, rows), monomials, dKb);
-        // Earlier chunks, through Z^{<s} (with an exact window Z^{<s-lag}): dQ of this chunk's queries.
-        expand(w, Qh.middleRows(s, rows), w.scaled_queries);
         load_adjoints(w, Gh.middleRows(s, rows), Oh.middleRows(s, rows), normalisers, shifts, s, n);
-        dQb.setZero();
-        add_query_grads_through(w,
-                                kept ? ConstMatrixRef<T>(checkpoints.middleCols((first + k) * (dv + 1), dv + 1))
-                                     : ConstMatrixRef<T>(window_states_.middleCols(k * (dv + 1), dv + 1)),
-                                dQb);
         if (near_width_ > 0) {
+          expand(w, Qh.middleRows(s, rows), w.scaled_queries);
+          dQb.setZero();
+          add_query_grads_through(w, prefix.middleCols(k * (dv + 1), dv + 1), dQb);
           // The chunks the lagged states leave out, through the near-field tiles of its queries and of its keys.
           near_query_grads(w, query_tile(s, rows, n), top(w.scaled_queries, rows), Kh, Vh, Gh, Oh, normalisers,
                            shifts, n, dQb);
@@ -809,6 +818,7 @@ class PolynomialKernel {
                          n, dKb, dVb, column_sums);
         } else {
           // The chunk itself, through its masked block with p and p'.
+          top(w.scaled_queries, rows).noalias() = sqrt_c * Qh.middleRows(s, rows);
           in_chunk_block(w, rows, true);
           block_product<T>(adjoints.leftCols(dv + 1), values.transpose(), score_grads);
           // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K) and likewise for dK.
@@ -853,10 +863,13 @@ class PolynomialKernel {
 
   // M_{Q,t}^T E_t of chunks [first, first + count) into `slots` (count slots of r x (d_v+2)); with an exact window
   // the slot of chunk t receives those of chunk t + lag (zero past the last), so that the suffix scan gives
-  // Y^{>t+lag}.
+  // Y^{>t+lag}. Then calls `with_queries(w, k, s, rows)` for slot k, whose chunk's rows [s, s + rows) have their
+  // query monomials, scaled queries and adjoints in w.
+  template <class WithQueries>
   void query_state_grads(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Oh, const ConstMatrixRef<T>& Gh,
                          const Eigen::Ref<const Vector<T>>& normalisers, const Eigen::Ref<const Vector<T>>& shifts,
-                         Index first, Index count, MatrixRef<T> slots, std::vector<Workspace>& ws) {
+                         Index first, Index count, MatrixRef<T> slots, std::vector<Workspace>& ws,
+                         const WithQueries& with_queries) {
     const Index dv = Gh.cols(), n = Qh.rows(), b = scan_rows(n), chunks = scan_chunks(n), lag = near_lag(b);
     parallel_for(count, [&](Index k, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
@@ -870,6 +883,7 @@ class PolynomialKernel {
       expand(w, Qh.middleRows(s, rows), w.scaled_queries);
       load_adjoints(w, Gh.middleRows(s, rows), Oh.middleRows(s, rows), normalisers, shifts, s, n);
       slot.noalias() = top(w.monomials, rows).transpose() * top(w.adjoints, rows);
+      with_queries(w, k, s, rows);
     }, work(count * b, dv));
   }
 
