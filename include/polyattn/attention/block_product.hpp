@@ -12,7 +12,9 @@
 /// Eigen's 70.
 ///
 /// Every entry is the multiply-add chain \f$c_{ij} = (\dots(a_{i1}b_{1j}) + \dots) + a_{ik}b_{kj}\f$ in order
-/// of \f$k\f$, whatever the shapes, so a row's result does not depend on the other rows of the block.
+/// of \f$k\f$. The rows after the last full packet are done one at a time, with scalar multiply-adds that may
+/// round where the packets' fused ones do not; so a row's bits depend on the block's row count, which the kernel's
+/// partitions fix independently of the thread count, and on nothing else.
 ///
 /// Usage (`A` column-major with unit inner stride; `B` any Eigen expression with direct access, e.g. a
 /// transposed block):
