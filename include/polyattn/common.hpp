@@ -9,6 +9,7 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -157,6 +158,19 @@ inline void require_disjoint(const char* where, std::initializer_list<MemoryView
         throw std::invalid_argument(concat(where, ": outputs '", other->name, "' and '", out->name,
                                            "' overlap in memory; outputs must not alias inputs or other outputs"));
   }
+}
+
+/// Calls body(i0, i1, Packet()) for strips [i0, i1) of `rows` rows: strips of `Packets` SIMD packets of T (the
+/// last may have fewer packets), then the rows left over one at a time with the scalar T as the packet. For
+/// column-wise loops over small blocks in Eigen's packet functions, where an Eigen expression per column would
+/// cost more in setup than its few packets of work.
+template <class T, int Packets, class Body>
+void for_row_strips(Index rows, const Body& body) {
+  using Packet = typename Eigen::internal::packet_traits<T>::type;
+  constexpr Index lanes = Eigen::internal::packet_traits<T>::size, strip = Packets * lanes;
+  const Index packed = rows / lanes * lanes;
+  for (Index i0 = 0; i0 < packed; i0 += strip) body(i0, std::min(packed, i0 + strip), Packet());
+  for (Index i = packed; i < rows; ++i) body(i, i + 1, T());
 }
 
 /// True when every entry of `m` is finite (one vectorised pass: x * 0 is NaN exactly for inf and NaN).

@@ -140,19 +140,6 @@ class FeatureMap {
 
   void expand(const ConstMatrixRef<T>& scaled, MatrixRef<T> M) const;
 
-  // Calls body(i0, i1, Packet()) for strips [i0, i1) of `rows` rows: strips of 4 SIMD packets, then the rows left
-  // over one at a time with the scalar T as the packet. expand() and monomials_backward() walk the plan over each
-  // strip: per column a few packets, so that the strip stays in L1 and no per-column setup dominates (a chunk of
-  // 64 rows is 4 packets of floats).
-  template <class Body>
-  static void for_row_strips(Index rows, const Body& body) {
-    using Packet = typename Eigen::internal::packet_traits<T>::type;
-    constexpr Index lanes = Eigen::internal::packet_traits<T>::size, strip = 4 * lanes;
-    const Index packed = rows / lanes * lanes;
-    for (Index i0 = 0; i0 < packed; i0 += strip) body(i0, std::min(packed, i0 + strip), Packet());
-    for (Index i = packed; i < rows; ++i) body(i, i + 1, T());
-  }
-
   // Builds degree t from degree t-1. Symmetric: x_j times every degree-(t-1) monomial whose smallest
   // variable is >= j (graded order, so those form a contiguous range starting at first_with_lead[j]);
   // the multinomial coefficient updates as binom(t; alpha + e_j) = binom(t-1; alpha) * t / (alpha_j + 1).
@@ -232,8 +219,9 @@ void FeatureMap<T>::monomials_backward(MatrixRef<T> dM, const ConstMatrixRef<T>&
                            {detail::memory_of("scaled", scaled), detail::memory_of("M", M)});
   const T root_scale = static_cast<T>(std::sqrt(scale_));
   // Row by row the same operations in the same order as a column-by-column pass (rows are independent), done on
-  // strips of rows so that the strip's columns stay in L1.
-  for_row_strips(M.rows(), [&](Index i0, Index i1, auto packet) {
+  // strips of 4 packets of rows so that the strip's columns stay in L1 and no per-column setup dominates (a chunk
+  // of 64 rows is 4 packets of floats).
+  detail::for_row_strips<T, 4>(M.rows(), [&](Index i0, Index i1, auto packet) {
     using Packet = decltype(packet);
     using namespace Eigen::internal;
     constexpr Index lanes = sizeof(Packet) / sizeof(T);
@@ -257,7 +245,7 @@ void FeatureMap<T>::monomials_backward(MatrixRef<T> dM, const ConstMatrixRef<T>&
 
 template <class T>
 void FeatureMap<T>::expand(const ConstMatrixRef<T>& scaled, MatrixRef<T> M) const {
-  for_row_strips(M.rows(), [&](Index i0, Index i1, auto packet) {
+  detail::for_row_strips<T, 4>(M.rows(), [&](Index i0, Index i1, auto packet) {
     using Packet = decltype(packet);
     using namespace Eigen::internal;
     constexpr Index lanes = sizeof(Packet) / sizeof(T);

@@ -308,29 +308,23 @@ class PolynomialKernel {
   // same operations as Horner on whole blocks, which made a pass over the blocks per coefficient).
   template <class Scores, class Values, class Derivatives>
   void polynomial_of(const Scores& scores, Values value, Derivatives derivative, bool with_derivative) const {
-    using namespace Eigen::internal;
-    using Packet = typename packet_traits<T>::type;
-    constexpr Index lanes = packet_traits<T>::size;
     const std::vector<double>& a = poly_.coeffs;
-    const Index rows = scores.rows();
     for (Index j = 0; j < scores.cols(); ++j) {
       const T* s = scores.data() + j * scores.outerStride();
       T* p = value.data() + j * value.outerStride();
       T* dp = derivative.data() + j * derivative.outerStride();
-      const auto horner = [&](Index i, auto zero) {
-        using P = decltype(zero);
+      for_row_strips<T, 1>(scores.rows(), [&](Index i, Index, auto packet) {
+        using namespace Eigen::internal;
+        using P = decltype(packet);
         const P x = ploadu<P>(s + i);
-        P v = pset1<P>(static_cast<T>(a.back())), d = zero;
+        P v = pset1<P>(static_cast<T>(a.back())), d = pset1<P>(T(0));
         for (std::size_t t = a.size() - 1; t-- > 0;) {
           if (with_derivative) d = padd(pmul(d, x), v);
           v = padd(pmul(v, x), pset1<P>(static_cast<T>(a[t])));
         }
         pstoreu(p + i, v);
         if (with_derivative) pstoreu(dp + i, d);
-      };
-      Index i = 0;
-      for (; i + lanes <= rows; i += lanes) horner(i, pset1<Packet>(T(0)));
-      for (; i < rows; ++i) horner(i, T(0));
+      });
     }
   }
 
