@@ -25,6 +25,8 @@ using polyattn::PolynomialAttention;
 using polyattn::PolynomialAttentionOptions;
 using polyattn::PolynomialKind;
 using polyattn::testing::check_attention_gradients;
+using polyattn::testing::AttentionProblem;
+using polyattn::testing::AttentionResult;
 using polyattn::testing::forward_backward;
 using polyattn::testing::random_matrix;
 using polyattn::testing::random_problem;
@@ -32,12 +34,7 @@ using polyattn::testing::relative_error;
 
 namespace {
 
-template <class T>
-using Problem = polyattn::testing::AttentionProblem<T>;
-template <class T>
-using Result = polyattn::testing::AttentionResult<T>;
-
-PolynomialAttentionOptions options(bool causal, Index heads, int degree, FeatureMapKind map, Index chunk) {
+PolynomialAttentionOptions adjoint_options(bool causal, Index heads, int degree, FeatureMapKind map, Index chunk) {
   PolynomialAttentionOptions opt;
   opt.attention.causal = causal;
   opt.attention.heads = heads;
@@ -50,12 +47,12 @@ PolynomialAttentionOptions options(bool causal, Index heads, int degree, Feature
 // The gradient of the approximate function written densely, independently of the feature map and of the
 // scans: A~ = p(S) (o M), D~ = A~ 1, O~ = D~^{-1} A~ V, kappa~ = rowsum(G o O~),
 // dS = (p'(S) (o M) / D~) o (G V^T - kappa~ 1^T), dQ = c dS K, dK = c dS^T Q, dV = (D~^{-1} A~)^T G.
-Result<double> dense_adjoint(const Problem<double>& x, const polyattn::Polynomial& p, double c, bool causal,
-                             Index heads) {
+AttentionResult<double> dense_adjoint(const AttentionProblem<double>& x, const polyattn::Polynomial& p, double c,
+                                      bool causal, Index heads) {
   const Index dk = x.Q.cols() / heads, dv = x.V.cols() / heads, n = x.Q.rows();
   const polyattn::Polynomial dp = p.derivative();
-  Result<double> r{Matrix<double>(n, x.V.cols()), Matrix<double>(n, x.Q.cols()), Matrix<double>(n, x.K.cols()),
-                   Matrix<double>(n, x.V.cols()), {}, {}};
+  AttentionResult<double> r{Matrix<double>(n, x.V.cols()), Matrix<double>(n, x.Q.cols()),
+                            Matrix<double>(n, x.K.cols()), Matrix<double>(n, x.V.cols()), {}, {}};
   for (Index h = 0; h < heads; ++h) {
     const Matrix<double> Qh = x.Q.middleCols(h * dk, dk), Kh = x.K.middleCols(h * dk, dk);
     const Matrix<double> Vh = x.V.middleCols(h * dv, dv), Gh = x.G.middleCols(h * dv, dv);
@@ -85,13 +82,13 @@ Result<double> dense_adjoint(const Problem<double>& x, const polyattn::Polynomia
 
 TEST_CASE("AdjointBackend forward equals PolynomialAttention forward and certificate", "[adjoint_gradients]") {
   // Same function computed in the same order up to chunking: agreement to rounding, 1e-12 relative in double.
-  const Problem<double> x = random_problem<double>(23, 3, 4, 1, 11, 1.0);
+  const AttentionProblem<double> x = random_problem<double>(23, 3, 4, 1, 11, 1.0);
   for (const bool causal : {false, true})
     for (const Index heads : {1, 3})
       for (const int degree : {2, 4})
         for (const Index chunk : {0, 5}) {
           CAPTURE(causal, heads, degree, chunk);
-          PolynomialAttentionOptions opt = options(causal, heads, degree, FeatureMapKind::symmetric, chunk);
+          PolynomialAttentionOptions opt = adjoint_options(causal, heads, degree, FeatureMapKind::symmetric, chunk);
           opt.estimate_error = true;
           opt.estimate_rows = 7;
           // V has 3 columns: d_v = 3 for one head, 1 for three.
@@ -129,10 +126,11 @@ void check_finite_differences(bool causal, int degree) {
     for (const FeatureMapKind map : {FeatureMapKind::symmetric, FeatureMapKind::kronecker})
       for (const Index chunk : {4, 11, 0}) {
         CAPTURE(causal, heads, degree, map == FeatureMapKind::kronecker, chunk);
-        const PolynomialAttentionOptions opt = options(causal, heads, degree, map, chunk);
-        Problem<double> x = random_problem<double>(n, heads, dk, dv, 100 + 7 * static_cast<std::uint64_t>(heads), 1.0);
+        const PolynomialAttentionOptions opt = adjoint_options(causal, heads, degree, map, chunk);
+        AttentionProblem<double> x =
+            random_problem<double>(n, heads, dk, dv, 100 + 7 * static_cast<std::uint64_t>(heads), 1.0);
         AdjointBackend<double> adjoint(opt);
-        const Result<double> r = forward_backward<double>(adjoint, x);
+        const AttentionResult<double> r = forward_backward<double>(adjoint, x);
         AdjointBackend<double> evaluator(opt);
         check_attention_gradients(evaluator, x, r, 1e-7);
       }
@@ -166,12 +164,12 @@ TEST_CASE("AdjointBackend differentiates a minimax polynomial with a fixed inter
   // d_k = 3 keep R = c max|q| max|k| near 2, inside [-4, 4] (checked by the certificate's `valid`).
   for (const bool causal : {false, true}) {
     CAPTURE(causal);
-    PolynomialAttentionOptions opt = options(causal, 2, 4, FeatureMapKind::symmetric, 3);
+    PolynomialAttentionOptions opt = adjoint_options(causal, 2, 4, FeatureMapKind::symmetric, 3);
     opt.kind = PolynomialKind::minimax;
     opt.radius = 4;
-    Problem<double> x = random_problem<double>(9, 2, 3, 2, 300, 0.6);
+    AttentionProblem<double> x = random_problem<double>(9, 2, 3, 2, 300, 0.6);
     AdjointBackend<double> adjoint(opt);
-    const Result<double> r = forward_backward<double>(adjoint, x);
+    const AttentionResult<double> r = forward_backward<double>(adjoint, x);
     REQUIRE(r.certificate.valid);
     AdjointBackend<double> evaluator(opt);
     check_attention_gradients(evaluator, x, r, 1e-7);
@@ -185,18 +183,19 @@ TEST_CASE("AdjointBackend equals the dense gradient of the approximate function 
   // n = 30; 5 and 30 do. The causal backward runs with the forward's prefix-state checkpoints and, with a
   // zero memory budget, with the prefix scan that recomputes them.
   const Index n = 30, heads = 2;
-  const Problem<double> x = random_problem<double>(n, heads, 4, 3, 500, 1.0);
+  const AttentionProblem<double> x = random_problem<double>(n, heads, 4, 3, 500, 1.0);
   for (const bool causal : {false, true})
     for (const bool checkpoint : {true, false})
       for (const int degree : {2, 4})
         for (const Index chunk : {1, 4, 5, 7, 30}) {
           CAPTURE(causal, checkpoint, degree, chunk);
-          polyattn::PolynomialAttentionOptions opt = options(causal, heads, degree, FeatureMapKind::symmetric, chunk);
+          polyattn::PolynomialAttentionOptions opt =
+              adjoint_options(causal, heads, degree, FeatureMapKind::symmetric, chunk);
           if (!checkpoint) opt.max_checkpoint_bytes = 0;
           AdjointBackend<double> adjoint(opt);
-          const Result<double> r = forward_backward<double>(adjoint, x);
+          const AttentionResult<double> r = forward_backward<double>(adjoint, x);
           CHECK(adjoint.checkpointed() == (checkpoint || !causal));
-          const Result<double> dense = dense_adjoint(x, polyattn::taylor_exp(degree), 0.5, causal, heads);
+          const AttentionResult<double> dense = dense_adjoint(x, polyattn::taylor_exp(degree), 0.5, causal, heads);
           CHECK(relative_error(r.O, dense.O) < 1e-12);
           CHECK(relative_error(r.dQ, dense.dQ) < 1e-12);
           CHECK(relative_error(r.dK, dense.dK) < 1e-12);
@@ -213,9 +212,9 @@ TEST_CASE("AdjointBackend against exact gradients within the certified bounds", 
   for (const bool causal : {false, true})
     for (const Index heads : {1, 2}) {
       CAPTURE(causal, heads);
-      const Problem<double> x = random_problem<double>(n, heads, 4, 3, 700, 0.3);
-      AdjointBackend<double> adjoint(options(causal, heads, 4, FeatureMapKind::symmetric, 16));
-      const Result<double> r = forward_backward<double>(adjoint, x);
+      const AttentionProblem<double> x = random_problem<double>(n, heads, 4, 3, 700, 0.3);
+      AdjointBackend<double> adjoint(adjoint_options(causal, heads, 4, FeatureMapKind::symmetric, 16));
+      const AttentionResult<double> r = forward_backward<double>(adjoint, x);
       REQUIRE(!r.certificate.vacuous());
       REQUIRE(r.gradient.forward.poly_error == r.certificate.poly_error);
       REQUIRE(r.gradient.derivative_error > r.certificate.poly_error);
@@ -238,9 +237,9 @@ TEST_CASE("AdjointBackend against exact gradients within the certified bounds", 
 TEST_CASE("AdjointBackend gradient bounds are infinite when the forward certificate is vacuous",
           "[adjoint_gradients]") {
   // q, k ~ N(0, 2^2): R far beyond where degree 2 has eps < 1.
-  const Problem<double> x = random_problem<double>(12, 1, 4, 2, 800, 2.0);
-  AdjointBackend<double> adjoint(options(false, 1, 2, FeatureMapKind::symmetric, 0));
-  const Result<double> r = forward_backward<double>(adjoint, x);
+  const AttentionProblem<double> x = random_problem<double>(12, 1, 4, 2, 800, 2.0);
+  AdjointBackend<double> adjoint(adjoint_options(false, 1, 2, FeatureMapKind::symmetric, 0));
+  const AttentionResult<double> r = forward_backward<double>(adjoint, x);
   REQUIRE(r.certificate.vacuous());
   CHECK(std::isinf(r.gradient.dq_bound));
   CHECK(std::isinf(r.gradient.dk_bound));
@@ -251,15 +250,15 @@ TEST_CASE("AdjointBackend gradient bounds are infinite when the forward certific
 TEST_CASE("AdjointBackend in float agrees with double", "[adjoint_gradients]") {
   // Float rounding of O(n r d) sums of O(1) terms: ~1e-6 relative, conditioned by the normaliser; 1e-4.
   const Index n = 100;
-  const Problem<double> x = random_problem<double>(n, 2, 8, 8, 900, 0.5);
-  const Problem<float> xf{x.Q.cast<float>(), x.K.cast<float>(), x.V.cast<float>(), x.G.cast<float>()};
+  const AttentionProblem<double> x = random_problem<double>(n, 2, 8, 8, 900, 0.5);
+  const AttentionProblem<float> xf{x.Q.cast<float>(), x.K.cast<float>(), x.V.cast<float>(), x.G.cast<float>()};
   for (const bool causal : {false, true}) {
     CAPTURE(causal);
-    const PolynomialAttentionOptions opt = options(causal, 2, 2, FeatureMapKind::symmetric, 0);
+    const PolynomialAttentionOptions opt = adjoint_options(causal, 2, 2, FeatureMapKind::symmetric, 0);
     AdjointBackend<double> adjoint(opt);
     AdjointBackend<float> adjoint_float(opt);
-    const Result<double> r = forward_backward<double>(adjoint, x);
-    const Result<float> rf = forward_backward<float>(adjoint_float, xf);
+    const AttentionResult<double> r = forward_backward<double>(adjoint, x);
+    const AttentionResult<float> rf = forward_backward<float>(adjoint_float, xf);
     CHECK(relative_error(rf.O, r.O) < 1e-4);
     CHECK(relative_error(rf.dQ, r.dQ) < 1e-4);
     CHECK(relative_error(rf.dK, r.dK) < 1e-4);
@@ -271,13 +270,13 @@ TEST_CASE("AdjointBackend reuses its workspaces across shapes", "[adjoint_gradie
   // One object through n = 17, then n = 9 and back: each call must match a fresh object exactly.
   for (const bool causal : {false, true}) {
     CAPTURE(causal);
-    const PolynomialAttentionOptions opt = options(causal, 1, 2, FeatureMapKind::symmetric, 5);
+    const PolynomialAttentionOptions opt = adjoint_options(causal, 1, 2, FeatureMapKind::symmetric, 5);
     AdjointBackend<double> reused(opt);
     for (const Index n : {17, 9, 17}) {
-      const Problem<double> x = random_problem<double>(n, 1, 3, 2, 1000 + static_cast<std::uint64_t>(n), 1.0);
+      const AttentionProblem<double> x = random_problem<double>(n, 1, 3, 2, 1000 + static_cast<std::uint64_t>(n), 1.0);
       AdjointBackend<double> fresh(opt);
-      const Result<double> a = forward_backward<double>(reused, x);
-      const Result<double> b = forward_backward<double>(fresh, x);
+      const AttentionResult<double> a = forward_backward<double>(reused, x);
+      const AttentionResult<double> b = forward_backward<double>(fresh, x);
       CHECK(a.O == b.O);
       CHECK(a.dQ == b.dQ);
       CHECK(a.dK == b.dK);
@@ -288,10 +287,10 @@ TEST_CASE("AdjointBackend reuses its workspaces across shapes", "[adjoint_gradie
 
 TEST_CASE("AdjointBackend through the backend interface", "[adjoint_gradients]") {
   std::unique_ptr<AttentionBackend<double>> backend =
-      std::make_unique<AdjointBackend<double>>(options(true, 1, 2, FeatureMapKind::symmetric, 0));
+      std::make_unique<AdjointBackend<double>>(adjoint_options(true, 1, 2, FeatureMapKind::symmetric, 0));
   CHECK(backend->method() == AttentionMethod::adjoint);
-  const Problem<double> x = random_problem<double>(6, 1, 2, 2, 1100, 1.0);
-  const Result<double> r = forward_backward<double>(*backend, x);
+  const AttentionProblem<double> x = random_problem<double>(6, 1, 2, 2, 1100, 1.0);
+  const AttentionResult<double> r = forward_backward<double>(*backend, x);
   CHECK(r.dQ.allFinite());
   CHECK(r.dK.allFinite());
   CHECK(r.dV.allFinite());
@@ -299,9 +298,9 @@ TEST_CASE("AdjointBackend through the backend interface", "[adjoint_gradients]")
 
 TEST_CASE("AdjointBackend rejects bad input naming the argument", "[adjoint_gradients]") {
   const Index n = 6;
-  const Problem<double> x = random_problem<double>(n, 1, 3, 2, 1200, 1.0);
+  const AttentionProblem<double> x = random_problem<double>(n, 1, 3, 2, 1200, 1.0);
   Matrix<double> O(n, 2), dQ(n, 3), dK(n, 3), dV(n, 2);
-  AdjointBackend<double> adjoint(options(false, 1, 2, FeatureMapKind::symmetric, 0));
+  AdjointBackend<double> adjoint(adjoint_options(false, 1, 2, FeatureMapKind::symmetric, 0));
 
   CHECK_THROWS_WITH(adjoint.backward(x.Q, x.K, x.V, O, x.G, dQ, dK, dV), Contains("call forward() first"));
   CHECK_THROWS_AS(adjoint.backward(x.Q, x.K, x.V, O, x.G, dQ, dK, dV), std::invalid_argument);
@@ -325,23 +324,23 @@ TEST_CASE("AdjointBackend rejects bad input naming the argument", "[adjoint_grad
   CHECK_THROWS_WITH(adjoint.backward(x.Q, x.K, x.V, O, x.G, wrong_dQ, dK, dV), Contains("'dQ'"));
   CHECK_THROWS_WITH(adjoint.backward(x.Q, x.K, x.V, O, x.G, dQ, wrong_dK, dV), Contains("'dK'"));
   CHECK_THROWS_WITH(adjoint.backward(x.Q, x.K, x.V, O, x.G, dQ, dK, wrong_dV), Contains("'dV'"));
-  const Problem<double> longer = random_problem<double>(n + 2, 1, 3, 2, 1300, 1.0);
+  const AttentionProblem<double> longer = random_problem<double>(n + 2, 1, 3, 2, 1300, 1.0);
   Matrix<double> longer_O(n + 2, 2), longer_dQ(n + 2, 3), longer_dK(n + 2, 3), longer_dV(n + 2, 2);
   CHECK_THROWS_WITH(adjoint.backward(longer.Q, longer.K, longer.V, longer_O, longer.G, longer_dQ, longer_dK,
                                      longer_dV),
                     Contains("shapes of the last forward()"));
 
-  PolynomialAttentionOptions bad = options(false, 1, -1, FeatureMapKind::symmetric, 0);
+  PolynomialAttentionOptions bad = adjoint_options(false, 1, -1, FeatureMapKind::symmetric, 0);
   CHECK_THROWS_WITH(AdjointBackend<double>(bad), Contains("'degree'"));
-  bad = options(false, 1, 2, FeatureMapKind::symmetric, -3);
+  bad = adjoint_options(false, 1, 2, FeatureMapKind::symmetric, -3);
   CHECK_THROWS_WITH(AdjointBackend<double>(bad), Contains("'chunk_size'"));
-  bad = options(false, 0, 2, FeatureMapKind::symmetric, 0);
+  bad = adjoint_options(false, 0, 2, FeatureMapKind::symmetric, 0);
   CHECK_THROWS_WITH(AdjointBackend<double>(bad), Contains("'heads'"));
-  bad = options(false, 2, 2, FeatureMapKind::symmetric, 0);
+  bad = adjoint_options(false, 2, 2, FeatureMapKind::symmetric, 0);
   AdjointBackend<double> two_heads(bad);
   CHECK_THROWS_WITH(two_heads.forward(x.Q, x.K, x.V, O), Contains("'heads'"));
 
-  PolynomialAttentionOptions strict = options(false, 1, 2, FeatureMapKind::symmetric, 0);
+  PolynomialAttentionOptions strict = adjoint_options(false, 1, 2, FeatureMapKind::symmetric, 0);
   strict.radius = 0.01;
   strict.range_policy = polyattn::RangePolicy::throw_error;
   AdjointBackend<double> strict_adjoint(strict);
@@ -354,7 +353,7 @@ TEST_CASE("AdjointBackend rejects a polynomial that is not positive on the score
   const Matrix<double> V = random_matrix<double>(3, 2, 1400);
   Matrix<double> O(3, 2);
   for (const bool causal : {false, true}) {
-    AdjointBackend<double> adjoint(options(causal, 1, 1, FeatureMapKind::symmetric, 0));
+    AdjointBackend<double> adjoint(adjoint_options(causal, 1, 1, FeatureMapKind::symmetric, 0));
     CHECK_THROWS_AS(adjoint.forward(Q, K, V, O), std::domain_error);
   }
 }

@@ -63,7 +63,7 @@ Matrix<double> projected_layer_output(const Matrix<double>& X, const Matrix<doub
   return O;
 }
 
-std::unique_ptr<AttentionBackend<double>> make_backend(bool blocked, const AttentionOptions& opt) {
+std::unique_ptr<AttentionBackend<double>> make_layer_backend(bool blocked, const AttentionOptions& opt) {
   if (!blocked) return std::make_unique<ExactReferenceBackend<double>>(opt);
   // blocks that do not divide n = 10
   return std::make_unique<ExactBlockedBackend<double>>(opt, ExactBlockedOptions{4, 3, 3, 4});
@@ -88,7 +88,7 @@ TEST_CASE("Paper layer dX, dW, dW_V match central finite differences", "[layer_g
           Matrix<double> W = random_matrix<double>(d, heads * d, seed + 1);
           Matrix<double> W_V = random_matrix<double>(d, heads * dv, seed + 2);
           const Matrix<double> R = random_matrix<double>(n, heads * dv, seed + 3);
-          const auto backend = make_backend(blocked, AttentionOptions{c, causal, heads});
+          const auto backend = make_layer_backend(blocked, AttentionOptions{c, causal, heads});
           MergedQKAttentionLayer<double> layer(*backend);
           Matrix<double> O(n, heads * dv);
           layer.forward(X, W, W_V, O);
@@ -149,7 +149,7 @@ TEST_CASE("Projected layer dX, dW_Q, dW_K, dW_V match central finite differences
           Matrix<double> W_K = random_matrix<double>(d_model, heads * dk, seed + 2);
           Matrix<double> W_V = random_matrix<double>(d_model, heads * dv, seed + 3);
           const Matrix<double> R = random_matrix<double>(n, heads * dv, seed + 4);
-          const auto backend = make_backend(blocked, AttentionOptions{c, causal, heads});
+          const auto backend = make_layer_backend(blocked, AttentionOptions{c, causal, heads});
           ProjectedAttentionLayer<double> layer(*backend);
           Matrix<double> O(n, heads * dv);
           layer.forward(X, W_Q, W_K, W_V, O);

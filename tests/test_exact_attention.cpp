@@ -1,6 +1,7 @@
 #include <polyattn/attention/exact_attention.hpp>
 
 #include "gradient_check.hpp"
+#include "test_support.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -20,6 +21,7 @@ using polyattn::Matrix;
 using polyattn::attention_reference;
 using polyattn::testing::random_matrix;
 using polyattn::testing::relative_error;
+using polyattn::testing::score_radius;
 using Catch::Contains;
 
 namespace {
@@ -66,18 +68,6 @@ Matrix<double> naive_attention(const Matrix<T>& Q, const Matrix<T>& K, const Mat
       for (Index l = 0; l < dv; ++l) O(i, h * dv + l) = static_cast<double>(out[static_cast<std::size_t>(l)] / total);
     }
   return O;
-}
-
-// Largest |score| over heads: R = c max_i ||q_i|| max_j ||k_j|| bounds it.
-template <class T>
-double score_radius(const Matrix<T>& Q, const Matrix<T>& K, const AttentionOptions& opt) {
-  const Index dk = Q.cols() / opt.heads;
-  double radius = 0;
-  for (Index h = 0; h < opt.heads; ++h)
-    radius = std::max(radius, opt.resolved_scale(dk) *
-                                  static_cast<double>(Q.middleCols(h * dk, dk).rowwise().norm().maxCoeff()) *
-                                  static_cast<double>(K.middleCols(h * dk, dk).rowwise().norm().maxCoeff()));
-  return radius;
 }
 
 // Forward rounding of softmax attention in precision u: a score c q.k (d products and sums) is off by at

@@ -29,39 +29,39 @@ namespace {
 
 // Random Q, K, V (n x h d_k, m x h d_k, m x h d_v) and upstream gradient G = R of the loss L = <R, O>.
 template <class T>
-struct Problem {
+struct ExactProblem {
   Matrix<T> Q, K, V, G;
 };
 
 template <class T>
-Problem<T> random_problem(Index n, Index m, Index heads, Index dk, Index dv, std::uint64_t seed) {
+ExactProblem<T> random_exact_problem(Index n, Index m, Index heads, Index dk, Index dv, std::uint64_t seed) {
   return {random_matrix<T>(n, heads * dk, seed), random_matrix<T>(m, heads * dk, seed + 1),
           random_matrix<T>(m, heads * dv, seed + 2), random_matrix<T>(n, heads * dv, seed + 3)};
 }
 
 // L = <R, O>: a random linear functional of the output, so dL/dO = R exactly.
-double projected_loss(const Problem<double>& x, const AttentionOptions& opt) {
+double projected_loss(const ExactProblem<double>& x, const AttentionOptions& opt) {
   return (x.G.array() * polyattn::attention_reference(x.Q, x.K, x.V, opt).array()).sum();
 }
 
-struct Gradients {
+struct ExactGradients {
   Matrix<double> O, dQ, dK, dV;
 };
 
 // forward then backward; the outputs start as NaN so that a backend that reads them instead of overwriting
 // them fails.
-Gradients run(AttentionBackend<double>& backend, const Problem<double>& x) {
+ExactGradients run(AttentionBackend<double>& backend, const ExactProblem<double>& x) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  Gradients g{Matrix<double>::Constant(x.Q.rows(), x.V.cols(), nan),
-              Matrix<double>::Constant(x.Q.rows(), x.Q.cols(), nan),
-              Matrix<double>::Constant(x.K.rows(), x.K.cols(), nan),
-              Matrix<double>::Constant(x.V.rows(), x.V.cols(), nan)};
+  ExactGradients g{Matrix<double>::Constant(x.Q.rows(), x.V.cols(), nan),
+                   Matrix<double>::Constant(x.Q.rows(), x.Q.cols(), nan),
+                   Matrix<double>::Constant(x.K.rows(), x.K.cols(), nan),
+                   Matrix<double>::Constant(x.V.rows(), x.V.cols(), nan)};
   backend.forward(x.Q, x.K, x.V, g.O);
   backend.backward(x.Q, x.K, x.V, g.O, x.G, g.dQ, g.dK, g.dV);
   return g;
 }
 
-std::unique_ptr<AttentionBackend<double>> make_backend(bool blocked, const AttentionOptions& opt) {
+std::unique_ptr<AttentionBackend<double>> make_exact_backend(bool blocked, const AttentionOptions& opt) {
   if (!blocked) return std::make_unique<ExactReferenceBackend<double>>(opt);
   // blocks of 4 x 3 do not divide n = 9 and exercise partial diagonal blocks under the mask
   ExactBlockedOptions blocks;
@@ -87,9 +87,9 @@ TEST_CASE("Exact dQ, dK, dV match central finite differences of the exact loss",
         for (const double scale : {1.0 / dk, 1.0 / std::sqrt(double(dk))}) {
           CAPTURE(blocked, causal, heads, scale);
           const AttentionOptions opt{scale, causal, heads};
-          Problem<double> x = random_problem<double>(n, n, heads, dk, dv, 100 + 10 * std::uint64_t(heads));
-          const auto backend = make_backend(blocked, opt);
-          const Gradients g = run(*backend, x);
+          ExactProblem<double> x = random_exact_problem<double>(n, n, heads, dk, dv, 100 + 10 * std::uint64_t(heads));
+          const auto backend = make_exact_backend(blocked, opt);
+          const ExactGradients g = run(*backend, x);
           REQUIRE(relative_error(g.O, polyattn::attention_reference(x.Q, x.K, x.V, opt)) < 1e-14);
           const auto loss = [&] { return projected_loss(x, opt); };
           REQUIRE(gradient_error(loss, x.Q, g.dQ) < tolerance);
@@ -112,9 +112,10 @@ TEST_CASE("Causal exact gradients with fewer queries than keys match central fin
       for (const Index heads : {1, 2}) {
         CAPTURE(shape.n, shape.m, blocked, heads);
         const AttentionOptions opt{std::nullopt, true, heads};
-        Problem<double> x = random_problem<double>(shape.n, shape.m, heads, 3, 2, 400 + std::uint64_t(shape.n));
-        const auto backend = make_backend(blocked, opt);
-        const Gradients g = run(*backend, x);
+        ExactProblem<double> x =
+            random_exact_problem<double>(shape.n, shape.m, heads, 3, 2, 400 + std::uint64_t(shape.n));
+        const auto backend = make_exact_backend(blocked, opt);
+        const ExactGradients g = run(*backend, x);
         const auto loss = [&] { return projected_loss(x, opt); };
         REQUIRE(gradient_error(loss, x.Q, g.dQ) < tolerance);
         REQUIRE(gradient_error(loss, x.K, g.dK) < tolerance);
@@ -138,11 +139,11 @@ TEST_CASE("Causal exact attention of the last n queries is the last n rows of th
         CAPTURE(shape.n, shape.m, blocked, heads);
         const AttentionOptions opt{std::nullopt, true, heads};
         const std::uint64_t seed = 500 + std::uint64_t(shape.n);
-        Problem<double> full = random_problem<double>(shape.m, shape.m, heads, 4, 3, seed);
+        ExactProblem<double> full = random_exact_problem<double>(shape.m, shape.m, heads, 4, 3, seed);
         full.G.topRows(shape.m - shape.n).setZero();
-        const Problem<double> last{full.Q.bottomRows(shape.n), full.K, full.V, full.G.bottomRows(shape.n)};
-        const Gradients expected = run(*make_backend(blocked, opt), full);
-        const Gradients actual = run(*make_backend(blocked, opt), last);
+        const ExactProblem<double> last{full.Q.bottomRows(shape.n), full.K, full.V, full.G.bottomRows(shape.n)};
+        const ExactGradients expected = run(*make_exact_backend(blocked, opt), full);
+        const ExactGradients actual = run(*make_exact_backend(blocked, opt), last);
         REQUIRE(relative_error(actual.O, expected.O.bottomRows(shape.n)) < tolerance);
         REQUIRE(expected.dQ.topRows(shape.m - shape.n).isZero(0));
         REQUIRE(relative_error(actual.dQ, expected.dQ.bottomRows(shape.n)) < tolerance);
@@ -153,8 +154,8 @@ TEST_CASE("Causal exact attention of the last n queries is the last n rows of th
 
 TEST_CASE("Only the exact methods take fewer queries than keys under the causal mask", "[exact_gradients]") {
   const AttentionOptions opt{std::nullopt, true, 2};
-  const Problem<double> fewer = random_problem<double>(5, 8, 2, 3, 2, 600);
-  const Problem<double> more = random_problem<double>(8, 5, 2, 3, 2, 601);
+  const ExactProblem<double> fewer = random_exact_problem<double>(5, 8, 2, 3, 2, 600);
+  const ExactProblem<double> more = random_exact_problem<double>(8, 5, 2, 3, 2, 601);
   for (const AttentionMethod method : polyattn::all_attention_methods) {
     CAPTURE(polyattn::attention_method_name(method));
     const auto backend = polyattn::make_attention_backend<double>(method, opt);
@@ -190,11 +191,11 @@ TEST_CASE("Only the exact methods take fewer queries than keys under the causal 
 TEST_CASE("Causal exact gradients do not reach keys after the query", "[exact_gradients]") {
   // Under the causal mask query i never sees key j > i: the gradient of row i of O reaches only keys 0..i.
   const Index n = 6;
-  Problem<double> x = random_problem<double>(n, n, 1, 2, 2, 7);
+  ExactProblem<double> x = random_exact_problem<double>(n, n, 1, 2, 2, 7);
   x.G.setZero();
   x.G.row(2).setOnes();
   ExactBlockedBackend<double> exact(AttentionOptions{std::nullopt, true, 1}, ExactBlockedOptions{4, 4, 4, 4});
-  const Gradients g = run(exact, x);
+  const ExactGradients g = run(exact, x);
   REQUIRE(g.dK.bottomRows(n - 3).isZero(0));
   REQUIRE(g.dV.bottomRows(n - 3).isZero(0));
   REQUIRE(g.dK.topRows(3).norm() > 0.01);
@@ -217,12 +218,12 @@ TEST_CASE("Blocked exact backward equals the materialised backward in double", "
       for (const Index heads : {1, 3}) {
         CAPTURE(k.n, k.m, k.query_block, k.key_block, causal, heads);
         const AttentionOptions opt{std::nullopt, causal, heads};
-        const Problem<double> x = random_problem<double>(k.n, k.m, heads, 4, 3, 200);
+        const ExactProblem<double> x = random_exact_problem<double>(k.n, k.m, heads, 4, 3, 200);
         ExactReferenceBackend<double> reference(opt);
         ExactBlockedBackend<double> blocked(opt, ExactBlockedOptions{k.query_block, k.key_block, k.query_block,
                                                                      k.key_block});
-        const Gradients expected = run(reference, x);
-        const Gradients actual = run(blocked, x);
+        const ExactGradients expected = run(reference, x);
+        const ExactGradients actual = run(blocked, x);
         REQUIRE(relative_error(actual.O, expected.O) < tolerance);
         REQUIRE(relative_error(actual.dQ, expected.dQ) < tolerance);
         REQUIRE(relative_error(actual.dK, expected.dK) < tolerance);
@@ -240,9 +241,9 @@ TEST_CASE("Blocked exact backward in float agrees with the double reference", "[
   for (const bool causal : {false, true}) {
     CAPTURE(causal);
     const AttentionOptions opt{std::nullopt, causal, 2};
-    const Problem<double> x = random_problem<double>(300, 300, 2, 16, 16, 300);
+    const ExactProblem<double> x = random_exact_problem<double>(300, 300, 2, 16, 16, 300);
     ExactReferenceBackend<double> reference(opt);
-    const Gradients expected = run(reference, x);
+    const ExactGradients expected = run(reference, x);
     ExactBlockedBackend<float> blocked(opt, ExactBlockedOptions{64, 128, 48, 80});
     const Matrix<float> Q = x.Q.cast<float>(), K = x.K.cast<float>(), V = x.V.cast<float>(), G = x.G.cast<float>();
     Matrix<float> O(300, 32), dQ(300, 32), dK(300, 32), dV(300, 32);
@@ -261,7 +262,7 @@ TEST_CASE("Exact backends report their method and an exact certificate", "[exact
   ExactBlockedBackend<double> blocked(opt);
   REQUIRE(reference.method() == AttentionMethod::exact_reference);
   REQUIRE(blocked.method() == AttentionMethod::exact_blocked);
-  const Problem<double> x = random_problem<double>(5, 5, 1, 2, 2, 9);
+  const ExactProblem<double> x = random_exact_problem<double>(5, 5, 1, 2, 2, 9);
   Matrix<double> O(5, 2), dQ(5, 2), dK(5, 2), dV(5, 2);
   for (AttentionBackend<double>* backend : {static_cast<AttentionBackend<double>*>(&reference),
                                             static_cast<AttentionBackend<double>*>(&blocked)}) {
@@ -306,7 +307,7 @@ TEST_CASE("make_attention_backend takes plain AttentionOptions for every method"
 
 TEST_CASE("Exact backends reject bad input with the argument's name", "[exact_gradients]") {
   const AttentionOptions opt{std::nullopt, true, 2};
-  const Problem<double> x = random_problem<double>(6, 6, 2, 3, 2, 11);
+  const ExactProblem<double> x = random_exact_problem<double>(6, 6, 2, 3, 2, 11);
   Matrix<double> O(6, 4), dQ(6, 6), dK(6, 6), dV(6, 4);
   ExactBlockedBackend<double> blocked(opt);
   ExactReferenceBackend<double> reference(opt);
@@ -342,7 +343,7 @@ TEST_CASE("Exact backends reject bad input with the argument's name", "[exact_gr
   }
   SECTION("a different sequence length than the forward pass") {
     blocked.forward(x.Q, x.K, x.V, O);
-    const Problem<double> y = random_problem<double>(5, 5, 2, 3, 2, 12);
+    const ExactProblem<double> y = random_exact_problem<double>(5, 5, 2, 3, 2, 12);
     Matrix<double> O5(5, 4), dQ5(5, 6), dK5(5, 6), dV5(5, 4);
     REQUIRE_THROWS_WITH(blocked.backward(y.Q, y.K, y.V, O5, y.G, dQ5, dK5, dV5), Contains("preceding forward()"));
   }
@@ -369,7 +370,7 @@ TEST_CASE("Exact backends reject bad input with the argument's name", "[exact_gr
 
 TEST_CASE("Exact backends reject outputs overlapping inputs or each other, naming both", "[exact_gradients][aliasing]") {
   const Index n = 12, d = 4;
-  const Problem<double> x = random_problem<double>(n, n, 1, d, d, 40);
+  const ExactProblem<double> x = random_exact_problem<double>(n, n, 1, d, d, 40);
   const AttentionOptions opt{std::nullopt, true, 1};
   ExactReferenceBackend<double> reference(opt);
   ExactBlockedBackend<double> blocked(opt, ExactBlockedOptions{4, 4, 4, 4});
@@ -412,12 +413,12 @@ TEST_CASE("Exact backends reject outputs overlapping inputs or each other, namin
 
 TEST_CASE("Exact block options larger than the problem do not size the workspace", "[exact_gradients]") {
   const Index n = 16, d = 4, huge = Index(1) << 30;
-  const Problem<double> x = random_problem<double>(n, n, 2, d, d, 50);
+  const ExactProblem<double> x = random_exact_problem<double>(n, n, 2, d, d, 50);
   for (const bool causal : {false, true}) {
     const AttentionOptions opt{std::nullopt, causal, 2};
     ExactReferenceBackend<double> reference(opt);
     ExactBlockedBackend<double> blocked(opt, ExactBlockedOptions{huge, huge, huge, huge});
-    const Gradients expected = run(reference, x), actual = run(blocked, x);
+    const ExactGradients expected = run(reference, x), actual = run(blocked, x);
     REQUIRE(relative_error(actual.O, expected.O) < 1e-13);
     REQUIRE(relative_error(actual.dQ, expected.dQ) < 1e-12);
     REQUIRE(relative_error(actual.dK, expected.dK) < 1e-12);
@@ -427,7 +428,7 @@ TEST_CASE("Exact block options larger than the problem do not size the workspace
 
 TEST_CASE("Exact backends report overflow of finite float input as a domain_error", "[exact_gradients][overflow]") {
   const Index n = 16, d = 4;
-  const Problem<float> x = random_problem<float>(n, n, 1, d, d, 60);
+  const ExactProblem<float> x = random_exact_problem<float>(n, n, 1, d, d, 60);
   const AttentionOptions opt{std::nullopt, false, 1};
   ExactReferenceBackend<float> reference(opt);
   ExactBlockedBackend<float> blocked(opt, ExactBlockedOptions{4, 4, 4, 4});

@@ -29,6 +29,8 @@ using polyattn::Matrix;
 using polyattn::PolynomialAttention;
 using polyattn::PolynomialAttentionOptions;
 using polyattn::testing::check_attention_gradients;
+using polyattn::testing::AttentionProblem;
+using polyattn::testing::AttentionResult;
 using polyattn::testing::forward_backward;
 using polyattn::testing::random_matrix;
 using polyattn::testing::random_problem;
@@ -36,12 +38,7 @@ using polyattn::testing::relative_error;
 
 namespace {
 
-template <class T>
-using Problem = polyattn::testing::AttentionProblem<T>;
-template <class T>
-using Result = polyattn::testing::AttentionResult<T>;
-
-PolynomialAttentionOptions options(bool causal, Index heads, int degree, Index chunk, Index window) {
+PolynomialAttentionOptions window_options(bool causal, Index heads, int degree, Index chunk, Index window) {
   PolynomialAttentionOptions opt;
   opt.attention.causal = causal;
   opt.attention.heads = heads;
@@ -61,12 +58,12 @@ bool near(Index i, Index j, Index window, bool causal) {
 // A = exp(S) on the window's pairs, p(S) on the other unmasked pairs, 0 on masked ones; A' likewise with exp and
 // p'; D = A 1, O = D^{-1} A V, kappa = rowsum(G o O), dS = (D^{-1} A') o (G V^T - kappa 1^T),
 // dQ = c dS K, dK = c dS^T Q, dV = (D^{-1} A)^T G.
-Result<double> dense_window(const Problem<double>& x, const polyattn::Polynomial& p, double c, bool causal,
-                            Index heads, Index window) {
+AttentionResult<double> dense_window(const AttentionProblem<double>& x, const polyattn::Polynomial& p, double c,
+                                     bool causal, Index heads, Index window) {
   const Index dk = x.Q.cols() / heads, dv = x.V.cols() / heads, n = x.Q.rows();
   const polyattn::Polynomial dp = p.derivative();
-  Result<double> r{Matrix<double>(n, x.V.cols()), Matrix<double>(n, x.Q.cols()), Matrix<double>(n, x.K.cols()),
-                   Matrix<double>(n, x.V.cols()), {}, {}};
+  AttentionResult<double> r{Matrix<double>(n, x.V.cols()), Matrix<double>(n, x.Q.cols()),
+                            Matrix<double>(n, x.K.cols()), Matrix<double>(n, x.V.cols()), {}, {}};
   for (Index h = 0; h < heads; ++h) {
     const Matrix<double> Qh = x.Q.middleCols(h * dk, dk), Kh = x.K.middleCols(h * dk, dk);
     const Matrix<double> Vh = x.V.middleCols(h * dv, dv), Gh = x.G.middleCols(h * dv, dv);
@@ -120,21 +117,21 @@ TEST_CASE("exact window: forward and adjoint gradient equal the dense formula", 
   // (the diagonal), 3, 9 (across chunks), 30 (every pair) and 45 (more than n). The causal backward also runs
   // without checkpoints and with one chunk per scan window, which moves the lag across scan windows.
   const Index n = 30, heads = 2;
-  const Problem<double> x = random_problem<double>(n, heads, 4, 3, 500, 1.0);
+  const AttentionProblem<double> x = random_problem<double>(n, heads, 4, 3, 500, 1.0);
   for (const bool causal : {false, true})
     for (const Index window : {1, 3, 9, 30, 45})
       for (const Index chunk : {4, 7, 0})
         for (const bool checkpoint : {true, false}) {
           if (!causal && !checkpoint) continue;
           CAPTURE(causal, window, chunk, checkpoint);
-          PolynomialAttentionOptions opt = options(causal, heads, 2, chunk, window);
+          PolynomialAttentionOptions opt = window_options(causal, heads, 2, chunk, window);
           if (!checkpoint) {
             opt.max_checkpoint_bytes = 0;
             opt.scan_window_bytes = 1;
           }
           AdjointBackend<double> adjoint(opt);
-          const Result<double> r = forward_backward<double>(adjoint, x);
-          const Result<double> dense = dense_window(x, polyattn::taylor_exp(2), 0.5, causal, heads, window);
+          const AttentionResult<double> r = forward_backward<double>(adjoint, x);
+          const AttentionResult<double> dense = dense_window(x, polyattn::taylor_exp(2), 0.5, causal, heads, window);
           CHECK(relative_error(r.O, dense.O) < 1e-12);
           CHECK(relative_error(r.dQ, dense.dQ) < 1e-12);
           CHECK(relative_error(r.dK, dense.dK) < 1e-12);
@@ -149,12 +146,12 @@ TEST_CASE("exact window: forward and adjoint gradient equal the dense formula", 
 
 TEST_CASE("exact window 0 is the polynomial method; a window changes the result", "[exact_window]") {
   // w = 0 runs the code of the plain method; a window of 1 already replaces p by exp on the diagonal.
-  const Problem<double> x = random_problem<double>(21, 1, 3, 2, 600, 1.0);
+  const AttentionProblem<double> x = random_problem<double>(21, 1, 3, 2, 600, 1.0);
   for (const bool causal : {false, true}) {
     CAPTURE(causal);
-    AdjointBackend<double> plain(options(causal, 1, 4, 5, 0)), windowed(options(causal, 1, 4, 5, 1));
-    const Result<double> a = forward_backward<double>(plain, x), b = forward_backward<double>(windowed, x);
-    const Result<double> dense = dense_window(x, polyattn::taylor_exp(4), 0.5, causal, 1, 0);
+    AdjointBackend<double> plain(window_options(causal, 1, 4, 5, 0)), windowed(window_options(causal, 1, 4, 5, 1));
+    const AttentionResult<double> a = forward_backward<double>(plain, x), b = forward_backward<double>(windowed, x);
+    const AttentionResult<double> dense = dense_window(x, polyattn::taylor_exp(4), 0.5, causal, 1, 0);
     CHECK(relative_error(a.O, dense.O) < 1e-12);
     CHECK(relative_error(a.dQ, dense.dQ) < 1e-12);
     CHECK(relative_error(b.O, a.O) > 1e-6);
@@ -172,10 +169,11 @@ TEST_CASE("exact window: the adjoint gradient is the gradient of the windowed fo
     for (const Index window : {1, 3, 6})
       for (const int degree : {2, 4}) {
         CAPTURE(causal, window, degree);
-        const PolynomialAttentionOptions opt = options(causal, heads, degree, 4, window);
-        Problem<double> x = random_problem<double>(n, heads, 3, 2, 700 + static_cast<std::uint64_t>(window), 1.0);
+        const PolynomialAttentionOptions opt = window_options(causal, heads, degree, 4, window);
+        AttentionProblem<double> x =
+            random_problem<double>(n, heads, 3, 2, 700 + static_cast<std::uint64_t>(window), 1.0);
         AdjointBackend<double> adjoint(opt);
-        const Result<double> r = forward_backward<double>(adjoint, x);
+        const AttentionResult<double> r = forward_backward<double>(adjoint, x);
         PolynomialAttention<double> evaluator(opt);
         check_attention_gradients(evaluator, x, r, 1e-7);
       }
@@ -196,24 +194,24 @@ TEST_CASE("exact window: scores beyond float's exp range stay finite and accurat
   // Rows 0..4: near scores of about +100 (k_i = q_i) and, for row 5..9, about -100 (k_i = -q_i).
   for (Index i = 0; i < 5; ++i) K.row(i) = Q.row(i);
   for (Index i = 5; i < 10; ++i) K.row(i) = -Q.row(i);
-  const Problem<double> x{Q, K, random_matrix<double>(n, 3, 801), random_matrix<double>(n, 3, 802)};
-  const Problem<float> xf{Q.cast<float>(), K.cast<float>(), x.V.cast<float>(), x.G.cast<float>()};
+  const AttentionProblem<double> x{Q, K, random_matrix<double>(n, 3, 801), random_matrix<double>(n, 3, 802)};
+  const AttentionProblem<float> xf{Q.cast<float>(), K.cast<float>(), x.V.cast<float>(), x.G.cast<float>()};
   for (const bool causal : {false, true})
     for (const Index window : {1, 4, 16}) {
       CAPTURE(causal, window);
-      PolynomialAttentionOptions opt = options(causal, 1, 2, 8, window);
+      PolynomialAttentionOptions opt = window_options(causal, 1, 2, 8, window);
       opt.attention.scale = 1.0;
       AdjointBackend<double> reference(opt);
       AdjointBackend<float> single(opt);
-      const Result<double> r = forward_backward<double>(reference, x);
-      const Result<float> rf = forward_backward<float>(single, xf);
+      const AttentionResult<double> r = forward_backward<double>(reference, x);
+      const AttentionResult<float> rf = forward_backward<float>(single, xf);
       REQUIRE(r.certificate.radius == Approx(100).epsilon(1e-12));
       CHECK(rf.O.allFinite());
       CHECK(relative_error(rf.O, r.O) < 1e-4);
       CHECK(relative_error(rf.dQ, r.dQ) < 1e-4);
       CHECK(relative_error(rf.dK, r.dK) < 1e-4);
       CHECK(relative_error(rf.dV, r.dV) < 1e-4);
-      const Result<double> dense = dense_window(x, polyattn::taylor_exp(2), 1.0, causal, 1, window);
+      const AttentionResult<double> dense = dense_window(x, polyattn::taylor_exp(2), 1.0, causal, 1, window);
       CHECK(relative_error(r.O, dense.O) < 1e-12);
       CHECK(relative_error(r.dQ, dense.dQ) < 1e-10);
     }
@@ -224,14 +222,14 @@ TEST_CASE("exact window: the certificate covers the far pairs and holds", "[exac
   // inside it; the far pairs have a small radius, where degree 4 is certified. The bounds are checked against exact
   // attention entry by entry, and the sampled estimate (every row) is the true error.
   const Index n = 40, window = 3;
-  Problem<double> x = random_problem<double>(n, 1, 4, 3, 900, 0.25);
+  AttentionProblem<double> x = random_problem<double>(n, 1, 4, 3, 900, 0.25);
   x.Q.topRows(3) *= 4;
   x.K.topRows(3) *= 4;
-  PolynomialAttentionOptions opt = options(true, 1, 4, 8, window);
+  PolynomialAttentionOptions opt = window_options(true, 1, 4, 8, window);
   opt.estimate_error = true;
   opt.estimate_rows = n;
   AdjointBackend<double> adjoint(opt);
-  const Result<double> r = forward_backward<double>(adjoint, x);
+  const AttentionResult<double> r = forward_backward<double>(adjoint, x);
   const Certificate& cert = r.certificate;
   // The far radius, measured independently: c max over j <= i - w of |q_i| |k_j|.
   double far = 0;
@@ -246,7 +244,7 @@ TEST_CASE("exact window: the certificate covers the far pairs and holds", "[exac
   PolynomialAttentionOptions plain_opt = opt;
   plain_opt.exact_window = 0;
   AdjointBackend<double> plain(plain_opt);
-  const Result<double> p = forward_backward<double>(plain, x);
+  const AttentionResult<double> p = forward_backward<double>(plain, x);
   CHECK(p.certificate.poly_error > 5 * cert.poly_error);
 
   const polyattn::AttentionOptions exact_opt{0.5, true, 1};
@@ -263,8 +261,8 @@ TEST_CASE("exact window: the certificate covers the far pairs and holds", "[exac
   CHECK(cert.sampled_max_error == Approx(worst).epsilon(1e-9));
 
   // A window of at least n leaves no far pair: R_far = 0 and the output is exact attention.
-  AdjointBackend<double> everything(options(true, 1, 4, 8, n));
-  const Result<double> e = forward_backward<double>(everything, x);
+  AdjointBackend<double> everything(window_options(true, 1, 4, 8, n));
+  const AttentionResult<double> e = forward_backward<double>(everything, x);
   CHECK(e.certificate.far_radius == 0);
   CHECK(relative_error(e.O, O) < 1e-12);
   CHECK(relative_error(e.dQ, dQ) < 1e-12);
@@ -273,10 +271,10 @@ TEST_CASE("exact window: the certificate covers the far pairs and holds", "[exac
 TEST_CASE("exact window: the range policy applies to the far radius", "[exact_window]") {
   // The same large-diagonal inputs: R exceeds 'radius' = 1.5 but the far radius does not.
   const Index n = 24;
-  Problem<double> x = random_problem<double>(n, 1, 4, 3, 1000, 0.25);
+  AttentionProblem<double> x = random_problem<double>(n, 1, 4, 3, 1000, 0.25);
   x.Q.topRows(2) *= 6;
   x.K.topRows(2) *= 6;
-  PolynomialAttentionOptions opt = options(true, 1, 4, 0, 2);
+  PolynomialAttentionOptions opt = window_options(true, 1, 4, 0, 2);
   opt.radius = 1.5;
   opt.range_policy = polyattn::RangePolicy::throw_error;
   PolynomialAttention<double> windowed(opt);
@@ -293,12 +291,12 @@ TEST_CASE("exact window: the range policy applies to the far radius", "[exact_wi
 TEST_CASE("exact window: a reused object equals a fresh one across shapes", "[exact_window]") {
   for (const bool causal : {false, true}) {
     CAPTURE(causal);
-    const PolynomialAttentionOptions opt = options(causal, 1, 2, 5, 6);
+    const PolynomialAttentionOptions opt = window_options(causal, 1, 2, 5, 6);
     AdjointBackend<double> reused(opt);
     for (const Index n : {17, 4, 17}) {
-      const Problem<double> x = random_problem<double>(n, 1, 3, 2, 1100 + static_cast<std::uint64_t>(n), 1.0);
+      const AttentionProblem<double> x = random_problem<double>(n, 1, 3, 2, 1100 + static_cast<std::uint64_t>(n), 1.0);
       AdjointBackend<double> fresh(opt);
-      const Result<double> a = forward_backward<double>(reused, x), b = forward_backward<double>(fresh, x);
+      const AttentionResult<double> a = forward_backward<double>(reused, x), b = forward_backward<double>(fresh, x);
       CHECK(a.O == b.O);
       CHECK(a.dQ == b.dQ);
       CHECK(a.dK == b.dK);
@@ -308,22 +306,23 @@ TEST_CASE("exact window: a reused object equals a fresh one across shapes", "[ex
 }
 
 TEST_CASE("exact window: invalid uses are refused naming the option", "[exact_window]") {
-  CHECK_THROWS_WITH(AdjointBackend<double>(options(false, 1, 2, 0, -1)),
+  CHECK_THROWS_WITH(AdjointBackend<double>(window_options(false, 1, 2, 0, -1)),
                     Contains("'exact_window'") && Contains(">= 0"));
   // Non-causal attention of other lengths has no diagonal.
-  PolynomialAttention<double> windowed(options(false, 1, 2, 0, 4));
+  PolynomialAttention<double> windowed(window_options(false, 1, 2, 0, 4));
   const Matrix<double> Q = random_matrix<double>(5, 2, 1200), K = random_matrix<double>(7, 2, 1201);
   const Matrix<double> V = random_matrix<double>(7, 2, 1202);
   Matrix<double> O(5, 2);
   CHECK_THROWS_WITH(windowed.forward(Q, K, V, O), Contains("'exact_window'") && Contains("as many queries as keys"));
   // The paper's gradient evaluates p on every pair.
-  CHECK_THROWS_WITH(polyattn::PaperBackend<double>(options(true, 1, 2, 0, 4)), Contains("'exact_window'"));
-  CHECK_THROWS_AS(polyattn::make_attention_backend<double>(polyattn::AttentionMethod::paper, options(true, 1, 2, 0, 4)),
-                  std::invalid_argument);
+  CHECK_THROWS_WITH(polyattn::PaperBackend<double>(window_options(true, 1, 2, 0, 4)), Contains("'exact_window'"));
+  CHECK_THROWS_AS(
+      polyattn::make_attention_backend<double>(polyattn::AttentionMethod::paper, window_options(true, 1, 2, 0, 4)),
+      std::invalid_argument);
   // A shard's window would reach into the previous rank's keys.
-  AdjointBackend<double> sharded(options(true, 1, 2, 0, 4));
+  AdjointBackend<double> sharded(window_options(true, 1, 2, 0, 4));
   sharded.set_state_exchange(std::make_shared<SingleRankExchange>());
-  const Problem<double> x = random_problem<double>(6, 1, 2, 2, 1203, 1.0);
+  const AttentionProblem<double> x = random_problem<double>(6, 1, 2, 2, 1203, 1.0);
   Matrix<double> O6(6, 2);
   CHECK_THROWS_WITH(sharded.forward(x.Q, x.K, x.V, O6), Contains("'exact_window'") && Contains("state exchange"));
   sharded.set_state_exchange(nullptr);

@@ -1,6 +1,7 @@
 #include <polyattn/attention/feature_map.hpp>
 
 #include "gradient_check.hpp"
+#include "test_support.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -23,6 +24,7 @@ using polyattn::testing::gradient_error;
 using polyattn::testing::random_matrix;
 using polyattn::testing::relative_error;
 using Catch::Contains;
+using polyattn::testing::evaluate_long_double;
 
 namespace {
 
@@ -49,12 +51,6 @@ Polynomial mixed_sign_polynomial(int degree) {
   return p;
 }
 
-long double evaluate(const Polynomial& p, long double x) {
-  long double value = 0;
-  for (auto a = p.coeffs.rbegin(); a != p.coeffs.rend(); ++a) value = value * x + static_cast<long double>(*a);
-  return value;
-}
-
 // Checks phi_Q(q) . phi_K(k) = p(c q.k) entrywise. Each feature product is one term of
 // sum_t a_t (c q.k)^t expanded into monomials, and the absolute values of all those terms add up to
 // sum_t |a_t| (c |q|.|k|)^t <= P(c ||q|| ||k||) with P = p.absolute_bound. Building a monomial costs at most
@@ -79,7 +75,7 @@ void check_kernel_identity(FeatureMapKind kind, Index d, const Polynomial& p, do
     for (Index j = 0; j < m; ++j) {
       long double dot = 0;
       for (Index l = 0; l < d; ++l) dot += static_cast<long double>(Q(i, l)) * static_cast<long double>(K(j, l));
-      const long double expected = evaluate(p, static_cast<long double>(scale) * dot);
+      const long double expected = evaluate_long_double(p, static_cast<long double>(scale) * dot);
       const double bound = p.absolute_bound(scale * static_cast<double>(Q.row(i).template cast<double>().norm() *
                                                                         K.row(j).template cast<double>().norm()));
       CAPTURE(i, j, static_cast<double>(kernel(i, j)), static_cast<double>(expected), bound);

@@ -1,5 +1,7 @@
 #include <polyattn/nn/generator.hpp>
 
+#include "test_support.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -19,6 +21,7 @@ using polyattn::GPTConfig;
 using polyattn::Index;
 using polyattn::Matrix;
 using polyattn::TokenSampler;
+using polyattn::testing::random_ids;
 
 namespace {
 
@@ -36,13 +39,6 @@ GPTConfig generation_config(AttentionMethod method) {
   config.approximation.chunk_size = 8;
   config.seed = 7;
   return config;
-}
-
-std::vector<Index> random_ids(std::size_t n, Index vocab, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<Index> ids(n);
-  for (Index& id : ids) id = std::uniform_int_distribution<Index>(0, vocab - 1)(rng);
-  return ids;
 }
 
 // Largest |difference| of two logit rows, relative to the largest |logit| of the reference.

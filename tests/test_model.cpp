@@ -3,6 +3,7 @@
 #include <polyattn/nn/serialization.hpp>
 
 #include "gradient_check.hpp"
+#include "test_support.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -27,6 +28,7 @@ using polyattn::Parameter;
 using polyattn::testing::gradient_error;
 using polyattn::testing::random_matrix;
 using polyattn::testing::relative_error;
+using polyattn::testing::random_ids;
 
 namespace {
 
@@ -41,13 +43,6 @@ GPTConfig tiny_config(AttentionMethod method) {
   config.method = method;
   config.seed = 2024;
   return config;
-}
-
-std::vector<Index> random_ids(std::size_t n, Index vocab, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<Index> ids(n);
-  for (Index& id : ids) id = std::uniform_int_distribution<Index>(0, vocab - 1)(rng);
-  return ids;
 }
 
 // Checks every trainable parameter gradient of `model` at (tokens, targets) against central differences of the

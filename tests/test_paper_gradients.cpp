@@ -27,13 +27,13 @@ using polyattn::testing::relative_error;
 
 namespace {
 
-struct Problem {
+struct PaperProblem {
   Matrix<double> Q, K, V, G;
 };
 
 // Queries and keys with small entries (the bounded-entry regime: R = c max|q| max|k| well below 1),
 // values and upstream gradient N(0, 1).
-Problem random_problem(Index n, Index dk, Index dv, Index heads, std::uint64_t seed, double qk_sigma) {
+PaperProblem random_paper_problem(Index n, Index dk, Index dv, Index heads, std::uint64_t seed, double qk_sigma) {
   return {random_matrix<double>(n, heads * dk, seed, qk_sigma), random_matrix<double>(n, heads * dk, seed + 1, qk_sigma),
           random_matrix<double>(n, heads * dv, seed + 2), random_matrix<double>(n, heads * dv, seed + 3)};
 }
@@ -49,18 +49,19 @@ Matrix<double> attention_matrix(const Matrix<double>& Qh, const Matrix<double>& 
   return inverse_row_sums.asDiagonal() * A;
 }
 
-struct Gradients {
+struct PaperGradients {
   Matrix<double> O, dQ, dK, dV;
   std::vector<Matrix<double>> P;  // per head
 };
 
 // The exact-gradient formulas with P replaced by the row-normalised polynomial kernel P~ (materialised):
 // what Algorithm 1 computes, up to rounding.
-Gradients formulas_with_approximate_p(const Problem& pr, const AttentionOptions& opt, const polyattn::Polynomial& poly) {
+PaperGradients formulas_with_approximate_p(const PaperProblem& pr, const AttentionOptions& opt,
+                                           const polyattn::Polynomial& poly) {
   const Index heads = opt.heads, dk = pr.Q.cols() / heads, dv = pr.V.cols() / heads, n = pr.Q.rows();
   const double c = opt.resolved_scale(dk);
-  Gradients out{Matrix<double>(n, heads * dv), Matrix<double>(n, heads * dk), Matrix<double>(n, heads * dk),
-                Matrix<double>(n, heads * dv), {}};
+  PaperGradients out{Matrix<double>(n, heads * dv), Matrix<double>(n, heads * dk), Matrix<double>(n, heads * dk),
+                     Matrix<double>(n, heads * dv), {}};
   for (Index h = 0; h < heads; ++h) {
     const Matrix<double> Qh = pr.Q.middleCols(h * dk, dk), Kh = pr.K.middleCols(h * dk, dk);
     const Matrix<double> Vh = pr.V.middleCols(h * dv, dv), Gh = pr.G.middleCols(h * dv, dv);
@@ -85,7 +86,7 @@ struct PaperRun {
 };
 
 template <class T>
-PaperRun<T> run_paper(const Problem& pr, const PolynomialAttentionOptions& opt, PaperGradientOptions gopt = {}) {
+PaperRun<T> run_paper(const PaperProblem& pr, const PolynomialAttentionOptions& opt, PaperGradientOptions gopt = {}) {
   const Matrix<T> Q = pr.Q.cast<T>(), K = pr.K.cast<T>(), V = pr.V.cast<T>(), G = pr.G.cast<T>();
   PaperRun<T> run{Matrix<T>(Q.rows(), V.cols()), Matrix<T>(Q.rows(), Q.cols()), Matrix<T>(K.rows(), K.cols()),
                   Matrix<T>(K.rows(), V.cols()), {}, {}};
@@ -124,10 +125,11 @@ TEMPLATE_TEST_CASE("Paper backward equals the exact-gradient formulas evaluated 
         for (const FeatureMapKind map : {FeatureMapKind::symmetric, FeatureMapKind::kronecker})
           for (const Index chunk : {Index(4), Index(5), Index(19)}) {  // 19 rows: 5 does not divide, 19 is one chunk
             CAPTURE(causal, heads, degree, map == FeatureMapKind::symmetric, chunk);
-            const Problem pr = random_problem(n, dk, dv, heads, 100 + static_cast<std::uint64_t>(heads), 0.5);
+            const PaperProblem pr =
+                random_paper_problem(n, dk, dv, heads, 100 + static_cast<std::uint64_t>(heads), 0.5);
             const PolynomialAttentionOptions opt = polynomial_options(causal, heads, degree, map, chunk);
             const PaperRun<T> run = run_paper<T>(pr, opt, {1});
-            const Gradients ref = formulas_with_approximate_p(pr, opt.attention, polyattn::taylor_exp(degree));
+            const PaperGradients ref = formulas_with_approximate_p(pr, opt.attention, polyattn::taylor_exp(degree));
             CHECK(relative_error(run.O, ref.O) < tolerance);
             CHECK(relative_error(run.dQ, ref.dQ) < tolerance);
             CHECK(relative_error(run.dK, ref.dK) < tolerance);
@@ -145,10 +147,10 @@ TEMPLATE_TEST_CASE("Paper backward over several blocks of rows equals the formul
   const Index n = 2100, dk = 3, dv = 2, heads = 2;
   for (const bool causal : {false, true}) {
     CAPTURE(causal);
-    const Problem pr = random_problem(n, dk, dv, heads, 7, 0.5);
+    const PaperProblem pr = random_paper_problem(n, dk, dv, heads, 7, 0.5);
     const PolynomialAttentionOptions opt = polynomial_options(causal, heads, 2, FeatureMapKind::symmetric, 4);
     const PaperRun<T> run = run_paper<T>(pr, opt);
-    const Gradients ref = formulas_with_approximate_p(pr, opt.attention, polyattn::taylor_exp(2));
+    const PaperGradients ref = formulas_with_approximate_p(pr, opt.attention, polyattn::taylor_exp(2));
     CHECK(relative_error(run.O, ref.O) < tolerance);
     CHECK(relative_error(run.dQ, ref.dQ) < tolerance);
     CHECK(relative_error(run.dK, ref.dK) < tolerance);
@@ -157,7 +159,7 @@ TEMPLATE_TEST_CASE("Paper backward over several blocks of rows equals the formul
 }
 
 TEST_CASE("Paper forward is the polynomial attention forward with the same certificate", "[paper_gradients]") {
-  const Problem pr = random_problem(21, 4, 3, 2, 150, 0.5);
+  const PaperProblem pr = random_paper_problem(21, 4, 3, 2, 150, 0.5);
   for (const bool causal : {false, true}) {
     CAPTURE(causal);
     PolynomialAttentionOptions opt = polynomial_options(causal, 2, 4, FeatureMapKind::symmetric, 8);
@@ -178,7 +180,7 @@ TEST_CASE("Paper forward is the polynomial attention forward with the same certi
 
 TEST_CASE("Kronecker factors reproduce p~ and the tiled products equal the untiled ones", "[paper_gradients]") {
   const Index n = 13, dk = 3, dv = 3;
-  const Problem pr = random_problem(n, dk, dv, 1, 200, 0.5);
+  const PaperProblem pr = random_paper_problem(n, dk, dv, 1, 200, 0.5);
   const double c = 1 / std::sqrt(3.0);
   const polyattn::FeatureMap<double> map(FeatureMapKind::symmetric, dk, polyattn::taylor_exp(2), c);
   Matrix<double> Fq(n, map.width()), Fk(n, map.width());
@@ -236,7 +238,7 @@ TEST_CASE("Paper gradients are within the epsilon-derived bound of the exact gra
       for (const int degree : {2, 4})
         for (const FeatureMapKind map : {FeatureMapKind::symmetric, FeatureMapKind::kronecker}) {
           CAPTURE(causal, heads, degree, map == FeatureMapKind::symmetric);
-          const Problem pr = random_problem(n, dk, dv, heads, 300 + static_cast<std::uint64_t>(heads), 0.2);
+          const PaperProblem pr = random_paper_problem(n, dk, dv, heads, 300 + static_cast<std::uint64_t>(heads), 0.2);
           const PolynomialAttentionOptions opt = polynomial_options(causal, heads, degree, map, 7);
           const PaperRun<double> run = run_paper<double>(pr, opt);
           REQUIRE(run.cert.radius < 0.5);
@@ -244,7 +246,7 @@ TEST_CASE("Paper gradients are within the epsilon-derived bound of the exact gra
           const double eps = run.cert.poly_error, delta = 2 * eps / (1 - eps);
           Matrix<double> dQ(n, heads * dk), dK(n, heads * dk), dV(n, heads * dv);
           polyattn::attention_backward_reference<double>(pr.Q, pr.K, pr.V, pr.G, opt.attention, dQ, dK, dV);
-          const Gradients approx = formulas_with_approximate_p(pr, opt.attention, polyattn::taylor_exp(degree));
+          const PaperGradients approx = formulas_with_approximate_p(pr, opt.attention, polyattn::taylor_exp(degree));
           double bound_q = 0, bound_k = 0, bound_v = 0;
           for (Index h = 0; h < heads; ++h) {
             const Matrix<double> Qh = pr.Q.middleCols(h * dk, dk), Kh = pr.K.middleCols(h * dk, dk);
@@ -286,7 +288,7 @@ TEST_CASE("Paper gradients at negligible epsilon match central finite difference
   const Index n = 7, dk = 3, dv = 2, heads = 2;
   for (const bool causal : {false, true}) {
     CAPTURE(causal);
-    Problem pr = random_problem(n, dk, dv, heads, 400, 0.25);
+    PaperProblem pr = random_paper_problem(n, dk, dv, heads, 400, 0.25);
     const PolynomialAttentionOptions opt = polynomial_options(causal, heads, 12, FeatureMapKind::symmetric, 3);
     const PaperRun<double> run = run_paper<double>(pr, opt);
     REQUIRE(run.cert.poly_error < 1e-12);
@@ -301,7 +303,7 @@ TEST_CASE("Paper gradients at negligible epsilon match central finite difference
 
 TEST_CASE("Paper backward rejects bad input naming the argument", "[paper_gradients]") {
   const Index n = 6, dk = 2, dv = 2;
-  const Problem pr = random_problem(n, dk, dv, 1, 500, 0.5);
+  const PaperProblem pr = random_paper_problem(n, dk, dv, 1, 500, 0.5);
   Matrix<double> O(n, dv), dQ(n, dk), dK(n, dk), dV(n, dv);
   PaperBackend<double> paper(PolynomialAttentionOptions{});
   CHECK(paper.method() == polyattn::AttentionMethod::paper);

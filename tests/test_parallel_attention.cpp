@@ -8,6 +8,7 @@
 #include <polyattn/parallel/threads.hpp>
 
 #include "gradient_check.hpp"
+#include "test_support.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -18,13 +19,9 @@ using polyattn::AttentionMethod;
 using polyattn::Index;
 using polyattn::Matrix;
 using polyattn::testing::random_matrix;
+using polyattn::testing::ThreadCountGuard;
 
 namespace {
-
-// Restores the library's default thread count when a test ends, whatever it set.
-struct ThreadCountGuard {
-  ~ThreadCountGuard() { polyattn::set_num_threads(0); }
-};
 
 template <class T>
 struct Run {
@@ -37,8 +34,8 @@ struct Run {
 };
 
 template <class T>
-Run<T> forward_backward(AttentionMethod method, const polyattn::PolynomialAttentionOptions& options, Index n,
-                        Index head_dim, std::uint64_t seed) {
+Run<T> run_attention(AttentionMethod method, const polyattn::PolynomialAttentionOptions& options, Index n,
+                     Index head_dim, std::uint64_t seed) {
   const Index width = options.attention.heads * head_dim;
   const Matrix<T> Q = random_matrix<T>(n, width, seed, 0.4), K = random_matrix<T>(n, width, seed + 1, 0.4);
   const Matrix<T> V = random_matrix<T>(n, width, seed + 2), G = random_matrix<T>(n, width, seed + 3);
@@ -62,11 +59,11 @@ void check_thread_counts_agree(AttentionMethod method, bool causal, Index heads,
   INFO("method " << polyattn::attention_method_name(method) << ", causal " << causal << ", heads " << heads
                  << ", chunk " << chunk_size << ", n " << n);
   polyattn::set_num_threads(1);
-  const Run<T> serial = forward_backward<T>(method, options, n, 8, 2024);
+  const Run<T> serial = run_attention<T>(method, options, n, 8, 2024);
   for (const int threads : {2, 3, 4}) {
     polyattn::set_num_threads(threads);
     INFO("threads " << threads);
-    REQUIRE(forward_backward<T>(method, options, n, 8, 2024) == serial);
+    REQUIRE(run_attention<T>(method, options, n, 8, 2024) == serial);
   }
 }
 
@@ -163,7 +160,7 @@ TEST_CASE("The causal adjoint gives the same bits with or without checkpoints, f
   options.attention.causal = true;
   options.attention.heads = 2;
   options.chunk_size = 16;
-  const Run<double> checkpointed = forward_backward<double>(AttentionMethod::adjoint, options, 250, 4, 11);
+  const Run<double> checkpointed = run_attention<double>(AttentionMethod::adjoint, options, 250, 4, 11);
   // Kept checkpoints (the default budget), or none: the backward pass recomputes the prefix states window by window.
   for (const std::size_t checkpoint_bytes : {options.max_checkpoint_bytes, std::size_t(0)})
     // Automatic windows (all 16 chunks at once), one chunk per window (1 byte), a few chunks (5000 bytes).
@@ -173,7 +170,7 @@ TEST_CASE("The causal adjoint gives the same bits with or without checkpoints, f
         options.scan_window_bytes = window_bytes;
         polyattn::set_num_threads(threads);
         INFO("checkpoint bytes " << checkpoint_bytes << ", window bytes " << window_bytes << ", threads " << threads);
-        REQUIRE(forward_backward<double>(AttentionMethod::adjoint, options, 250, 4, 11) == checkpointed);
+        REQUIRE(run_attention<double>(AttentionMethod::adjoint, options, 250, 4, 11) == checkpointed);
       }
 }
 
@@ -195,17 +192,17 @@ TEST_CASE("The exact window gives the same bits on 1, 2, 3 and 4 threads and wit
       options.exact_window = shape.window;
       INFO("causal " << causal << ", chunk " << shape.chunk << ", n " << n << ", window " << shape.window);
       polyattn::set_num_threads(1);
-      const Run<float> serial = forward_backward<float>(AttentionMethod::adjoint, options, n, 8, 2025);
-      const Run<double> serial_double = forward_backward<double>(AttentionMethod::adjoint, options, n, 8, 2025);
+      const Run<float> serial = run_attention<float>(AttentionMethod::adjoint, options, n, 8, 2025);
+      const Run<double> serial_double = run_attention<double>(AttentionMethod::adjoint, options, n, 8, 2025);
       for (const int threads : {2, 3, 4}) {
         polyattn::set_num_threads(threads);
         INFO("threads " << threads);
-        REQUIRE(forward_backward<float>(AttentionMethod::adjoint, options, n, 8, 2025) == serial);
-        REQUIRE(forward_backward<double>(AttentionMethod::adjoint, options, n, 8, 2025) == serial_double);
+        REQUIRE(run_attention<float>(AttentionMethod::adjoint, options, n, 8, 2025) == serial);
+        REQUIRE(run_attention<double>(AttentionMethod::adjoint, options, n, 8, 2025) == serial_double);
       }
       if (!causal) continue;
       options.max_checkpoint_bytes = 0;  // the prefix states recomputed, one chunk per scan window
       options.scan_window_bytes = 1;
-      REQUIRE(forward_backward<double>(AttentionMethod::adjoint, options, n, 8, 2025) == serial_double);
+      REQUIRE(run_attention<double>(AttentionMethod::adjoint, options, n, 8, 2025) == serial_double);
     }
 }

@@ -12,6 +12,7 @@
 #include <polyattn/parallel/threads.hpp>
 
 #include "gradient_check.hpp"
+#include "test_support.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -30,16 +31,9 @@ using polyattn::Matrix;
 using polyattn::Parameter;
 using polyattn::testing::random_matrix;
 using polyattn::testing::relative_error;
+using polyattn::testing::ThreadCountGuard;
 
 namespace {
-
-// Restores the default thread count however the test ends.
-struct ThreadCountGuard {
-  ThreadCountGuard() = default;
-  ThreadCountGuard(const ThreadCountGuard&) = delete;
-  ThreadCountGuard& operator=(const ThreadCountGuard&) = delete;
-  ~ThreadCountGuard() { polyattn::set_num_threads(0); }
-};
 
 // Everything a run produces: outputs, input gradients, parameter gradients, in a fixed order.
 template <class T>
@@ -76,8 +70,8 @@ std::vector<Parameter<T>*> parameters_of(Layer& layer) {
 // Forward and backward of a (X -> Y) layer on rows [begin, begin + rows) of X and dY; Y and dX are written to
 // the same rows of `Y` and `dX`, parameter gradients accumulate.
 template <class T, class Layer>
-void forward_backward(Layer& layer, const Matrix<T>& X, const Matrix<T>& dY, Index begin, Index rows, Matrix<T>& Y,
-                      Matrix<T>& dX) {
+void run_layer_block(Layer& layer, const Matrix<T>& X, const Matrix<T>& dY, Index begin, Index rows, Matrix<T>& Y,
+                     Matrix<T>& dX) {
   Matrix<T> Yb(rows, dY.cols());
   Matrix<T> dXb = dX.middleRows(begin, rows);
   layer.forward(X.middleRows(begin, rows), Yb);
@@ -96,14 +90,14 @@ Results<T> run_layer(Layer& layer, const Matrix<T>& X, const Matrix<T>& dY, Inde
   Matrix<T> dX = random_matrix<T>(X.rows(), X.cols(), 77);
   const Index step = chunk > 0 ? chunk : X.rows();
   for (Index begin = 0; begin < X.rows(); begin += step)
-    forward_backward(layer, X, dY, begin, std::min(step, X.rows() - begin), Y, dX);
+    run_layer_block(layer, X, dY, begin, std::min(step, X.rows() - begin), Y, dX);
   Results<T> results{Y, dX};
   for (Parameter<T>* parameter : parameters) results.push_back(parameter->grad);
   return results;
 }
 
 template <class T>
-double rounding_tolerance() {
+double reordering_tolerance() {
   return std::is_same<T, float>::value ? 2e-5 : 1e-13;
 }
 
@@ -116,7 +110,7 @@ void check_layer(Layer& layer, const Matrix<T>& X, const Matrix<T>& dY, Index ch
   REQUIRE(threaded.size() == chunked.size());
   for (std::size_t k = 0; k < threaded.size(); ++k) {
     CAPTURE(k);
-    REQUIRE(relative_error(threaded[k], chunked[k]) < rounding_tolerance<T>());
+    REQUIRE(relative_error(threaded[k], chunked[k]) < reordering_tolerance<T>());
   }
 }
 
@@ -269,7 +263,7 @@ TEMPLATE_TEST_CASE("CrossEntropy: the same results for 1, 2, 3 and 4 threads", "
     REQUIRE(results[1](0, 1) == static_cast<T>(correct));
     REQUIRE(correct >= n_rows / 6);
     REQUIRE(static_cast<double>(results[0](0, 0)) == Approx(total / static_cast<double>(scored)).epsilon(1e-6));
-    REQUIRE(relative_error(results[3], dlogits) < rounding_tolerance<T>());
+    REQUIRE(relative_error(results[3], dlogits) < reordering_tolerance<T>());
   }
 }
 

@@ -1,5 +1,7 @@
 #include <polyattn/attention/polynomial.hpp>
 
+#include "test_support.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -15,17 +17,12 @@ using polyattn::PolynomialKind;
 using polyattn::select_degree;
 using polyattn::taylor_exp;
 using Catch::Contains;
+using polyattn::testing::evaluate_long_double;
 
 namespace {
 
 constexpr double nan_value = std::numeric_limits<double>::quiet_NaN();
 constexpr double inf_value = std::numeric_limits<double>::infinity();
-
-long double evaluate(const Polynomial& p, long double x) {
-  long double value = 0;
-  for (auto a = p.coeffs.rbegin(); a != p.coeffs.rend(); ++a) value = value * x + static_cast<long double>(*a);
-  return value;
-}
 
 // Independent check of certify_exp(): |p(x) e^{-x} - 1| on a grid of [-R, R] with `points` intervals,
 // evaluated in long double. 65537 is prime, so almost every dense point falls strictly between two
@@ -37,7 +34,7 @@ long double dense_max_error(const Polynomial& p, double radius, int points = den
   const long double r = radius;
   for (int k = 0; k <= points; ++k) {
     const long double x = -r + 2 * r * k / points;
-    worst = std::max(worst, std::fabs(evaluate(p, x) * std::exp(-x) - 1));
+    worst = std::max(worst, std::fabs(evaluate_long_double(p, x) * std::exp(-x) - 1));
   }
   return worst;
 }
@@ -45,7 +42,7 @@ long double dense_max_error(const Polynomial& p, double radius, int points = den
 long double dense_min_value(const Polynomial& p, double radius, int points = dense_points) {
   long double lowest = std::numeric_limits<long double>::infinity();
   const long double r = radius;
-  for (int k = 0; k <= points; ++k) lowest = std::min(lowest, evaluate(p, -r + 2 * r * k / points));
+  for (int k = 0; k <= points; ++k) lowest = std::min(lowest, evaluate_long_double(p, -r + 2 * r * k / points));
   return lowest;
 }
 

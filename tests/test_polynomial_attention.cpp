@@ -2,6 +2,7 @@
 #include <polyattn/attention/polynomial_attention.hpp>
 
 #include "gradient_check.hpp"
+#include "test_support.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -32,19 +33,10 @@ using polyattn::certify_exp;
 using polyattn::taylor_exp;
 using polyattn::testing::random_matrix;
 using polyattn::testing::relative_error;
+using polyattn::testing::score_radius;
 using Catch::Contains;
 
 namespace {
-
-// R = c max_i ||q_i|| max_j ||k_j||, maximum over heads, measured independently of the library.
-double score_radius(const Matrix<double>& Q, const Matrix<double>& K, const AttentionOptions& opt) {
-  const Index dk = Q.cols() / opt.heads;
-  double radius = 0;
-  for (Index h = 0; h < opt.heads; ++h)
-    radius = std::max(radius, opt.resolved_scale(dk) * Q.middleCols(h * dk, dk).rowwise().norm().maxCoeff() *
-                                  K.middleCols(h * dk, dk).rowwise().norm().maxCoeff());
-  return radius;
-}
 
 // One randomised problem: q, k ~ N(0, I/d), v ~ N(0, 1); when `radius` > 0, Q and K are then both scaled
 // by sqrt(radius / R) so that the score radius is `radius` (which decides whether epsilon < 1).

@@ -1,0 +1,54 @@
+/// \file test_support.hpp
+/// Helpers that several test files share (the gradient harness is gradient_check.hpp).
+#pragma once
+
+#include <polyattn/attention/options.hpp>
+#include <polyattn/attention/polynomial.hpp>
+#include <polyattn/common.hpp>
+#include <polyattn/parallel/threads.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+namespace polyattn::testing {
+
+/// Restores the library-wide thread count to its default (OMP_NUM_THREADS, else every core) when a test that
+/// changed it ends, whether it passed or threw.
+struct ThreadCountGuard {
+  ThreadCountGuard() = default;
+  ThreadCountGuard(const ThreadCountGuard&) = delete;
+  ThreadCountGuard& operator=(const ThreadCountGuard&) = delete;
+  ~ThreadCountGuard() { polyattn::set_num_threads(0); }
+};
+
+/// n token ids drawn uniformly from [0, vocab).
+inline std::vector<Index> random_ids(std::size_t n, Index vocab, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<Index> ids(n);
+  for (Index& id : ids) id = std::uniform_int_distribution<Index>(0, vocab - 1)(rng);
+  return ids;
+}
+
+/// p(x) by Horner's rule in long double, independently of the library's evaluation.
+inline long double evaluate_long_double(const Polynomial& p, long double x) {
+  long double value = 0;
+  for (auto a = p.coeffs.rbegin(); a != p.coeffs.rend(); ++a) value = value * x + static_cast<long double>(*a);
+  return value;
+}
+
+/// R = c max_i ||q_i|| max_j ||k_j||, the maximum over heads, which bounds every |score|; measured independently
+/// of the library.
+template <class T>
+double score_radius(const Matrix<T>& Q, const Matrix<T>& K, const AttentionOptions& opt) {
+  const Index dk = Q.cols() / opt.heads;
+  double radius = 0;
+  for (Index h = 0; h < opt.heads; ++h)
+    radius = std::max(radius, opt.resolved_scale(dk) *
+                                  static_cast<double>(Q.middleCols(h * dk, dk).rowwise().norm().maxCoeff()) *
+                                  static_cast<double>(K.middleCols(h * dk, dk).rowwise().norm().maxCoeff()));
+  return radius;
+}
+
+}  // namespace polyattn::testing
