@@ -747,31 +747,40 @@ TEST_CASE("PolynomialAttention rejects an unallocatable feature width before all
   }
 }
 
-// block_product() (the kernel's register-tiled C = A B) against the product in long double, entry by entry within
-// the standard bound |c - c^| <= k u (|A| |B|)_ij of a length-k sum of products; the rows around the destination
-// block stay untouched. Shapes cover full tiles, single packets and single rows, every remainder of the column
-// groups, and a transposed (row-major) B.
+// block_product() (the kernel's register-tiled C = A B) and block_product_add() (C += A B) against the product in
+// long double, entry by entry within the standard bound |c - c^| <= k u (|C| + |A| |B|)_ij of a length-k sum of
+// products (one more term when adding to C); the rows around the destination block stay untouched. Shapes cover
+// full tiles, single packets and single rows, every remainder of the column groups, and a transposed (row-major) B.
 template <class T>
-void check_block_product(Index rows, Index depth, Index cols, bool transposed_b) {
+void check_block_product(Index rows, Index depth, Index cols, bool transposed_b, bool accumulate) {
   using Wide = Eigen::Matrix<long double, Eigen::Dynamic, Eigen::Dynamic>;
   const Matrix<T> A_full = Matrix<T>::Random(rows + 3, depth);
   const Matrix<T> B_stored = transposed_b ? Matrix<T>::Random(cols, depth) : Matrix<T>::Random(depth, cols);
   Matrix<T> C_full = Matrix<T>::Constant(rows + 5, cols, T(7));
   const auto A = A_full.middleRows(1, rows);
   auto C = C_full.middleRows(2, rows);
+  const Wide C_before = C.template cast<long double>();
   if (transposed_b)
-    polyattn::detail::block_product<T>(A, B_stored.transpose(), C);
+    accumulate ? polyattn::detail::block_product_add<T>(A, B_stored.transpose(), C)
+               : polyattn::detail::block_product<T>(A, B_stored.transpose(), C);
   else
-    polyattn::detail::block_product<T>(A, B_stored, C);
+    accumulate ? polyattn::detail::block_product_add<T>(A, B_stored, C)
+               : polyattn::detail::block_product<T>(A, B_stored, C);
   const Wide B = transposed_b ? Wide(B_stored.transpose().template cast<long double>())
                               : Wide(B_stored.template cast<long double>());
-  const Wide exact = A.template cast<long double>() * B;
-  const Wide magnitude = A.template cast<long double>().cwiseAbs() * B.cwiseAbs();
+  Wide exact = A.template cast<long double>() * B;
+  Wide magnitude = A.template cast<long double>().cwiseAbs() * B.cwiseAbs();
+  if (accumulate) {
+    exact += C_before;
+    magnitude += C_before.cwiseAbs();
+  }
+  const long double terms = static_cast<long double>(accumulate ? depth + 1 : depth);
   const long double unit = std::numeric_limits<T>::epsilon() / 2;
-  INFO(rows << " x " << depth << " times " << depth << " x " << cols << (transposed_b ? " (B transposed)" : ""));
+  INFO(rows << " x " << depth << " times " << depth << " x " << cols << (transposed_b ? " (B transposed)" : "")
+            << (accumulate ? ", added to C" : ""));
   for (Index j = 0; j < cols; ++j)
     for (Index i = 0; i < rows; ++i)
-      REQUIRE(std::abs(static_cast<long double>(C(i, j)) - exact(i, j)) <= depth * unit * magnitude(i, j));
+      REQUIRE(std::abs(static_cast<long double>(C(i, j)) - exact(i, j)) <= terms * unit * magnitude(i, j));
   REQUIRE((C_full.topRows(2).array() == T(7)).all());
   REQUIRE((C_full.bottomRows(3).array() == T(7)).all());
 }
@@ -780,8 +789,33 @@ TEST_CASE("block_product equals the product within rounding for every tile remai
   for (const Index rows : {0, 1, 7, 8, 15, 16, 17, 31, 33, 64, 65, 100})
     for (const Index depth : {1, 16, 17, 153})
       for (const Index cols : {1, 5, 6, 7, 13, 17, 18, 64})
-        for (const bool transposed : {false, true}) {
-          check_block_product<float>(rows, depth, cols, transposed);
-          check_block_product<double>(rows, depth, cols, transposed);
-        }
+        for (const bool transposed : {false, true})
+          for (const bool accumulate : {false, true}) {
+            check_block_product<float>(rows, depth, cols, transposed, accumulate);
+            check_block_product<double>(rows, depth, cols, transposed, accumulate);
+          }
+}
+
+// transpose_into() against Eigen's transpose, exactly, for full SIMD tiles and every remainder of rows and columns
+// (blocks of larger matrices, so that the outer strides differ from the sizes).
+template <class T>
+void check_transpose(Index rows, Index cols) {
+  const Matrix<T> A_full = Matrix<T>::Random(rows + 2, cols + 1);
+  Matrix<T> At_full = Matrix<T>::Constant(cols + 3, rows + 1, T(7));
+  const auto A = A_full.block(1, 1, rows, cols);
+  auto At = At_full.block(2, 0, cols, rows);
+  polyattn::detail::transpose_into<T>(A, At);
+  INFO(rows << " x " << cols);
+  REQUIRE(At == A.transpose());
+  REQUIRE((At_full.topRows(2).array() == T(7)).all());
+  REQUIRE((At_full.bottomRows(1).array() == T(7)).all());
+  REQUIRE((At_full.rightCols(1).array() == T(7)).all());
+}
+
+TEST_CASE("transpose_into equals the transpose for every tile remainder", "[polynomial_attention]") {
+  for (const Index rows : {0, 1, 7, 8, 15, 16, 17, 33, 64, 65})
+    for (const Index cols : {0, 1, 5, 8, 16, 17, 31, 64}) {
+      check_transpose<float>(rows, cols);
+      check_transpose<double>(rows, cols);
+    }
 }

@@ -175,7 +175,7 @@ class PolynomialKernel {
   // One thread's chunk workspaces, sized for `rows` rows; chunks use their top rows.
   struct Workspace {
     Matrix<T> scaled_queries, scaled_keys, monomials, monomial_grads, values, products, adjoints, chunk_state,
-        weighted_state_grads, block, block_value, derivative_block, score_grads;
+        weighted_state_grads, block, block_value, derivative_block, score_grads, transposed_block;
     Vector<T> inverse_normalisers, column_sums;
     // Exact window only. A near-field tile (near_tile_rows() x near_band()): its scores, p and p' of them, its
     // weights W and W', and the score gradients; the band's scaled rows, values [V, 1] and query adjoints; per
@@ -211,6 +211,7 @@ class PolynomialKernel {
         ensure_shape(w.block_value, rows, rows);
         ensure_shape(w.derivative_block, rows, rows);
         ensure_shape(w.score_grads, rows, rows);
+        ensure_shape(w.transposed_block, rows, rows);
       }
       if (near_width_ > 0) {
         const Index tile = near_tile_rows(n), band = near_band(n);
@@ -664,8 +665,7 @@ class PolynomialKernel {
           block_product<T>(top(w.monomials, rows), slots.middleCols(k * (dv + 1), dv + 1), products);
           top(w.scaled_keys, rows).noalias() = sqrt_c * Kh.middleRows(s, rows);
           in_chunk_block(w, rows, false);
-          products.noalias() +=
-              w.block.topLeftCorner(rows, rows).template triangularView<Eigen::Lower>() * top(w.values, rows);
+          block_product_add<T>(w.block.topLeftCorner(rows, rows), top(w.values, rows), products);
         }
         normalise(w, Oh.middleRows(s, rows), normalisers, s);
       }, work(count * b, dv));
@@ -833,13 +833,17 @@ class PolynomialKernel {
           top(w.scaled_queries, rows).noalias() = sqrt_c * Qh.middleRows(s, rows);
           in_chunk_block(w, rows, true);
           block_product<T>(adjoints.leftCols(dv + 1), values.transpose(), score_grads);
-          // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K) and likewise for dK.
+          // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K) and likewise for dK. Zero above the diagonal, as the
+          // block is, so that the dense products below sum the masked pairs' exact zeros.
           score_grads.array() *= sqrt_c * w.derivative_block.topLeftCorner(rows, rows).array();
-          dQb.noalias() += score_grads.template triangularView<Eigen::Lower>() * top(w.scaled_keys, rows);
-          dKb.noalias() +=
-              score_grads.transpose().template triangularView<Eigen::Upper>() * top(w.scaled_queries, rows);
-          dVb.noalias() += block.transpose().template triangularView<Eigen::Upper>() * adjoints.leftCols(dv);
-          column_sums.noalias() += block.transpose().template triangularView<Eigen::Upper>() * adjoints.col(dv + 1);
+          score_grads.template triangularView<Eigen::StrictlyUpper>().setZero();
+          block_product_add<T>(score_grads, top(w.scaled_keys, rows), dQb);
+          auto transposed = w.transposed_block.topLeftCorner(rows, rows);
+          transpose_into<T>(score_grads, transposed);
+          block_product_add<T>(transposed, top(w.scaled_queries, rows), dKb);
+          transpose_into<T>(block, transposed);
+          block_product_add<T>(transposed, adjoints.leftCols(dv), dVb);
+          block_product_add<T>(transposed, adjoints.col(dv + 1), column_sums);
         }
         column_sums_[static_cast<std::size_t>(first + k)] = static_cast<double>(column_sums.maxCoeff());
         note_results(w, dQb, dKb, dVb);
