@@ -176,6 +176,8 @@ class PolynomialKernel {
   struct Workspace {
     Matrix<T> scaled_queries, scaled_keys, monomials, monomial_grads, values, products, adjoints, chunk_state,
         weighted_state_grads, block, block_value, derivative_block, score_grads, transposed_block;
+    // Scratch of transposed_product() (a chunk's state M^T [V, 1] or M^T E).
+    Matrix<T> transposed_operand, transposed_state;
     Vector<T> inverse_normalisers, column_sums;
     // Exact window only. A near-field tile (near_tile_rows() x near_band()): its scores, p and p' of them, its
     // weights W and W', and the score gradients; the band's scaled rows, values [V, 1] and query adjoints; per
@@ -578,7 +580,8 @@ class PolynomialKernel {
                        Index rows, MatrixRef<T> slot) const {
     expand(w, Kh.middleRows(first_row, rows), w.scaled_keys);
     load_values(w, Vh.middleRows(first_row, rows));
-    w.chunk_state.noalias() = top(w.monomials, rows).transpose() * top(w.values, rows);
+    transposed_product<T>(top(w.monomials, rows), top(w.values, rows), w.chunk_state, w.transposed_operand,
+                          w.transposed_state);
     slot.noalias() = map_->weights().asDiagonal() * w.chunk_state;
   }
 
@@ -594,7 +597,8 @@ class PolynomialKernel {
       const Index k0 = block * b, rows = std::min(b, m - k0);
       expand(w, Kh.middleRows(k0, rows), w.scaled_keys);
       load_values(w, Vh.middleRows(k0, rows));
-      partials_.middleCols(block * (dv + 1), dv + 1).noalias() = top(w.monomials, rows).transpose() * top(w.values, rows);
+      transposed_product<T>(top(w.monomials, rows), top(w.values, rows),
+                            partials_.middleCols(block * (dv + 1), dv + 1), w.transposed_operand, w.transposed_state);
     }, work(m, dv));
     sum_partials(key_blocks, state);
     state = map_->weights().asDiagonal() * state;
@@ -685,8 +689,8 @@ class PolynomialKernel {
       const Index q0 = block * b, rows = std::min(b, n - q0);
       expand(w, Qh.middleRows(q0, rows), w.scaled_queries);
       load_adjoints(w, Gh.middleRows(q0, rows), Oh.middleRows(q0, rows), normalisers, shifts, q0, n);
-      partials_.middleCols(block * (dv + 2), dv + 2).noalias() =
-          top(w.monomials, rows).transpose() * top(w.adjoints, rows);
+      transposed_product<T>(top(w.monomials, rows), top(w.adjoints, rows),
+                            partials_.middleCols(block * (dv + 2), dv + 2), w.transposed_operand, w.transposed_state);
       auto dQb = dQh.middleRows(q0, rows);
       dQb.setZero();
       add_query_grads_through(w, state, dQb);
@@ -898,7 +902,8 @@ class PolynomialKernel {
       const Index s = chunk * b, rows = std::min(b, n - s);
       expand(w, Qh.middleRows(s, rows), w.scaled_queries);
       load_adjoints(w, Gh.middleRows(s, rows), Oh.middleRows(s, rows), normalisers, shifts, s, n);
-      slot.noalias() = top(w.monomials, rows).transpose() * top(w.adjoints, rows);
+      transposed_product<T>(top(w.monomials, rows), top(w.adjoints, rows), slot, w.transposed_operand,
+                            w.transposed_state);
       with_queries(w, k, s, rows);
     }, work(count * b, dv));
   }
