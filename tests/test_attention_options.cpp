@@ -1,12 +1,16 @@
 #include <polyattn/attention/options.hpp>
 
+#include "test_support.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <string>
 
 using polyattn::AttentionOptions;
+using polyattn::Index;
 using polyattn::Matrix;
 using polyattn::detail::check_qkv;
 using Catch::Contains;
@@ -101,4 +105,36 @@ TEST_CASE("check_qkv rejects bad shapes and entries, naming the argument", "[att
   AttentionOptions bad_scale;
   bad_scale.scale = -1.0;
   REQUIRE_THROWS_WITH(check_qkv(where, Q, K, V, bad_scale), Contains("'scale'"));
+}
+
+// The parallel passes over a whole input (blocks of input_pass_rows rows): the entry an error names is the right
+// row of the whole matrix (the first non-finite entry of the first block that has one), and max_abs() finds the
+// largest |entry|, inf or NaN, in any block, for any thread count.
+TEST_CASE("the parallel input passes name the right entry and find the largest one in any block",
+          "[attention_options]") {
+  using polyattn::detail::input_pass_rows;
+  using polyattn::detail::max_abs;
+  using polyattn::detail::require_finite_in_parallel;
+  polyattn::testing::ThreadCountGuard guard;
+  const Index n = 3 * input_pass_rows + 17;  // four blocks, the last one partial
+  const Index infinite_row = 2 * input_pass_rows + 10, nan_row = input_pass_rows + 3;
+  for (const int threads : {1, 2, 3}) {
+    polyattn::set_num_threads(threads);
+    INFO("threads " << threads);
+    Matrix<double> X = Matrix<double>::Random(n, 3);
+    X(n - 5, 2) = -4.5;
+    REQUIRE(max_abs(X) == 4.5);
+    REQUIRE_NOTHROW(require_finite_in_parallel("f", "X", X));
+    X(infinite_row, 1) = std::numeric_limits<double>::infinity();
+    REQUIRE(max_abs(X) == std::numeric_limits<double>::infinity());
+    REQUIRE_THROWS_WITH(require_finite_in_parallel("f", "X", X),
+                        Contains("f: argument 'X' has a non-finite entry (inf) at (" + std::to_string(infinite_row) +
+                                 ", 1)"));
+    X(nan_row, 0) = std::numeric_limits<double>::quiet_NaN();
+    REQUIRE(std::isnan(max_abs(X)));
+    REQUIRE_THROWS_WITH(require_finite_in_parallel("f", "X", X),
+                        Contains("(nan) at (" + std::to_string(nan_row) + ", 0)"));
+  }
+  REQUIRE(max_abs(Matrix<float>(0, 3)) == 0);
+  REQUIRE_NOTHROW(require_finite_in_parallel("f", "X", Matrix<float>(0, 3)));
 }

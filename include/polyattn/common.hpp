@@ -73,9 +73,10 @@ void require_nonempty(const char* where, const char* name, const Eigen::EigenBas
                                        "' must be non-empty, got ", m.rows(), "x", m.cols()));
 }
 
-/// Throws unless every entry of `m` is finite, naming the first offending entry.
+/// Throws unless every entry of `m` is finite, naming the first offending entry; `first_row` is the row of the
+/// argument where `m` starts when `m` is a block of rows of it.
 template <class Derived>
-void require_finite(const char* where, const char* name, const Eigen::MatrixBase<Derived>& m) {
+void require_finite(const char* where, const char* name, const Eigen::MatrixBase<Derived>& m, Index first_row = 0) {
   // x * 0 is 0 for finite x and NaN for inf or NaN, so one vectorised sum tests every entry (allFinite() and
   // maxCoeff<PropagateNaN>() are scalar loops, which cost 7% of a training step).
   using Scalar = typename Derived::Scalar;
@@ -84,7 +85,7 @@ void require_finite(const char* where, const char* name, const Eigen::MatrixBase
     for (Index i = 0; i < m.rows(); ++i)
       if (!std::isfinite(static_cast<double>(m(i, j))))
         throw std::invalid_argument(concat(where, ": argument '", name, "' has a non-finite entry (",
-                                           static_cast<double>(m(i, j)), ") at (", i, ", ", j, ")"));
+                                           static_cast<double>(m(i, j)), ") at (", first_row + i, ", ", j, ")"));
 }
 
 /// Throws unless `value` is finite and strictly positive.

@@ -81,8 +81,8 @@ HeadShape check_backward_arguments(const char* where, const AttentionOptions& op
   require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
   require_shape(where, "dK", dK, shape.m, shape.heads * shape.dk);
   require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
-  require_finite(where, "O", O);
-  require_finite(where, "G", G);
+  require_finite_in_parallel(where, "O", O);
+  require_finite_in_parallel(where, "G", G);
   require_disjoint(where, {memory_of("dQ", dQ), memory_of("dK", dK), memory_of("dV", dV)},
                    {memory_of("Q", Q), memory_of("K", K), memory_of("V", V), memory_of("O", O), memory_of("G", G)});
   return shape;
@@ -104,7 +104,7 @@ HeadShape check_shard_backward_arguments(const char* where, const AttentionOptio
   // Without queries only K and V have entries (non-causal); without keys only Q, O and G.
   for (const auto& [name, X] : {std::pair<const char*, const ConstMatrixRef<T>*>{"Q", &Q}, {"K", &K}, {"V", &V},
                                 {"O", &O}, {"G", &G}})
-    require_finite(where, name, *X);
+    require_finite_in_parallel(where, name, *X);
   require_disjoint(where, {memory_of("dQ", dQ), memory_of("dK", dK), memory_of("dV", dV)},
                    {memory_of("Q", Q), memory_of("K", K), memory_of("V", V), memory_of("O", O), memory_of("G", G)});
   return shape;

@@ -75,7 +75,7 @@ void attention_backward_reference(const ConstMatrixRef<T>& Q, const ConstMatrixR
   constexpr const char* where = "polyattn::attention_backward_reference";
   const auto shape = detail::check_qkv(where, Q, K, V, opt, detail::CausalQueries::last_positions);
   detail::require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
-  detail::require_finite(where, "G", G);
+  detail::require_finite_in_parallel(where, "G", G);
   detail::require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
   detail::require_shape(where, "dK", dK, shape.m, shape.heads * shape.dk);
   detail::require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);

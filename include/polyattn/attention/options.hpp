@@ -98,15 +98,30 @@ HeadShape check_qkv_shapes(const char* where, const Eigen::MatrixBase<DQ>& Q, co
   return {Q.rows(), K.rows(), Q.cols() / opt.heads, V.cols() / opt.heads, opt.heads};
 }
 
+/// Rows per block of the parallel passes over a whole input (row_statistics(), max_abs(),
+/// require_finite_in_parallel()): 8192 rows of a column-major matrix are a 32 KiB run per column in float.
+constexpr Index input_pass_rows = 8192;
+
+/// require_finite() on blocks of input_pass_rows rows in parallel: every attention call checks its inputs (Q, K,
+/// V and in the backward pass O and G) in full, which on one thread would be the serial part of a parallel call. The
+/// entry named is the first non-finite one of the first block that has one, in column order within the block.
+template <class Derived>
+void require_finite_in_parallel(const char* where, const char* name, const Eigen::MatrixBase<Derived>& X) {
+  parallel_for(block_count(X.rows(), input_pass_rows), [&](Index block, int) {
+    const Index i0 = block * input_pass_rows;
+    require_finite(where, name, X.middleRows(i0, std::min(input_pass_rows, X.rows() - i0)), i0);
+  }, static_cast<double>(X.size()));
+}
+
 /// check_qkv_shapes() and, in addition, every entry of Q, K and V finite.
 template <class DQ, class DK, class DV>
 HeadShape check_qkv(const char* where, const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K,
                     const Eigen::MatrixBase<DV>& V, const AttentionOptions& opt,
                     CausalQueries causal_queries = CausalQueries::as_many_as_keys) {
   const HeadShape shape = check_qkv_shapes(where, Q, K, V, opt, causal_queries);
-  require_finite(where, "Q", Q);
-  require_finite(where, "K", K);
-  require_finite(where, "V", V);
+  require_finite_in_parallel(where, "Q", Q);
+  require_finite_in_parallel(where, "K", K);
+  require_finite_in_parallel(where, "V", V);
   return shape;
 }
 
@@ -126,12 +141,6 @@ HeadShape check_shard_shapes(const char* where, const Eigen::MatrixBase<DQ>& Q, 
     require(Q.rows() == K.rows(), where, "causal attention needs as many queries as keys, got 'Q' with ", Q.rows(),
             " rows and 'K' with ", K.rows());
   return {Q.rows(), K.rows(), Q.cols() / opt.heads, V.cols() / opt.heads, opt.heads};
-}
-
-/// The largest |entry| of `X`, 0 when it has none (an empty shard).
-template <class Derived>
-double max_abs(const Eigen::MatrixBase<Derived>& X) {
-  return X.size() == 0 ? 0.0 : static_cast<double>(X.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
 }
 
 /// Throws unless `O` is the n x h d_v output of the checked (Q, K, V) of `shape` and shares no memory with them.
@@ -155,7 +164,7 @@ struct RowStatistics {
 /// after the other, so each pass is contiguous, vectorised and in cache.
 template <class Derived>
 RowStatistics row_statistics(const Eigen::MatrixBase<Derived>& X) {
-  constexpr Index rows_per_block = 8192;
+  constexpr Index rows_per_block = input_pass_rows;
   const Index blocks = block_count(X.rows(), rows_per_block);
   std::vector<RowStatistics> per_block(static_cast<std::size_t>(blocks));
   parallel_for(blocks, [&](Index block, int) {
@@ -177,6 +186,31 @@ RowStatistics row_statistics(const Eigen::MatrixBase<Derived>& X) {
     result.max_abs = std::max(result.max_abs, s.max_abs);
   }
   result.max_row_norm = std::sqrt(result.max_row_norm);
+  return result;
+}
+
+/// The largest |entry| of `X`: NaN if an entry is NaN, else +inf if one is infinite; 0 when it has none (an empty
+/// shard). Parallel over blocks of rows; within a block one vectorised pass (Eigen's NaN-propagating maxCoeff is a
+/// scalar loop), and the x * 0 sum of require_finite() tells whether the block needs the NaN-aware one.
+template <class Derived>
+double max_abs(const Eigen::MatrixBase<Derived>& X) {
+  const Index blocks = block_count(X.rows(), input_pass_rows);
+  std::vector<double> per_block(static_cast<std::size_t>(blocks), 0.0);
+  parallel_for(blocks, [&](Index block, int) {
+    const Index i0 = block * input_pass_rows;
+    const auto rows = X.middleRows(i0, std::min(input_pass_rows, X.rows() - i0));
+    if (rows.size() == 0) return;
+    using Scalar = typename Derived::Scalar;
+    per_block[static_cast<std::size_t>(block)] =
+        (rows.array() * Scalar(0)).sum() == Scalar(0)
+            ? static_cast<double>(rows.cwiseAbs().maxCoeff())
+            : static_cast<double>(rows.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
+  }, static_cast<double>(X.size()));
+  double result = 0;
+  for (const double m : per_block) {
+    if (std::isnan(m)) return m;
+    result = std::max(result, m);
+  }
   return result;
 }
 

@@ -507,9 +507,9 @@ auto PolynomialAttention<T>::measure_shard(const char* where, const ConstMatrixR
                     "previous rank's keys (set it to 0)");
     measured.shape = detail::check_shard_shapes(where, Q, K, V, options_.attention);
     detail::check_forward_output(where, measured.shape, Q, K, V, O);
-    detail::require_finite(where, "Q", Q);
-    detail::require_finite(where, "K", K);
-    detail::require_finite(where, "V", V);
+    detail::require_finite_in_parallel(where, "Q", Q);
+    detail::require_finite_in_parallel(where, "K", K);
+    detail::require_finite_in_parallel(where, "V", V);
     const detail::HeadShape& shape = measured.shape;
     for (Index h = 0; h < shape.heads; ++h) {
       maxima.push_back(detail::max_row_norm(Q.middleCols(h * shape.dk, shape.dk)));
