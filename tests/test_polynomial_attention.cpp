@@ -751,6 +751,17 @@ TEST_CASE("PolynomialAttention rejects an unallocatable feature width before all
 // long double, entry by entry within the standard bound |c - c^| <= k u (|C| + |A| |B|)_ij of a length-k sum of
 // products (one more term when adding to C); the rows around the destination block stay untouched. Shapes cover
 // full tiles, single packets and single rows, every remainder of the column groups, and a transposed (row-major) B.
+// Every entry of a computed product C within terms * u * magnitude_ij of the exact one, u the unit roundoff of C's
+// scalar type: the bound of a sum of `terms` products.
+template <class DC, class Wide>
+void require_within_product_bound(const Eigen::MatrixBase<DC>& C, const Wide& exact, const Wide& magnitude,
+                                  Index terms) {
+  const long double bound = static_cast<long double>(terms) * std::numeric_limits<typename DC::Scalar>::epsilon() / 2;
+  for (Index j = 0; j < C.cols(); ++j)
+    for (Index i = 0; i < C.rows(); ++i)
+      REQUIRE(std::abs(static_cast<long double>(C(i, j)) - exact(i, j)) <= bound * magnitude(i, j));
+}
+
 template <class T>
 void check_block_product(Index rows, Index depth, Index cols, bool transposed_b, bool accumulate) {
   using Wide = Eigen::Matrix<long double, Eigen::Dynamic, Eigen::Dynamic>;
@@ -774,13 +785,9 @@ void check_block_product(Index rows, Index depth, Index cols, bool transposed_b,
     exact += C_before;
     magnitude += C_before.cwiseAbs();
   }
-  const long double terms = static_cast<long double>(accumulate ? depth + 1 : depth);
-  const long double unit = std::numeric_limits<T>::epsilon() / 2;
   INFO(rows << " x " << depth << " times " << depth << " x " << cols << (transposed_b ? " (B transposed)" : "")
             << (accumulate ? ", added to C" : ""));
-  for (Index j = 0; j < cols; ++j)
-    for (Index i = 0; i < rows; ++i)
-      REQUIRE(std::abs(static_cast<long double>(C(i, j)) - exact(i, j)) <= terms * unit * magnitude(i, j));
+  require_within_product_bound(C, exact, magnitude, accumulate ? depth + 1 : depth);
   REQUIRE((C_full.topRows(2).array() == T(7)).all());
   REQUIRE((C_full.bottomRows(3).array() == T(7)).all());
 }
@@ -803,7 +810,6 @@ TEST_CASE("block_product equals the product within rounding for every tile remai
 template <class T>
 void check_transposed_products() {
   using Wide = Eigen::Matrix<long double, Eigen::Dynamic, Eigen::Dynamic>;
-  const long double unit = std::numeric_limits<T>::epsilon() / 2;
   Matrix<T> transposed, product;
   for (const Index rows : {100, 64, 17, 1, 0})
     for (const Index r : {153, 17, 16, 1})
@@ -816,9 +822,7 @@ void check_transposed_products() {
         const Wide magnitude =
             A.template cast<long double>().cwiseAbs().transpose() * B.template cast<long double>().cwiseAbs();
         INFO(rows << " x " << r << " transposed times " << rows << " x " << cols);
-        for (Index j = 0; j < cols; ++j)
-          for (Index i = 0; i < r; ++i)
-            REQUIRE(std::abs(static_cast<long double>(C(i, j)) - exact(i, j)) <= rows * unit * magnitude(i, j));
+        require_within_product_bound(C, exact, magnitude, rows);
         REQUIRE((C_full.topRows(1).array() == T(7)).all());
         REQUIRE((C_full.bottomRows(2).array() == T(7)).all());
       }
