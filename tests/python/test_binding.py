@@ -130,6 +130,25 @@ def test_every_layout_gives_the_same_result():
             np.testing.assert_array_equal(actual, exact, err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_c_order_arrays_with_whole_simd_tiles_equal_fortran_order(dtype):
+    # Heads of 16 and 17 columns and 37 rows: C-order arrays are transposed in SIMD tiles (16 x 16 floats, 8 x 8
+    # doubles) plus the rows and columns past the last whole tile; the results must be Fortran order's, bit for bit.
+    for dk, dv in ((16, 17), (17, 16)):
+        q, k, v, g = random_problem(37, 37, 2, dk, dv, seed=6, dtype=dtype, scale=0.3)
+        attention = polyattn.Attention("adjoint", heads=2, causal=True)
+        fortran = [np.asfortranarray(x) for x in (q, k, v, g)]
+        o_f, _ = attention.forward(*fortran[:3])
+        grads_f = attention.backward(*fortran[:3], o_f, fortran[3])[:3]
+        o_c, _ = attention.forward(q, k, v)
+        assert o_c.flags.c_contiguous
+        np.testing.assert_array_equal(o_c, o_f)
+        grads_c = attention.backward(q, k, v, o_c, g)[:3]
+        for actual, exact in zip(grads_c, grads_f):
+            assert actual.flags.c_contiguous
+            np.testing.assert_array_equal(actual, exact)
+
+
 def test_outputs_follow_the_order_of_q_or_go_into_out():
     q, k, v, g = random_problem(12, 12, 1, 4, 4, seed=4)
     attention = polyattn.Attention("exact_reference")
