@@ -155,9 +155,6 @@ void block_product_add(const ConstMatrixRef<T>& A, const Eigen::MatrixBase<Deriv
   block_product_into<true, T>(A, B, C);
 }
 
-/// At = A^T for column-major A and At, which must not overlap: square tiles of one SIMD packet per column are
-/// transposed in registers, the rows and columns past the last full tile one entry at a time. It turns a
-/// transposed left factor of block_product() into a column-major one.
 // GCC warns that PacketBlock<Packet, n> drops the attributes of the SIMD type it is given (its alignment), as Eigen's
 // own headers, which use PacketBlock the same way, silence: a PacketBlock is an array of packets whose alignment
 // comes from the packet type itself.
@@ -165,6 +162,9 @@ void block_product_add(const ConstMatrixRef<T>& A, const Eigen::MatrixBase<Deriv
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wignored-attributes"
 #endif
+/// At = A^T for column-major A and At, which must not overlap: square tiles of one SIMD packet per column are
+/// transposed in registers, the rows and columns past the last full tile one entry at a time. It turns a
+/// transposed left factor of block_product() into a column-major one.
 template <class T>
 void transpose_into(const ConstMatrixRef<T>& A, MatrixRef<T> At) {
   using Packet = typename BlockProductTile<T>::Packet;
