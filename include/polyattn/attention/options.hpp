@@ -102,15 +102,24 @@ HeadShape check_qkv_shapes(const char* where, const Eigen::MatrixBase<DQ>& Q, co
 /// require_finite_in_parallel()): 8192 rows of a column-major matrix are a 32 KiB run per column in float.
 constexpr Index input_pass_rows = 8192;
 
-/// require_finite() on blocks of input_pass_rows rows in parallel: every attention call checks its inputs (Q, K,
-/// V and in the backward pass O and G) in full, which on one thread would be the serial part of a parallel call. The
-/// entry named is the first non-finite one of the first block that has one, in column order within the block.
-template <class Derived>
-void require_finite_in_parallel(const char* where, const char* name, const Eigen::MatrixBase<Derived>& X) {
+/// Calls body(block, first_row, rows) for the blocks of input_pass_rows rows of `X` (the last may be shorter), in
+/// parallel: the passes that read a whole input, which on one thread would be the serial part of a parallel call.
+template <class Derived, class Body>
+void for_input_row_blocks(const Eigen::MatrixBase<Derived>& X, const Body& body) {
   parallel_for(block_count(X.rows(), input_pass_rows), [&](Index block, int) {
     const Index i0 = block * input_pass_rows;
-    require_finite(where, name, X.middleRows(i0, std::min(input_pass_rows, X.rows() - i0)), i0);
+    body(block, i0, X.middleRows(i0, std::min(input_pass_rows, X.rows() - i0)));
   }, static_cast<double>(X.size()));
+}
+
+/// require_finite() over blocks of rows in parallel (every attention call checks Q, K, V, and in the backward pass
+/// O and G, in full). The entry named is the first non-finite one of the first block that has one, in column order
+/// within the block.
+template <class Derived>
+void require_finite_in_parallel(const char* where, const char* name, const Eigen::MatrixBase<Derived>& X) {
+  for_input_row_blocks(X, [&](Index, Index first_row, const auto& rows) {
+    require_finite(where, name, rows, first_row);
+  });
 }
 
 /// check_qkv_shapes() and, in addition, every entry of Q, K and V finite.
@@ -164,21 +173,18 @@ struct RowStatistics {
 /// after the other, so each pass is contiguous, vectorised and in cache.
 template <class Derived>
 RowStatistics row_statistics(const Eigen::MatrixBase<Derived>& X) {
-  constexpr Index rows_per_block = input_pass_rows;
-  const Index blocks = block_count(X.rows(), rows_per_block);
-  std::vector<RowStatistics> per_block(static_cast<std::size_t>(blocks));
-  parallel_for(blocks, [&](Index block, int) {
-    const Index i0 = block * rows_per_block, b = std::min(rows_per_block, X.rows() - i0);
-    if (X.cols() == 0) return;
-    Eigen::ArrayXd squares = X.col(0).segment(i0, b).template cast<double>().array().square();
-    auto largest = X.col(0).segment(i0, b).cwiseAbs().maxCoeff();
-    for (Index j = 1; j < X.cols(); ++j) {
-      squares += X.col(j).segment(i0, b).template cast<double>().array().square();
-      largest = std::max(largest, X.col(j).segment(i0, b).cwiseAbs().maxCoeff());
+  std::vector<RowStatistics> per_block(static_cast<std::size_t>(block_count(X.rows(), input_pass_rows)));
+  for_input_row_blocks(X, [&](Index block, Index, const auto& rows) {
+    if (rows.cols() == 0) return;
+    Eigen::ArrayXd squares = rows.col(0).template cast<double>().array().square();
+    auto largest = rows.col(0).cwiseAbs().maxCoeff();
+    for (Index j = 1; j < rows.cols(); ++j) {
+      squares += rows.col(j).template cast<double>().array().square();
+      largest = std::max(largest, rows.col(j).cwiseAbs().maxCoeff());
     }
     per_block[static_cast<std::size_t>(block)] = {squares.template maxCoeff<Eigen::PropagateNaN>(),
                                                   static_cast<double>(largest)};
-  }, static_cast<double>(X.size()));
+  });
   RowStatistics result;
   for (const RowStatistics& s : per_block) {
     if (std::isnan(s.max_row_norm)) return {s.max_row_norm, s.max_row_norm};
@@ -191,21 +197,16 @@ RowStatistics row_statistics(const Eigen::MatrixBase<Derived>& X) {
 
 /// The largest |entry| of `X`: NaN if an entry is NaN, else +inf if one is infinite; 0 when it has none (an empty
 /// shard). Parallel over blocks of rows; within a block one vectorised pass (Eigen's NaN-propagating maxCoeff is a
-/// scalar loop), and the x * 0 sum of require_finite() tells whether the block needs the NaN-aware one.
+/// scalar loop), and all_finite() tells whether the block needs the NaN-aware one.
 template <class Derived>
 double max_abs(const Eigen::MatrixBase<Derived>& X) {
-  const Index blocks = block_count(X.rows(), input_pass_rows);
-  std::vector<double> per_block(static_cast<std::size_t>(blocks), 0.0);
-  parallel_for(blocks, [&](Index block, int) {
-    const Index i0 = block * input_pass_rows;
-    const auto rows = X.middleRows(i0, std::min(input_pass_rows, X.rows() - i0));
+  std::vector<double> per_block(static_cast<std::size_t>(block_count(X.rows(), input_pass_rows)), 0.0);
+  for_input_row_blocks(X, [&](Index block, Index, const auto& rows) {
     if (rows.size() == 0) return;
-    using Scalar = typename Derived::Scalar;
     per_block[static_cast<std::size_t>(block)] =
-        (rows.array() * Scalar(0)).sum() == Scalar(0)
-            ? static_cast<double>(rows.cwiseAbs().maxCoeff())
-            : static_cast<double>(rows.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
-  }, static_cast<double>(X.size()));
+        all_finite(rows) ? static_cast<double>(rows.cwiseAbs().maxCoeff())
+                         : static_cast<double>(rows.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
+  });
   double result = 0;
   for (const double m : per_block) {
     if (std::isnan(m)) return m;

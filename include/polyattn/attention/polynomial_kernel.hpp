@@ -174,7 +174,7 @@ class PolynomialKernel {
 
   // One thread's chunk workspaces, sized for `rows` rows; chunks use their top rows.
   struct Workspace {
-    Matrix<T> scaled_queries, scaled_keys, monomials, monomial_grads, values, products, adjoints, chunk_state,
+    Matrix<T> scaled_queries, scaled_keys, monomials, monomial_grads, values, products, adjoints,
         weighted_state_grads, block, block_value, derivative_block, score_grads, transposed_block;
     // Scratch of transposed_product() (a chunk's state M^T [V, 1] or M^T E).
     Matrix<T> transposed_operand, transposed_state;
@@ -204,7 +204,6 @@ class PolynomialKernel {
       ensure_shape(w.values, rows, dv + 1);
       ensure_shape(w.products, rows, dv + 2);
       ensure_shape(w.adjoints, rows, dv + 2);
-      ensure_shape(w.chunk_state, r, dv + 1);
       ensure_shape(w.weighted_state_grads, r, dv + 2);
       if (w.inverse_normalisers.size() != rows) w.inverse_normalisers.resize(rows);
       if (w.column_sums.size() != rows) w.column_sums.resize(rows);
@@ -580,9 +579,8 @@ class PolynomialKernel {
                        Index rows, MatrixRef<T> slot) const {
     expand(w, Kh.middleRows(first_row, rows), w.scaled_keys);
     load_values(w, Vh.middleRows(first_row, rows));
-    transposed_product<T>(top(w.monomials, rows), top(w.values, rows), w.chunk_state, w.transposed_operand,
-                          w.transposed_state);
-    slot.noalias() = map_->weights().asDiagonal() * w.chunk_state;
+    transposed_product<T>(top(w.monomials, rows), top(w.values, rows), slot, w.transposed_operand, w.transposed_state);
+    slot.array().colwise() *= map_->weights().array();
   }
 
   void forward_full(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
