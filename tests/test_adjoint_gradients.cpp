@@ -2,6 +2,7 @@
 #include <polyattn/attention/exact_gradients.hpp>
 
 #include "gradient_check.hpp"
+#include "test_support.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -410,4 +411,101 @@ TEST_CASE("AdjointBackend reports overflow of finite input clearly", "[adjoint_g
   Matrix<float> O_wide(n, 64);
   REQUIRE_THROWS_WITH(wide.forward(Q, Q, Q, O_wide),
                       Contains("AdjointBackend::forward") && Contains("'degree'") && Contains("max_feature_width"));
+}
+
+namespace {
+
+// Row-major storage of `m` with `padding` unused columns on the right, so that a Ref to its left columns has an
+// outer stride larger than its width (as a head view of a wider projection has).
+template <class T>
+polyattn::RowMajorMatrix<T> padded_row_major(const Matrix<T>& m, Index padding) {
+  polyattn::RowMajorMatrix<T> storage = polyattn::RowMajorMatrix<T>::Constant(m.rows(), m.cols() + padding, T(7));
+  storage.leftCols(m.cols()) = m;
+  return storage;
+}
+
+template <class T>
+void check_row_major_is_bitwise_column_major() {
+  polyattn::testing::ThreadCountGuard guard;
+  const Index dk = 4, dv = 3;
+  for (const bool causal : {false, true})
+    for (const Index heads : {1, 3})
+      for (const Index window : {0, 3})
+        for (const Index chunk : {0, 32})
+          for (const Index n : {1, 70, 300}) {
+            CAPTURE(causal, heads, window, chunk, n);
+            PolynomialAttentionOptions opt = adjoint_options(causal, heads, 2, FeatureMapKind::symmetric, chunk);
+            opt.exact_window = window;
+            const AttentionProblem<T> x = random_problem<T>(n, heads, dk, dv, 1400 + static_cast<std::uint64_t>(n), 0.7);
+            polyattn::set_num_threads(1);
+            AdjointBackend<T> column_major(opt);
+            Matrix<T> O(n, heads * dv), dQ(n, heads * dk), dK(n, heads * dk), dV(n, heads * dv);
+            column_major.forward(x.Q, x.K, x.V, O);
+            column_major.backward(x.Q, x.K, x.V, O, x.G, dQ, dK, dV);
+            PolynomialAttention<T> forward_only(opt);
+            Matrix<T> O_forward(n, heads * dv);
+            forward_only.forward(x.Q, x.K, x.V, O_forward);
+            REQUIRE(O_forward == O);
+
+            const auto Q = padded_row_major(x.Q, 2), K = padded_row_major(x.K, 1), V = padded_row_major(x.V, 3);
+            const auto G = padded_row_major(x.G, 1);
+            for (const int threads : {1, 2, 3}) {
+              CAPTURE(threads);
+              polyattn::set_num_threads(threads);
+              auto O_rows = padded_row_major(Matrix<T>::Zero(n, heads * dv).eval(), 2);
+              auto dQ_rows = padded_row_major(Matrix<T>::Zero(n, heads * dk).eval(), 1);
+              auto dK_rows = padded_row_major(Matrix<T>::Zero(n, heads * dk).eval(), 0);
+              auto dV_rows = padded_row_major(Matrix<T>::Zero(n, heads * dv).eval(), 5);
+              AdjointBackend<T> row_major(opt);
+              row_major.forward(Q.leftCols(heads * dk), K.leftCols(heads * dk), V.leftCols(heads * dv),
+                                O_rows.leftCols(heads * dv));
+              row_major.backward(Q.leftCols(heads * dk), K.leftCols(heads * dk), V.leftCols(heads * dv),
+                                 O_rows.leftCols(heads * dv), G.leftCols(heads * dv), dQ_rows.leftCols(heads * dk),
+                                 dK_rows.leftCols(heads * dk), dV_rows.leftCols(heads * dv));
+              CHECK(Matrix<T>(O_rows.leftCols(heads * dv)) == O);
+              CHECK(Matrix<T>(dQ_rows.leftCols(heads * dk)) == dQ);
+              CHECK(Matrix<T>(dK_rows.leftCols(heads * dk)) == dK);
+              CHECK(Matrix<T>(dV_rows.leftCols(heads * dv)) == dV);
+              // The padding columns are never written.
+              CHECK((O_rows.rightCols(2).array() == T(7)).all());
+              CHECK((dV_rows.rightCols(5).array() == T(7)).all());
+              auto O_forward_rows = padded_row_major(Matrix<T>::Zero(n, heads * dv).eval(), 0);
+              PolynomialAttention<T>(opt).forward(Q.leftCols(heads * dk), K.leftCols(heads * dk),
+                                                  V.leftCols(heads * dv), O_forward_rows);
+              CHECK(Matrix<T>(O_forward_rows) == O);
+            }
+          }
+}
+
+}  // namespace
+
+TEST_CASE("Row-major matrices are read and written in place, bitwise as column-major ones", "[adjoint_gradients]") {
+  check_row_major_is_bitwise_column_major<float>();
+  check_row_major_is_bitwise_column_major<double>();
+}
+
+TEST_CASE("AdjointBackend on row-major matrices names bad arguments as the column-major call does",
+          "[adjoint_gradients]") {
+  using RowMajor = polyattn::RowMajorMatrix<double>;
+  const Index n = 6;
+  const AttentionProblem<double> x = random_problem<double>(n, 1, 3, 2, 1500, 1.0);
+  const RowMajor Q = x.Q, K = x.K, V = x.V, G = x.G;
+  RowMajor O(n, 2), dQ(n, 3), dK(n, 3), dV(n, 2);
+  AdjointBackend<double> adjoint(adjoint_options(true, 1, 2, FeatureMapKind::symmetric, 0));
+  CHECK_THROWS_WITH(adjoint.backward(Q, K, V, O, G, dQ, dK, dV), Contains("call forward() first"));
+  RowMajor bad_Q = Q;
+  bad_Q(4, 1) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(adjoint.forward(bad_Q, K, V, O),
+                    Contains("AdjointBackend::forward") && Contains("'Q'") && Contains("(4, 1)"));
+  RowMajor wrong_O(n, 3);
+  CHECK_THROWS_WITH(adjoint.forward(Q, K, V, wrong_O), Contains("'O'") && Contains("6x2"));
+  RowMajor shared(n, 5);
+  shared.leftCols(3) = Q;
+  CHECK_THROWS_WITH(adjoint.forward(shared.leftCols(3), K, V, shared.rightCols(3).leftCols(2)),
+                    Contains("'O'") && Contains("'Q'"));
+  adjoint.forward(Q, K, V, O);
+  RowMajor bad_G = G;
+  bad_G(5, 0) = std::numeric_limits<double>::infinity();
+  CHECK_THROWS_WITH(adjoint.backward(Q, K, V, O, bad_G, dQ, dK, dV), Contains("'G'") && Contains("(5, 0)"));
+  CHECK_THROWS_WITH(adjoint.backward(Q, K, V, O, G, dQ, dK, dQ), Contains("'dV'"));
 }

@@ -33,8 +33,24 @@ template <class T>
 using ConstMatrixRef = Eigen::Ref<const Matrix<T>>;
 template <class T>
 using MatrixRef = Eigen::Ref<Matrix<T>>;
+/// Row-major matrices (one token per row, as in row-major C++ code, numpy's C order and PyTorch): the polynomial
+/// methods (PolynomialAttention, AdjointBackend) read and write them in place (attention/head_rows.hpp).
+template <class T>
+using RowMajorMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using ConstRowMajorRef = Eigen::Ref<const RowMajorMatrix<T>>;
+template <class T>
+using RowMajorRef = Eigen::Ref<RowMajorMatrix<T>>;
 
 namespace detail {
+
+/// `X` in a parameter that must not take part in template argument deduction (std::type_identity_t of C++20).
+template <class X>
+struct TypeIdentity {
+  using type = X;
+};
+template <class X>
+using NonDeduced = typename TypeIdentity<X>::type;
 
 template <class T>
 constexpr void static_check_scalar() {

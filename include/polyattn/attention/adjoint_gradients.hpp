@@ -187,7 +187,25 @@ class AdjointBackend final : public AttentionBackend<T> {
                                const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G, MatrixRef<T> dQ,
                                MatrixRef<T> dK, MatrixRef<T> dV) override;
 
+  /// forward() and backward() on row-major matrices, read and written in place (attention/head_rows.hpp): the
+  /// results are bitwise those of the column-major calls. A backward() pairs with the forward() before it in
+  /// either storage order.
+  Certificate forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K, const ConstRowMajorRef<T>& V,
+                      RowMajorRef<T> O);
+  GradientCertificate backward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                               const ConstRowMajorRef<T>& V, const ConstRowMajorRef<T>& O,
+                               const ConstRowMajorRef<T>& G, RowMajorRef<T> dQ, RowMajorRef<T> dK,
+                               RowMajorRef<T> dV);
+
  private:
+  // forward() and backward() on column-major (ConstMatrixRef, MatrixRef) or row-major (ConstRowMajorRef,
+  // RowMajorRef) matrices.
+  template <class In, class Out>
+  Certificate forward_any(const In& Q, const In& K, const In& V, Out& O);
+  template <class In, class Out>
+  GradientCertificate backward_any(const In& Q, const In& K, const In& V, const In& O, const In& G, Out& dQ, Out& dK,
+                                   Out& dV);
+
   PolynomialAttention<T> attention_;
   typename PolynomialAttention<T>::Saved saved_;
   Certificate certificate_;
@@ -201,6 +219,34 @@ class AdjointBackend final : public AttentionBackend<T> {
 template <class T>
 Certificate AdjointBackend<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
                                        const ConstMatrixRef<T>& V, MatrixRef<T> O) {
+  return forward_any(Q, K, V, O);
+}
+
+template <class T>
+Certificate AdjointBackend<T>::forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                                       const ConstRowMajorRef<T>& V, RowMajorRef<T> O) {
+  return forward_any(Q, K, V, O);
+}
+
+template <class T>
+GradientCertificate AdjointBackend<T>::backward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                                                const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& O,
+                                                const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
+                                                MatrixRef<T> dV) {
+  return backward_any(Q, K, V, O, G, dQ, dK, dV);
+}
+
+template <class T>
+GradientCertificate AdjointBackend<T>::backward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                                                const ConstRowMajorRef<T>& V, const ConstRowMajorRef<T>& O,
+                                                const ConstRowMajorRef<T>& G, RowMajorRef<T> dQ, RowMajorRef<T> dK,
+                                                RowMajorRef<T> dV) {
+  return backward_any(Q, K, V, O, G, dQ, dK, dV);
+}
+
+template <class T>
+template <class In, class Out>
+Certificate AdjointBackend<T>::forward_any(const In& Q, const In& K, const In& V, Out& O) {
   forward_record_.clear();
   certificate_ = attention_.forward(Q, K, V, O, "polyattn::AdjointBackend::forward", &saved_);
   derivative_error_ = certify_exp(attention_.map_poly_.derivative(), certificate_.interval).relative_error;
@@ -209,10 +255,9 @@ Certificate AdjointBackend<T>::forward(const ConstMatrixRef<T>& Q, const ConstMa
 }
 
 template <class T>
-GradientCertificate AdjointBackend<T>::backward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
-                                                const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& O,
-                                                const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
-                                                MatrixRef<T> dV) {
+template <class In, class Out>
+GradientCertificate AdjointBackend<T>::backward_any(const In& Q, const In& K, const In& V, const In& O, const In& G,
+                                                    Out& dQ, Out& dK, Out& dV) {
   constexpr const char* where = "polyattn::AdjointBackend::backward";
   const AttentionOptions& opt = options().attention;
   StateExchange* const exchange = attention_.state_exchange();
@@ -220,7 +265,7 @@ GradientCertificate AdjointBackend<T>::backward(const ConstMatrixRef<T>& Q, cons
   constexpr std::size_t per_head = 5;
   // Needed for the bounds only, but with an exchange always: every rank takes part in their reduction.
   std::vector<double> maxima;
-  const detail::HeadShape shape = detail::check_backward_call<T>(
+  const detail::HeadShape shape = detail::check_backward_call<T, In, Out>(
       where, opt, exchange, forward_record_, Q, K, V, O, G, dQ, dK, dV,
       [&](const detail::HeadShape& s) { return attention_.shard_settings(s); },
       [&](const detail::HeadShape& s) {
@@ -245,11 +290,13 @@ GradientCertificate AdjointBackend<T>::backward(const ConstMatrixRef<T>& Q, cons
     bool gradients_finite = true;  // as the kernel found them block by block
     for (Index h = 0; h < shape.heads; ++h) {
       const double column_sum = attention_.kernel_.backward(
-          Q.middleCols(h * dk, dk), K.middleCols(h * dk, dk), V.middleCols(h * dv, dv), O.middleCols(h * dv, dv),
-          G.middleCols(h * dv, dv), saved_.normalisers.col(h), saved_.shifts.col(h),
+          detail::head_rows(Q.middleCols(h * dk, dk)), detail::head_rows(K.middleCols(h * dk, dk)),
+          detail::head_rows(V.middleCols(h * dv, dv)), detail::head_rows(O.middleCols(h * dv, dv)),
+          detail::head_rows(G.middleCols(h * dv, dv)), saved_.normalisers.col(h), saved_.shifts.col(h),
           saved_.states.middleCols(h * state_cols, state_cols),
-          saved_.incoming_states.middleCols(h * incoming_cols, incoming_cols), dQ.middleCols(h * dk, dk),
-          dK.middleCols(h * dk, dk), dV.middleCols(h * dv, dv));
+          saved_.incoming_states.middleCols(h * incoming_cols, incoming_cols),
+          detail::head_output(dQ.middleCols(h * dk, dk)), detail::head_output(dK.middleCols(h * dk, dk)),
+          detail::head_output(dV.middleCols(h * dv, dv)));
       gradients_finite = gradients_finite && attention_.kernel_.results_finite();
       if (!certificate_.vacuous()) {
         const double* head = maxima.data() + per_head * static_cast<std::size_t>(h);
@@ -257,7 +304,7 @@ GradientCertificate AdjointBackend<T>::backward(const ConstMatrixRef<T>& Q, cons
                                     head[3], head[4], column_sum, result);
       }
     }
-    if (!gradients_finite) detail::check_backward_results<T>(where, opt, shape, Q, K, V, G, dQ, dK, dV);
+    if (!gradients_finite) detail::check_backward_results<T, In, Out>(where, opt, shape, Q, K, V, G, dQ, dK, dV);
   } catch (...) {
     if (!exchange) throw;
     failure = std::current_exception();

@@ -69,11 +69,11 @@ namespace detail {
 /// Checks the arguments of a backward() call: Q, K, V as check_qkv() (with `causal_queries`), O and G
 /// (n x h d_v, finite) and the outputs dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v), which must share no memory
 /// with each other or with Q, K, V, O, G. Returns the head shape.
-template <class T>
-HeadShape check_backward_arguments(const char* where, const AttentionOptions& opt, const ConstMatrixRef<T>& Q,
-                                   const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
-                                   const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G,
-                                   const MatrixRef<T>& dQ, const MatrixRef<T>& dK, const MatrixRef<T>& dV,
+template <class T, class In = ConstMatrixRef<T>, class Out = MatrixRef<T>>
+HeadShape check_backward_arguments(const char* where, const AttentionOptions& opt, const NonDeduced<In>& Q,
+                                   const NonDeduced<In>& K, const NonDeduced<In>& V, const NonDeduced<In>& O,
+                                   const NonDeduced<In>& G, const NonDeduced<Out>& dQ, const NonDeduced<Out>& dK,
+                                   const NonDeduced<Out>& dV,
                                    CausalQueries causal_queries = CausalQueries::as_many_as_keys) {
   const HeadShape shape = check_qkv(where, Q, K, V, opt, causal_queries);
   require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
@@ -89,12 +89,13 @@ HeadShape check_backward_arguments(const char* where, const AttentionOptions& op
 }
 
 /// check_backward_arguments() for one rank's shard of a sequence-parallel call, which may have no rows.
-template <class T>
-HeadShape check_shard_backward_arguments(const char* where, const AttentionOptions& opt, const ConstMatrixRef<T>& Q,
-                                         const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
-                                         const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G,
-                                         const MatrixRef<T>& dQ, const MatrixRef<T>& dK, const MatrixRef<T>& dV) {
-  if (Q.rows() > 0 && K.rows() > 0) return check_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
+template <class T, class In = ConstMatrixRef<T>, class Out = MatrixRef<T>>
+HeadShape check_shard_backward_arguments(const char* where, const AttentionOptions& opt, const NonDeduced<In>& Q,
+                                         const NonDeduced<In>& K, const NonDeduced<In>& V, const NonDeduced<In>& O,
+                                         const NonDeduced<In>& G, const NonDeduced<Out>& dQ,
+                                         const NonDeduced<Out>& dK, const NonDeduced<Out>& dV) {
+  if (Q.rows() > 0 && K.rows() > 0)
+    return check_backward_arguments<T, In, Out>(where, opt, Q, K, V, O, G, dQ, dK, dV);
   const HeadShape shape = check_shard_shapes(where, Q, K, V, opt);
   require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
   require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
@@ -102,8 +103,8 @@ HeadShape check_shard_backward_arguments(const char* where, const AttentionOptio
   require_shape(where, "dK", dK, shape.m, shape.heads * shape.dk);
   require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
   // Without queries only K and V have entries (non-causal); without keys only Q, O and G.
-  for (const auto& [name, X] : {std::pair<const char*, const ConstMatrixRef<T>*>{"Q", &Q}, {"K", &K}, {"V", &V},
-                                {"O", &O}, {"G", &G}})
+  for (const auto& [name, X] : {std::pair<const char*, const In*>{"Q", &Q}, {"K", &K}, {"V", &V}, {"O", &O},
+                                {"G", &G}})
     require_finite_in_parallel(where, name, *X);
   require_disjoint(where, {memory_of("dQ", dQ), memory_of("dK", dK), memory_of("dV", dV)},
                    {memory_of("Q", Q), memory_of("K", K), memory_of("V", V), memory_of("O", O), memory_of("G", G)});
@@ -112,11 +113,11 @@ HeadShape check_shard_backward_arguments(const char* where, const AttentionOptio
 
 /// Throws std::domain_error naming what overflowed unless the gradients dQ, dK, dV of finite inputs are finite.
 /// O(n d).
-template <class T>
+template <class T, class In = ConstMatrixRef<T>, class Out = MatrixRef<T>>
 void check_backward_results(const char* where, const AttentionOptions& opt, const HeadShape& shape,
-                            const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
-                            const ConstMatrixRef<T>& G, const MatrixRef<T>& dQ, const MatrixRef<T>& dK,
-                            const MatrixRef<T>& dV) {
+                            const NonDeduced<In>& Q, const NonDeduced<In>& K, const NonDeduced<In>& V,
+                            const NonDeduced<In>& G, const NonDeduced<Out>& dQ, const NonDeduced<Out>& dK,
+                            const NonDeduced<Out>& dV) {
   const auto cause = [&] {
     const double largest = static_cast<double>(std::numeric_limits<T>::max());
     return concat("the gradient's intermediate products overflowed ", sizeof(T) == sizeof(float) ? "float" : "double",
@@ -162,14 +163,14 @@ class ForwardRecord {
 /// (further local work that may throw). With an `exchange` (null: serial), a failure on any rank throws on every
 /// rank, before any collective of the pass: StateExchange::agree() with `settings(shape)`, which also checks that
 /// every rank has the same settings. Returns the head shape.
-template <class T, class Settings, class LocalChecks>
+template <class T, class In = ConstMatrixRef<T>, class Out = MatrixRef<T>, class Settings, class LocalChecks>
 HeadShape check_backward_call(const char* where, const AttentionOptions& opt, StateExchange* exchange,
-                              const ForwardRecord& record, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
-                              const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G,
-                              const MatrixRef<T>& dQ, const MatrixRef<T>& dK, const MatrixRef<T>& dV,
+                              const ForwardRecord& record, const NonDeduced<In>& Q, const NonDeduced<In>& K,
+                              const NonDeduced<In>& V, const NonDeduced<In>& O, const NonDeduced<In>& G,
+                              const NonDeduced<Out>& dQ, const NonDeduced<Out>& dK, const NonDeduced<Out>& dV,
                               const Settings& settings, LocalChecks&& local_checks) {
   if (!exchange) {
-    const HeadShape shape = check_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
+    const HeadShape shape = check_backward_arguments<T, In, Out>(where, opt, Q, K, V, O, G, dQ, dK, dV);
     record.require_same(where, Q, K, V);
     local_checks(shape);
     return shape;
@@ -177,7 +178,7 @@ HeadShape check_backward_call(const char* where, const AttentionOptions& opt, St
   HeadShape shape{};
   std::exception_ptr failure;  // agree() makes every rank throw it
   try {
-    shape = check_shard_backward_arguments<T>(where, opt, Q, K, V, O, G, dQ, dK, dV);
+    shape = check_shard_backward_arguments<T, In, Out>(where, opt, Q, K, V, O, G, dQ, dK, dV);
     record.require_same(where, Q, K, V);
     local_checks(shape);
   } catch (...) {

@@ -377,6 +377,10 @@ class PolynomialAttention {
   /// estimate_error is set or when every shard is empty; an error on one rank makes every rank throw.
   Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                       MatrixRef<T> O);
+  /// The same on row-major matrices, read and written in place: the result is bitwise that of the column-major
+  /// call (attention/head_rows.hpp).
+  Certificate forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K, const ConstRowMajorRef<T>& V,
+                      RowMajorRef<T> O);
 
   /// Feature map of the last call (valid after forward()).
   const FeatureMap<T>& feature_map() const {
@@ -407,18 +411,19 @@ class PolynomialAttention {
     double far_radius;  // the radius over the pairs outside the exact window (= radius without one)
   };
 
-  // forward() reporting errors as `where`; with `saved`, also keeps what the adjoint's backward needs (the
+  // forward() reporting errors as `where`, on column-major (ConstMatrixRef, MatrixRef) or row-major
+  // (ConstRowMajorRef, RowMajorRef) matrices; with `saved`, also keeps what the adjoint's backward needs (the
   // causal prefix states only within options().max_checkpoint_bytes).
-  Certificate forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
-                      MatrixRef<T> O, const char* where, Saved* saved);
+  template <class In, class Out>
+  Certificate forward(const In& Q, const In& K, const In& V, Out& O, const char* where, Saved* saved);
 
   // The serial checks and measurements of forward().
-  Measured measure(const char* where, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
-                   const ConstMatrixRef<T>& V, const MatrixRef<T>& O) const;
+  template <class In, class Out>
+  Measured measure(const char* where, const In& Q, const In& K, const In& V, const Out& O) const;
   // The same for one rank's shard: local validation, exchange_->agree() on shard_settings(), then the radius and
   // max |V| over all ranks. Every rank returns or every rank throws.
-  Measured measure_shard(const char* where, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
-                         const ConstMatrixRef<T>& V, const MatrixRef<T>& O) const;
+  template <class In, class Out>
+  Measured measure_shard(const char* where, const In& Q, const In& K, const In& V, const Out& O) const;
   // The values every rank must share for the head shape `shape` (AdjointBackend's backward checks them too).
   std::vector<StateExchange::Setting> shard_settings(const detail::HeadShape& shape) const;
 
@@ -451,8 +456,15 @@ Certificate PolynomialAttention<T>::forward(const ConstMatrixRef<T>& Q, const Co
 }
 
 template <class T>
-auto PolynomialAttention<T>::measure(const char* where, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
-                                     const ConstMatrixRef<T>& V, const MatrixRef<T>& O) const -> Measured {
+Certificate PolynomialAttention<T>::forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                                            const ConstRowMajorRef<T>& V, RowMajorRef<T> O) {
+  return forward(Q, K, V, O, "polyattn::PolynomialAttention::forward", nullptr);
+}
+
+template <class T>
+template <class In, class Out>
+auto PolynomialAttention<T>::measure(const char* where, const In& Q, const In& K, const In& V, const Out& O) const
+    -> Measured {
   const auto shape = detail::check_qkv_shapes(where, Q, K, V, options_.attention);
   detail::check_forward_output(where, shape, Q, K, V, O);
   const Index window = options_.exact_window;
@@ -494,8 +506,9 @@ std::vector<StateExchange::Setting> PolynomialAttention<T>::shard_settings(const
 }
 
 template <class T>
-auto PolynomialAttention<T>::measure_shard(const char* where, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
-                                           const ConstMatrixRef<T>& V, const MatrixRef<T>& O) const -> Measured {
+template <class In, class Out>
+auto PolynomialAttention<T>::measure_shard(const char* where, const In& Q, const In& K, const In& V,
+                                           const Out& O) const -> Measured {
   Measured measured{};
   std::vector<double> maxima;  // per head max |q_i| and max |k_j|, then max |V|, the rows of Q and of K
   std::exception_ptr failure;  // agree() makes every rank throw it
@@ -540,8 +553,8 @@ auto PolynomialAttention<T>::measure_shard(const char* where, const ConstMatrixR
 }
 
 template <class T>
-Certificate PolynomialAttention<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
-                                            const ConstMatrixRef<T>& V, MatrixRef<T> O, const char* where,
+template <class In, class Out>
+Certificate PolynomialAttention<T>::forward(const In& Q, const In& K, const In& V, Out& O, const char* where,
                                             Saved* saved) {
   const Measured measured = exchange_ ? measure_shard(where, Q, K, V, O) : measure(where, Q, K, V, O);
   const detail::HeadShape& shape = measured.shape;
@@ -568,8 +581,9 @@ Certificate PolynomialAttention<T>::forward(const ConstMatrixRef<T>& Q, const Co
   bool outputs_finite = true;  // as the kernel found them block by block
   for (Index h = 0; h < shape.heads; ++h) {
     try {
-      kernel_.forward(Q.middleCols(h * shape.dk, shape.dk), K.middleCols(h * shape.dk, shape.dk),
-                      V.middleCols(h * dv, dv), O.middleCols(h * dv, dv), keep.normalisers.col(h),
+      kernel_.forward(detail::head_rows(Q.middleCols(h * shape.dk, shape.dk)),
+                      detail::head_rows(K.middleCols(h * shape.dk, shape.dk)), detail::head_rows(V.middleCols(h * dv, dv)),
+                      detail::head_output(O.middleCols(h * dv, dv)), keep.normalisers.col(h),
                       keep.shifts.col(h), keep.states.middleCols(h * state_cols, state_cols),
                       keep.incoming_states.middleCols(h * incoming_cols, incoming_cols));
       outputs_finite = outputs_finite && kernel_.results_finite();

@@ -75,6 +75,7 @@
 #include "../parallel/threads.hpp"
 #include "block_product.hpp"
 #include "feature_map.hpp"
+#include "head_rows.hpp"
 #include "polynomial.hpp"
 
 #include <algorithm>
@@ -148,7 +149,7 @@ class PolynomialKernel {
   /// (r x (d_v+1)) receives the state the scan starts from: the earlier ranks' keys, zero without an exchange;
   /// non-causal it has no columns. Throws std::domain_error when a normaliser is not positive or not finite; with
   /// an exchange only after this head's exchange.
-  void forward(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh, MatrixRef<T> Oh,
+  void forward(const HeadRows<T>& Qh, const HeadRows<T>& Kh, const HeadRows<T>& Vh, HeadOutput<T> Oh,
                Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts, MatrixRef<T> states,
                MatrixRef<T> incoming_state);
 
@@ -156,10 +157,10 @@ class PolynomialKernel {
   /// saved: the normalisers and shifts, `states` (non-causal: \f$Z\f$; causal: every \f$Z^{<s}\f$, or no columns,
   /// then they are recomputed from `incoming_state`). Returns \f$\max_j\sigma_j\f$, the largest column sum of
   /// \f$\tilde P\f$ (over all ranks with an exchange; \f$-\infty\f$ when there are no keys).
-  double backward(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
-                  const ConstMatrixRef<T>& Oh, const ConstMatrixRef<T>& Gh, const Eigen::Ref<const Vector<T>>& normalisers,
+  double backward(const HeadRows<T>& Qh, const HeadRows<T>& Kh, const HeadRows<T>& Vh,
+                  const HeadRows<T>& Oh, const HeadRows<T>& Gh, const Eigen::Ref<const Vector<T>>& normalisers,
                   const Eigen::Ref<const Vector<T>>& shifts, const ConstMatrixRef<T>& states,
-                  const ConstMatrixRef<T>& incoming_state, MatrixRef<T> dQh, MatrixRef<T> dKh, MatrixRef<T> dVh);
+                  const ConstMatrixRef<T>& incoming_state, HeadOutput<T> dQh, HeadOutput<T> dKh, HeadOutput<T> dVh);
 
   /// Whether every entry that the last forward() or backward() wrote (O_h, or dQ_h, dK_h, dV_h) is finite. Each
   /// block is checked when it is written, still in cache, so that the caller's check of the results need not
@@ -185,6 +186,9 @@ class PolynomialKernel {
     Matrix<T> near_scores, near_poly, near_derivative, near_weights, near_derivative_weights, near_grads,
         near_operand, near_values, near_adjoints;
     Vector<T> near_inverse, near_shifts, near_scales, near_maxima;
+    // Token-major heads only (head_rows.hpp): chunks of input rows transposed into column-major (Q or K, V or G,
+    // O), and result rows computed column-major before they are stored transposed (dQ, dK, and O or dV).
+    Matrix<T> staged_qk, staged_vg, staged_o, staged_dq, staged_dk, staged_ov;
     // Whether every result block this thread wrote in the current call was finite (results_finite()).
     bool results_finite = true;
   };
@@ -213,6 +217,15 @@ class PolynomialKernel {
         ensure_shape(w.derivative_block, rows, rows);
         ensure_shape(w.score_grads, rows, rows);
         ensure_shape(w.transposed_block, rows, rows);
+      }
+      if (staged_) {
+        const Index input_rows = near_width_ > 0 ? std::max(rows, near_band(n)) : rows;
+        ensure_shape(w.staged_qk, input_rows, dk);
+        ensure_shape(w.staged_vg, input_rows, dv);
+        ensure_shape(w.staged_o, input_rows, dv);
+        ensure_shape(w.staged_dq, rows, dk);
+        ensure_shape(w.staged_dk, rows, dk);
+        ensure_shape(w.staged_ov, rows, dv);
       }
       if (near_width_ > 0) {
         const Index tile = near_tile_rows(n), band = near_band(n);
@@ -243,11 +256,12 @@ class PolynomialKernel {
     map_->monomials(X, top(scaled, X.rows()), top(w.monomials, X.rows()));
   }
 
-  // Top of w.values = [V_b, 1]: one GEMM then yields the numerators and the normaliser together.
-  static void load_values(Workspace& w, const ConstMatrixRef<T>& Vb) {
-    auto values = top(w.values, Vb.rows());
-    values.leftCols(Vb.cols()) = Vb;
-    values.col(Vb.cols()).setOnes();
+  // Top of w.values = [V_b, 1] for the rows [first, first + rows) of V: one GEMM then yields the numerators and
+  // the normaliser together.
+  static void load_values(Workspace& w, const HeadRows<T>& Vh, Index first, Index rows) {
+    auto values = top(w.values, rows);
+    Vh.copy_rows(first, rows, values.leftCols(Vh.cols()));
+    values.col(Vh.cols()).setOnes();
   }
 
   // Divides the top of w.products (N and the normaliser column) into Ob and saves the normalisers.
@@ -435,12 +449,13 @@ class PolynomialKernel {
 
   // For the queries [first, first + count): w.near_adjoints = E^ = [G/D^, -rowsum(G o O)/D^, 1/D^] (the adjoints of
   // the tile weights), w.near_shifts = m and w.near_scales = their far scales.
-  void load_near_queries(Workspace& w, const ConstMatrixRef<T>& Gh, const ConstMatrixRef<T>& Oh,
+  void load_near_queries(Workspace& w, const HeadRows<T>& Gh, const HeadRows<T>& Oh,
                          const Eigen::Ref<const Vector<T>>& normalisers, const Eigen::Ref<const Vector<T>>& shifts,
                          Index first, Index count, Index n) const {
     auto inverse = w.near_inverse.head(count);
     inverse = normalisers.segment(first, count).cwiseInverse();
-    write_adjoints(w.near_adjoints.topRows(count), Gh.middleRows(first, count), Oh.middleRows(first, count),
+    write_adjoints(w.near_adjoints.topRows(count), Gh.block(first, count, w.staged_vg),
+                   Oh.block(first, count, w.staged_o),
                    inverse);
     w.near_shifts.head(count) = shifts.segment(first, count);
     for (Index i = 0; i < count; ++i) w.near_scales(i) = far_scale(first + i, shifts(first + i), n);
@@ -449,10 +464,11 @@ class PolynomialKernel {
   // The tile's scores: top-left of w.near_scores = `scaled_rows` times the tile's columns of `X` (scaled by
   // sqrt(c) into w.near_operand), transposed; p (and, `with_derivative`, p') of them into w.near_poly
   // (w.near_derivative).
-  void near_scores(Workspace& w, const NearTile& tile, const ConstMatrixRef<T>& scaled_rows,
-                   const ConstMatrixRef<T>& X, bool with_derivative) const {
+  void near_scores(Workspace& w, const NearTile& tile, const ConstMatrixRef<T>& scaled_rows, const HeadRows<T>& X,
+                   bool with_derivative) const {
     auto operand = w.near_operand.topRows(tile.cols);
-    operand.noalias() = static_cast<T>(std::sqrt(map_->scale())) * X.middleRows(tile.col0, tile.cols);
+    X.copy_rows(tile.col0, tile.cols, operand);
+    operand *= static_cast<T>(std::sqrt(map_->scale()));
     auto scores = w.near_scores.topLeftCorner(tile.rows, tile.cols);
     block_product<T>(scaled_rows, operand.transpose(), scores);
     polynomial_of(scores, w.near_poly.topLeftCorner(tile.rows, tile.cols),
@@ -464,7 +480,7 @@ class PolynomialKernel {
   // each row by its shift m_i, written to `shifts`: products = e^{-m} (state part) + W [V, 1] with the tile's
   // weights W = e^{-m} (sign p) + exp(S - m) (file docs).
   void near_forward(Workspace& w, const NearTile& tile, const ConstMatrixRef<T>& scaled_queries,
-                    const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh, MatrixRef<T> products,
+                    const HeadRows<T>& Kh, const HeadRows<T>& Vh, MatrixRef<T> products,
                     Eigen::Ref<Vector<T>> shifts, Index n) const {
     const Index dv = Vh.cols(), rows = tile.rows, cols = tile.cols;
     near_scores(w, tile, scaled_queries, Kh, false);
@@ -490,38 +506,38 @@ class PolynomialKernel {
     shifts = w.near_shifts.head(rows);
     near_weights(tile, w.near_scores, &w.near_poly, &w.near_scales, &w.near_shifts, w.near_weights);
     auto values = w.near_values.topRows(cols);
-    values.leftCols(dv) = Vh.middleRows(tile.col0, cols);
+    Vh.copy_rows(tile.col0, cols, values.leftCols(dv));
     values.col(dv).setOnes();
     products.array().colwise() *= w.near_scales.head(rows).array();
-    products.noalias() += w.near_weights.topLeftCorner(rows, cols) * values;
+    block_product_add<T>(w.near_weights.topLeftCorner(rows, cols), values, products);
   }
 
   // Backward, query side: dQ of the query rows of `tile` += c (W' o (E^ [V, 1]^T)) K over the tile's keys.
   void near_query_grads(Workspace& w, const NearTile& tile, const ConstMatrixRef<T>& scaled_queries,
-                        const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh, const ConstMatrixRef<T>& Gh,
-                        const ConstMatrixRef<T>& Oh, const Eigen::Ref<const Vector<T>>& normalisers,
+                        const HeadRows<T>& Kh, const HeadRows<T>& Vh, const HeadRows<T>& Gh,
+                        const HeadRows<T>& Oh, const Eigen::Ref<const Vector<T>>& normalisers,
                         const Eigen::Ref<const Vector<T>>& shifts, Index n, MatrixRef<T> dQ) const {
     const Index dv = Vh.cols(), rows = tile.rows, cols = tile.cols;
     load_near_queries(w, Gh, Oh, normalisers, shifts, tile.row0, rows, n);
     near_scores(w, tile, scaled_queries, Kh, true);
     near_weights(tile, w.near_scores, &w.near_derivative, &w.near_scales, &w.near_shifts, w.near_derivative_weights);
     auto values = w.near_values.topRows(cols);
-    values.leftCols(dv) = Vh.middleRows(tile.col0, cols);
+    Vh.copy_rows(tile.col0, cols, values.leftCols(dv));
     values.col(dv).setOnes();
     auto grads = w.near_grads.topLeftCorner(rows, cols);
     block_product<T>(w.near_adjoints.topLeftCorner(rows, dv + 1), values.transpose(), grads);
     // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K).
     grads.array() *= static_cast<T>(std::sqrt(map_->scale())) *
                      w.near_derivative_weights.topLeftCorner(rows, cols).array();
-    dQ.noalias() += grads * w.near_operand.topRows(cols);
+    block_product_add<T>(grads, w.near_operand.topRows(cols), dQ);
   }
 
   // Backward, key side: dK, dV and the column sums of P~ of the key rows of `tile` (keys as rows, their sqrt(c) K
   // and [V, 1] in `scaled_keys` and `values`) += their part from the tile's queries: c (W' o ([V, 1] E^T))^T Q,
   // W^T E^_G and W^T (1/D^) in the transposed tile.
   void near_key_grads(Workspace& w, const NearTile& tile, const ConstMatrixRef<T>& scaled_keys,
-                      const ConstMatrixRef<T>& values, const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Gh,
-                      const ConstMatrixRef<T>& Oh, const Eigen::Ref<const Vector<T>>& normalisers,
+                      const ConstMatrixRef<T>& values, const HeadRows<T>& Qh, const HeadRows<T>& Gh,
+                      const HeadRows<T>& Oh, const Eigen::Ref<const Vector<T>>& normalisers,
                       const Eigen::Ref<const Vector<T>>& shifts, Index n, MatrixRef<T> dK, MatrixRef<T> dV,
                       Eigen::Ref<Vector<T>> column_sums) const {
     const Index dv = Gh.cols(), rows = tile.rows, cols = tile.cols;
@@ -535,9 +551,11 @@ class PolynomialKernel {
     block_product<T>(values, adjoints.leftCols(dv + 1).transpose(), grads);
     grads.array() *= static_cast<T>(std::sqrt(map_->scale())) *
                      w.near_derivative_weights.topLeftCorner(rows, cols).array();
-    dK.noalias() += grads * w.near_operand.topRows(cols);
-    dV.noalias() += weights * adjoints.leftCols(dv);
-    column_sums.noalias() += weights * adjoints.col(dv + 1);
+    // block_product rather than Eigen's products, whose last bits were seen to depend on the destination's memory
+    // (the same rows in the caller's matrix and in a staged copy differed): results must not depend on it.
+    block_product_add<T>(grads, w.near_operand.topRows(cols), dK);
+    block_product_add<T>(weights, adjoints.leftCols(dv), dV);
+    block_product_add<T>(weights, adjoints.col(dv + 1), column_sums);
   }
 
   // The running sum `carry` over the slots (rows x width each, side by side) made exclusive: slot s receives the
@@ -575,16 +593,16 @@ class PolynomialKernel {
   }
 
   // Writes diag(w) M_K^T [V, 1] of chunk `chunk` (rows from first_row) into `slot`.
-  void chunk_key_state(Workspace& w, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh, Index first_row,
+  void chunk_key_state(Workspace& w, const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first_row,
                        Index rows, MatrixRef<T> slot) const {
-    expand(w, Kh.middleRows(first_row, rows), w.scaled_keys);
-    load_values(w, Vh.middleRows(first_row, rows));
+    expand(w, Kh.block(first_row, rows, w.staged_qk), w.scaled_keys);
+    load_values(w, Vh, first_row, rows);
     transposed_product<T>(top(w.monomials, rows), top(w.values, rows), slot, w.transposed_operand, w.transposed_state);
     slot.array().colwise() *= map_->weights().array();
   }
 
-  void forward_full(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
-                    MatrixRef<T> Oh, Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts,
+  void forward_full(const HeadRows<T>& Qh, const HeadRows<T>& Kh, const HeadRows<T>& Vh,
+                    HeadOutput<T> Oh, Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts,
                     MatrixRef<T> state) {
     const Index dv = Vh.cols(), m = Kh.rows(), n = Qh.rows(), b = block_rows(), r = map_->width();
     const Index key_blocks = block_count(m, b), query_blocks = block_count(n, b);
@@ -593,8 +611,8 @@ class PolynomialKernel {
     parallel_for(key_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index k0 = block * b, rows = std::min(b, m - k0);
-      expand(w, Kh.middleRows(k0, rows), w.scaled_keys);
-      load_values(w, Vh.middleRows(k0, rows));
+      expand(w, Kh.block(k0, rows, w.staged_qk), w.scaled_keys);
+      load_values(w, Vh, k0, rows);
       transposed_product<T>(top(w.monomials, rows), top(w.values, rows),
                             partials_.middleCols(block * (dv + 1), dv + 1), w.transposed_operand, w.transposed_state);
     }, work(m, dv));
@@ -604,7 +622,7 @@ class PolynomialKernel {
     parallel_for(query_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index q0 = block * b, rows = std::min(b, n - q0);
-      expand(w, Qh.middleRows(q0, rows), w.scaled_queries);
+      expand(w, Qh.block(q0, rows, w.staged_qk), w.scaled_queries);
       block_product<T>(top(w.monomials, rows), state, top(w.products, rows).leftCols(dv + 1));
       if (near_width_ > 0)
         for (Index t0 = 0, tile = near_tile_rows(n); t0 < rows; t0 += tile) {
@@ -613,12 +631,13 @@ class PolynomialKernel {
                        Kh, Vh, top(w.products, rows).leftCols(dv + 1).middleRows(t0, tile_rows),
                        shifts.segment(q0 + t0, tile_rows), n);
         }
-      normalise(w, Oh.middleRows(q0, rows), normalisers, q0);
+      normalise(w, Oh.rows(q0, rows, w.staged_ov), normalisers, q0);
+      Oh.store(q0, rows, w.staged_ov);
     }, work(n, dv));
   }
 
-  void forward_causal(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
-                      MatrixRef<T> Oh, Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts,
+  void forward_causal(const HeadRows<T>& Qh, const HeadRows<T>& Kh, const HeadRows<T>& Vh,
+                      HeadOutput<T> Oh, Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts,
                       MatrixRef<T> checkpoints, MatrixRef<T> incoming_state) {
     const Index dv = Vh.cols(), n = Qh.rows(), b = scan_rows(n), chunks = scan_chunks(n), r = map_->width();
     const bool keep = checkpoints.cols() == chunks * (dv + 1);
@@ -657,27 +676,28 @@ class PolynomialKernel {
         Workspace& w = ws[static_cast<std::size_t>(thread)];
         const Index s = (first + k) * b, rows = std::min(b, n - s);
         auto products = top(w.products, rows).leftCols(dv + 1);
-        expand(w, Qh.middleRows(s, rows), w.scaled_queries);
+        expand(w, Qh.block(s, rows, w.staged_qk), w.scaled_queries);
         if (near_width_ > 0) {
           block_product<T>(top(w.monomials, rows), slots.middleCols(k * (dv + 1), dv + 1), products);
           near_forward(w, query_tile(s, rows, n), top(w.scaled_queries, rows), Kh, Vh, products,
                        shifts.segment(s, rows), n);
         } else {
-          load_values(w, Vh.middleRows(s, rows));
+          load_values(w, Vh, s, rows);
           block_product<T>(top(w.monomials, rows), slots.middleCols(k * (dv + 1), dv + 1), products);
-          top(w.scaled_keys, rows).noalias() = sqrt_c * Kh.middleRows(s, rows);
+          top(w.scaled_keys, rows).noalias() = sqrt_c * Kh.block(s, rows, w.staged_qk);
           in_chunk_block(w, rows, false);
           block_product_add<T>(w.block.topLeftCorner(rows, rows), top(w.values, rows), products);
         }
-        normalise(w, Oh.middleRows(s, rows), normalisers, s);
+        normalise(w, Oh.rows(s, rows, w.staged_ov), normalisers, s);
+        Oh.store(s, rows, w.staged_ov);
       }, work(count * b, dv));
     }
   }
 
-  double backward_full(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
-                       const ConstMatrixRef<T>& Oh, const ConstMatrixRef<T>& Gh,
+  double backward_full(const HeadRows<T>& Qh, const HeadRows<T>& Kh, const HeadRows<T>& Vh,
+                       const HeadRows<T>& Oh, const HeadRows<T>& Gh,
                        const Eigen::Ref<const Vector<T>>& normalisers, const Eigen::Ref<const Vector<T>>& shifts,
-                       const ConstMatrixRef<T>& state, MatrixRef<T> dQh, MatrixRef<T> dKh, MatrixRef<T> dVh) {
+                       const ConstMatrixRef<T>& state, HeadOutput<T> dQh, HeadOutput<T> dKh, HeadOutput<T> dVh) {
     const Index dv = Vh.cols(), m = Kh.rows(), n = Qh.rows(), b = block_rows(), r = map_->width();
     const Index key_blocks = block_count(m, b), query_blocks = block_count(n, b);
     auto& ws = workspaces(std::max(key_blocks, query_blocks), std::min(b, std::max(n, m)), Qh.cols(), dv, n);
@@ -685,11 +705,11 @@ class PolynomialKernel {
     parallel_for(query_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index q0 = block * b, rows = std::min(b, n - q0);
-      expand(w, Qh.middleRows(q0, rows), w.scaled_queries);
-      load_adjoints(w, Gh.middleRows(q0, rows), Oh.middleRows(q0, rows), normalisers, shifts, q0, n);
+      expand(w, Qh.block(q0, rows, w.staged_qk), w.scaled_queries);
+      load_adjoints(w, Gh.block(q0, rows, w.staged_vg), Oh.block(q0, rows, w.staged_o), normalisers, shifts, q0, n);
       transposed_product<T>(top(w.monomials, rows), top(w.adjoints, rows),
                             partials_.middleCols(block * (dv + 2), dv + 2), w.transposed_operand, w.transposed_state);
-      auto dQb = dQh.middleRows(q0, rows);
+      auto dQb = dQh.rows(q0, rows, w.staged_dq);
       dQb.setZero();
       add_query_grads_through(w, state, dQb);
       if (near_width_ > 0)
@@ -700,6 +720,7 @@ class PolynomialKernel {
                            n, dQb.middleRows(t0, tile_rows));
         }
       note_results(w, dQb);
+      dQh.store(q0, rows, w.staged_dq);
     }, work(n, dv));
     ensure_shape(state_grads_, r, dv + 2);
     sum_partials(query_blocks, state_grads_);
@@ -709,16 +730,17 @@ class PolynomialKernel {
     parallel_for(key_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index k0 = block * b, rows = std::min(b, m - k0);
-      expand(w, Kh.middleRows(k0, rows), w.scaled_keys);
-      load_values(w, Vh.middleRows(k0, rows));
+      expand(w, Kh.block(k0, rows, w.staged_qk), w.scaled_keys);
+      load_values(w, Vh, k0, rows);
       const auto monomials = top(w.monomials, rows);
       auto monomial_grads = top(w.monomial_grads, rows);
       auto products = top(w.products, rows);
       block_product<T>(top(w.values, rows), state_grads_.leftCols(dv + 1).transpose(), monomial_grads);
       // One product for dV and the column sums of P~; its column dv (M_K times the normaliser adjoint) is unused.
       block_product<T>(monomials, state_grads_, products);
-      dVh.middleRows(k0, rows) = products.leftCols(dv);
-      auto dKb = dKh.middleRows(k0, rows);
+      auto dVb = dVh.rows(k0, rows, w.staged_ov);
+      dVb = products.leftCols(dv);
+      auto dKb = dKh.rows(k0, rows, w.staged_dk);
       dKb.setZero();
       map_->monomials_backward(monomial_grads, top(w.scaled_keys, rows), monomials, dKb);
       auto column_sums = w.column_sums.head(rows);
@@ -728,20 +750,22 @@ class PolynomialKernel {
           const Index tile_rows = std::min(tile, rows - t0);
           near_key_grads(w, key_tile(k0 + t0, tile_rows, n), top(w.scaled_keys, rows).middleRows(t0, tile_rows),
                          top(w.values, rows).middleRows(t0, tile_rows), Qh, Gh, Oh, normalisers, shifts, n,
-                         dKb.middleRows(t0, tile_rows), dVh.middleRows(k0 + t0, tile_rows),
+                         dKb.middleRows(t0, tile_rows), dVb.middleRows(t0, tile_rows),
                          column_sums.segment(t0, tile_rows));
         }
       column_sums_[static_cast<std::size_t>(block)] = static_cast<double>(column_sums.maxCoeff());
-      note_results(w, dKb, dVh.middleRows(k0, rows));
+      note_results(w, dKb, dVb);
+      dKh.store(k0, rows, w.staged_dk);
+      dVh.store(k0, rows, w.staged_ov);
     }, work(m, dv));
     return largest_column_sum();
   }
 
-  double backward_causal(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
-                         const ConstMatrixRef<T>& Oh, const ConstMatrixRef<T>& Gh,
+  double backward_causal(const HeadRows<T>& Qh, const HeadRows<T>& Kh, const HeadRows<T>& Vh,
+                         const HeadRows<T>& Oh, const HeadRows<T>& Gh,
                          const Eigen::Ref<const Vector<T>>& normalisers, const Eigen::Ref<const Vector<T>>& shifts,
                          const ConstMatrixRef<T>& checkpoints, const ConstMatrixRef<T>& incoming_state,
-                         MatrixRef<T> dQh, MatrixRef<T> dKh, MatrixRef<T> dVh) {
+                         HeadOutput<T> dQh, HeadOutput<T> dKh, HeadOutput<T> dVh) {
     const Index dv = Vh.cols(), n = Qh.rows(), b = scan_rows(n), chunks = scan_chunks(n), r = map_->width();
     const bool kept = checkpoints.cols() == chunks * (dv + 1);
     const Index window = window_chunks(chunks, kept ? dv + 2 : 2 * dv + 3);
@@ -791,9 +815,10 @@ class PolynomialKernel {
       query_state_grads(Qh, Oh, Gh, normalisers, shifts, first, count, slots, ws,
                         [&](Workspace& w, Index k, Index s, Index rows) {
                           if (near_width_ > 0) return;
-                          auto dQb = dQh.middleRows(s, rows);
+                          auto dQb = dQh.rows(s, rows, w.staged_dq);
                           dQb.setZero();
                           add_query_grads_through(w, prefix.middleCols(k * (dv + 1), dv + 1), dQb);
+                          dQh.store(s, rows, w.staged_dq);
                         });
       exclusive_scan(slots, dv + 2, state_grads_, -1);
       parallel_for(count, [&](Index k, int thread) {
@@ -806,12 +831,13 @@ class PolynomialKernel {
         auto monomial_grads = top(w.monomial_grads, rows);
         auto products = top(w.products, rows);
         auto score_grads = w.score_grads.topLeftCorner(rows, rows);
-        auto dQb = dQh.middleRows(s, rows);
-        auto dKb = dKh.middleRows(s, rows);
-        auto dVb = dVh.middleRows(s, rows);
+        // Without an exact window dQb already holds the part through Z^{<s} (the pass above).
+        auto dQb = dQh.rows(s, rows, w.staged_dq, /*load=*/near_width_ == 0);
+        auto dKb = dKh.rows(s, rows, w.staged_dk);
+        auto dVb = dVh.rows(s, rows, w.staged_ov);
         // Later chunks, through Y^{>s} (with an exact window Y^{>s+lag}): dK and dV of this chunk's keys.
-        expand(w, Kh.middleRows(s, rows), w.scaled_keys);
-        load_values(w, Vh.middleRows(s, rows));
+        expand(w, Kh.block(s, rows, w.staged_qk), w.scaled_keys);
+        load_values(w, Vh, s, rows);
         w.weighted_state_grads.noalias() = map_->weights().asDiagonal() * slots.middleCols(k * (dv + 2), dv + 2);
         block_product<T>(values, w.weighted_state_grads.leftCols(dv + 1).transpose(), monomial_grads);
         block_product<T>(monomials, w.weighted_state_grads, products);
@@ -820,9 +846,9 @@ class PolynomialKernel {
         column_sums = products.col(dv + 1);
         dKb.setZero();
         map_->monomials_backward(monomial_grads, top(w.scaled_keys, rows), monomials, dKb);
-        load_adjoints(w, Gh.middleRows(s, rows), Oh.middleRows(s, rows), normalisers, shifts, s, n);
+        load_adjoints(w, Gh.block(s, rows, w.staged_vg), Oh.block(s, rows, w.staged_o), normalisers, shifts, s, n);
         if (near_width_ > 0) {
-          expand(w, Qh.middleRows(s, rows), w.scaled_queries);
+          expand(w, Qh.block(s, rows, w.staged_qk), w.scaled_queries);
           dQb.setZero();
           add_query_grads_through(w, prefix.middleCols(k * (dv + 1), dv + 1), dQb);
           // The chunks the lagged states leave out, through the near-field tiles of its queries and of its keys.
@@ -832,7 +858,7 @@ class PolynomialKernel {
                          n, dKb, dVb, column_sums);
         } else {
           // The chunk itself, through its masked block with p and p'.
-          top(w.scaled_queries, rows).noalias() = sqrt_c * Qh.middleRows(s, rows);
+          top(w.scaled_queries, rows).noalias() = sqrt_c * Qh.block(s, rows, w.staged_qk);
           in_chunk_block(w, rows, true);
           block_product<T>(adjoints.leftCols(dv + 1), values.transpose(), score_grads);
           // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K) and likewise for dK. Zero above the diagonal, as the
@@ -849,6 +875,9 @@ class PolynomialKernel {
         }
         column_sums_[static_cast<std::size_t>(first + k)] = static_cast<double>(column_sums.maxCoeff());
         note_results(w, dQb, dKb, dVb);
+        dQh.store(s, rows, w.staged_dq);
+        dKh.store(s, rows, w.staged_dk);
+        dVh.store(s, rows, w.staged_ov);
       }, work(count * b, dv));
     }
     return largest_column_sum();
@@ -856,7 +885,7 @@ class PolynomialKernel {
 
   // The key states Delta Z_{t + offset} of chunks t in [first, first + count) into `slots` (count slots of
   // r x (d_v+1)); zero where t + offset is not a chunk.
-  void key_states(const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh, Index first, Index count,
+  void key_states(const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first, Index count,
                   MatrixRef<T> slots, std::vector<Workspace>& ws, Index offset = 0) {
     const Index dv = Vh.cols(), n = Kh.rows(), b = scan_rows(n), chunks = scan_chunks(n);
     parallel_for(count, [&](Index k, int thread) {
@@ -873,7 +902,7 @@ class PolynomialKernel {
 
   // Z^{<s} of chunks [first, first + count) into `slots`, continuing the running prefix carry_; with an exact
   // window the lagged Z^{<s-lag}: the slot of chunk s receives Delta Z_{s-lag}, so the same scan sums them.
-  void prefix_states(const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh, Index first, Index count,
+  void prefix_states(const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first, Index count,
                      MatrixRef<T> slots, std::vector<Workspace>& ws) {
     key_states(Kh, Vh, first, count, slots, ws, -near_lag(scan_rows(Kh.rows())));
     exclusive_scan(slots, Vh.cols() + 1, carry_, +1);
@@ -884,7 +913,7 @@ class PolynomialKernel {
   // Y^{>t+lag}. Then calls `with_queries(w, k, s, rows)` for slot k, whose chunk's rows [s, s + rows) have their
   // query monomials, scaled queries and adjoints in w.
   template <class WithQueries>
-  void query_state_grads(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Oh, const ConstMatrixRef<T>& Gh,
+  void query_state_grads(const HeadRows<T>& Qh, const HeadRows<T>& Oh, const HeadRows<T>& Gh,
                          const Eigen::Ref<const Vector<T>>& normalisers, const Eigen::Ref<const Vector<T>>& shifts,
                          Index first, Index count, MatrixRef<T> slots, std::vector<Workspace>& ws,
                          const WithQueries& with_queries) {
@@ -898,8 +927,8 @@ class PolynomialKernel {
         return;
       }
       const Index s = chunk * b, rows = std::min(b, n - s);
-      expand(w, Qh.middleRows(s, rows), w.scaled_queries);
-      load_adjoints(w, Gh.middleRows(s, rows), Oh.middleRows(s, rows), normalisers, shifts, s, n);
+      expand(w, Qh.block(s, rows, w.staged_qk), w.scaled_queries);
+      load_adjoints(w, Gh.block(s, rows, w.staged_vg), Oh.block(s, rows, w.staged_o), normalisers, shifts, s, n);
       transposed_product<T>(top(w.monomials, rows), top(w.adjoints, rows), slot, w.transposed_operand,
                             w.transposed_state);
       with_queries(w, k, s, rows);
@@ -947,6 +976,7 @@ class PolynomialKernel {
   std::size_t scan_window_bytes_ = 0;
   Index exact_window_ = 0;  // as configured
   Index near_width_ = 0;    // the exact window of the current call, at most its number of rows
+  bool staged_ = false;     // whether the current call has a token-major head (workspaces() stages its rows)
   const char* where_ = "";
   double radius_ = 0;
   std::vector<Workspace> workspaces_;
@@ -959,10 +989,11 @@ class PolynomialKernel {
 
 // Out of the class body so that they are not inline: see the note at the top of the class's private part.
 template <class T>
-void PolynomialKernel<T>::forward(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
-                                  MatrixRef<T> Oh, Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts,
+void PolynomialKernel<T>::forward(const HeadRows<T>& Qh, const HeadRows<T>& Kh, const HeadRows<T>& Vh,
+                                  HeadOutput<T> Oh, Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts,
                                   MatrixRef<T> states, MatrixRef<T> incoming_state) {
   near_width_ = std::min(exact_window_, Qh.rows());
+  staged_ = Qh.is_token_major() || Kh.is_token_major() || Vh.is_token_major() || Oh.is_token_major();
   for (Workspace& w : workspaces_) w.results_finite = true;
   if (causal_)
     forward_causal(Qh, Kh, Vh, Oh, normalisers, shifts, states, incoming_state);
@@ -971,13 +1002,15 @@ void PolynomialKernel<T>::forward(const ConstMatrixRef<T>& Qh, const ConstMatrix
 }
 
 template <class T>
-double PolynomialKernel<T>::backward(const ConstMatrixRef<T>& Qh, const ConstMatrixRef<T>& Kh,
-                                     const ConstMatrixRef<T>& Vh, const ConstMatrixRef<T>& Oh,
-                                     const ConstMatrixRef<T>& Gh, const Eigen::Ref<const Vector<T>>& normalisers,
+double PolynomialKernel<T>::backward(const HeadRows<T>& Qh, const HeadRows<T>& Kh,
+                                     const HeadRows<T>& Vh, const HeadRows<T>& Oh,
+                                     const HeadRows<T>& Gh, const Eigen::Ref<const Vector<T>>& normalisers,
                                      const Eigen::Ref<const Vector<T>>& shifts, const ConstMatrixRef<T>& states,
-                                     const ConstMatrixRef<T>& incoming_state, MatrixRef<T> dQh, MatrixRef<T> dKh,
-                                     MatrixRef<T> dVh) {
+                                     const ConstMatrixRef<T>& incoming_state, HeadOutput<T> dQh, HeadOutput<T> dKh,
+                                     HeadOutput<T> dVh) {
   near_width_ = std::min(exact_window_, Qh.rows());
+  staged_ = Qh.is_token_major() || Kh.is_token_major() || Vh.is_token_major() || Oh.is_token_major() ||
+            Gh.is_token_major() || dQh.is_token_major() || dKh.is_token_major() || dVh.is_token_major();
   for (Workspace& w : workspaces_) w.results_finite = true;
   return causal_ ? backward_causal(Qh, Kh, Vh, Oh, Gh, normalisers, shifts, states, incoming_state, dQh, dKh, dVh)
                  : backward_full(Qh, Kh, Vh, Oh, Gh, normalisers, shifts, states, dQh, dKh, dVh);
