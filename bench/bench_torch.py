@@ -21,11 +21,12 @@ Comparisons (the issue-11 targets):
       (symmetric features, r = 153; the Kronecker features of the baseline, r = 273, for reference);
       target adjoint >= 100x faster, causal. The causal baseline needs about 5 GiB.
   overhead, n = 65536: polyattn.torch's adjoint against the same C++ backend timed inside the extension module
-      (Attention._time_forward_backward: the C++ forward and backward in a loop on column-major copies of the same
-      inputs, no Python, after an untimed call so that its outputs and workspaces are in memory, as in Google
-      Benchmark's iterations): the binding's overhead, target <= 5%. Two input layouts: the usual contiguous tensors,
-      which the binding transposes into the kernels' column-major layout (4 copies in, 4 out per step), and
-      tensors whose memory already is column-major ((1, 1, 16, n) transposed), used in place.
+      (Attention._time_forward_backward: the C++ forward and backward in a loop on copies of the same inputs, no
+      Python, after an untimed call so that its outputs and workspaces are in memory, as in Google Benchmark's
+      iterations): the binding's overhead, target <= 5%. Two input layouts, each against the C++ call on its
+      layout: the usual contiguous tensors, row-major matrices that the adjoint reads and writes in place (its
+      kernel transposes each chunk of rows in cache), and tensors whose memory is column-major ((1, 1, 16, n)
+      transposed). The contiguous case is also reported against the column-major C++ call: the cost of the layout.
       With --cpp-bench, polyattn_bench's adjoint/causal:C/g:2/d:16/n:65536/threads:1/real_time is run as well (another
       process and binary: same kernel and cost; its inputs have scale 1 and q, k / sqrt(d)).
 
@@ -98,11 +99,12 @@ def autograd_case(function, n, seed=1, column_major=False):
     return run
 
 
-def cpp_case(n, causal, seed=1):
-    """The C++ forward+backward timed in the extension without Python; run() returns its (wall, CPU) seconds."""
+def cpp_case(n, causal, seed=1, row_major=False):
+    """The C++ forward+backward timed in the extension without Python, on column-major or row-major matrices; run()
+    returns its (wall, CPU) seconds."""
     q, k, v, g = (t[0, 0].numpy() for t in inputs(n, seed))
     attention = polyattn.Attention("adjoint", causal=causal)
-    return lambda: attention._time_forward_backward(q, k, v, g, 1)[0]
+    return lambda: attention._time_forward_backward(q, k, v, g, 1, row_major=row_major)[0]
 
 
 def measure(cases, repetitions):
@@ -209,15 +211,21 @@ def main():
                 autograd_case(lambda q, k, v: attention(q, k, v, method="adjoint", causal=causal), n_taylor,
                               column_major=True),
             f"cpp_adjoint/causal:{causal}/n:{n_taylor}": cpp_case(n_taylor, causal),
+            f"cpp_adjoint_row_major/causal:{causal}/n:{n_taylor}": cpp_case(n_taylor, causal, row_major=True),
         }
         results += measure(cases, args.repetitions)
         ratio(f"adjoint_speedup_over_torch_taylor2/causal:{causal}/n:{n_taylor}",
               f"torch_taylor2/causal:{causal}/n:{n_taylor}", f"polyattn_adjoint/causal:{causal}/n:{n_taylor}",
               at_least=100 if causal == 1 else None)
-        for layout in ("", "_column_major"):
+        # The binding's overhead: polyattn.torch against the C++ call it makes, on the same memory layout.
+        for layout, cpp in (("", "_row_major"), ("_column_major", "")):
             ratio(f"binding_overhead{layout}/causal:{causal}/n:{n_taylor}",
-                  f"polyattn_adjoint{layout}/causal:{causal}/n:{n_taylor}", f"cpp_adjoint/causal:{causal}/n:{n_taylor}",
-                  overhead_at_most=0.05)
+                  f"polyattn_adjoint{layout}/causal:{causal}/n:{n_taylor}",
+                  f"cpp_adjoint{cpp}/causal:{causal}/n:{n_taylor}", overhead_at_most=0.05)
+        # What torch's row-major layout costs in all: polyattn.torch on contiguous tensors against the C++ call on
+        # column-major matrices.
+        ratio(f"binding_overhead_contiguous_vs_column_major_cpp/causal:{causal}/n:{n_taylor}",
+              f"polyattn_adjoint/causal:{causal}/n:{n_taylor}", f"cpp_adjoint/causal:{causal}/n:{n_taylor}")
 
     if args.cpp_bench:
         results += cpp_bench(args.cpp_bench, args.repetitions, n_taylor)

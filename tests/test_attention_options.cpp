@@ -138,3 +138,34 @@ TEST_CASE("the parallel input passes name the right entry and find the largest o
   REQUIRE(max_abs(Matrix<float>(0, 3)) == 0);
   REQUIRE_NOTHROW(require_finite_in_parallel("f", "X", Matrix<float>(0, 3)));
 }
+
+// row_statistics() transposes a row-major matrix piece by piece before summing: the same sums as on the
+// column-major copy, bitwise, wherever the largest row lies, and a NaN or inf in any piece is still found.
+TEST_CASE("row_statistics of a row-major matrix equals that of its column-major copy", "[attention_options]") {
+  using polyattn::detail::input_pass_rows;
+  using polyattn::detail::row_statistics;
+  polyattn::testing::ThreadCountGuard guard;
+  const Index n = input_pass_rows + 700;  // two blocks; the first has 16 pieces of 512 rows, the second 2
+  for (const int threads : {1, 2, 3}) {
+    polyattn::set_num_threads(threads);
+    INFO("threads " << threads);
+    Matrix<float> X = Matrix<float>::Random(n, 5);
+    for (const Index largest_row : {Index(3), Index(600), input_pass_rows + 650}) {
+      X.row(largest_row).setConstant(3.0f);
+      const polyattn::RowMajorMatrix<float> rows = X;
+      const auto expected = row_statistics(X), actual = row_statistics(rows);
+      CHECK(actual.max_row_norm == expected.max_row_norm);
+      CHECK(actual.max_abs == expected.max_abs);
+      CHECK(actual.max_abs == 3.0);
+    }
+    for (const float bad : {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()}) {
+      Matrix<float> Y = X;
+      Y(1100, 4) = bad;
+      const polyattn::RowMajorMatrix<float> rows = Y;
+      const auto expected = row_statistics(Y), actual = row_statistics(rows);
+      CHECK(std::isnan(actual.max_row_norm) == std::isnan(expected.max_row_norm));
+      CHECK(std::isinf(actual.max_row_norm) == std::isinf(expected.max_row_norm));
+      CHECK(!std::isfinite(actual.max_row_norm));
+    }
+  }
+}

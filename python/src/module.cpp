@@ -1,13 +1,17 @@
 // polyattn._core: the Python binding of polyattn's attention backends (pybind11). The package python/polyattn/
 // re-exports it (polyattn.Attention, polyattn.Options, ...) and adds polyattn.torch on top.
 //
-// Arrays. polyattn's C++ API reads and writes column-major matrices: one token per row, heads side by side in
-// columns (common.hpp). The binding takes 2-D (tokens, heads * d) arrays and, for polyattn.torch, 4-D (batch,
-// heads, tokens, d) ones whose batch elements and heads are the column blocks, float32 or float64, of any strides,
-// without copying them in Python. An array whose memory is that column-major matrix (a Fortran-ordered 2-D array,
-// or a column block of one; a 4-D array laid out as (batch, heads, d, tokens)) is used in place. Any other layout,
-// numpy's default C order included, is copied (transposed) into a column-major workspace inside the call, with the
-// GIL released, and outputs in such a layout are computed in a workspace and copied into them.
+// Arrays. polyattn's C++ API reads and writes matrices with one token per row and the heads side by side in
+// columns (common.hpp). The binding takes 2-D (tokens, heads * d) arrays and, for polyattn.torch, 4-D (batch, heads,
+// tokens, d) ones whose batch elements and heads are the column blocks, float32 or float64, of any strides, without
+// copying them in Python. Used in place, with no copy at all:
+// - an array whose memory is that matrix column-major (a Fortran-ordered 2-D array or a column block of one; a 4-D
+//   array laid out as (batch, heads, d, tokens)), by every method;
+// - by the adjoint, an array whose memory is that matrix row-major (numpy's C order or a column block of it; a 4-D
+//   array with one batch element and head, or the heads view (1, tokens, heads, d) of a projection), when every
+//   array of the call is (the kernel transposes each chunk of rows in cache, attention/head_rows.hpp).
+// Any other layout is copied (transposed) into a column-major workspace inside the call, with the GIL released,
+// and outputs in such a layout are computed in a workspace and copied into them.
 //
 // Errors. std::invalid_argument becomes ValueError and std::domain_error polyattn.DomainError (a subclass of
 // ArithmeticError), with the C++ message; arguments of the wrong type or dtype raise TypeError.
@@ -19,6 +23,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <ctime>
@@ -109,6 +114,10 @@ Scalar common_scalar(const char* where, std::initializer_list<std::pair<const ch
   return scalar;
 }
 
+// Bytes copied between callers' arrays and column-major workspaces since the module was loaded (copy_to() and
+// copy_from()): the tests read it (polyattn._core._copied_bytes()) to check which layouts are used in place.
+std::atomic<std::uint64_t> copied_bytes{0};
+
 // The n x C matrix of the C++ API held by a caller's array of any strides: a 2-D (tokens, heads * d) array, or a
 // 4-D (batch, heads, tokens, d) one whose batch elements and heads are the matrix's column blocks, side by side
 // (C = batch * heads * d). Construct it with the GIL held (it checks the array and keeps a reference); the copies
@@ -148,6 +157,7 @@ class ArrayMatrix {
           blocks_.push_back({data + b * stride(0) + h * stride(1), (b * heads_ + h) * d, d, stride(2), stride(3)});
     }
     outer_stride_ = detect_column_major();
+    if (outer_stride_ == 0) row_stride_ = detect_row_major();
   }
 
   Index rows() const { return rows_; }
@@ -162,6 +172,13 @@ class ArrayMatrix {
   Eigen::Map<polyattn::Matrix<T>, 0, Eigen::OuterStride<>> map() const {
     return {blocks_.front().data, rows_, cols_, Eigen::OuterStride<>(outer_stride_)};
   }
+  // True (and column_major() false) when entry (i, j) lies at data + i * row stride + j: the array is a row-major
+  // matrix, which the polynomial methods read and write in place (numpy's C order, a column block of it, and 4-D
+  // arrays whose heads are its column blocks: one head, or the heads view (1, n, heads, d) of a projection).
+  bool row_major() const { return row_stride_ > 0; }
+  Eigen::Map<polyattn::RowMajorMatrix<T>, 0, Eigen::OuterStride<>> row_map() const {
+    return {blocks_.front().data, rows_, cols_, Eigen::OuterStride<>(row_stride_)};
+  }
 
   // Copies the array into `matrix` (rows x cols, column-major). A block whose tokens are contiguous rows (C order,
   // numpy's and torch's default) is a column-major cols x rows matrix, transposed by polyattn's transpose_into() in
@@ -169,6 +186,7 @@ class ArrayMatrix {
   // each column of the block is written contiguously while the block's source rows stay in cache. (Row by row,
   // scattering each row over the columns, compiles to scatter instructions: 2.4 against 0.2 ms.)
   void copy_to(polyattn::MatrixRef<T> matrix) const {
+    copied_bytes += static_cast<std::uint64_t>(rows_ * cols_) * sizeof(T);
     for (const Block& block : blocks_) {
       if (rows_contiguous(block)) {
         polyattn::detail::transpose_into<T>(rows_as_columns(block), matrix.middleCols(block.first, block.cols));
@@ -187,6 +205,7 @@ class ArrayMatrix {
 
   // Copies `matrix` (rows x cols, column-major) into the array; the inverse of copy_to().
   void copy_from(const polyattn::ConstMatrixRef<T>& matrix) const {
+    copied_bytes += static_cast<std::uint64_t>(rows_ * cols_) * sizeof(T);
     for (const Block& block : blocks_) {
       if (rows_contiguous(block)) {
         polyattn::detail::transpose_into<T>(matrix.middleCols(block.first, block.cols), rows_as_columns(block));
@@ -236,9 +255,22 @@ class ArrayMatrix {
     return outer;
   }
 
+  // The row stride S when every block's entry (i, j) lies at block 0's address + i S + (block.first + j), else 0.
+  Index detect_row_major() const {
+    if (rows_ == 0 || cols_ == 0) return 0;
+    const T* const base = blocks_.front().data;
+    const Index stride = rows_ > 1 ? blocks_.front().row_stride : cols_;
+    if (stride < cols_) return 0;
+    for (const Block& block : blocks_)
+      if ((block.cols > 1 && block.col_stride != 1) || (rows_ > 1 && block.row_stride != stride) ||
+          block.data != base + block.first)
+        return 0;
+    return stride;
+  }
+
   static constexpr Index rows_per_copy_block = 64;
   py::array array_;
-  Index rows_ = 0, cols_ = 0, batch_ = 1, heads_ = 1, outer_stride_ = 0;
+  Index rows_ = 0, cols_ = 0, batch_ = 1, heads_ = 1, outer_stride_ = 0, row_stride_ = 0;
   std::vector<Block> blocks_;
 };
 
@@ -351,6 +383,8 @@ class OutputArray {
     if (*workspace_) array_.copy_from((*workspace_)->matrix());
   }
   const py::array& array() const { return array_.array(); }
+  // The array as its own row-major matrix (ArrayMatrix::row_major()), written in place.
+  const ArrayMatrix<T>& matrix() const { return array_; }
 
  private:
   static py::array new_array(const std::vector<py::ssize_t>& shape, bool fortran) {
@@ -423,16 +457,18 @@ class Attention {
   }
 
   // (wall-clock, process CPU) seconds of each of `repeats` forward+backward calls on one backend, entirely in C++
-  // on column-major copies of the inputs, after one untimed call (so that every timed call finds its outputs and
-  // workspaces in memory, as Google Benchmark's iterations do): what the call costs without Python, for the
-  // binding-overhead benchmark.
+  // on copies of the inputs, column-major or (`row_major`, the adjoint only) row-major, after one untimed call (so
+  // that every timed call finds its outputs and workspaces in memory, as Google Benchmark's iterations do): what
+  // the call costs without Python, for the binding-overhead benchmark.
   std::vector<std::pair<double, double>> time_forward_backward(py::array q, py::array k, py::array v, py::array g,
-                                                               int repeats) {
+                                                               int repeats, bool row_major) {
     constexpr const char* where = "polyattn.Attention._time_forward_backward";
     polyattn::detail::require(repeats >= 1, where, "argument 'repeats' must be >= 1, got ", repeats);
+    polyattn::detail::require(!row_major || method_ == AttentionMethod::adjoint, where,
+                              "row_major=True needs the method 'adjoint', got '", method(), "'");
     if (common_scalar(where, {{"q", &q}, {"k", &k}, {"v", &v}, {"g", &g}}) == Scalar::float32)
-      return time_typed<float>(where, {std::move(q), std::move(k), std::move(v), std::move(g)}, repeats);
-    return time_typed<double>(where, {std::move(q), std::move(k), std::move(v), std::move(g)}, repeats);
+      return time_typed<float>(where, {std::move(q), std::move(k), std::move(v), std::move(g)}, repeats, row_major);
+    return time_typed<double>(where, {std::move(q), std::move(k), std::move(v), std::move(g)}, repeats, row_major);
   }
 
  private:
@@ -441,6 +477,17 @@ class Attention {
     auto& slot = std::get<std::unique_ptr<AttentionBackend<T>>>(backends_);
     if (!slot) slot = polyattn::make_attention_backend<T>(method_, options_);
     return *slot;
+  }
+
+  // The adjoint backend when this object computes the adjoint and every array is a row-major matrix
+  // (ArrayMatrix::row_major()): it then reads and writes them in place, bitwise as the column-major copies would
+  // give. Null otherwise (then arrays that are not column-major are copied).
+  template <class T>
+  polyattn::AdjointBackend<T>* in_place_adjoint(std::initializer_list<const ArrayMatrix<T>*> arrays) {
+    if (method_ != AttentionMethod::adjoint) return nullptr;
+    for (const ArrayMatrix<T>* array : arrays)
+      if (!array->row_major()) return nullptr;
+    return dynamic_cast<polyattn::AdjointBackend<T>*>(&backend<T>());
   }
 
   // Arrays of one call: all 2-D, or all 4-D with the same batch and heads, whose product must be the option
@@ -535,8 +582,14 @@ class Attention {
       const auto slot = [&](std::size_t i) -> std::optional<Workspace<T>>& {
         return keep_copies ? kept.inputs[i].copy : local[i];
       };
-      certificate = backend<T>().forward(read(Q, slot(0)), read(K, slot(1)), read(V, slot(2)), O.target(&slot(3)));
-      O.finish();
+      if (polyattn::AdjointBackend<T>* adjoint = in_place_adjoint<T>({&Q, &K, &V, &O.matrix()})) {
+        auto O_rows = O.matrix().row_map();
+        certificate = adjoint->forward(Q.row_map(), K.row_map(), V.row_map(), O_rows);
+      } else {
+        certificate =
+            backend<T>().forward(read(Q, slot(0)), read(K, slot(1)), read(V, slot(2)), O.target(&slot(3)));
+        O.finish();
+      }
       if (keep_copies) {
         kept.remember(0, Q.array());
         kept.remember(1, K.array());
@@ -567,22 +620,31 @@ class Attention {
         if (std::optional<Workspace<T>>* copy = kept.find(i, array.array())) return (*copy)->matrix();
         return read(array, copies[i]);
       };
-      std::optional<Workspace<T>> g_copy;
-      certificate = backend<T>().backward(input(0, Q), input(1, K), input(2, V), input(3, O), read(G, g_copy),
-                                          dQ.target(), dK.target(), dV.target());
-      kept.clear();
-      dQ.finish();
-      dK.finish();
-      dV.finish();
+      if (polyattn::AdjointBackend<T>* adjoint =
+              in_place_adjoint<T>({&Q, &K, &V, &O, &G, &dQ.matrix(), &dK.matrix(), &dV.matrix()})) {
+        auto dQ_rows = dQ.matrix().row_map();
+        auto dK_rows = dK.matrix().row_map();
+        auto dV_rows = dV.matrix().row_map();
+        certificate = adjoint->backward(Q.row_map(), K.row_map(), V.row_map(), O.row_map(), G.row_map(), dQ_rows,
+                                        dK_rows, dV_rows);
+        kept.clear();
+      } else {
+        std::optional<Workspace<T>> g_copy;
+        certificate = backend<T>().backward(input(0, Q), input(1, K), input(2, V), input(3, O), read(G, g_copy),
+                                            dQ.target(), dK.target(), dV.target());
+        kept.clear();
+        dQ.finish();
+        dK.finish();
+        dV.finish();
+      }
     }
     return py::make_tuple(dQ.array(), dK.array(), dV.array(), certificate);
   }
 
   template <class T>
-  std::vector<std::pair<double, double>> time_typed(const char* where, std::array<py::array, 4> inputs,
-                                                    int repeats) {
+  std::vector<std::pair<double, double>> time_typed(const char* where, std::array<py::array, 4> inputs, int repeats,
+                                                    bool row_major) {
     auto [Qa, Ka, Va, Ga] = arrays<T>(where, std::move(inputs), {"q", "k", "v", "g"});
-    std::vector<std::pair<double, double>> seconds;
     py::gil_scoped_release release;
     const std::lock_guard<std::mutex> lock(mutex_);
     polyattn::Matrix<T> Q(Qa.rows(), Qa.cols()), K(Ka.rows(), Ka.cols()), V(Va.rows(), Va.cols()),
@@ -591,10 +653,20 @@ class Attention {
     Ka.copy_to(K);
     Va.copy_to(V);
     Ga.copy_to(G);
-    polyattn::Matrix<T> O(Q.rows(), V.cols()), dQ(Q.rows(), Q.cols()), dK(K.rows(), K.cols()), dV(V.rows(), V.cols());
-    AttentionBackend<T>& attention = backend<T>();
+    if (row_major)
+      return time_calls<T, polyattn::RowMajorMatrix<T>>(
+          dynamic_cast<polyattn::AdjointBackend<T>&>(backend<T>()), Q, K, V, G, repeats);
+    return time_calls<T, polyattn::Matrix<T>>(backend<T>(), Q, K, V, G, repeats);
+  }
+
+  // time_typed()'s loop on copies of Q, K, V, G of type Stored.
+  template <class T, class Stored, class Backend>
+  static std::vector<std::pair<double, double>> time_calls(Backend& attention, const Stored& Q, const Stored& K,
+                                                           const Stored& V, const Stored& G, int repeats) {
+    Stored O(Q.rows(), V.cols()), dQ(Q.rows(), Q.cols()), dK(K.rows(), K.cols()), dV(V.rows(), V.cols());
     attention.forward(Q, K, V, O);
     attention.backward(Q, K, V, O, G, dQ, dK, dV);
+    std::vector<std::pair<double, double>> seconds;
     for (int repeat = 0; repeat < repeats; ++repeat) {
       const auto start = std::chrono::steady_clock::now();
       const std::clock_t cpu_start = std::clock();
@@ -785,12 +857,16 @@ PYBIND11_MODULE(_core, m) {
            "Given g = dL/do for the o of the last forward(q, k, v), returns (dq, dk, dv, GradientCertificate); "
            "overwrites dq, dk, dv when given.")
       .def("_time_forward_backward", &Attention::time_forward_backward, py::arg("q"), py::arg("k"), py::arg("v"),
-           py::arg("g"), py::arg("repeats"),
+           py::arg("g"), py::arg("repeats"), py::arg("row_major") = false,
            "(wall-clock, process CPU) seconds of each of `repeats` forward+backward calls run in C++ on one backend, "
-           "after an untimed one, on column-major copies of the inputs made first (for benchmarks).");
+           "after an untimed one, on column-major (or, row_major=True, the adjoint only, row-major) copies of the "
+           "inputs made first (for benchmarks).");
 
   m.def("set_num_threads", &polyattn::set_num_threads, py::arg("threads"),
         "Threads polyattn's loops use; 0 restores the default (OMP_NUM_THREADS, else every core). Results do not "
         "depend on it.");
   m.def("num_threads", &polyattn::num_threads, "Threads polyattn's loops use (1 without OpenMP).");
+  m.def("_copied_bytes", [] { return copied_bytes.load(); },
+        "Bytes the binding has copied between arrays and column-major workspaces since it was loaded (for tests: "
+        "arrays used in place add nothing).");
 }

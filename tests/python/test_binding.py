@@ -108,6 +108,38 @@ def test_fortran_ordered_input_is_read_in_place(dtype):
         attention.forward(buffer[:, 2:6], k, v, out=buffer[:, 4:])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_adjoint_reads_and_writes_c_ordered_arrays_in_place(dtype, causal):
+    q, k, v, g = random_problem(37, 37, 2, 5, 3, seed=4, dtype=dtype)
+    q, k, v, g = (np.ascontiguousarray(x) for x in (q, k, v, g))
+    attention = polyattn.Attention("adjoint", heads=2, causal=causal)
+    copied = polyattn._core._copied_bytes()
+    o, _ = attention.forward(q, k, v)
+    dq, dk, dv, _ = attention.backward(q, k, v, o, g)
+    assert polyattn._core._copied_bytes() == copied
+    assert all(x.flags["C_CONTIGUOUS"] for x in (o, dq, dk, dv))
+    # Bitwise the results of the column-major arrays, which every method reads in place.
+    fortran = [np.asfortranarray(x) for x in (q, k, v)]
+    o_fortran, _ = attention.forward(*fortran)
+    np.testing.assert_array_equal(o, o_fortran)
+    for actual, expected in zip((dq, dk, dv), attention.backward(*fortran, o_fortran, np.asfortranarray(g))[:3]):
+        np.testing.assert_array_equal(actual, expected)
+    # The C++ call sees the caller's memory, so it finds an output overlapping an input, also in a column block.
+    with pytest.raises(ValueError, match="output 'O' overlaps input 'Q'"):
+        attention.forward(q, k, v, out=q[:, :6])
+    buffer = np.ascontiguousarray(np.concatenate([q, np.zeros((37, 6), dtype)], axis=1))
+    o_block, _ = attention.forward(buffer[:, :10], k, v, out=buffer[:, 10:])
+    assert np.shares_memory(o_block, buffer)
+    np.testing.assert_array_equal(buffer[:, 10:], o)
+    with pytest.raises(ValueError, match="overlaps input"):
+        attention.backward(q, k, v, o, g, dq=q, dk=dk, dv=dv)
+    # Other methods copy C-ordered arrays into their column-major layout.
+    exact = polyattn.Attention("exact_blocked", heads=2, causal=causal)
+    exact.forward(q, k, v)
+    assert polyattn._core._copied_bytes() > copied
+
+
 def test_every_layout_gives_the_same_result():
     q, k, v, g = random_problem(21, 21, 2, 3, 3, seed=2)
     attention = polyattn.Attention("adjoint", heads=2, causal=True)

@@ -157,6 +157,35 @@ def test_inputs_of_any_layout_give_the_same_results_and_outputs_take_their_layou
     assert expected[0].is_contiguous()
 
 
+def test_the_adjoint_uses_row_major_tensors_in_place():
+    n, d = 40, 4
+    generator = torch.Generator().manual_seed(62)
+    layouts = {
+        # (1, 1, n, d) contiguous: one head of a sequence, as the benchmarks call it
+        "one head": lambda t: t[:, :1].contiguous(),
+        # the heads view of a (1, n, heads * d) projection
+        "projection": lambda t: t.transpose(1, 2).contiguous().transpose(1, 2),
+    }
+    for name, layout in layouts.items():
+        q, k, v, g = (layout(torch.randn(1, 3, n, d, generator=generator)) for _ in range(4))
+        inputs = [t.requires_grad_() for t in (q, k, v)]
+        copied = polyattn._core._copied_bytes()
+        out = pt.attention(*inputs, causal=True)
+        out.backward(g)
+        assert polyattn._core._copied_bytes() == copied, name
+        reference = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+        expected = pt.attention(*reference, causal=True)
+        expected.backward(g.contiguous())
+        assert torch.equal(out, expected), name
+        for a, e in zip(inputs, reference):
+            assert torch.equal(a.grad, e.grad), name
+    # (batch, heads, n, d) contiguous with several heads is no row-major matrix of the C++ API: it is copied.
+    q, k, v = (torch.randn(2, 3, n, d, generator=generator).requires_grad_() for _ in range(3))
+    copied = polyattn._core._copied_bytes()
+    pt.attention(q, k, v).sum().backward()
+    assert polyattn._core._copied_bytes() > copied
+
+
 def test_certificate_and_inference_without_gradients():
     q, k, v = random_inputs(2, 2, 16, 16, 4, 4, seed=71, scale=0.5)
     with torch.no_grad():

@@ -4,6 +4,7 @@
 
 #include "../common.hpp"
 #include "../parallel/threads.hpp"
+#include "block_product.hpp"
 
 #include <algorithm>
 #include <limits>
@@ -170,20 +171,46 @@ struct RowStatistics {
 /// RowStatistics of `X` in one pass, parallel over blocks of rows (maxima: the same for any thread count). Each
 /// row's squares are summed in double in column order (so float input never overflows them, and
 /// nn/generator.hpp can extend a row's norm the same way); within a block the squared columns are accumulated one
-/// after the other, so each pass is contiguous, vectorised and in cache.
+/// after the other, so each pass is contiguous, vectorised and in cache. A row-major `X` is transposed piece by
+/// piece into a column-major scratch first (its columns would be strided): the same sums, bitwise.
 template <class Derived>
 RowStatistics row_statistics(const Eigen::MatrixBase<Derived>& X) {
-  std::vector<RowStatistics> per_block(static_cast<std::size_t>(block_count(X.rows(), input_pass_rows)));
-  for_input_row_blocks(X, [&](Index block, Index, const auto& rows) {
-    if (rows.cols() == 0) return;
+  using Scalar = typename Derived::Scalar;
+  // Squared norm and largest |entry| of column-major rows; NaN propagates.
+  const auto column_major_statistics = [](const auto& rows) -> RowStatistics {
     Eigen::ArrayXd squares = rows.col(0).template cast<double>().array().square();
     auto largest = rows.col(0).cwiseAbs().maxCoeff();
     for (Index j = 1; j < rows.cols(); ++j) {
       squares += rows.col(j).template cast<double>().array().square();
       largest = std::max(largest, rows.col(j).cwiseAbs().maxCoeff());
     }
-    per_block[static_cast<std::size_t>(block)] = {squares.template maxCoeff<Eigen::PropagateNaN>(),
-                                                  static_cast<double>(largest)};
+    return {squares.template maxCoeff<Eigen::PropagateNaN>(), static_cast<double>(largest)};
+  };
+  const auto combine = [](RowStatistics& into, const RowStatistics& s) {
+    if (std::isnan(into.max_row_norm)) return;
+    if (std::isnan(s.max_row_norm))
+      into = s;
+    else
+      into = {std::max(into.max_row_norm, s.max_row_norm), std::max(into.max_abs, s.max_abs)};
+  };
+  std::vector<RowStatistics> per_block(static_cast<std::size_t>(block_count(X.rows(), input_pass_rows)));
+  for_input_row_blocks(X, [&](Index block, Index, const auto& rows) {
+    if (rows.cols() == 0 || rows.rows() == 0) return;
+    RowStatistics& statistics = per_block[static_cast<std::size_t>(block)];
+    if constexpr (bool(Derived::IsRowMajor)) {
+      constexpr Index piece_rows = 512;
+      Matrix<Scalar> piece(std::min(piece_rows, rows.rows()), rows.cols());
+      for (Index i0 = 0; i0 < rows.rows(); i0 += piece_rows) {
+        const Index count = std::min(piece_rows, rows.rows() - i0);
+        transpose_into<Scalar>(rows.middleRows(i0, count).transpose(), piece.topRows(count));
+        if (i0 == 0)
+          statistics = column_major_statistics(piece.topRows(count));
+        else
+          combine(statistics, column_major_statistics(piece.topRows(count)));
+      }
+    } else {
+      statistics = column_major_statistics(rows);
+    }
   });
   RowStatistics result;
   for (const RowStatistics& s : per_block) {
