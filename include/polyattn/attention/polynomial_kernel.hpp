@@ -22,6 +22,11 @@
 /// No partition depends on the thread count and no thread's result depends on which blocks it ran, so outputs,
 /// gradients and errors are bitwise the same for any number of threads (parallel/threads.hpp).
 ///
+/// **Storage order.** Each head's inputs and results are HeadRows and HeadOutput (head_rows.hpp): a block of a
+/// column-major matrix, read and written in place, or of a row-major one, whose chunks of rows are transposed
+/// into the workspace's staged_* matrices when they are loaded and back when they are stored. Every product then
+/// sees the same column-major operands in the same order: the results are bitwise the same in either order.
+///
 /// **Sequence parallel.** With a StateExchange (parallel/state_exchange.hpp) the rows are one rank's shard of the
 /// sequence, possibly empty, and the states are combined over ranks in double: non-causal, \f$Z\f$ and \f$Y\f$ are
 /// summed over all ranks; causal, the forward scan starts from the keys of the earlier ranks and the backward
