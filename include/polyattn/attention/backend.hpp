@@ -66,25 +66,39 @@ inline AttentionMethod parse_attention_method(const std::string& name) {
 
 namespace detail {
 
-/// Checks the arguments of a backward() call: Q, K, V as check_qkv() (with `causal_queries`), O and G
-/// (n x h d_v, finite) and the outputs dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v), which must share no memory
-/// with each other or with Q, K, V, O, G. Returns the head shape.
+/// The shapes and aliasing of a backward() call's arguments: Q, K, V as check_qkv_shapes() (with
+/// `causal_queries`), O and G (n x h d_v) and the outputs dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v), which must
+/// share no memory with each other or with Q, K, V, O, G. Returns the head shape. Reads no entries: a caller whose
+/// own passes over the inputs find any non-finite entry may skip check_backward_arguments()'s.
+template <class T, class In = ConstMatrixRef<T>, class Out = MatrixRef<T>>
+HeadShape check_backward_shapes(const char* where, const AttentionOptions& opt, const NonDeduced<In>& Q,
+                                const NonDeduced<In>& K, const NonDeduced<In>& V, const NonDeduced<In>& O,
+                                const NonDeduced<In>& G, const NonDeduced<Out>& dQ, const NonDeduced<Out>& dK,
+                                const NonDeduced<Out>& dV,
+                                CausalQueries causal_queries = CausalQueries::as_many_as_keys) {
+  const HeadShape shape = check_qkv_shapes(where, Q, K, V, opt, causal_queries);
+  require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
+  require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
+  require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
+  require_shape(where, "dK", dK, shape.m, shape.heads * shape.dk);
+  require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
+  require_disjoint(where, {memory_of("dQ", dQ), memory_of("dK", dK), memory_of("dV", dV)},
+                   {memory_of("Q", Q), memory_of("K", K), memory_of("V", V), memory_of("O", O), memory_of("G", G)});
+  return shape;
+}
+
+/// Checks the arguments of a backward() call: check_backward_shapes(), then every entry of Q, K, V, O, G finite
+/// (the first non-finite one is named). Returns the head shape.
 template <class T, class In = ConstMatrixRef<T>, class Out = MatrixRef<T>>
 HeadShape check_backward_arguments(const char* where, const AttentionOptions& opt, const NonDeduced<In>& Q,
                                    const NonDeduced<In>& K, const NonDeduced<In>& V, const NonDeduced<In>& O,
                                    const NonDeduced<In>& G, const NonDeduced<Out>& dQ, const NonDeduced<Out>& dK,
                                    const NonDeduced<Out>& dV,
                                    CausalQueries causal_queries = CausalQueries::as_many_as_keys) {
-  const HeadShape shape = check_qkv(where, Q, K, V, opt, causal_queries);
-  require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
-  require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
-  require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
-  require_shape(where, "dK", dK, shape.m, shape.heads * shape.dk);
-  require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
-  require_finite_in_parallel(where, "O", O);
-  require_finite_in_parallel(where, "G", G);
-  require_disjoint(where, {memory_of("dQ", dQ), memory_of("dK", dK), memory_of("dV", dV)},
-                   {memory_of("Q", Q), memory_of("K", K), memory_of("V", V), memory_of("O", O), memory_of("G", G)});
+  const HeadShape shape = check_backward_shapes<T, In, Out>(where, opt, Q, K, V, O, G, dQ, dK, dV, causal_queries);
+  for (const auto& [name, X] : {std::pair<const char*, const In*>{"Q", &Q}, {"K", &K}, {"V", &V}, {"O", &O},
+                                {"G", &G}})
+    require_finite_in_parallel(where, name, *X);
   return shape;
 }
 
