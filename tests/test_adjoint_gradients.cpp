@@ -321,6 +321,14 @@ TEST_CASE("AdjointBackend rejects bad input naming the argument", "[adjoint_grad
   bad_G(0, 0) = std::numeric_limits<double>::infinity();
   CHECK_THROWS_WITH(adjoint.backward(x.Q, x.K, x.V, O, bad_G, dQ, dK, dV), Contains("'G'") && Contains("non-finite"));
   CHECK_THROWS_AS(adjoint.backward(x.Q, x.K, x.V, O, bad_G, dQ, dK, dV), std::invalid_argument);
+  // The backward pass finds non-finite inputs through the passes of its bounds, and still names the entry.
+  for (const char* name : {"Q", "K", "V", "O"}) {
+    Matrix<double> Qn = x.Q, Kn = x.K, Vn = x.V, On = O;
+    Matrix<double>& bad = name[0] == 'Q' ? Qn : name[0] == 'K' ? Kn : name[0] == 'V' ? Vn : On;
+    bad(3, 1) = std::numeric_limits<double>::quiet_NaN();
+    CHECK_THROWS_WITH(adjoint.backward(Qn, Kn, Vn, On, x.G, dQ, dK, dV),
+                      Contains(std::string("'") + name + "'") && Contains("non-finite") && Contains("(3, 1)"));
+  }
   Matrix<double> wrong_dQ(n, 2), wrong_dK(n + 1, 3), wrong_dV(n, 3);
   CHECK_THROWS_WITH(adjoint.backward(x.Q, x.K, x.V, O, x.G, wrong_dQ, dK, dV), Contains("'dQ'"));
   CHECK_THROWS_WITH(adjoint.backward(x.Q, x.K, x.V, O, x.G, dQ, wrong_dK, dV), Contains("'dK'"));
