@@ -6,6 +6,9 @@
 //
 // Names (select with --benchmark_filter):
 //   adjoint/causal:C/g:G/d:D/n:N/threads:T       AdjointBackend forward + backward, Taylor degree G, T threads
+//   adjoint_row_major/causal:C/g:2/d:16/n:N/threads:1
+//                                                the same on row-major matrices (the storage order of PyTorch and
+//                                                numpy), read and written in place: the cost of that layout
 //   adjoint_baseline/exact_blocked/causal:C/d:16/n:65536
 //                                                ExactBlockedBackend forward + backward, the baseline of the
 //                                                issue-3 speed-up target (about 10 s per call)
@@ -40,11 +43,13 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 namespace {
 
 using polyattn::Index;
 using Mat = polyattn::Matrix<float>;
+using RowMajor = polyattn::RowMajorMatrix<float>;
 
 constexpr Index max_error_n = Index(1) << 13;
 constexpr Index baseline_n = Index(1) << 16;
@@ -106,18 +111,24 @@ double relative_error(const Mat& approx, const Mat& exact) {
   return static_cast<double>((approx - exact).norm() / exact.norm());
 }
 
+// On matrices stored as `Stored`: Mat (column-major), or RowMajor, read and written in place by the row-major
+// overloads.
+template <class Stored>
 void adjoint_forward_backward(benchmark::State& state, bool causal, int degree, Index d, Index n, int threads) {
   polyattn::set_num_threads(threads);
   const Problem& p = problem(n, d);
+  // Row-major runs read copies made here, outside the timed loop; column-major ones the shared inputs.
+  using Input = std::conditional_t<std::is_same<Stored, Mat>::value, const Mat&, const Stored>;
+  Input Q = p.Q, K = p.K, V = p.V, G = p.G;
   polyattn::AdjointBackend<float> adjoint(adjoint_options(causal, degree));
-  Mat O(n, d), dQ(n, d), dK(n, d), dV(n, d);
+  Stored O(n, d), dQ(n, d), dK(n, d), dV(n, d);
   // Untimed first call: it faults in the outputs' pages, the workspaces and the checkpoints (170 MiB at n = 2^20),
   // which every later call, as in a training loop, reuses.
-  adjoint.forward(p.Q, p.K, p.V, O);
-  adjoint.backward(p.Q, p.K, p.V, O, p.G, dQ, dK, dV);
+  adjoint.forward(Q, K, V, O);
+  adjoint.backward(Q, K, V, O, G, dQ, dK, dV);
   for (auto _ : state) {
-    adjoint.forward(p.Q, p.K, p.V, O);
-    adjoint.backward(p.Q, p.K, p.V, O, p.G, dQ, dK, dV);
+    adjoint.forward(Q, K, V, O);
+    adjoint.backward(Q, K, V, O, G, dQ, dK, dV);
     benchmark::DoNotOptimize(dV.data());
     benchmark::ClobberMemory();
   }
@@ -189,11 +200,19 @@ const bool registered = [] {
             const std::string name = "adjoint/causal:" + std::to_string(causal) + "/g:" + std::to_string(degree) +
                                      "/d:" + std::to_string(d) + "/n:" + std::to_string(n) +
                                      "/threads:" + std::to_string(threads);
-            benchmark::RegisterBenchmark(name.c_str(), adjoint_forward_backward, causal, degree, d, n, threads)
+            benchmark::RegisterBenchmark(name.c_str(), adjoint_forward_backward<Mat>, causal, degree, d, n, threads)
                 ->Unit(benchmark::kMillisecond)
                 ->UseRealTime();
           }
         }
+  for (const bool causal : {false, true})
+    for (const Index n : {Index(1) << 16, Index(1) << 18}) {
+      const std::string name =
+          "adjoint_row_major/causal:" + std::to_string(causal) + "/g:2/d:16/n:" + std::to_string(n) + "/threads:1";
+      benchmark::RegisterBenchmark(name.c_str(), adjoint_forward_backward<RowMajor>, causal, 2, Index(16), n, 1)
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+    }
   for (const bool causal : {false, true})
     for (const Index window : {0, 16, 64, 256}) {
       constexpr Index n = Index(1) << 14;
