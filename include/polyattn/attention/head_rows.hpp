@@ -91,6 +91,9 @@ class HeadOutput {
 template <class Derived>
 HeadRows<typename Derived::Scalar> head_rows(const Eigen::MatrixBase<Derived>& block) {
   using T = typename Derived::Scalar;
+  // A strided view would make the Ref below a temporary copy, which the HeadRows would outlive.
+  static_assert(int(Derived::InnerStrideAtCompileTime) == 1,
+                "polyattn::detail::head_rows reads a head in place: pass a block of a Matrix, RowMajorMatrix or Ref");
   if constexpr (bool(Derived::IsRowMajor))
     return HeadRows<T>::token_major(block.transpose());
   else
@@ -101,6 +104,8 @@ HeadRows<typename Derived::Scalar> head_rows(const Eigen::MatrixBase<Derived>& b
 template <class Derived>
 HeadOutput<typename Derived::Scalar> head_output(const Eigen::MatrixBase<Derived>& block) {
   using T = typename Derived::Scalar;
+  static_assert(int(Derived::InnerStrideAtCompileTime) == 1,
+                "polyattn::detail::head_output writes a head in place: pass a block of a Matrix, RowMajorMatrix or Ref");
   Derived& writable = block.const_cast_derived();  // Eigen's idiom for an output expression passed as a temporary
   if constexpr (bool(Derived::IsRowMajor))
     return HeadOutput<T>::token_major(writable.transpose());
