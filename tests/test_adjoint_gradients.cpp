@@ -444,7 +444,8 @@ void check_row_major_is_bitwise_column_major() {
             CAPTURE(causal, heads, window, chunk, n);
             PolynomialAttentionOptions opt = adjoint_options(causal, heads, 2, FeatureMapKind::symmetric, chunk);
             opt.exact_window = window;
-            const AttentionProblem<T> x = random_problem<T>(n, heads, dk, dv, 1400 + static_cast<std::uint64_t>(n), 0.7);
+            const AttentionProblem<T> x =
+                random_problem<T>(n, heads, dk, dv, 1400 + static_cast<std::uint64_t>(n), 0.7);
             polyattn::set_num_threads(1);
             AdjointBackend<T> column_major(opt);
             Matrix<T> O(n, heads * dv), dQ(n, heads * dk), dK(n, heads * dk), dV(n, heads * dv);

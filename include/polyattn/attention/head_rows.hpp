@@ -105,7 +105,8 @@ template <class Derived>
 HeadOutput<typename Derived::Scalar> head_output(const Eigen::MatrixBase<Derived>& block) {
   using T = typename Derived::Scalar;
   static_assert(int(Derived::InnerStrideAtCompileTime) == 1,
-                "polyattn::detail::head_output writes a head in place: pass a block of a Matrix, RowMajorMatrix or Ref");
+                "polyattn::detail::head_output writes a head in place: pass a block of a Matrix, RowMajorMatrix or "
+                "Ref");
   Derived& writable = block.const_cast_derived();  // Eigen's idiom for an output expression passed as a temporary
   if constexpr (bool(Derived::IsRowMajor))
     return HeadOutput<T>::token_major(writable.transpose());

@@ -582,8 +582,9 @@ Certificate PolynomialAttention<T>::forward(const In& Q, const In& K, const In& 
   for (Index h = 0; h < shape.heads; ++h) {
     try {
       kernel_.forward(detail::head_rows(Q.middleCols(h * shape.dk, shape.dk)),
-                      detail::head_rows(K.middleCols(h * shape.dk, shape.dk)), detail::head_rows(V.middleCols(h * dv, dv)),
-                      detail::head_output(O.middleCols(h * dv, dv)), keep.normalisers.col(h),
+                      detail::head_rows(K.middleCols(h * shape.dk, shape.dk)),
+                      detail::head_rows(V.middleCols(h * dv, dv)), detail::head_output(O.middleCols(h * dv, dv)),
+                      keep.normalisers.col(h),
                       keep.shifts.col(h), keep.states.middleCols(h * state_cols, state_cols),
                       keep.incoming_states.middleCols(h * incoming_cols, incoming_cols));
       outputs_finite = outputs_finite && kernel_.results_finite();
