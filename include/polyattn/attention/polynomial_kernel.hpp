@@ -790,17 +790,49 @@ class PolynomialKernel {
         prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * (dv + 1)), ws);
       }
     }
-    ensure_shape(state_grad_slots_, r, window * (dv + 2));
+    // With an exchange the suffix scan starts from the later ranks' queries, which needs this shard's total first.
+    // With checkpoints, a first pass over the windows computes every chunk's M_Q^T E slot (and dQ through
+    // Z^{<s}) and keeps the slots, as many bytes again as the checkpoints; the main pass then only scans them.
+    // Without checkpoints the first pass sums the slots and the main pass computes them again.
+    const bool slots_kept = exchange_ && kept;
+    ensure_shape(state_grad_slots_, r, (slots_kept ? chunks : window) * (dv + 2));
     column_sums_.assign(static_cast<std::size_t>(chunks), 0.0);
     state_grads_.setZero(r, dv + 2);
-    // The suffix scan starts from the later ranks' queries: a pre-pass sums this shard's first.
+    // The window's Z^{<s} (with an exact window Z^{<s-lag}), once prefix_states() has built it without checkpoints.
+    const auto prefix_of_window = [&](Index first, Index count) {
+      return kept ? ConstMatrixRef<T>(checkpoints.middleCols(first * (dv + 1), count * (dv + 1)))
+                  : ConstMatrixRef<T>(window_states_.leftCols(count * (dv + 1)));
+    };
+    const auto slots_of_window = [&](Index first, Index count) {
+      return state_grad_slots_.middleCols((slots_kept ? first : 0) * (dv + 2), count * (dv + 2));
+    };
+    // The window's slots M_Q^T E and, for the earlier chunks, through Z^{<s}: dQ of a chunk's queries, while its
+    // query monomials are at hand (with an exact window the pass holds chunk s + lag's queries, so the main pass
+    // does it).
+    const auto window_state_grads = [&](Index first, Index count) {
+      const ConstMatrixRef<T> prefix = prefix_of_window(first, count);
+      query_state_grads(Qh, Oh, Gh, normalisers, shifts, first, count, slots_of_window(first, count), ws,
+                        [&](Workspace& w, Index k, Index s, Index rows) {
+                          if (near_width_ > 0) return;
+                          auto dQb = dQh.rows(s, rows, w.staged_dq);
+                          dQb.setZero();
+                          add_query_grads_through(w, prefix.middleCols(k * (dv + 1), dv + 1), dQb);
+                          dQh.store(s, rows, w.staged_dq);
+                        });
+    };
     if (exchange_) {
       for (Index w0 = windows - 1; w0 >= 0; --w0) {
         const Index first = w0 * window, count = std::min(window, chunks - first);
-        auto slots = state_grad_slots_.leftCols(count * (dv + 2));
-        query_state_grads(Qh, Oh, Gh, normalisers, shifts, first, count, slots, ws,
-                          [](Workspace&, Index, Index, Index) {});
-        exclusive_scan(slots, dv + 2, state_grads_, -1);
+        auto slots = slots_of_window(first, count);
+        if (slots_kept) {
+          window_state_grads(first, count);
+          // The sum exclusive_scan() would leave in its carry: the slots added from the last chunk to the first.
+          for (Index k = count - 1; k >= 0; --k) state_grads_ += slots.middleCols(k * (dv + 2), dv + 2);
+        } else {
+          query_state_grads(Qh, Oh, Gh, normalisers, shifts, first, count, slots, ws,
+                            [](Workspace&, Index, Index, Index) {});
+          exclusive_scan(slots, dv + 2, state_grads_, -1);
+        }
       }
       combine_over_ranks(state_grads_, Ranks::later);
     }
@@ -810,21 +842,9 @@ class PolynomialKernel {
         carry_ = window_starts_.middleCols(w0 * (dv + 1), dv + 1);
         prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * (dv + 1)), ws);
       }
-      auto slots = state_grad_slots_.leftCols(count * (dv + 2));
-      // The window's Z^{<s} (with an exact window Z^{<s-lag}).
-      const ConstMatrixRef<T> prefix =
-          kept ? ConstMatrixRef<T>(checkpoints.middleCols(first * (dv + 1), count * (dv + 1)))
-               : ConstMatrixRef<T>(window_states_.leftCols(count * (dv + 1)));
-      // Earlier chunks, through Z^{<s}: dQ of a chunk's queries, while its query monomials are at hand (with an
-      // exact window the pass holds chunk s + lag's queries, so the main pass does it).
-      query_state_grads(Qh, Oh, Gh, normalisers, shifts, first, count, slots, ws,
-                        [&](Workspace& w, Index k, Index s, Index rows) {
-                          if (near_width_ > 0) return;
-                          auto dQb = dQh.rows(s, rows, w.staged_dq);
-                          dQb.setZero();
-                          add_query_grads_through(w, prefix.middleCols(k * (dv + 1), dv + 1), dQb);
-                          dQh.store(s, rows, w.staged_dq);
-                        });
+      auto slots = slots_of_window(first, count);
+      const ConstMatrixRef<T> prefix = prefix_of_window(first, count);
+      if (!slots_kept) window_state_grads(first, count);
       exclusive_scan(slots, dv + 2, state_grads_, -1);
       parallel_for(count, [&](Index k, int thread) {
         Workspace& w = ws[static_cast<std::size_t>(thread)];
