@@ -262,8 +262,7 @@ class ArrayMatrix {
     const Index stride = rows_ > 1 ? blocks_.front().row_stride : cols_;
     if (stride < cols_) return 0;
     for (const Block& block : blocks_)
-      if ((block.cols > 1 && block.col_stride != 1) || (rows_ > 1 && block.row_stride != stride) ||
-          block.data != base + block.first)
+      if (!rows_contiguous(block) || (rows_ > 1 && block.row_stride != stride) || block.data != base + block.first)
         return 0;
     return stride;
   }
@@ -627,16 +626,15 @@ class Attention {
         auto dV_rows = dV.matrix().row_map();
         certificate = adjoint->backward(Q.row_map(), K.row_map(), V.row_map(), O.row_map(), G.row_map(), dQ_rows,
                                         dK_rows, dV_rows);
-        kept.clear();
       } else {
         std::optional<Workspace<T>> g_copy;
         certificate = backend<T>().backward(input(0, Q), input(1, K), input(2, V), input(3, O), read(G, g_copy),
                                             dQ.target(), dK.target(), dV.target());
-        kept.clear();
         dQ.finish();
         dK.finish();
         dV.finish();
       }
+      kept.clear();
     }
     return py::make_tuple(dQ.array(), dK.array(), dV.array(), certificate);
   }
@@ -654,13 +652,13 @@ class Attention {
     Va.copy_to(V);
     Ga.copy_to(G);
     if (row_major)
-      return time_calls<T, polyattn::RowMajorMatrix<T>>(
-          dynamic_cast<polyattn::AdjointBackend<T>&>(backend<T>()), Q, K, V, G, repeats);
-    return time_calls<T, polyattn::Matrix<T>>(backend<T>(), Q, K, V, G, repeats);
+      return time_calls<polyattn::RowMajorMatrix<T>>(dynamic_cast<polyattn::AdjointBackend<T>&>(backend<T>()), Q, K,
+                                                     V, G, repeats);
+    return time_calls<polyattn::Matrix<T>>(backend<T>(), Q, K, V, G, repeats);
   }
 
   // time_typed()'s loop on copies of Q, K, V, G of type Stored.
-  template <class T, class Stored, class Backend>
+  template <class Stored, class Backend>
   static std::vector<std::pair<double, double>> time_calls(Backend& attention, const Stored& Q, const Stored& K,
                                                            const Stored& V, const Stored& G, int repeats) {
     Stored O(Q.rows(), V.cols()), dQ(Q.rows(), Q.cols()), dK(K.rows(), K.cols()), dV(V.rows(), V.cols());

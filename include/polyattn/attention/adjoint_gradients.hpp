@@ -277,11 +277,11 @@ GradientCertificate AdjointBackend<T>::backward_any(const In& Q, const In& K, co
   detail::HeadShape shape;
   if (!exchange && !certificate_.vacuous()) {
     // The passes of the bounds find any non-finite entry of Q, K, V, G (as NaN or inf), so these inputs are read
-    // once, not also by check_backward_arguments(), which runs only to name the entry: 5 passes instead of 9.
+    // once, not also by the finite checks, which run only to name the entry: 5 passes instead of 9.
     shape = detail::check_backward_shapes<T, In, Out>(where, opt, Q, K, V, O, G, dQ, dK, dV);
     measure_heads(shape);
     if (!std::all_of(maxima.begin(), maxima.end(), [](double x) { return std::isfinite(x); }))
-      detail::check_backward_arguments<T, In, Out>(where, opt, Q, K, V, O, G, dQ, dK, dV);
+      detail::require_finite_backward_inputs(where, Q, K, V, O, G);
     detail::require_finite_in_parallel(where, "O", O);
     forward_record_.require_same(where, Q, K, V);
   } else {

@@ -66,17 +66,12 @@ inline AttentionMethod parse_attention_method(const std::string& name) {
 
 namespace detail {
 
-/// The shapes and aliasing of a backward() call's arguments: Q, K, V as check_qkv_shapes() (with
-/// `causal_queries`), O and G (n x h d_v) and the outputs dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v), which must
-/// share no memory with each other or with Q, K, V, O, G. Returns the head shape. Reads no entries: a caller whose
-/// own passes over the inputs find any non-finite entry may skip check_backward_arguments()'s.
-template <class T, class In = ConstMatrixRef<T>, class Out = MatrixRef<T>>
-HeadShape check_backward_shapes(const char* where, const AttentionOptions& opt, const NonDeduced<In>& Q,
-                                const NonDeduced<In>& K, const NonDeduced<In>& V, const NonDeduced<In>& O,
-                                const NonDeduced<In>& G, const NonDeduced<Out>& dQ, const NonDeduced<Out>& dK,
-                                const NonDeduced<Out>& dV,
-                                CausalQueries causal_queries = CausalQueries::as_many_as_keys) {
-  const HeadShape shape = check_qkv_shapes(where, Q, K, V, opt, causal_queries);
+/// The shapes of a backward() call's O, G (n x h d_v), dQ (n x h d_k), dK (m x h d_k), dV (m x h d_v) for the
+/// head shape `shape` of its Q, K, V, and the outputs' memory, which must share none with each other or with Q, K,
+/// V, O, G.
+template <class In, class Out>
+void check_backward_outputs(const char* where, const HeadShape& shape, const In& Q, const In& K, const In& V,
+                            const In& O, const In& G, const Out& dQ, const Out& dK, const Out& dV) {
   require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
   require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
   require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
@@ -84,6 +79,28 @@ HeadShape check_backward_shapes(const char* where, const AttentionOptions& opt, 
   require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
   require_disjoint(where, {memory_of("dQ", dQ), memory_of("dK", dK), memory_of("dV", dV)},
                    {memory_of("Q", Q), memory_of("K", K), memory_of("V", V), memory_of("O", O), memory_of("G", G)});
+}
+
+/// Every entry of a backward() call's inputs Q, K, V, O, G finite; the first non-finite one is named.
+template <class In>
+void require_finite_backward_inputs(const char* where, const In& Q, const In& K, const In& V, const In& O,
+                                    const In& G) {
+  for (const auto& [name, X] : {std::pair<const char*, const In*>{"Q", &Q}, {"K", &K}, {"V", &V}, {"O", &O},
+                                {"G", &G}})
+    require_finite_in_parallel(where, name, *X);
+}
+
+/// The shapes and aliasing of a backward() call's arguments: Q, K, V as check_qkv_shapes() (with
+/// `causal_queries`), then check_backward_outputs(). Returns the head shape. Reads no entries: a caller whose own
+/// passes over the inputs find any non-finite entry may skip check_backward_arguments()'s.
+template <class T, class In = ConstMatrixRef<T>, class Out = MatrixRef<T>>
+HeadShape check_backward_shapes(const char* where, const AttentionOptions& opt, const NonDeduced<In>& Q,
+                                const NonDeduced<In>& K, const NonDeduced<In>& V, const NonDeduced<In>& O,
+                                const NonDeduced<In>& G, const NonDeduced<Out>& dQ, const NonDeduced<Out>& dK,
+                                const NonDeduced<Out>& dV,
+                                CausalQueries causal_queries = CausalQueries::as_many_as_keys) {
+  const HeadShape shape = check_qkv_shapes(where, Q, K, V, opt, causal_queries);
+  check_backward_outputs(where, shape, Q, K, V, O, G, dQ, dK, dV);
   return shape;
 }
 
@@ -96,9 +113,7 @@ HeadShape check_backward_arguments(const char* where, const AttentionOptions& op
                                    const NonDeduced<Out>& dV,
                                    CausalQueries causal_queries = CausalQueries::as_many_as_keys) {
   const HeadShape shape = check_backward_shapes<T, In, Out>(where, opt, Q, K, V, O, G, dQ, dK, dV, causal_queries);
-  for (const auto& [name, X] : {std::pair<const char*, const In*>{"Q", &Q}, {"K", &K}, {"V", &V}, {"O", &O},
-                                {"G", &G}})
-    require_finite_in_parallel(where, name, *X);
+  require_finite_backward_inputs(where, Q, K, V, O, G);
   return shape;
 }
 
@@ -111,17 +126,9 @@ HeadShape check_shard_backward_arguments(const char* where, const AttentionOptio
   if (Q.rows() > 0 && K.rows() > 0)
     return check_backward_arguments<T, In, Out>(where, opt, Q, K, V, O, G, dQ, dK, dV);
   const HeadShape shape = check_shard_shapes(where, Q, K, V, opt);
-  require_shape(where, "O", O, shape.n, shape.heads * shape.dv);
-  require_shape(where, "G", G, shape.n, shape.heads * shape.dv);
-  require_shape(where, "dQ", dQ, shape.n, shape.heads * shape.dk);
-  require_shape(where, "dK", dK, shape.m, shape.heads * shape.dk);
-  require_shape(where, "dV", dV, shape.m, shape.heads * shape.dv);
+  check_backward_outputs(where, shape, Q, K, V, O, G, dQ, dK, dV);
   // Without queries only K and V have entries (non-causal); without keys only Q, O and G.
-  for (const auto& [name, X] : {std::pair<const char*, const In*>{"Q", &Q}, {"K", &K}, {"V", &V}, {"O", &O},
-                                {"G", &G}})
-    require_finite_in_parallel(where, name, *X);
-  require_disjoint(where, {memory_of("dQ", dQ), memory_of("dK", dK), memory_of("dV", dV)},
-                   {memory_of("Q", Q), memory_of("K", K), memory_of("V", V), memory_of("O", O), memory_of("G", G)});
+  require_finite_backward_inputs(where, Q, K, V, O, G);
   return shape;
 }
 

@@ -186,10 +186,11 @@ RowStatistics row_statistics(const Eigen::MatrixBase<Derived>& X) {
     }
     return {squares.template maxCoeff<Eigen::PropagateNaN>(), static_cast<double>(largest)};
   };
+  // Maxima of pieces and of blocks, from {0, 0}; a NaN squared norm makes both fields NaN for good.
   const auto combine = [](RowStatistics& into, const RowStatistics& s) {
     if (std::isnan(into.max_row_norm)) return;
     if (std::isnan(s.max_row_norm))
-      into = s;
+      into = {s.max_row_norm, s.max_row_norm};
     else
       into = {std::max(into.max_row_norm, s.max_row_norm), std::max(into.max_abs, s.max_abs)};
   };
@@ -203,21 +204,14 @@ RowStatistics row_statistics(const Eigen::MatrixBase<Derived>& X) {
       for (Index i0 = 0; i0 < rows.rows(); i0 += piece_rows) {
         const Index count = std::min(piece_rows, rows.rows() - i0);
         transpose_into<Scalar>(rows.middleRows(i0, count).transpose(), piece.topRows(count));
-        if (i0 == 0)
-          statistics = column_major_statistics(piece.topRows(count));
-        else
-          combine(statistics, column_major_statistics(piece.topRows(count)));
+        combine(statistics, column_major_statistics(piece.topRows(count)));
       }
     } else {
       statistics = column_major_statistics(rows);
     }
   });
   RowStatistics result;
-  for (const RowStatistics& s : per_block) {
-    if (std::isnan(s.max_row_norm)) return {s.max_row_norm, s.max_row_norm};
-    result.max_row_norm = std::max(result.max_row_norm, s.max_row_norm);
-    result.max_abs = std::max(result.max_abs, s.max_abs);
-  }
+  for (const RowStatistics& s : per_block) combine(result, s);
   result.max_row_norm = std::sqrt(result.max_row_norm);
   return result;
 }

@@ -460,8 +460,7 @@ class PolynomialKernel {
     auto inverse = w.near_inverse.head(count);
     inverse = normalisers.segment(first, count).cwiseInverse();
     write_adjoints(w.near_adjoints.topRows(count), Gh.block(first, count, w.staged_vg),
-                   Oh.block(first, count, w.staged_o),
-                   inverse);
+                   Oh.block(first, count, w.staged_o), inverse);
     w.near_shifts.head(count) = shifts.segment(first, count);
     for (Index i = 0; i < count; ++i) w.near_scales(i) = far_scale(first + i, shifts(first + i), n);
   }
@@ -472,8 +471,7 @@ class PolynomialKernel {
   void near_scores(Workspace& w, const NearTile& tile, const ConstMatrixRef<T>& scaled_rows, const HeadRows<T>& X,
                    bool with_derivative) const {
     auto operand = w.near_operand.topRows(tile.cols);
-    X.copy_rows(tile.col0, tile.cols, operand);
-    operand *= static_cast<T>(std::sqrt(map_->scale()));
+    operand.noalias() = static_cast<T>(std::sqrt(map_->scale())) * X.block(tile.col0, tile.cols, w.staged_qk);
     auto scores = w.near_scores.topLeftCorner(tile.rows, tile.cols);
     block_product<T>(scaled_rows, operand.transpose(), scores);
     polynomial_of(scores, w.near_poly.topLeftCorner(tile.rows, tile.cols),
