@@ -139,6 +139,38 @@ TEST_CASE("the parallel input passes name the right entry and find the largest o
   REQUIRE_NOTHROW(require_finite_in_parallel("f", "X", Matrix<float>(0, 3)));
 }
 
+// max_squared_row_norm() takes rows 16 at a time and zero-pads the last ones: every row counts, whatever the
+// tail, and a NaN (or else an inf) anywhere makes the result NaN (inf).
+template <class T>
+void check_max_squared_row_norm() {
+  using polyattn::detail::max_squared_row_norm;
+  for (const Index n : {Index(0), Index(1), Index(15), Index(16), Index(17), Index(100)})
+    for (const Index d : {Index(1), Index(5)}) {
+      CAPTURE(n, d);
+      const Matrix<T> wide = Matrix<T>::Random(n + 3, d + 2);
+      const auto X = wide.block(2, 1, n, d);  // outer stride n + 3
+      double expected = 0;
+      for (Index i = 0; i < n; ++i) {
+        double sum = 0;
+        for (Index j = 0; j < d; ++j) sum += static_cast<double>(X(i, j)) * static_cast<double>(X(i, j));
+        expected = std::max(expected, sum);
+      }
+      CHECK(max_squared_row_norm(X) == Approx(expected).epsilon(1e-15));
+      for (Index row = 0; row < n; row += std::max<Index>(1, n / 3)) {
+        Matrix<T> Y = X;
+        Y(row, d - 1) = std::numeric_limits<T>::infinity();
+        CHECK(std::isinf(max_squared_row_norm(Y)));
+        Y(n - 1 - row, 0) = std::numeric_limits<T>::quiet_NaN();
+        CHECK(std::isnan(max_squared_row_norm(Y)));
+      }
+    }
+}
+
+TEST_CASE("max_squared_row_norm counts every row and propagates NaN and inf", "[attention_options]") {
+  check_max_squared_row_norm<float>();
+  check_max_squared_row_norm<double>();
+}
+
 // row_statistics() transposes a row-major matrix piece by piece before summing: the same sums as on the
 // column-major copy, bitwise, wherever the largest row lies, and a NaN or inf in any piece is still found.
 TEST_CASE("row_statistics of a row-major matrix equals that of its column-major copy", "[attention_options]") {

@@ -390,6 +390,75 @@ TEST_CASE("polynomial attention accepts inputs and output that are blocks of lar
   }
 }
 
+// With a Taylor polynomial and no configured radius the kernel measures R and max |V| in the blocks it reads
+// (no input passes of their own). The certificate must be the one the input passes give, bitwise, for any thread
+// count, layout, head count and chunk tail (the largest row placed in the last, zero-padded rows); and the output
+// must be that of the checked path, which a configured radius (Taylor: the same polynomial) takes.
+template <class T>
+void check_kernel_measured_certificate() {
+  using RowMajor = polyattn::RowMajorMatrix<T>;
+  polyattn::testing::ThreadCountGuard guard;
+  for (const bool causal : {false, true})
+    for (const Index heads : {Index(1), Index(3)})
+      for (const Index n : {Index(1), Index(37), Index(300)}) {
+        PolynomialAttentionOptions opt;
+        opt.attention.causal = causal;
+        opt.attention.heads = heads;
+        const auto in = Problem{n, n, 4, 3, heads, 0.0, 90}.make<T>(opt.attention);
+        Matrix<T> Q = in.Q.template cast<T>(), K = in.K.template cast<T>(), V = in.V.template cast<T>();
+        Q.row(n - 1) *= T(2);  // the largest query, key and value in the last rows
+        K.row(n - 1) *= T(2);
+        V(n - 1, 3 * heads - 1) = T(5);
+        const auto shape = polyattn::detail::check_qkv_shapes("test", Q, K, V, opt.attention);
+        const double radius = polyattn::detail::score_radius(Q, K, shape, opt.attention.resolved_scale(4));
+        PolynomialAttentionOptions checked_opt = opt;
+        checked_opt.radius = 1e6;  // taken by the checked path; R stays far below it
+        Matrix<T> checked(n, 3 * heads);
+        const Certificate checked_cert = PolynomialAttention<T>(checked_opt).forward(Q, K, V, checked);
+        for (const int threads : {1, 2, 3}) {
+          polyattn::set_num_threads(threads);
+          CAPTURE(causal, heads, n, threads);
+          Matrix<T> O(n, 3 * heads);
+          const Certificate cert = PolynomialAttention<T>(opt).forward(Q, K, V, O);
+          CHECK(cert.radius == radius);
+          CHECK(cert.radius == checked_cert.radius);
+          CHECK(cert.interval == radius);
+          CHECK(cert.output_bound ==
+                polyattn::detail::apriori_output_bound(cert.poly_error, polyattn::detail::max_abs(V)));
+          CHECK(O == checked);
+          RowMajor O_rows(n, 3 * heads);
+          const Certificate row_cert =
+              PolynomialAttention<T>(opt).forward(RowMajor(Q), RowMajor(K), RowMajor(V), O_rows);
+          CHECK(row_cert.radius == radius);
+          CHECK(row_cert.output_bound == cert.output_bound);
+          CHECK(Matrix<T>(O_rows) == O);
+        }
+      }
+}
+
+TEST_CASE("the certificate measured by the kernel is that of the input passes, bitwise", "[polynomial_attention]") {
+  check_kernel_measured_certificate<float>();
+  check_kernel_measured_certificate<double>();
+}
+
+// Non-finite input on the kernel-measured path: the call is redone on the checked path, which names the entry.
+TEST_CASE("non-finite input on the kernel-measured path names the entry", "[polynomial_attention]") {
+  for (const bool causal : {false, true}) {
+    PolynomialAttentionOptions opt;
+    opt.attention.causal = causal;
+    const auto in = Problem{50, 50, 4, 3, 1, 0.0, 91}.make(opt.attention);
+    for (const char* name : {"Q", "K", "V"})
+      for (const double bad : {std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN()}) {
+        CAPTURE(causal, name, bad);
+        Matrix<double> Q = in.Q, K = in.K, V = in.V, O(50, 3);
+        (std::string(name) == "Q" ? Q : std::string(name) == "K" ? K : V)(41, 2) = bad;
+        PolynomialAttention<double> attn(opt);
+        CHECK_THROWS_WITH(attn.forward(Q, K, V, O),
+                          Contains(std::string("'") + name + "'") && Contains("(41, 2)"));
+      }
+  }
+}
+
 TEST_CASE("the a-posteriori estimate equals the error on the sampled rows and is reproducible",
           "[polynomial_attention]") {
   const Index n = 80, dk = 4, dv = 3, heads = 2, sampled = 10;

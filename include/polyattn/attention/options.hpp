@@ -168,65 +168,123 @@ struct RowStatistics {
   double max_abs = 0;       ///< meaningful only when max_row_norm is finite
 };
 
-/// RowStatistics of `X` in one pass, parallel over blocks of rows (maxima: the same for any thread count). Each
-/// row's squares are summed in double in column order (so float input never overflows them, and
-/// nn/generator.hpp can extend a row's norm the same way); within a block the squared columns are accumulated one
-/// after the other, so each pass is contiguous, vectorised and in cache. A row-major `X` is transposed piece by
-/// piece into a column-major scratch first (its columns would be strided): the same sums, bitwise.
+/// The larger of two maxima of input passes, NaN when either is (a NaN entry was found).
+inline double max_keeping_nan(double a, double b) { return std::isnan(a) ? a : std::isnan(b) ? b : std::max(a, b); }
+
+/// Folds the statistics `s` of more rows into `into` (both before or both after the square root): maxima, and a
+/// NaN squared norm makes both fields NaN for good. Exact, so any grouping of the rows gives the same result.
+inline void combine_row_statistics(RowStatistics& into, const RowStatistics& s) {
+  if (std::isnan(into.max_row_norm)) return;
+  if (std::isnan(s.max_row_norm))
+    into = {s.max_row_norm, s.max_row_norm};
+  else
+    into = {std::max(into.max_row_norm, s.max_row_norm), std::max(into.max_abs, s.max_abs)};
+}
+
+/// The largest squared row norm of the column-major `rows` (unit inner stride): NaN if an entry is NaN, else +inf
+/// if one is infinite; 0 without rows. Each row's squares are summed in double in column order (so float input
+/// never overflows them, and nn/generator.hpp can extend a row's norm the same way), 16 rows at a time in a
+/// fixed-size loop that compilers vectorise (Eigen 3.4 does not vectorise float-to-double casts); the last rows
+/// are zero-padded to 16, so that every row takes the same instructions. No allocation: the polynomial kernel
+/// calls it on every chunk of queries and keys it reads.
+template <class Rows>
+double max_squared_row_norm(const Rows& rows) {
+  using Scalar = typename Rows::Scalar;
+  static_assert(!bool(Rows::IsRowMajor) && int(Rows::InnerStrideAtCompileTime) == 1,
+                "polyattn::detail::max_squared_row_norm reads columns in place: pass column-major rows");
+  constexpr Index step = 16;
+  const auto add_squares = [](const Scalar* column, double* squares) {
+    for (Index k = 0; k < step; ++k) {
+      const double x = static_cast<double>(column[k]);
+      squares[k] += x * x;
+    }
+  };
+  const Index n = rows.rows(), d = rows.cols(), stride = rows.outerStride();
+  const Scalar* base = rows.data();
+  double largest[step] = {}, total[step] = {};
+  for (Index i0 = 0; i0 < n; i0 += step) {
+    double squares[step] = {};
+    if (n - i0 >= step) {
+      for (Index j = 0; j < d; ++j) add_squares(base + j * stride + i0, squares);
+    } else {
+      Scalar padded[step] = {};
+      for (Index j = 0; j < d; ++j) {
+        std::copy_n(base + j * stride + i0, n - i0, padded);
+        add_squares(padded, squares);
+      }
+    }
+    for (Index k = 0; k < step; ++k) {
+      largest[k] = std::max(largest[k], squares[k]);
+      total[k] += squares[k];  // NaN exactly when a row's sum is (they are >= 0 or NaN), which std::max drops
+    }
+  }
+  double sum = 0, result = 0;
+  for (Index k = 0; k < step; ++k) {
+    sum += total[k];
+    result = std::max(result, largest[k]);
+  }
+  return std::isnan(sum) ? sum : result;
+}
+
+/// The largest |entry| of `rows`: NaN if an entry is NaN, else +inf if one is infinite; 0 without entries. One
+/// vectorised pass (Eigen's NaN-propagating maxCoeff is a scalar loop), and all_finite() tells whether the rows
+/// need the NaN-aware one.
+template <class Rows>
+double max_abs_entry(const Rows& rows) {
+  if (rows.size() == 0) return 0;
+  return all_finite(rows) ? static_cast<double>(rows.cwiseAbs().maxCoeff())
+                          : static_cast<double>(rows.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
+}
+
+/// The RowStatistics of column-major `rows` before the square root: `max_row_norm` holds the largest squared row
+/// norm (max_squared_row_norm()).
+template <class Rows>
+RowStatistics squared_row_statistics(const Rows& rows) {
+  return {max_squared_row_norm(rows), max_abs_entry(rows)};
+}
+
+/// RowStatistics of `X` in one pass, parallel over blocks of rows (maxima: the same for any thread count), each
+/// block by squared_row_statistics(). A column-major `X` with unit inner stride is read in place; any other (a
+/// row-major one, whose columns would be strided, or an expression) is copied piece by piece into a column-major
+/// scratch first: the same sums, bitwise.
 template <class Derived>
 RowStatistics row_statistics(const Eigen::MatrixBase<Derived>& X) {
   using Scalar = typename Derived::Scalar;
-  // Squared norm and largest |entry| of column-major rows; NaN propagates.
-  const auto column_major_statistics = [](const auto& rows) -> RowStatistics {
-    Eigen::ArrayXd squares = rows.col(0).template cast<double>().array().square();
-    auto largest = rows.col(0).cwiseAbs().maxCoeff();
-    for (Index j = 1; j < rows.cols(); ++j) {
-      squares += rows.col(j).template cast<double>().array().square();
-      largest = std::max(largest, rows.col(j).cwiseAbs().maxCoeff());
-    }
-    return {squares.template maxCoeff<Eigen::PropagateNaN>(), static_cast<double>(largest)};
-  };
-  // Maxima of pieces and of blocks, from {0, 0}; a NaN squared norm makes both fields NaN for good.
-  const auto combine = [](RowStatistics& into, const RowStatistics& s) {
-    if (std::isnan(into.max_row_norm)) return;
-    if (std::isnan(s.max_row_norm))
-      into = {s.max_row_norm, s.max_row_norm};
-    else
-      into = {std::max(into.max_row_norm, s.max_row_norm), std::max(into.max_abs, s.max_abs)};
-  };
+  constexpr bool in_place = !bool(Derived::IsRowMajor) && int(Derived::InnerStrideAtCompileTime) == 1 &&
+                            (int(Eigen::internal::traits<Derived>::Flags) & Eigen::DirectAccessBit) != 0;
   std::vector<RowStatistics> per_block(static_cast<std::size_t>(block_count(X.rows(), input_pass_rows)));
   for_input_row_blocks(X, [&](Index block, Index, const auto& rows) {
     if (rows.cols() == 0 || rows.rows() == 0) return;
     RowStatistics& statistics = per_block[static_cast<std::size_t>(block)];
-    if constexpr (bool(Derived::IsRowMajor)) {
+    if constexpr (in_place) {
+      statistics = squared_row_statistics(rows);
+    } else {
       constexpr Index piece_rows = 512;
       Matrix<Scalar> piece(std::min(piece_rows, rows.rows()), rows.cols());
       for (Index i0 = 0; i0 < rows.rows(); i0 += piece_rows) {
         const Index count = std::min(piece_rows, rows.rows() - i0);
-        transpose_into<Scalar>(rows.middleRows(i0, count).transpose(), piece.topRows(count));
-        combine(statistics, column_major_statistics(piece.topRows(count)));
+        if constexpr (bool(Derived::IsRowMajor) &&
+                      (int(Eigen::internal::traits<Derived>::Flags) & Eigen::DirectAccessBit) != 0)
+          transpose_into<Scalar>(rows.middleRows(i0, count).transpose(), piece.topRows(count));
+        else
+          piece.topRows(count) = rows.middleRows(i0, count);
+        combine_row_statistics(statistics, squared_row_statistics(piece.topRows(count)));
       }
-    } else {
-      statistics = column_major_statistics(rows);
     }
   });
   RowStatistics result;
-  for (const RowStatistics& s : per_block) combine(result, s);
+  for (const RowStatistics& s : per_block) combine_row_statistics(result, s);
   result.max_row_norm = std::sqrt(result.max_row_norm);
   return result;
 }
 
 /// The largest |entry| of `X`: NaN if an entry is NaN, else +inf if one is infinite; 0 when it has none (an empty
-/// shard). Parallel over blocks of rows; within a block one vectorised pass (Eigen's NaN-propagating maxCoeff is a
-/// scalar loop), and all_finite() tells whether the block needs the NaN-aware one.
+/// shard). Parallel over blocks of rows, each by max_abs_entry().
 template <class Derived>
 double max_abs(const Eigen::MatrixBase<Derived>& X) {
   std::vector<double> per_block(static_cast<std::size_t>(block_count(X.rows(), input_pass_rows)), 0.0);
   for_input_row_blocks(X, [&](Index block, Index, const auto& rows) {
-    if (rows.size() == 0) return;
-    per_block[static_cast<std::size_t>(block)] =
-        all_finite(rows) ? static_cast<double>(rows.cwiseAbs().maxCoeff())
-                         : static_cast<double>(rows.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
+    per_block[static_cast<std::size_t>(block)] = max_abs_entry(rows);
   });
   double result = 0;
   for (const double m : per_block) {
@@ -242,17 +300,22 @@ double max_row_norm(const Eigen::MatrixBase<Derived>& X) {
   return row_statistics(X).max_row_norm;
 }
 
+/// Raises `radius` to a head's score radius \f$c\max_i\|q_i\|\max_j\|k_j\|\f$ from its largest query and key norms;
+/// a NaN, once seen, is kept.
+inline void include_head_radius(double& radius, double scale, double max_query_norm, double max_key_norm) {
+  const double head_radius = scale * max_query_norm * max_key_norm;
+  if (!(head_radius <= radius) && !std::isnan(radius)) radius = head_radius;
+}
+
 /// The score radius \f$R = \max_l c\max_i\|q_i\|\max_j\|k_j\|\f$ over the heads of `shape`, in double: every
 /// score \f$c\,q_i^\top k_j\f$ lies in \f$[-R, R]\f$; NaN when an entry of Q or K is not finite. O(n d).
 template <class DQ, class DK>
 double score_radius(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DK>& K, const HeadShape& shape,
                     double scale) {
   double radius = 0;
-  for (Index h = 0; h < shape.heads; ++h) {
-    const double head_radius = scale * max_row_norm(Q.middleCols(h * shape.dk, shape.dk)) *
-                               max_row_norm(K.middleCols(h * shape.dk, shape.dk));
-    if (!(head_radius <= radius) && !std::isnan(radius)) radius = head_radius;  // keeps a NaN once seen
-  }
+  for (Index h = 0; h < shape.heads; ++h)
+    include_head_radius(radius, scale, max_row_norm(Q.middleCols(h * shape.dk, shape.dk)),
+                        max_row_norm(K.middleCols(h * shape.dk, shape.dk)));
   return radius;
 }
 

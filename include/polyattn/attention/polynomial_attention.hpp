@@ -79,6 +79,7 @@
 #include <exception>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -420,6 +421,23 @@ class PolynomialAttention {
   template <class In, class Out>
   Certificate forward(const In& Q, const In& K, const In& V, Out& O, const char* where, Saved* saved);
 
+  // The part of forward() after the measurements: the kernel over the heads and the certificate. With
+  // `measure_inputs` (only when measures_in_kernel()), `measured` holds the shape and scale only: the kernel takes
+  // R and max |V| from the blocks it reads, and the result is empty when any input or output is not finite or the
+  // kernel threw, so that forward() redoes the call on the checked path, which reports the cause.
+  template <class In, class Out>
+  std::optional<Certificate> compute(const In& Q, const In& K, const In& V, Out& O, const char* where, Saved* saved,
+                                     const Measured& measured, bool measure_inputs);
+  // Whether the kernel can measure the inputs for the certificate: serially, without an exact window (whose far
+  // radius needs every row's norm), and with a polynomial that does not depend on R (Taylor, no 'radius').
+  bool measures_in_kernel() const {
+    return !exchange_ && options_.exact_window == 0 && options_.kind == PolynomialKind::taylor &&
+           options_.radius == 0;
+  }
+
+  // The serial checks of forward() that read no entries; they return the head shape.
+  template <class In, class Out>
+  detail::HeadShape check_shapes(const char* where, const In& Q, const In& K, const In& V, const Out& O) const;
   // The serial checks and measurements of forward().
   template <class In, class Out>
   Measured measure(const char* where, const In& Q, const In& K, const In& V, const Out& O) const;
@@ -466,14 +484,23 @@ Certificate PolynomialAttention<T>::forward(const ConstRowMajorRef<T>& Q, const 
 
 template <class T>
 template <class In, class Out>
-auto PolynomialAttention<T>::measure(const char* where, const In& Q, const In& K, const In& V, const Out& O) const
-    -> Measured {
+detail::HeadShape PolynomialAttention<T>::check_shapes(const char* where, const In& Q, const In& K, const In& V,
+                                                       const Out& O) const {
   const auto shape = detail::check_qkv_shapes(where, Q, K, V, options_.attention);
   detail::check_forward_output(where, shape, Q, K, V, O);
   const Index window = options_.exact_window;
   detail::require(window == 0 || shape.n == shape.m, where, "'exact_window' = ", window,
                   " needs as many queries as keys (query i and key i are one position), got 'Q' with ", shape.n,
                   " rows and 'K' with ", shape.m);
+  return shape;
+}
+
+template <class T>
+template <class In, class Out>
+auto PolynomialAttention<T>::measure(const char* where, const In& Q, const In& K, const In& V, const Out& O) const
+    -> Measured {
+  const detail::HeadShape shape = check_shapes(where, Q, K, V, O);
+  const Index window = options_.exact_window;
   // The passes that measure R and max|v| for the certificate also detect non-finite entries (they make the
   // result NaN or infinite); only then are the entries searched for the error message.
   const double c = options_.attention.resolved_scale(shape.dk);
@@ -559,8 +586,34 @@ template <class T>
 template <class In, class Out>
 Certificate PolynomialAttention<T>::forward(const In& Q, const In& K, const In& V, Out& O, const char* where,
                                             Saved* saved) {
-  const Measured measured = exchange_ ? measure_shard(where, Q, K, V, O) : measure(where, Q, K, V, O);
+  std::optional<Certificate> cert;
+  if (measures_in_kernel()) {
+    // The input passes that measure R and max |V| cost as much as a tenth of the call at n = 2^18 (they stream
+    // Q, K and V from memory); the kernel takes the same maxima from the blocks it has in cache.
+    const detail::HeadShape shape = check_shapes(where, Q, K, V, O);
+    try {
+      // R and max |V| start from 0; the kernel raises them.
+      cert = compute(Q, K, V, O, where, saved, {shape, options_.attention.resolved_scale(shape.dk), 0, 0, 0}, true);
+    } catch (...) {
+      // Whatever failed, the checked path below fails the same way, after the input checks that name a cause.
+    }
+  }
+  if (!cert) {
+    const Measured measured = exchange_ ? measure_shard(where, Q, K, V, O) : measure(where, Q, K, V, O);
+    cert = compute(Q, K, V, O, where, saved, measured, false);
+  }
+  if (options_.estimate_error) detail::estimate_sampled_error<T>(exact_, options_, Q, K, V, O, *cert);
+  return *cert;
+}
+
+template <class T>
+template <class In, class Out>
+std::optional<Certificate> PolynomialAttention<T>::compute(const In& Q, const In& K, const In& V, Out& O,
+                                                           const char* where, Saved* saved, const Measured& measured,
+                                                           bool measure_inputs) {
   const detail::HeadShape& shape = measured.shape;
+  // Measuring in the kernel, R is 0 until the kernel has run: the polynomial does not depend on it
+  // (measures_in_kernel()), and the certificate is made again once R is known.
   const double radius = measured.radius;
   Certificate cert = prepare(where, shape.dk, measured.scale, radius, measured.far_radius);
 
@@ -582,6 +635,8 @@ Certificate PolynomialAttention<T>::forward(const In& Q, const In& K, const In& 
   // head has exchanged its states and then thrown on every rank by succeeded(); serially it is thrown at once.
   std::exception_ptr failure;
   bool outputs_finite = true;  // as the kernel found them block by block
+  // With measure_inputs, R and max |V| as measure() finds them, from the kernel's statistics of each head.
+  double measured_radius = 0, max_abs_value = measured.max_abs_value;
   for (Index h = 0; h < shape.heads; ++h) {
     try {
       kernel_.forward(detail::head_rows(Q.middleCols(h * shape.dk, shape.dk)),
@@ -589,12 +644,22 @@ Certificate PolynomialAttention<T>::forward(const In& Q, const In& K, const In& 
                       detail::head_rows(V.middleCols(h * dv, dv)), detail::head_output(O.middleCols(h * dv, dv)),
                       keep.normalisers.col(h),
                       keep.shifts.col(h), keep.states.middleCols(h * state_cols, state_cols),
-                      keep.incoming_states.middleCols(h * incoming_cols, incoming_cols));
+                      keep.incoming_states.middleCols(h * incoming_cols, incoming_cols), measure_inputs);
       outputs_finite = outputs_finite && kernel_.results_finite();
+      if (measure_inputs) {
+        const auto inputs = kernel_.input_statistics();
+        detail::include_head_radius(measured_radius, measured.scale, std::sqrt(inputs.max_query_norm2),
+                                    std::sqrt(inputs.max_key_norm2));
+        max_abs_value = detail::max_keeping_nan(max_abs_value, inputs.max_abs_value);
+      }
     } catch (...) {
       if (!exchange_) throw;
       if (!failure) failure = std::current_exception();
     }
+  }
+  if (measure_inputs) {
+    if (!outputs_finite || !std::isfinite(measured_radius) || !std::isfinite(max_abs_value)) return {};
+    cert = prepare(where, shape.dk, measured.scale, measured_radius, measured_radius);
   }
   if (!failure && !outputs_finite) {
     try {
@@ -607,8 +672,7 @@ Certificate PolynomialAttention<T>::forward(const In& Q, const In& K, const In& 
     }
   }
   if (exchange_) exchange_->succeeded(where, failure);
-  cert.output_bound = detail::apriori_output_bound(cert.poly_error, measured.max_abs_value);
-  if (options_.estimate_error) detail::estimate_sampled_error<T>(exact_, options_, Q, K, V, O, cert);
+  cert.output_bound = detail::apriori_output_bound(cert.poly_error, max_abs_value);
   return cert;
 }
 

@@ -81,6 +81,7 @@
 #include "block_product.hpp"
 #include "feature_map.hpp"
 #include "head_rows.hpp"
+#include "options.hpp"
 #include "polynomial.hpp"
 
 #include <algorithm>
@@ -154,9 +155,30 @@ class PolynomialKernel {
   /// (r x (d_v+1)) receives the state the scan starts from: the earlier ranks' keys, zero without an exchange;
   /// non-causal it has no columns. Throws std::domain_error when a normaliser is not positive or not finite; with
   /// an exchange only after this head's exchange.
+  ///
+  /// With `measure_inputs` (serial calls without an exact window only), forward() also takes the statistics of
+  /// the rows it reads anyway, while they are in cache, for input_statistics(): a caller that needs them for its
+  /// certificate then makes no passes of its own over Q_h, K_h and V_h.
   void forward(const HeadRows<T>& Qh, const HeadRows<T>& Kh, const HeadRows<T>& Vh, HeadOutput<T> Oh,
                Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts, MatrixRef<T> states,
-               MatrixRef<T> incoming_state);
+               MatrixRef<T> incoming_state, bool measure_inputs = false);
+
+  /// What the last forward() with `measure_inputs` read: the largest squared row norms of Q_h and K_h
+  /// (max_squared_row_norm()) and the largest |entry| of V_h, each NaN if an entry is NaN, else +inf if one is
+  /// infinite; the same for any thread count.
+  struct InputStatistics {
+    double max_query_norm2 = 0, max_key_norm2 = 0, max_abs_value = 0;
+    void include(const InputStatistics& other) {
+      max_query_norm2 = max_keeping_nan(max_query_norm2, other.max_query_norm2);
+      max_key_norm2 = max_keeping_nan(max_key_norm2, other.max_key_norm2);
+      max_abs_value = max_keeping_nan(max_abs_value, other.max_abs_value);
+    }
+  };
+  InputStatistics input_statistics() const {
+    InputStatistics all;
+    for (const Workspace& w : workspaces_) all.include(w.inputs);
+    return all;
+  }
 
   /// Writes dQ_h, dK_h, dV_h, the exact gradient of forward()'s \f$\tilde O_h\f$ for \f$G_h\f$, from what forward()
   /// saved: the normalisers and shifts, `states` (non-causal: \f$Z\f$; causal: every \f$Z^{<s}\f$, or no columns,
@@ -196,6 +218,8 @@ class PolynomialKernel {
     Matrix<T> staged_qk, staged_vg, staged_o, staged_dq, staged_dk, staged_ov;
     // Whether every result block this thread wrote in the current call was finite (results_finite()).
     bool results_finite = true;
+    // The statistics of the input rows this thread read (forward()'s measure_inputs).
+    InputStatistics inputs;
   };
 
   // Workspaces for parallel_threads(blocks) threads; a later call of the same shape reuses them. With an exact
@@ -259,6 +283,17 @@ class PolynomialKernel {
   // Monomials of the rows X into the top of w.monomials; the top of `scaled` receives sqrt(c) X.
   void expand(Workspace& w, const ConstMatrixRef<T>& X, Matrix<T>& scaled) const {
     map_->monomials(X, top(scaled, X.rows()), top(w.monomials, X.rows()));
+  }
+
+  // With measure_inputs, takes the statistics of rows of Q_h (query rows) or of K_h and V_h into w.inputs.
+  void measure_queries(Workspace& w, const ConstMatrixRef<T>& queries) const {
+    if (measuring_) w.inputs.max_query_norm2 = max_keeping_nan(w.inputs.max_query_norm2, max_squared_row_norm(queries));
+  }
+  template <class Values>
+  void measure_keys(Workspace& w, const ConstMatrixRef<T>& keys, const Values& values) const {
+    if (!measuring_) return;
+    w.inputs.max_key_norm2 = max_keeping_nan(w.inputs.max_key_norm2, max_squared_row_norm(keys));
+    w.inputs.max_abs_value = max_keeping_nan(w.inputs.max_abs_value, max_abs_entry(values));
   }
 
   // Top of w.values = [V_b, 1] for the rows [first, first + rows) of V: one GEMM then yields the numerators and
@@ -598,8 +633,10 @@ class PolynomialKernel {
   // Writes diag(w) M_K^T [V, 1] of chunk `chunk` (rows from first_row) into `slot`.
   void chunk_key_state(Workspace& w, const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first_row,
                        Index rows, MatrixRef<T> slot) const {
-    expand(w, Kh.block(first_row, rows, w.staged_qk), w.scaled_keys);
+    const ConstMatrixRef<T> keys = Kh.block(first_row, rows, w.staged_qk);
+    expand(w, keys, w.scaled_keys);
     load_values(w, Vh, first_row, rows);
+    measure_keys(w, keys, top(w.values, rows).leftCols(Vh.cols()));
     transposed_product<T>(top(w.monomials, rows), top(w.values, rows), slot, w.transposed_operand, w.transposed_state);
     slot.array().colwise() *= map_->weights().array();
   }
@@ -614,8 +651,10 @@ class PolynomialKernel {
     parallel_for(key_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index k0 = block * b, rows = std::min(b, m - k0);
-      expand(w, Kh.block(k0, rows, w.staged_qk), w.scaled_keys);
+      const ConstMatrixRef<T> keys = Kh.block(k0, rows, w.staged_qk);
+      expand(w, keys, w.scaled_keys);
       load_values(w, Vh, k0, rows);
+      measure_keys(w, keys, top(w.values, rows).leftCols(dv));
       transposed_product<T>(top(w.monomials, rows), top(w.values, rows),
                             partials_.middleCols(block * (dv + 1), dv + 1), w.transposed_operand, w.transposed_state);
     }, work(m, dv));
@@ -625,7 +664,9 @@ class PolynomialKernel {
     parallel_for(query_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index q0 = block * b, rows = std::min(b, n - q0);
-      expand(w, Qh.block(q0, rows, w.staged_qk), w.scaled_queries);
+      const ConstMatrixRef<T> queries = Qh.block(q0, rows, w.staged_qk);
+      expand(w, queries, w.scaled_queries);
+      measure_queries(w, queries);
       block_product<T>(top(w.monomials, rows), state, top(w.products, rows).leftCols(dv + 1));
       if (near_width_ > 0)
         for (Index t0 = 0, tile = near_tile_rows(n); t0 < rows; t0 += tile) {
@@ -679,7 +720,9 @@ class PolynomialKernel {
         Workspace& w = ws[static_cast<std::size_t>(thread)];
         const Index s = (first + k) * b, rows = std::min(b, n - s);
         auto products = top(w.products, rows).leftCols(dv + 1);
-        expand(w, Qh.block(s, rows, w.staged_qk), w.scaled_queries);
+        const ConstMatrixRef<T> queries = Qh.block(s, rows, w.staged_qk);
+        expand(w, queries, w.scaled_queries);
+        measure_queries(w, queries);
         if (near_width_ > 0) {
           block_product<T>(top(w.monomials, rows), slots.middleCols(k * (dv + 1), dv + 1), products);
           near_forward(w, query_tile(s, rows, n), top(w.scaled_queries, rows), Kh, Vh, products,
@@ -1000,6 +1043,7 @@ class PolynomialKernel {
   Index exact_window_ = 0;  // as configured
   Index near_width_ = 0;    // the exact window of the current call, at most its number of rows
   bool staged_ = false;     // whether the current call has a token-major head (workspaces() stages its rows)
+  bool measuring_ = false;  // forward()'s measure_inputs
   const char* where_ = "";
   double radius_ = 0;
   std::vector<Workspace> workspaces_;
@@ -1014,14 +1058,22 @@ class PolynomialKernel {
 template <class T>
 void PolynomialKernel<T>::forward(const HeadRows<T>& Qh, const HeadRows<T>& Kh, const HeadRows<T>& Vh,
                                   HeadOutput<T> Oh, Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts,
-                                  MatrixRef<T> states, MatrixRef<T> incoming_state) {
+                                  MatrixRef<T> states, MatrixRef<T> incoming_state, bool measure_inputs) {
+  // The causal scan reads every chunk's keys once only without a window (whose lag skips the last chunks) and
+  // without an exchange (whose pre-pass reads them first).
+  eigen_assert(!measure_inputs || (exact_window_ == 0 && !exchange_));
   near_width_ = std::min(exact_window_, Qh.rows());
   staged_ = Qh.is_token_major() || Kh.is_token_major() || Vh.is_token_major() || Oh.is_token_major();
-  for (Workspace& w : workspaces_) w.results_finite = true;
+  for (Workspace& w : workspaces_) {
+    w.results_finite = true;
+    w.inputs = {};
+  }
+  measuring_ = measure_inputs;
   if (causal_)
     forward_causal(Qh, Kh, Vh, Oh, normalisers, shifts, states, incoming_state);
   else
     forward_full(Qh, Kh, Vh, Oh, normalisers, shifts, states);
+  measuring_ = false;
 }
 
 template <class T>
@@ -1031,6 +1083,7 @@ double PolynomialKernel<T>::backward(const HeadRows<T>& Qh, const HeadRows<T>& K
                                      const Eigen::Ref<const Vector<T>>& shifts, const ConstMatrixRef<T>& states,
                                      const ConstMatrixRef<T>& incoming_state, HeadOutput<T> dQh, HeadOutput<T> dKh,
                                      HeadOutput<T> dVh) {
+  measuring_ = false;  // a forward() that threw may have left it set
   near_width_ = std::min(exact_window_, Qh.rows());
   staged_ = Qh.is_token_major() || Kh.is_token_major() || Vh.is_token_major() || Oh.is_token_major() ||
             Gh.is_token_major() || dQh.is_token_major() || dKh.is_token_major() || dVh.is_token_major();
