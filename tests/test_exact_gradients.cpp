@@ -450,3 +450,96 @@ TEST_CASE("Exact backends report overflow of finite float input as a domain_erro
                         Contains(name + "::backward") && Contains("overflowed float") && Contains("max |G|"));
   }
 }
+
+namespace {
+
+// A row-major copy of `m` with `padding` extra columns of 7 on the right: m is its left block, whose rows lie
+// m.cols() + padding apart.
+template <class T>
+polyattn::RowMajorMatrix<T> padded_rows(const Matrix<T>& m, Index padding) {
+  polyattn::RowMajorMatrix<T> storage = polyattn::RowMajorMatrix<T>::Constant(m.rows(), m.cols() + padding, T(7));
+  storage.leftCols(m.cols()) = m;
+  return storage;
+}
+
+// Both exact backends on row-major blocks give bitwise the column-major results, for any thread count, and never
+// write the padding; causal with fewer queries than keys too.
+template <class T, class Backend>
+void check_exact_row_major(const Backend& prototype) {
+  polyattn::testing::ThreadCountGuard guard;
+  const AttentionOptions& opt = prototype.options();
+  const Index dk = 4, dv = 3, h = opt.heads;
+  for (const Index n : {Index(1), Index(37), Index(130)})
+    for (const Index extra_keys : {Index(0), Index(9)}) {
+      const Index m = n + extra_keys;
+      CAPTURE(opt.causal, h, n, m);
+      const Matrix<T> Q = random_matrix<T>(n, h * dk, 70 + static_cast<std::uint64_t>(n)),
+                      K = random_matrix<T>(m, h * dk, 71), V = random_matrix<T>(m, h * dv, 72),
+                      G = random_matrix<T>(n, h * dv, 73);
+      polyattn::set_num_threads(1);
+      Backend columns = prototype;
+      Matrix<T> O(n, h * dv), dQ(n, h * dk), dK(m, h * dk), dV(m, h * dv);
+      columns.forward(Q, K, V, O);
+      columns.backward(Q, K, V, O, G, dQ, dK, dV);
+      const auto Qr = padded_rows(Q, 2), Kr = padded_rows(K, 1), Vr = padded_rows(V, 3), Gr = padded_rows(G, 1);
+      for (const int threads : {1, 2, 3}) {
+        CAPTURE(threads);
+        polyattn::set_num_threads(threads);
+        auto Or = padded_rows(Matrix<T>::Zero(n, h * dv).eval(), 2), dQr = padded_rows(Matrix<T>::Zero(n, h * dk).eval(), 1);
+        auto dKr = padded_rows(Matrix<T>::Zero(m, h * dk).eval(), 0), dVr = padded_rows(Matrix<T>::Zero(m, h * dv).eval(), 5);
+        Backend rows = prototype;
+        rows.forward(Qr.leftCols(h * dk), Kr.leftCols(h * dk), Vr.leftCols(h * dv), Or.leftCols(h * dv));
+        rows.backward(Qr.leftCols(h * dk), Kr.leftCols(h * dk), Vr.leftCols(h * dv), Or.leftCols(h * dv),
+                      Gr.leftCols(h * dv), dQr.leftCols(h * dk), dKr.leftCols(h * dk), dVr.leftCols(h * dv));
+        CHECK(Matrix<T>(Or.leftCols(h * dv)) == O);
+        CHECK(Matrix<T>(dQr.leftCols(h * dk)) == dQ);
+        CHECK(Matrix<T>(dKr.leftCols(h * dk)) == dK);
+        CHECK(Matrix<T>(dVr.leftCols(h * dv)) == dV);
+        CHECK((Or.rightCols(2).array() == T(7)).all());
+        CHECK((dVr.rightCols(5).array() == T(7)).all());
+      }
+    }
+}
+
+template <class T>
+void check_exact_row_major_all() {
+  for (const bool causal : {false, true})
+    for (const Index heads : {Index(1), Index(2)}) {
+      const AttentionOptions opt{std::nullopt, causal, heads};
+      check_exact_row_major<T>(ExactReferenceBackend<T>(opt));
+      check_exact_row_major<T>(ExactBlockedBackend<T>(opt));
+      check_exact_row_major<T>(ExactBlockedBackend<T>(opt, ExactBlockedOptions{16, 8, 32, 16}));
+    }
+}
+
+}  // namespace
+
+TEST_CASE("exact backends read and write row-major matrices in place, bitwise as column-major ones",
+          "[exact_gradients]") {
+  check_exact_row_major_all<float>();
+  check_exact_row_major_all<double>();
+}
+
+TEST_CASE("exact backends on row-major matrices name bad arguments", "[exact_gradients]") {
+  using RowMajor = polyattn::RowMajorMatrix<double>;
+  const Index n = 6;
+  const RowMajor Q = random_matrix<double>(n, 3, 80), K = random_matrix<double>(n, 3, 81),
+                 V = random_matrix<double>(n, 2, 82), G = random_matrix<double>(n, 2, 83);
+  RowMajor O(n, 2), dQ(n, 3), dK(n, 3), dV(n, 2);
+  ExactBlockedBackend<double> blocked;
+  ExactReferenceBackend<double> reference;
+  RowMajor bad_K = K;
+  bad_K(4, 1) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(blocked.forward(Q, bad_K, V, O),
+                    Contains("ExactBlockedBackend::forward") && Contains("'K'") && Contains("(4, 1)"));
+  CHECK_THROWS_WITH(reference.forward(Q, bad_K, V, O),
+                    Contains("ExactReferenceBackend::forward") && Contains("'K'") && Contains("(4, 1)"));
+  RowMajor wrong_O(n, 3);
+  CHECK_THROWS_WITH(blocked.forward(Q, K, V, wrong_O), Contains("'O'") && Contains("6x2"));
+  blocked.forward(Q, K, V, O);
+  RowMajor bad_G = G;
+  bad_G(5, 0) = std::numeric_limits<double>::infinity();
+  CHECK_THROWS_WITH(blocked.backward(Q, K, V, O, bad_G, dQ, dK, dV), Contains("'G'") && Contains("(5, 0)"));
+  CHECK_THROWS_WITH(reference.backward(Q, K, V, O, bad_G, dQ, dK, dV), Contains("'G'") && Contains("(5, 0)"));
+  CHECK_THROWS_WITH(blocked.backward(Q, K, V, O, G, dQ, dK, dQ), Contains("'dV'"));
+}

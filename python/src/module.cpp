@@ -456,15 +456,16 @@ class Attention {
   }
 
   // (wall-clock, process CPU) seconds of each of `repeats` forward+backward calls on one backend, entirely in C++
-  // on copies of the inputs, column-major or (`row_major`, the adjoint only) row-major, after one untimed call (so
+  // on copies of the inputs, column-major or (`row_major`, not the paper method) row-major, after one untimed call (so
   // that every timed call finds its outputs and workspaces in memory, as Google Benchmark's iterations do): what
   // the call costs without Python, for the binding-overhead benchmark.
   std::vector<std::pair<double, double>> time_forward_backward(py::array q, py::array k, py::array v, py::array g,
                                                                int repeats, bool row_major) {
     constexpr const char* where = "polyattn.Attention._time_forward_backward";
     polyattn::detail::require(repeats >= 1, where, "argument 'repeats' must be >= 1, got ", repeats);
-    polyattn::detail::require(!row_major || method_ == AttentionMethod::adjoint, where,
-                              "row_major=True needs the method 'adjoint', got '", method(), "'");
+    polyattn::detail::require(!row_major || method_ != AttentionMethod::paper, where,
+                              "row_major=True needs a method that takes row-major matrices (exact_reference, "
+                              "exact_blocked, adjoint), got '", method(), "'");
     if (common_scalar(where, {{"q", &q}, {"k", &k}, {"v", &v}, {"g", &g}}) == Scalar::float32)
       return time_typed<float>(where, {std::move(q), std::move(k), std::move(v), std::move(g)}, repeats, row_major);
     return time_typed<double>(where, {std::move(q), std::move(k), std::move(v), std::move(g)}, repeats, row_major);
@@ -478,15 +479,31 @@ class Attention {
     return *slot;
   }
 
-  // The adjoint backend when this object computes the adjoint and every array is a row-major matrix
-  // (ArrayMatrix::row_major()): it then reads and writes them in place, bitwise as the column-major copies would
-  // give. Null otherwise (then arrays that are not column-major are copied).
-  template <class T>
-  polyattn::AdjointBackend<T>* in_place_adjoint(std::initializer_list<const ArrayMatrix<T>*> arrays) {
-    if (method_ != AttentionMethod::adjoint) return nullptr;
+  // When this object's backend takes row-major matrices (the adjoint and the exact methods) and every array is one
+  // (ArrayMatrix::row_major()), calls `call(backend)` with the backend as its own type, which reads and writes the
+  // arrays in place, bitwise as on column-major copies, and returns true. Otherwise returns false: the caller then
+  // copies the arrays that are not column-major.
+  template <class T, class Call>
+  bool call_in_place(std::initializer_list<const ArrayMatrix<T>*> arrays, const Call& call) {
     for (const ArrayMatrix<T>* array : arrays)
-      if (!array->row_major()) return nullptr;
-    return dynamic_cast<polyattn::AdjointBackend<T>*>(&backend<T>());
+      if (!array->row_major()) return false;
+    return with_row_major_backend<T>(call);
+  }
+
+  // Calls `call(backend)` with this object's backend as its own type if that type takes row-major matrices, and
+  // returns whether it did.
+  template <class T, class Call>
+  bool with_row_major_backend(const Call& call) {
+    AttentionBackend<T>& attention = backend<T>();
+    if (auto* adjoint = dynamic_cast<polyattn::AdjointBackend<T>*>(&attention))
+      call(*adjoint);
+    else if (auto* blocked = dynamic_cast<polyattn::ExactBlockedBackend<T>*>(&attention))
+      call(*blocked);
+    else if (auto* reference = dynamic_cast<polyattn::ExactReferenceBackend<T>*>(&attention))
+      call(*reference);
+    else
+      return false;
+    return true;
   }
 
   // Arrays of one call: all 2-D, or all 4-D with the same batch and heads, whose product must be the option
@@ -581,10 +598,11 @@ class Attention {
       const auto slot = [&](std::size_t i) -> std::optional<Workspace<T>>& {
         return keep_copies ? kept.inputs[i].copy : local[i];
       };
-      if (polyattn::AdjointBackend<T>* adjoint = in_place_adjoint<T>({&Q, &K, &V, &O.matrix()})) {
+      const bool in_place = call_in_place<T>({&Q, &K, &V, &O.matrix()}, [&](auto& attention) {
         auto O_rows = O.matrix().row_map();
-        certificate = adjoint->forward(Q.row_map(), K.row_map(), V.row_map(), O_rows);
-      } else {
+        certificate = attention.forward(Q.row_map(), K.row_map(), V.row_map(), O_rows);
+      });
+      if (!in_place) {
         certificate =
             backend<T>().forward(read(Q, slot(0)), read(K, slot(1)), read(V, slot(2)), O.target(&slot(3)));
         O.finish();
@@ -619,14 +637,15 @@ class Attention {
         if (std::optional<Workspace<T>>* copy = kept.find(i, array.array())) return (*copy)->matrix();
         return read(array, copies[i]);
       };
-      if (polyattn::AdjointBackend<T>* adjoint =
-              in_place_adjoint<T>({&Q, &K, &V, &O, &G, &dQ.matrix(), &dK.matrix(), &dV.matrix()})) {
-        auto dQ_rows = dQ.matrix().row_map();
-        auto dK_rows = dK.matrix().row_map();
-        auto dV_rows = dV.matrix().row_map();
-        certificate = adjoint->backward(Q.row_map(), K.row_map(), V.row_map(), O.row_map(), G.row_map(), dQ_rows,
-                                        dK_rows, dV_rows);
-      } else {
+      const bool in_place = call_in_place<T>(
+          {&Q, &K, &V, &O, &G, &dQ.matrix(), &dK.matrix(), &dV.matrix()}, [&](auto& attention) {
+            auto dQ_rows = dQ.matrix().row_map();
+            auto dK_rows = dK.matrix().row_map();
+            auto dV_rows = dV.matrix().row_map();
+            certificate = attention.backward(Q.row_map(), K.row_map(), V.row_map(), O.row_map(), G.row_map(),
+                                             dQ_rows, dK_rows, dV_rows);
+          });
+      if (!in_place) {
         std::optional<Workspace<T>> g_copy;
         certificate = backend<T>().backward(input(0, Q), input(1, K), input(2, V), input(3, O), read(G, g_copy),
                                             dQ.target(), dK.target(), dV.target());
@@ -651,10 +670,14 @@ class Attention {
     Ka.copy_to(K);
     Va.copy_to(V);
     Ga.copy_to(G);
+    std::vector<std::pair<double, double>> seconds;
     if (row_major)
-      return time_calls<polyattn::RowMajorMatrix<T>>(dynamic_cast<polyattn::AdjointBackend<T>&>(backend<T>()), Q, K,
-                                                     V, G, repeats);
-    return time_calls<polyattn::Matrix<T>>(backend<T>(), Q, K, V, G, repeats);
+      with_row_major_backend<T>([&](auto& attention) {
+        seconds = time_calls<polyattn::RowMajorMatrix<T>>(attention, Q, K, V, G, repeats);
+      });
+    else
+      seconds = time_calls<polyattn::Matrix<T>>(backend<T>(), Q, K, V, G, repeats);
+    return seconds;
   }
 
   // time_typed()'s loop on copies of Q, K, V, G of type Stored.
@@ -857,7 +880,7 @@ PYBIND11_MODULE(_core, m) {
       .def("_time_forward_backward", &Attention::time_forward_backward, py::arg("q"), py::arg("k"), py::arg("v"),
            py::arg("g"), py::arg("repeats"), py::arg("row_major") = false,
            "(wall-clock, process CPU) seconds of each of `repeats` forward+backward calls run in C++ on one backend, "
-           "after an untimed one, on column-major (or, row_major=True, the adjoint only, row-major) copies of the "
+           "after an untimed one, on column-major (or, row_major=True, not the paper method, row-major) copies of the "
            "inputs made first (for benchmarks).");
 
   m.def("set_num_threads", &polyattn::set_num_threads, py::arg("threads"),

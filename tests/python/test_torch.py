@@ -157,7 +157,8 @@ def test_inputs_of_any_layout_give_the_same_results_and_outputs_take_their_layou
     assert expected[0].is_contiguous()
 
 
-def test_the_adjoint_uses_row_major_tensors_in_place():
+@pytest.mark.parametrize("method", ["exact_reference", "exact_blocked", "adjoint"])
+def test_row_major_tensors_are_used_in_place(method):
     n, d = 40, 4
     generator = torch.Generator().manual_seed(62)
     layouts = {
@@ -170,11 +171,11 @@ def test_the_adjoint_uses_row_major_tensors_in_place():
         q, k, v, g = (layout(torch.randn(1, 3, n, d, generator=generator)) for _ in range(4))
         inputs = [t.requires_grad_() for t in (q, k, v)]
         copied = polyattn._core._copied_bytes()
-        out = pt.attention(*inputs, causal=True)
+        out = pt.attention(*inputs, causal=True, method=method)
         out.backward(g)
         assert polyattn._core._copied_bytes() == copied, name
         reference = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
-        expected = pt.attention(*reference, causal=True)
+        expected = pt.attention(*reference, causal=True, method=method)
         expected.backward(g.contiguous())
         assert torch.equal(out, expected), name
         for a, e in zip(inputs, reference):
@@ -182,7 +183,7 @@ def test_the_adjoint_uses_row_major_tensors_in_place():
     # (batch, heads, n, d) contiguous with several heads is no row-major matrix of the C++ API: it is copied.
     q, k, v = (torch.randn(2, 3, n, d, generator=generator).requires_grad_() for _ in range(3))
     copied = polyattn._core._copied_bytes()
-    pt.attention(q, k, v).sum().backward()
+    pt.attention(q, k, v, method=method).sum().backward()
     assert polyattn._core._copied_bytes() > copied
 
 

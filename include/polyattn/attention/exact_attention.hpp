@@ -23,6 +23,22 @@ namespace polyattn {
 
 namespace detail {
 
+/// The rows [row, row + rows) of columns [col, col + cols) of `X` as a column-major matrix: the block itself, or,
+/// for a row-major `X`, its transposed copy in the top-left corner of `scratch` (at least rows x cols). Products
+/// of the exact methods take their operands through it, so that Eigen runs the same column-major kernels (and
+/// gives the same bits) whatever the caller's layout; the copy is O(rows cols) against a product of O(rows cols b).
+template <class T, class Derived>
+ConstMatrixRef<T> column_major_block(const Eigen::MatrixBase<Derived>& X, Index row, Index col, Index rows,
+                                     Index cols, Matrix<T>& scratch) {
+  if constexpr (bool(Derived::IsRowMajor)) {
+    auto block = scratch.topLeftCorner(rows, cols);
+    transpose_into<T>(X.block(row, col, rows, cols).transpose(), block);
+    return block;
+  } else {
+    return X.block(row, col, rows, cols);
+  }
+}
+
 /// Sets `S(i, j) = -inf` where key `first_key + j` lies after query position `positions[i]`.
 template <class Derived>
 void mask_future_keys(Eigen::MatrixBase<Derived>& S, const Index* positions, Index first_key) {
@@ -143,6 +159,11 @@ class ExactAttention {
   void forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V, MatrixRef<T> O,
                const char* where);
 
+  /// forward() on row-major matrices (a C-ordered array, a block of one), read and written in place; the result
+  /// is bitwise that of the column-major call.
+  void forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K, const ConstRowMajorRef<T>& V,
+               RowMajorRef<T> O, const char* where = "polyattn::ExactAttention::forward");
+
   /// Exact attention of a few queries at arbitrary positions (ascending if causal) against all keys:
   /// row `i` of `O` is the attention output of query `Q.row(i)` standing at position `positions[i]`.
   /// Used by the a-posteriori error estimate of the approximate methods.
@@ -153,10 +174,15 @@ class ExactAttention {
   const Matrix<T>& logsumexp() const { return logsumexp_; }
 
  private:
+  // forward() on column-major (ConstMatrixRef, MatrixRef) or row-major (ConstRowMajorRef, RowMajorRef) matrices.
+  template <class In, class Out>
+  void forward_any(const In& Q, const In& K, const In& V, Out& O, const char* where);
+
   // Finite input whose scores or value sums overflowed T leaves NaN or inf in O or the log-sum-exp: a domain_error
   // saying what overflowed instead. O(n d).
-  void check_finite_results(const char* where, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
-                            const ConstMatrixRef<T>& V, const MatrixRef<T>& O, const detail::HeadShape& shape) const {
+  template <class In, class Out>
+  void check_finite_results(const char* where, const In& Q, const In& K, const In& V, const Out& O,
+                            const detail::HeadShape& shape) const {
     const auto cause = [&] {
       return detail::exact_overflow_cause<T>(Q, K, V, shape, options_.resolved_scale(shape.dk));
     };
@@ -168,6 +194,7 @@ class ExactAttention {
   // output and row statistics of the online softmax, and the queries' positions.
   struct Workspace {
     Matrix<T> scaled_queries, scores, accumulator;
+    Matrix<T> staged_keys, staged_values;  // a block of row-major keys and values (column_major_block())
     Vector<T> running_max, running_sum, block_max, rescale;
     std::vector<Index> positions;
   };
@@ -182,6 +209,8 @@ class ExactAttention {
       detail::ensure_shape(w.scaled_queries, query_rows, shape.dk);
       detail::ensure_shape(w.scores, query_rows, key_rows);
       detail::ensure_shape(w.accumulator, query_rows, shape.dv);
+      detail::ensure_shape(w.staged_keys, key_rows, shape.dk);
+      detail::ensure_shape(w.staged_values, key_rows, shape.dv);
       for (Vector<T>* v : {&w.running_max, &w.running_sum, &w.block_max, &w.rescale})
         detail::ensure_shape(*v, query_rows, 1);
       w.positions.resize(static_cast<std::size_t>(query_rows));
@@ -190,8 +219,9 @@ class ExactAttention {
 
   // Online softmax of the (already scaled) queries in the top `bq` rows of `w.scaled_queries`, standing at
   // `positions`, over all keys they see.
-  void rows(Workspace& w, Index bq, const Index* positions, const ConstMatrixRef<T>& Kh, const ConstMatrixRef<T>& Vh,
-            MatrixRef<T> O, Eigen::Ref<Vector<T>> lse) const {
+  template <class Keys, class Values, class Output>
+  void rows(Workspace& w, Index bq, const Index* positions, const Keys& Kh, const Values& Vh, Output O,
+            Eigen::Ref<Vector<T>> lse) const {
     const auto Qs = w.scaled_queries.topRows(bq);
     const Index key_end = options_.causal ? positions[bq - 1] + 1 : Kh.rows();
     auto running_max = w.running_max.head(bq), running_sum = w.running_sum.head(bq);
@@ -203,7 +233,7 @@ class ExactAttention {
     for (Index k0 = 0; k0 < key_end; k0 += key_block_) {
       const Index bk = std::min(key_block_, key_end - k0);
       auto scores = w.scores.topLeftCorner(bq, bk);
-      scores.noalias() = Qs * Kh.middleRows(k0, bk).transpose();
+      scores.noalias() = Qs * detail::column_major_block<T>(Kh, k0, 0, bk, Kh.cols(), w.staged_keys).transpose();
       if (options_.causal && k0 + bk - 1 > positions[0]) detail::mask_future_keys(scores, positions, k0);
       // Column by column: each column is contiguous, so max, exp and sum run on full SIMD packets
       // (a `colwise() - vector` expression would fall back to scalar exp).
@@ -217,7 +247,7 @@ class ExactAttention {
         running_sum.array() += column;
       }
       accumulator.array().colwise() *= rescale.array();
-      accumulator.noalias() += scores * Vh.middleRows(k0, bk);
+      accumulator.noalias() += scores * detail::column_major_block<T>(Vh, k0, 0, bk, Vh.cols(), w.staged_values);
       running_max = block_max;
     }
     O.noalias() = running_sum.cwiseInverse().asDiagonal() * accumulator;
@@ -235,6 +265,18 @@ class ExactAttention {
 template <class T>
 void ExactAttention<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                                 MatrixRef<T> O, const char* where) {
+  forward_any(Q, K, V, O, where);
+}
+
+template <class T>
+void ExactAttention<T>::forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                                const ConstRowMajorRef<T>& V, RowMajorRef<T> O, const char* where) {
+  forward_any(Q, K, V, O, where);
+}
+
+template <class T>
+template <class In, class Out>
+void ExactAttention<T>::forward_any(const In& Q, const In& K, const In& V, Out& O, const char* where) {
   const auto shape = detail::check_qkv(where, Q, K, V, options_, detail::CausalQueries::last_positions);
   detail::check_forward_output(where, shape, Q, K, V, O);
   detail::ensure_shape(logsumexp_, shape.n, shape.heads);

@@ -25,6 +25,16 @@ namespace polyattn {
 
 namespace detail {
 
+// rowsum(A o B) of two n x d matrices, summed in column order whatever their storage order, so that the
+// gradients of row-major inputs are bitwise those of column-major ones (Eigen's rowwise().sum() of a row-major
+// product would add each row's entries in another order).
+template <class T, class A, class B>
+Vector<T> rowsum_of_product(const A& a, const B& b) {
+  Vector<T> sums = a.col(0).cwiseProduct(b.col(0));
+  for (Index j = 1; j < a.cols(); ++j) sums += a.col(j).cwiseProduct(b.col(j));
+  return sums;
+}
+
 // The loop of attention_backward_reference() on checked arguments; throws std::domain_error as `where` when the
 // gradients of finite input overflow.
 template <class T>
@@ -128,7 +138,25 @@ class ExactReferenceBackend final : public AttentionBackend<T> {
                                const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G, MatrixRef<T> dQ,
                                MatrixRef<T> dK, MatrixRef<T> dV) override;
 
+  /// forward() and backward() on row-major matrices (C-ordered arrays, blocks of them). The reference forms
+  /// n x m matrices anyway: it runs on column-major copies of the inputs (O(nd) more memory against its O(nm)) and
+  /// copies the results out, so that they are bitwise those of the column-major calls.
+  Certificate forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K, const ConstRowMajorRef<T>& V,
+                      RowMajorRef<T> O);
+  GradientCertificate backward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                               const ConstRowMajorRef<T>& V, const ConstRowMajorRef<T>& O,
+                               const ConstRowMajorRef<T>& G, RowMajorRef<T> dQ, RowMajorRef<T> dK,
+                               RowMajorRef<T> dV);
+
  private:
+  // forward() and backward() on column-major (ConstMatrixRef, MatrixRef) or row-major (ConstRowMajorRef,
+  // RowMajorRef) matrices.
+  template <class In, class Out>
+  Certificate forward_any(const In& Q, const In& K, const In& V, Out& O);
+  template <class In, class Out>
+  GradientCertificate backward_any(const In& Q, const In& K, const In& V, const In& O, const In& G, Out& dQ, Out& dK,
+                                   Out& dV);
+
   AttentionOptions options_;
 };
 
@@ -137,11 +165,13 @@ class ExactReferenceBackend final : public AttentionBackend<T> {
 template <class T>
 Certificate ExactReferenceBackend<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
                                               const ConstMatrixRef<T>& V, MatrixRef<T> O) {
-  constexpr const char* where = "polyattn::ExactReferenceBackend::forward";
-  const auto shape = detail::check_qkv(where, Q, K, V, options_, detail::CausalQueries::last_positions);
-  detail::check_forward_output(where, shape, Q, K, V, O);
-  O.noalias() = detail::attention_reference(where, Q, K, V, options_);
-  return detail::exact_method_certificate();
+  return forward_any(Q, K, V, O);
+}
+
+template <class T>
+Certificate ExactReferenceBackend<T>::forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                                              const ConstRowMajorRef<T>& V, RowMajorRef<T> O) {
+  return forward_any(Q, K, V, O);
 }
 
 template <class T>
@@ -149,10 +179,47 @@ GradientCertificate ExactReferenceBackend<T>::backward(const ConstMatrixRef<T>& 
                                                        const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& O,
                                                        const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
                                                        MatrixRef<T> dV) {
+  return backward_any(Q, K, V, O, G, dQ, dK, dV);
+}
+
+template <class T>
+GradientCertificate ExactReferenceBackend<T>::backward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                                                       const ConstRowMajorRef<T>& V, const ConstRowMajorRef<T>& O,
+                                                       const ConstRowMajorRef<T>& G, RowMajorRef<T> dQ,
+                                                       RowMajorRef<T> dK, RowMajorRef<T> dV) {
+  return backward_any(Q, K, V, O, G, dQ, dK, dV);
+}
+
+template <class T>
+template <class In, class Out>
+Certificate ExactReferenceBackend<T>::forward_any(const In& Q, const In& K, const In& V, Out& O) {
+  constexpr const char* where = "polyattn::ExactReferenceBackend::forward";
+  const auto shape = detail::check_qkv(where, Q, K, V, options_, detail::CausalQueries::last_positions);
+  detail::check_forward_output(where, shape, Q, K, V, O);
+  if constexpr (bool(In::IsRowMajor))  // column-major copies: see the row-major forward()
+    O.noalias() = detail::attention_reference(where, Matrix<T>(Q), Matrix<T>(K), Matrix<T>(V), options_);
+  else
+    O.noalias() = detail::attention_reference(where, Q, K, V, options_);
+  return detail::exact_method_certificate();
+}
+
+template <class T>
+template <class In, class Out>
+GradientCertificate ExactReferenceBackend<T>::backward_any(const In& Q, const In& K, const In& V, const In& O,
+                                                           const In& G, Out& dQ, Out& dK, Out& dV) {
   constexpr const char* where = "polyattn::ExactReferenceBackend::backward";
-  const auto shape = detail::check_backward_arguments<T>(where, options_, Q, K, V, O, G, dQ, dK, dV,
-                                                         detail::CausalQueries::last_positions);
-  detail::attention_backward_reference_unchecked<T>(where, shape, Q, K, V, G, options_, dQ, dK, dV);
+  const auto shape = detail::check_backward_arguments<T, In, Out>(where, options_, Q, K, V, O, G, dQ, dK, dV,
+                                                                  detail::CausalQueries::last_positions);
+  if constexpr (bool(In::IsRowMajor)) {  // column-major copies: see the row-major backward()
+    Matrix<T> dQ_columns(dQ.rows(), dQ.cols()), dK_columns(dK.rows(), dK.cols()), dV_columns(dV.rows(), dV.cols());
+    detail::attention_backward_reference_unchecked<T>(where, shape, Matrix<T>(Q), Matrix<T>(K), Matrix<T>(V),
+                                                      Matrix<T>(G), options_, dQ_columns, dK_columns, dV_columns);
+    dQ = dQ_columns;
+    dK = dK_columns;
+    dV = dV_columns;
+  } else {
+    detail::attention_backward_reference_unchecked<T>(where, shape, Q, K, V, G, options_, dQ, dK, dV);
+  }
   return {detail::exact_method_certificate(), 0, 0};
 }
 
@@ -229,6 +296,15 @@ class ExactBlockedBackend final : public AttentionBackend<T> {
                                const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G, MatrixRef<T> dQ,
                                MatrixRef<T> dK, MatrixRef<T> dV) override;
 
+  /// forward() and backward() on row-major matrices (C-ordered arrays, blocks of them), read and written in
+  /// place; the results are bitwise those of the column-major calls.
+  Certificate forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K, const ConstRowMajorRef<T>& V,
+                      RowMajorRef<T> O);
+  GradientCertificate backward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                               const ConstRowMajorRef<T>& V, const ConstRowMajorRef<T>& O,
+                               const ConstRowMajorRef<T>& G, RowMajorRef<T> dQ, RowMajorRef<T> dK,
+                               RowMajorRef<T> dV);
+
   /// Per-row, per-head log-sum-exp of the last forward() call (n x h).
   const Matrix<T>& logsumexp() const { return forward_.logsumexp(); }
 
@@ -246,7 +322,9 @@ class ExactBlockedBackend final : public AttentionBackend<T> {
   // block (contiguous: the output's columns lie m entries apart, often a multiple of 4 KiB, and accumulating there
   // would make a GEMM's column accesses collide in the same cache sets).
   struct Workspace {
-    Matrix<T> probabilities, score_grads, key_grads, value_grads;
+    Matrix<T> probabilities, score_grads, key_grads, value_grads, query_grads;
+    // Blocks of row-major keys, values and output gradients (column_major_block()).
+    Matrix<T> staged_keys, staged_values, staged_output_grads;
   };
 
   // The problem of one backward() call as the block loops see it, besides c Q (n x h d_k) and
@@ -256,20 +334,26 @@ class ExactBlockedBackend final : public AttentionBackend<T> {
     Index first_position;  // of query 0 under the causal mask
   };
 
+  // backward() on column-major (ConstMatrixRef, MatrixRef) or row-major (ConstRowMajorRef, RowMajorRef) matrices.
+  template <class In, class Out>
+  GradientCertificate backward_any(const In& Q, const In& K, const In& V, const In& O, const In& G, Out& dQ, Out& dK,
+                                   Out& dV);
+
   // Writes P = exp(Qs_b K_k^T - lse_b) (masked) and dS = P o (G_b V_k^T - kappa_b 1^T) of query rows
   // [q0, q0 + bq) and key rows [k0, k0 + bk) of head h into the top-left corners of the workspace.
-  void score_block_gradients(Workspace& w, const Blocking& b, Index h, const ConstMatrixRef<T>& K,
-                             const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& G, Index q0, Index bq, Index k0,
-                             Index bk) const;
+  template <class In>
+  void score_block_gradients(Workspace& w, const Blocking& b, Index h, const In& K, const In& V, const In& G,
+                             Index q0, Index bq, Index k0, Index bk) const;
 
   // dQ of query block `block` of head h, over the key blocks it sees in order.
-  void query_block_gradient(Workspace& w, const Blocking& b, Index h, Index block, const ConstMatrixRef<T>& K,
-                            const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& G, MatrixRef<T>& dQ) const;
+  template <class In, class Out>
+  void query_block_gradient(Workspace& w, const Blocking& b, Index h, Index block, const In& K, const In& V,
+                            const In& G, Out& dQ) const;
 
   // dK and dV of key block `block` of head h, over the query blocks that see it in order.
-  void key_block_gradients(Workspace& w, const Blocking& b, Index h, Index block, const ConstMatrixRef<T>& K,
-                           const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& G, MatrixRef<T>& dK,
-                           MatrixRef<T>& dV) const;
+  template <class In, class Out>
+  void key_block_gradients(Workspace& w, const Blocking& b, Index h, Index block, const In& K, const In& V,
+                           const In& G, Out& dK, Out& dV) const;
 
   // Zeroes P(i, j) where key k0 + j comes after the query at position first_position + i (exp overflow there is
   // discarded, not used).
@@ -285,9 +369,7 @@ class ExactBlockedBackend final : public AttentionBackend<T> {
   ExactBlockedOptions blocks_;
   ExactAttention<T> forward_;
   Matrix<T> scaled_queries_;
-  // One vector per head, not the columns of one n x h matrix: Eigen sums the rows of O_h o G_h in another order
-  // into a column that starts unaligned, so a head's gradients would change in the last bit with its position.
-  std::vector<Vector<T>> kappa_;
+  std::vector<Vector<T>> kappa_;  // rowsum(O_h o G_h) of every head (rowsum_of_product())
   std::vector<Workspace> workspaces_;  // one per thread
 };
 
@@ -301,49 +383,75 @@ Certificate ExactBlockedBackend<T>::forward(const ConstMatrixRef<T>& Q, const Co
 }
 
 template <class T>
-void ExactBlockedBackend<T>::score_block_gradients(Workspace& w, const Blocking& b, Index h,
-                                                   const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
-                                                   const ConstMatrixRef<T>& G, Index q0, Index bq, Index k0,
+Certificate ExactBlockedBackend<T>::forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                                            const ConstRowMajorRef<T>& V, RowMajorRef<T> O) {
+  forward_.forward(Q, K, V, O, "polyattn::ExactBlockedBackend::forward");
+  return detail::exact_method_certificate();
+}
+
+template <class T>
+GradientCertificate ExactBlockedBackend<T>::backward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
+                                                     const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& O,
+                                                     const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
+                                                     MatrixRef<T> dV) {
+  return backward_any(Q, K, V, O, G, dQ, dK, dV);
+}
+
+template <class T>
+GradientCertificate ExactBlockedBackend<T>::backward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                                                     const ConstRowMajorRef<T>& V, const ConstRowMajorRef<T>& O,
+                                                     const ConstRowMajorRef<T>& G, RowMajorRef<T> dQ,
+                                                     RowMajorRef<T> dK, RowMajorRef<T> dV) {
+  return backward_any(Q, K, V, O, G, dQ, dK, dV);
+}
+
+template <class T>
+template <class In>
+void ExactBlockedBackend<T>::score_block_gradients(Workspace& w, const Blocking& b, Index h, const In& K,
+                                                   const In& V, const In& G, Index q0, Index bq, Index k0,
                                                    Index bk) const {
   const detail::HeadShape& shape = b.shape;
   auto P = w.probabilities.topLeftCorner(bq, bk);
   auto dS = w.score_grads.topLeftCorner(bq, bk);
-  P.noalias() =
-      scaled_queries_.block(q0, h * shape.dk, bq, shape.dk) * K.block(k0, h * shape.dk, bk, shape.dk).transpose();
+  P.noalias() = scaled_queries_.block(q0, h * shape.dk, bq, shape.dk) *
+                detail::column_major_block<T>(K, k0, h * shape.dk, bk, shape.dk, w.staged_keys).transpose();
   // Two statements on purpose: Eigen 3.4 evaluates exp() of a colwise-replicated difference with
   // scalar expf, ten times slower than its vectorised exp of a plain block.
   P.colwise() -= forward_.logsumexp().col(h).segment(q0, bq);
   P = P.array().exp().matrix();
   if (options_.causal && k0 + bk - 1 > b.first_position + q0) mask_future(P, b.first_position + q0, k0);
-  dS.noalias() = G.block(q0, h * shape.dv, bq, shape.dv) * V.block(k0, h * shape.dv, bk, shape.dv).transpose();
+  dS.noalias() = detail::column_major_block<T>(G, q0, h * shape.dv, bq, shape.dv, w.staged_output_grads) *
+                 detail::column_major_block<T>(V, k0, h * shape.dv, bk, shape.dv, w.staged_values).transpose();
   dS.colwise() -= kappa_[static_cast<std::size_t>(h)].segment(q0, bq);
   dS = dS.cwiseProduct(P);
 }
 
 template <class T>
+template <class In, class Out>
 void ExactBlockedBackend<T>::query_block_gradient(Workspace& w, const Blocking& b, Index h, Index block,
-                                                  const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
-                                                  const ConstMatrixRef<T>& G, MatrixRef<T>& dQ) const {
+                                                  const In& K, const In& V, const In& G, Out& dQ) const {
   const detail::HeadShape& shape = b.shape;
   const Index q0 = block * blocks_.query_block;
   const Index bq = std::min(blocks_.query_block, shape.n - q0);
   // Under the mask the block's last query, at position first_position + q0 + bq - 1, sees the most keys.
   const Index key_end = options_.causal ? b.first_position + q0 + bq : shape.m;
-  auto dQb = dQ.block(q0, h * shape.dk, bq, shape.dk);
+  // Summed in the workspace, as dK and dV are (and whatever the layout of dQ).
+  auto dQb = w.query_grads.topRows(bq);
   dQb.setZero();
   for (Index k0 = 0; k0 < key_end; k0 += blocks_.key_block) {
     const Index bk = std::min(blocks_.key_block, key_end - k0);
     score_block_gradients(w, b, h, K, V, G, q0, bq, k0, bk);
-    dQb.noalias() += w.score_grads.topLeftCorner(bq, bk) * K.block(k0, h * shape.dk, bk, shape.dk);
+    dQb.noalias() += w.score_grads.topLeftCorner(bq, bk) *
+                     detail::column_major_block<T>(K, k0, h * shape.dk, bk, shape.dk, w.staged_keys);
   }
-  dQb *= static_cast<T>(options_.resolved_scale(shape.dk));  // once per block instead of once per product
+  // The scale once per block instead of once per product.
+  dQ.block(q0, h * shape.dk, bq, shape.dk) = static_cast<T>(options_.resolved_scale(shape.dk)) * dQb;
 }
 
 template <class T>
+template <class In, class Out>
 void ExactBlockedBackend<T>::key_block_gradients(Workspace& w, const Blocking& b, Index h, Index block,
-                                                 const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
-                                                 const ConstMatrixRef<T>& G, MatrixRef<T>& dK,
-                                                 MatrixRef<T>& dV) const {
+                                                 const In& K, const In& V, const In& G, Out& dK, Out& dV) const {
   const detail::HeadShape& shape = b.shape;
   const Index k0 = block * blocks_.key_block;
   const Index bk = std::min(blocks_.key_block, shape.m - k0);
@@ -358,7 +466,8 @@ void ExactBlockedBackend<T>::key_block_gradients(Workspace& w, const Blocking& b
   for (Index q0 = first_query; q0 < shape.n; q0 += blocks_.query_block) {
     const Index bq = std::min(blocks_.query_block, shape.n - q0);
     score_block_gradients(w, b, h, K, V, G, q0, bq, k0, bk);
-    dVk.noalias() += w.probabilities.topLeftCorner(bq, bk).transpose() * G.block(q0, h * shape.dv, bq, shape.dv);
+    dVk.noalias() += w.probabilities.topLeftCorner(bq, bk).transpose() *
+                     detail::column_major_block<T>(G, q0, h * shape.dv, bq, shape.dv, w.staged_output_grads);
     dKk.noalias() += w.score_grads.topLeftCorner(bq, bk).transpose() *
                      scaled_queries_.block(q0, h * shape.dk, bq, shape.dk);
   }
@@ -367,13 +476,12 @@ void ExactBlockedBackend<T>::key_block_gradients(Workspace& w, const Blocking& b
 }
 
 template <class T>
-GradientCertificate ExactBlockedBackend<T>::backward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
-                                                     const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& O,
-                                                     const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
-                                                     MatrixRef<T> dV) {
+template <class In, class Out>
+GradientCertificate ExactBlockedBackend<T>::backward_any(const In& Q, const In& K, const In& V, const In& O,
+                                                         const In& G, Out& dQ, Out& dK, Out& dV) {
   constexpr const char* where = "polyattn::ExactBlockedBackend::backward";
-  const auto shape = detail::check_backward_arguments<T>(where, options_, Q, K, V, O, G, dQ, dK, dV,
-                                                         detail::CausalQueries::last_positions);
+  const auto shape = detail::check_backward_arguments<T, In, Out>(where, options_, Q, K, V, O, G, dQ, dK, dV,
+                                                                  detail::CausalQueries::last_positions);
   const Matrix<T>& logsumexp = forward_.logsumexp();
   detail::require(logsumexp.rows() == shape.n && logsumexp.cols() == shape.heads, where,
                   "needs the log-sum-exp of a preceding forward() with the same shapes: saved ", logsumexp.rows(),
@@ -383,8 +491,8 @@ GradientCertificate ExactBlockedBackend<T>::backward(const ConstMatrixRef<T>& Q,
   scaled_queries_.noalias() = c * Q;
   kappa_.resize(static_cast<std::size_t>(shape.heads));
   for (Index h = 0; h < shape.heads; ++h)
-    kappa_[static_cast<std::size_t>(h)].noalias() =
-        O.middleCols(h * shape.dv, shape.dv).cwiseProduct(G.middleCols(h * shape.dv, shape.dv)).rowwise().sum();
+    kappa_[static_cast<std::size_t>(h)] =
+        detail::rowsum_of_product<T>(O.middleCols(h * shape.dv, shape.dv), G.middleCols(h * shape.dv, shape.dv));
 
   const Index query_blocks = detail::block_count(shape.n, blocks_.query_block);
   const Index key_blocks = detail::block_count(shape.m, blocks_.key_block);
@@ -399,6 +507,10 @@ GradientCertificate ExactBlockedBackend<T>::backward(const ConstMatrixRef<T>& Q,
     detail::ensure_shape(w.score_grads, w.probabilities.rows(), w.probabilities.cols());
     detail::ensure_shape(w.key_grads, w.probabilities.cols(), shape.dk);
     detail::ensure_shape(w.value_grads, w.probabilities.cols(), shape.dv);
+    detail::ensure_shape(w.query_grads, w.probabilities.rows(), shape.dk);
+    detail::ensure_shape(w.staged_keys, w.probabilities.cols(), shape.dk);
+    detail::ensure_shape(w.staged_values, w.probabilities.cols(), shape.dv);
+    detail::ensure_shape(w.staged_output_grads, w.probabilities.rows(), shape.dv);
   }
   // Multiply-adds of each pass: the scores computed (about half under the mask) times P, G V^T and the product
   // of the pass.
@@ -423,7 +535,7 @@ GradientCertificate ExactBlockedBackend<T>::backward(const ConstMatrixRef<T>& Q,
         });
       },
       scores_computed * (2 * dk + 2 * dv));
-  detail::check_backward_results<T>(where, options_, shape, Q, K, V, G, dQ, dK, dV);
+  detail::check_backward_results<T, In, Out>(where, options_, shape, Q, K, V, G, dQ, dK, dV);
   return {detail::exact_method_certificate(), 0, 0};
 }
 
