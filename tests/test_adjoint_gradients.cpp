@@ -423,14 +423,7 @@ TEST_CASE("AdjointBackend reports overflow of finite input clearly", "[adjoint_g
 
 namespace {
 
-// Row-major storage of `m` with `padding` unused columns on the right, so that a Ref to its left columns has an
-// outer stride larger than its width (as a head view of a wider projection has).
-template <class T>
-polyattn::RowMajorMatrix<T> padded_row_major(const Matrix<T>& m, Index padding) {
-  polyattn::RowMajorMatrix<T> storage = polyattn::RowMajorMatrix<T>::Constant(m.rows(), m.cols() + padding, T(7));
-  storage.leftCols(m.cols()) = m;
-  return storage;
-}
+using polyattn::testing::padded_row_major;
 
 template <class T>
 void check_row_major_is_bitwise_column_major() {

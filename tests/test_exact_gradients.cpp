@@ -453,14 +453,7 @@ TEST_CASE("Exact backends report overflow of finite float input as a domain_erro
 
 namespace {
 
-// A row-major copy of `m` with `padding` extra columns of 7 on the right: m is its left block, whose rows lie
-// m.cols() + padding apart.
-template <class T>
-polyattn::RowMajorMatrix<T> padded_rows(const Matrix<T>& m, Index padding) {
-  polyattn::RowMajorMatrix<T> storage = polyattn::RowMajorMatrix<T>::Constant(m.rows(), m.cols() + padding, T(7));
-  storage.leftCols(m.cols()) = m;
-  return storage;
-}
+using polyattn::testing::padded_row_major;
 
 // Both exact backends on row-major blocks give bitwise the column-major results, for any thread count, and never
 // write the padding; causal with fewer queries than keys too.
@@ -481,12 +474,15 @@ void check_exact_row_major(const Backend& prototype) {
       Matrix<T> O(n, h * dv), dQ(n, h * dk), dK(m, h * dk), dV(m, h * dv);
       columns.forward(Q, K, V, O);
       columns.backward(Q, K, V, O, G, dQ, dK, dV);
-      const auto Qr = padded_rows(Q, 2), Kr = padded_rows(K, 1), Vr = padded_rows(V, 3), Gr = padded_rows(G, 1);
+      const auto Qr = padded_row_major(Q, 2), Kr = padded_row_major(K, 1);
+      const auto Vr = padded_row_major(V, 3), Gr = padded_row_major(G, 1);
       for (const int threads : {1, 2, 3}) {
         CAPTURE(threads);
         polyattn::set_num_threads(threads);
-        auto Or = padded_rows(Matrix<T>::Zero(n, h * dv).eval(), 2), dQr = padded_rows(Matrix<T>::Zero(n, h * dk).eval(), 1);
-        auto dKr = padded_rows(Matrix<T>::Zero(m, h * dk).eval(), 0), dVr = padded_rows(Matrix<T>::Zero(m, h * dv).eval(), 5);
+        auto Or = padded_row_major(Matrix<T>::Zero(n, h * dv).eval(), 2);
+        auto dQr = padded_row_major(Matrix<T>::Zero(n, h * dk).eval(), 1);
+        auto dKr = padded_row_major(Matrix<T>::Zero(m, h * dk).eval(), 0);
+        auto dVr = padded_row_major(Matrix<T>::Zero(m, h * dv).eval(), 5);
         Backend rows = prototype;
         rows.forward(Qr.leftCols(h * dk), Kr.leftCols(h * dk), Vr.leftCols(h * dv), Or.leftCols(h * dv));
         rows.backward(Qr.leftCols(h * dk), Kr.leftCols(h * dk), Vr.leftCols(h * dv), Or.leftCols(h * dv),

@@ -23,6 +23,16 @@ struct ThreadCountGuard {
   ~ThreadCountGuard() { polyattn::set_num_threads(0); }
 };
 
+/// Row-major storage of `m` with `padding` unused columns of 7 on the right, so that a Ref to its left columns has
+/// an outer stride larger than its width (as a head view of a wider projection has); tests check that the padding
+/// is never written.
+template <class T>
+RowMajorMatrix<T> padded_row_major(const Matrix<T>& m, Index padding) {
+  RowMajorMatrix<T> storage = RowMajorMatrix<T>::Constant(m.rows(), m.cols() + padding, T(7));
+  storage.leftCols(m.cols()) = m;
+  return storage;
+}
+
 /// n token ids drawn uniformly from [0, vocab).
 inline std::vector<Index> random_ids(std::size_t n, Index vocab, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
