@@ -2,6 +2,7 @@
 #include <polyattn/attention/exact_gradients.hpp>
 
 #include "gradient_check.hpp"
+#include "test_support.hpp"
 
 #include <catch2/catch.hpp>
 

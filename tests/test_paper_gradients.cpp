@@ -2,6 +2,7 @@
 #include <polyattn/attention/paper_gradients.hpp>
 
 #include "gradient_check.hpp"
+#include "test_support.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -372,4 +373,82 @@ TEST_CASE("PaperBackend names itself when finite input overflows", "[paper_gradi
   PaperBackend<float> raising(opt);
   REQUIRE_THROWS_WITH(raising.forward(huge, huge, V, O),
                       Contains("PaperBackend::forward") && Contains("score radius") && Contains("raise_degree"));
+}
+
+namespace {
+
+// The paper backend on row-major blocks (each chunk of rows staged in cache) gives bitwise the column-major
+// results, for any thread count, and never writes the padding.
+template <class T>
+void check_paper_row_major() {
+  using polyattn::testing::padded_row_major;
+  polyattn::testing::ThreadCountGuard guard;
+  const Index dk = 3, dv = 2;
+  for (const bool causal : {false, true})
+    for (const Index heads : {Index(1), Index(2)})
+      for (const Index chunk : {Index(0), Index(5)})
+        for (const Index n : {Index(1), Index(37), Index(1300)}) {  // 1300 rows: two blocks of the partition
+          CAPTURE(causal, heads, chunk, n);
+          PolynomialAttentionOptions opt;
+          opt.attention.causal = causal;
+          opt.attention.heads = heads;
+          opt.chunk_size = chunk;
+          const double sigma = 0.5;
+          const Matrix<T> Q = random_matrix<T>(n, heads * dk, 90, sigma), K = random_matrix<T>(n, heads * dk, 91, sigma),
+                          V = random_matrix<T>(n, heads * dv, 92), G = random_matrix<T>(n, heads * dv, 93);
+          polyattn::set_num_threads(1);
+          PaperBackend<T> columns(opt);
+          Matrix<T> O(n, heads * dv), dQ(n, heads * dk), dK(n, heads * dk), dV(n, heads * dv);
+          columns.forward(Q, K, V, O);
+          columns.backward(Q, K, V, O, G, dQ, dK, dV);
+          const auto Qr = padded_row_major(Q, 2), Kr = padded_row_major(K, 1);
+          const auto Vr = padded_row_major(V, 3), Gr = padded_row_major(G, 1);
+          for (const int threads : {1, 2, 3}) {
+            CAPTURE(threads);
+            polyattn::set_num_threads(threads);
+            auto Or = padded_row_major(Matrix<T>::Zero(n, heads * dv).eval(), 2);
+            auto dQr = padded_row_major(Matrix<T>::Zero(n, heads * dk).eval(), 1);
+            auto dKr = padded_row_major(Matrix<T>::Zero(n, heads * dk).eval(), 0);
+            auto dVr = padded_row_major(Matrix<T>::Zero(n, heads * dv).eval(), 5);
+            PaperBackend<T> rows(opt);
+            rows.forward(Qr.leftCols(heads * dk), Kr.leftCols(heads * dk), Vr.leftCols(heads * dv),
+                         Or.leftCols(heads * dv));
+            rows.backward(Qr.leftCols(heads * dk), Kr.leftCols(heads * dk), Vr.leftCols(heads * dv),
+                          Or.leftCols(heads * dv), Gr.leftCols(heads * dv), dQr.leftCols(heads * dk),
+                          dKr.leftCols(heads * dk), dVr.leftCols(heads * dv));
+            CHECK(Matrix<T>(Or.leftCols(heads * dv)) == O);
+            CHECK(Matrix<T>(dQr.leftCols(heads * dk)) == dQ);
+            CHECK(Matrix<T>(dKr.leftCols(heads * dk)) == dK);
+            CHECK(Matrix<T>(dVr.leftCols(heads * dv)) == dV);
+            CHECK((Or.rightCols(2).array() == T(7)).all());
+            CHECK((dVr.rightCols(5).array() == T(7)).all());
+          }
+        }
+}
+
+}  // namespace
+
+TEST_CASE("PaperBackend reads and writes row-major matrices in place, bitwise as column-major ones",
+          "[paper_gradients]") {
+  check_paper_row_major<float>();
+  check_paper_row_major<double>();
+}
+
+TEST_CASE("PaperBackend on row-major matrices names bad arguments", "[paper_gradients]") {
+  using RowMajor = polyattn::RowMajorMatrix<double>;
+  const Index n = 6;
+  const RowMajor Q = random_matrix<double>(n, 3, 94), K = random_matrix<double>(n, 3, 95),
+                 V = random_matrix<double>(n, 2, 96), G = random_matrix<double>(n, 2, 97);
+  RowMajor O(n, 2), dQ(n, 3), dK(n, 3), dV(n, 2);
+  PaperBackend<double> paper{PolynomialAttentionOptions{}};
+  CHECK_THROWS_WITH(paper.backward(Q, K, V, O, G, dQ, dK, dV), Contains("call forward() first"));
+  RowMajor bad_V = V;
+  bad_V(3, 1) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(paper.forward(Q, K, bad_V, O),
+                    Contains("PaperBackend::forward") && Contains("'V'") && Contains("(3, 1)"));
+  paper.forward(Q, K, V, O);
+  RowMajor bad_G = G;
+  bad_G(5, 0) = std::numeric_limits<double>::infinity();
+  CHECK_THROWS_WITH(paper.backward(Q, K, V, O, bad_G, dQ, dK, dV), Contains("'G'") && Contains("(5, 0)"));
+  CHECK_THROWS_WITH(paper.backward(Q, K, V, O, G, dQ, dK, dQ), Contains("'dV'"));
 }

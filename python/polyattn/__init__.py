@@ -6,8 +6,8 @@ The C++ library's attention backends on numpy arrays (the extension module ``pol
 Arrays are 2-D, one token per row, heads side by side in columns: q and k are ``n x heads * d_k``, v is
 ``m x heads * d_v``, float32 or float64 (all the same); or all 4-D ``(batch, heads, n, d)`` with the option
 ``heads = batch * heads``. Fortran-ordered arrays are read in place; so are C-ordered ones (or column blocks of
-them) by the adjoint and the exact methods when every array of the call is one. Other layouts are read without a
-copy in Python and transposed once inside the call into the column-major layout of the C++ kernels.
+them) when every array of the call is one. Other layouts are read without a copy in Python and transposed once
+inside the call into the column-major layout of the C++ kernels.
 New outputs are Fortran-ordered when q is, else C-ordered; ``out=`` (``dq=``, ``dk=``, ``dv=``) takes arrays of
 any layout.
 

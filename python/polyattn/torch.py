@@ -12,10 +12,10 @@ them, q ``(batch, heads, n, d_k)``, k ``(batch, heads, m, d_k)``, v ``(batch, he
 machine, (4, 4, 4096, 16) causal adjoint forward+backward: 109 ms CPU, against 205 ms for 16 calls of one head
 each), on matrices of n rows with the heads side by side in columns. So the certificate's R is the maximum over every
 batch element and head, and so is the interval a minimax polynomial or ``range_policy='raise_degree'`` chooses.
-Inputs of any strides are accepted. Used in place, with no copy at all: ``(batch, heads, d, n)`` memory
-(``t.transpose(-1, -2)`` contiguous) by every method, and by the adjoint and the exact methods the tensors whose
-memory is one row-major matrix: one head ``(1, 1, n, d)`` contiguous, or the heads view of a projection
-``x.view(1, n, heads, d).transpose(1, 2)`` (the kernels transpose each chunk of rows in cache). Other layouts,
+Inputs of any strides are accepted. Used in place by every method, with no copy at all: ``(batch, heads, d, n)``
+memory (``t.transpose(-1, -2)`` contiguous), and the tensors whose memory is one row-major matrix: one head
+``(1, 1, n, d)`` contiguous, or the heads view of a projection ``x.view(1, n, heads, d).transpose(1, 2)`` (the
+kernels transpose each chunk of rows in cache). Other layouts,
 ``(batch, heads, n, d)`` contiguous with several heads among them, are copied into column-major matrices inside the
 C++ call (no copy in Python or torch). The output and the gradients are laid out like q (and dk like k, dv like v),
 so that merging the heads back (``y.transpose(1, 2).reshape(batch, n, -1)``) or accumulating a leaf's gradient

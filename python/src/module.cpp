@@ -456,16 +456,13 @@ class Attention {
   }
 
   // (wall-clock, process CPU) seconds of each of `repeats` forward+backward calls on one backend, entirely in C++
-  // on copies of the inputs, column-major or (`row_major`, not the paper method) row-major, after one untimed call (so
+  // on copies of the inputs, column-major or (`row_major`) row-major, after one untimed call (so
   // that every timed call finds its outputs and workspaces in memory, as Google Benchmark's iterations do): what
   // the call costs without Python, for the binding-overhead benchmark.
   std::vector<std::pair<double, double>> time_forward_backward(py::array q, py::array k, py::array v, py::array g,
                                                                int repeats, bool row_major) {
     constexpr const char* where = "polyattn.Attention._time_forward_backward";
     polyattn::detail::require(repeats >= 1, where, "argument 'repeats' must be >= 1, got ", repeats);
-    polyattn::detail::require(!row_major || method_ != AttentionMethod::paper, where,
-                              "row_major=True needs a method that takes row-major matrices (exact_reference, "
-                              "exact_blocked, adjoint), got '", method(), "'");
     if (common_scalar(where, {{"q", &q}, {"k", &k}, {"v", &v}, {"g", &g}}) == Scalar::float32)
       return time_typed<float>(where, {std::move(q), std::move(k), std::move(v), std::move(g)}, repeats, row_major);
     return time_typed<double>(where, {std::move(q), std::move(k), std::move(v), std::move(g)}, repeats, row_major);
@@ -479,7 +476,7 @@ class Attention {
     return *slot;
   }
 
-  // When this object's backend takes row-major matrices (the adjoint and the exact methods) and every array is one
+  // When this object's backend takes row-major matrices (every method does) and every array is one
   // (ArrayMatrix::row_major()), calls `call(backend)` with the backend as its own type, which reads and writes the
   // arrays in place, bitwise as on column-major copies, and returns true. Otherwise returns false: the caller then
   // copies the arrays that are not column-major.
@@ -501,6 +498,8 @@ class Attention {
       call(*blocked);
     else if (auto* reference = dynamic_cast<polyattn::ExactReferenceBackend<T>*>(&attention))
       call(*reference);
+    else if (auto* paper = dynamic_cast<polyattn::PaperBackend<T>*>(&attention))
+      call(*paper);
     else
       return false;
     return true;
@@ -880,7 +879,7 @@ PYBIND11_MODULE(_core, m) {
       .def("_time_forward_backward", &Attention::time_forward_backward, py::arg("q"), py::arg("k"), py::arg("v"),
            py::arg("g"), py::arg("repeats"), py::arg("row_major") = false,
            "(wall-clock, process CPU) seconds of each of `repeats` forward+backward calls run in C++ on one backend, "
-           "after an untimed one, on column-major (or, row_major=True, not the paper method, row-major) copies of the "
+           "after an untimed one, on column-major (or, row_major=True, row-major) copies of the "
            "inputs made first (for benchmarks).");
 
   m.def("set_num_threads", &polyattn::set_num_threads, py::arg("threads"),

@@ -157,7 +157,7 @@ def test_inputs_of_any_layout_give_the_same_results_and_outputs_take_their_layou
     assert expected[0].is_contiguous()
 
 
-@pytest.mark.parametrize("method", ["exact_reference", "exact_blocked", "adjoint"])
+@pytest.mark.parametrize("method", polyattn.methods)
 def test_row_major_tensors_are_used_in_place(method):
     n, d = 40, 4
     generator = torch.Generator().manual_seed(62)

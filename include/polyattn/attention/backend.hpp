@@ -81,6 +81,16 @@ void check_backward_outputs(const char* where, const HeadShape& shape, const In&
                    {memory_of("Q", Q), memory_of("K", K), memory_of("V", V), memory_of("O", O), memory_of("G", G)});
 }
 
+/// \f$\kappa = \mathrm{rowsum}(O\circ G)\f$ of a head's n x d_v blocks, summed in column order whatever their
+/// storage order, so that the gradients of row-major inputs are bitwise those of column-major ones (Eigen's
+/// rowwise().sum() of a row-major product adds each row's entries in another order).
+template <class T, class DO, class DG>
+Vector<T> rowsum_of_product(const Eigen::MatrixBase<DO>& O, const Eigen::MatrixBase<DG>& G) {
+  Vector<T> sums = O.col(0).cwiseProduct(G.col(0));
+  for (Index j = 1; j < O.cols(); ++j) sums += O.col(j).cwiseProduct(G.col(j));
+  return sums;
+}
+
 /// Every entry of a backward() call's inputs Q, K, V, O, G finite; the first non-finite one is named.
 template <class In>
 void require_finite_backward_inputs(const char* where, const In& Q, const In& K, const In& V, const In& O,

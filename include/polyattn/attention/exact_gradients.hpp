@@ -25,16 +25,6 @@ namespace polyattn {
 
 namespace detail {
 
-// rowsum(A o B) of two n x d matrices, summed in column order whatever their storage order, so that the
-// gradients of row-major inputs are bitwise those of column-major ones (Eigen's rowwise().sum() of a row-major
-// product would add each row's entries in another order).
-template <class T, class A, class B>
-Vector<T> rowsum_of_product(const A& a, const B& b) {
-  Vector<T> sums = a.col(0).cwiseProduct(b.col(0));
-  for (Index j = 1; j < a.cols(); ++j) sums += a.col(j).cwiseProduct(b.col(j));
-  return sums;
-}
-
 // The loop of attention_backward_reference() on checked arguments; throws std::domain_error as `where` when the
 // gradients of finite input overflow.
 template <class T>

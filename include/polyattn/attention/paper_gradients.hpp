@@ -84,6 +84,7 @@
 
 #include "backend.hpp"
 #include "causal_scan.hpp"
+#include "head_rows.hpp"
 #include "polynomial_attention.hpp"
 #include "../parallel/threads.hpp"
 
@@ -167,7 +168,25 @@ class PaperBackend final : public AttentionBackend<T> {
                                const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G, MatrixRef<T> dQ,
                                MatrixRef<T> dK, MatrixRef<T> dV) override;
 
+  /// forward() and backward() on row-major matrices (C-ordered arrays, blocks of them), read and written in
+  /// place: each chunk of rows is transposed in cache (`attention/head_rows.hpp`), and the results are bitwise
+  /// those of the column-major calls.
+  Certificate forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K, const ConstRowMajorRef<T>& V,
+                      RowMajorRef<T> O);
+  GradientCertificate backward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                               const ConstRowMajorRef<T>& V, const ConstRowMajorRef<T>& O,
+                               const ConstRowMajorRef<T>& G, RowMajorRef<T> dQ, RowMajorRef<T> dK,
+                               RowMajorRef<T> dV);
+
  private:
+  // forward() and backward() on column-major (ConstMatrixRef, MatrixRef) or row-major (ConstRowMajorRef,
+  // RowMajorRef) matrices.
+  template <class In, class Out>
+  Certificate forward_any(const In& Q, const In& K, const In& V, Out& O);
+  template <class In, class Out>
+  GradientCertificate backward_any(const In& Q, const In& K, const In& V, const In& O, const In& G, Out& dQ, Out& dK,
+                                   Out& dV);
+
   Index chunk_rows(Index n) const {
     const Index requested = options().chunk_size;
     // Causal chunks pay O(b^2 r d) for the in-chunk block against O(b r d^2) for the state products. At least one
@@ -203,7 +222,29 @@ class PaperBackend final : public AttentionBackend<T> {
     Matrix<T> scaled, u1, v1, up, vp, ones, chunk_normaliser, value_rhs, value_out;
     Vector<T> normaliser;
     CausalScan<T> normaliser_scan, query_scan, key_scan, value_scan;
+    // A chunk's rows of Q, K, V, G transposed into column-major (token-major heads only), and its rows of dQ, dK,
+    // dV as computed, before they are written into the results (rows_of(), result_rows(), store_rows()).
+    Matrix<T> staged_q, staged_k, staged_v, staged_g, staged_dq, staged_dk, staged_dv;
   };
+
+  // Rows [first, first + count) of a head as a column-major matrix (HeadRows::block(), staged in `scratch`).
+  static ConstMatrixRef<T> rows_of(const detail::HeadRows<T>& X, Index first, Index count, Matrix<T>& scratch) {
+    if (X.is_token_major() && (scratch.rows() < count || scratch.cols() != X.cols())) scratch.resize(count, X.cols());
+    return X.block(first, count, scratch);
+  }
+  // Where `count` rows of a result with `cols` columns are computed: the top of `scratch`, whatever the layout of
+  // the result, because Eigen's small products vectorise by their destination's stride and alignment (a block of
+  // the caller's matrix would give other last bits than a staged copy). store_rows() writes them into the result.
+  static MatrixRef<T> result_rows(Index count, Index cols, Matrix<T>& scratch) {
+    if (scratch.rows() < count || scratch.cols() != cols) scratch.resize(count, cols);
+    return scratch.topLeftCorner(count, cols);
+  }
+  static void store_rows(detail::HeadOutput<T>& X, Index first, Index count, Matrix<T>& scratch) {
+    if (X.is_token_major())
+      X.store(first, count, scratch);
+    else
+      X.rows(first, count, scratch) = scratch.topLeftCorner(count, X.cols());
+  }
 
   // One workspace per thread of a loop over `blocks` blocks.
   void prepare_workspaces(Index blocks) {
@@ -316,7 +357,7 @@ class PaperBackend final : public AttentionBackend<T> {
   }
 
   // Adds into block_states_ (reset by the caller) every block's key sums: V_p^T K (r(dv+1) x dk) and V_1^T 1 (r).
-  void key_sums_by_block(const FeatureMap<T>& map, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
+  void key_sums_by_block(const FeatureMap<T>& map, const detail::HeadRows<T>& K, const detail::HeadRows<T>& V,
                          const Partition& part) {
     const Index n = K.rows(), r = map.width(), groups = V.cols() + 1, b = part.chunk, tile = part.tile;
     for_each_block(part.blocks, [&](Index k, Workspace& w) {
@@ -324,12 +365,12 @@ class PaperBackend final : public AttentionBackend<T> {
       auto key_sum = block_states_.right_of(k, r);
       for (Index k0 = k * part.block, end = k0 + part.rows_of_block(k, n); k0 < end; k0 += b) {
         const Index rows = std::min(b, end - k0);
-        const auto Kc = K.middleRows(k0, rows);
+        const ConstMatrixRef<T> Kc = rows_of(K, k0, rows, w.staged_k), Vc = rows_of(V, k0, rows, w.staged_v);
         key_monomials(w, map, Kc);
         key_sum.noalias() += w.v1.colwise().sum().transpose();
         for (Index g0 = 0; g0 < groups; g0 += tile) {
           const Index tg = std::min(tile, groups - g0);
-          detail::kronecker_groups(w.v1, V.middleRows(k0, rows), Vector<T>::Ones(rows), g0, tg, w.vp);
+          detail::kronecker_groups(w.v1, Vc, Vector<T>::Ones(rows), g0, tg, w.vp);
           query_state.middleRows(g0 * r, tg * r).noalias() += w.vp.transpose() * Kc;
         }
       }
@@ -339,9 +380,9 @@ class PaperBackend final : public AttentionBackend<T> {
   // Non-causal head: three passes (keys, queries, keys), each over blocks in parallel, accumulating per block the
   // r(dv+1) x dk states V_p^T K, U_p^T Q and the r x (dv+1) state U_1^T [G, 1], which are then added in block order.
   // Returns max_j (P~^T 1)_j.
-  double head_full(const FeatureMap<T>& map, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
-                   const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
-                   MatrixRef<T> dV) {
+  double head_full(const FeatureMap<T>& map, const detail::HeadRows<T>& Q, const detail::HeadRows<T>& K,
+                   const detail::HeadRows<T>& V, const detail::HeadRows<T>& G, detail::HeadOutput<T> dQ,
+                   detail::HeadOutput<T> dK, detail::HeadOutput<T> dV) {
     const Index n = Q.rows(), dk = Q.cols(), dv = V.cols(), r = map.width(), groups = dv + 1;
     const Partition part = partition(n, r, groups);
     const Index b = part.chunk, tile = part.tile;
@@ -358,12 +399,11 @@ class PaperBackend final : public AttentionBackend<T> {
       auto value_state = block_states_.right_of(k, r);
       for (Index q0 = k * part.block, end = q0 + part.rows_of_block(k, n); q0 < end; q0 += b) {
         const Index rows = std::min(b, end - q0);
-        const auto Qc = Q.middleRows(q0, rows);
-        const auto Gc = G.middleRows(q0, rows);
+        const ConstMatrixRef<T> Qc = rows_of(Q, q0, rows, w.staged_q), Gc = rows_of(G, q0, rows, w.staged_g);
         weighted_query_monomials(w, map, Qc);
         w.normaliser.noalias() = w.u1 * key_sum_;
         normalise_query_factor(w, w.normaliser, q0);
-        auto dQc = dQ.middleRows(q0, rows);
+        MatrixRef<T> dQc = result_rows(rows, dk, w.staged_dq);
         dQc.setZero();
         for (Index g0 = 0; g0 < groups; g0 += tile) {
           const Index tg = std::min(tile, groups - g0);
@@ -372,6 +412,7 @@ class PaperBackend final : public AttentionBackend<T> {
           key_state.middleRows(g0 * r, tg * r).noalias() += w.up.transpose() * Qc;
         }
         dQc *= c;
+        store_rows(dQ, q0, rows, w.staged_dq);
         value_state.leftCols(dv).noalias() += w.u1.transpose() * Gc;
         value_state.col(dv).noalias() += w.u1.colwise().sum().transpose();
       }
@@ -384,18 +425,21 @@ class PaperBackend final : public AttentionBackend<T> {
     for_each_block(part.blocks, [&](Index k, Workspace& w) {
       for (Index k0 = k * part.block, end = k0 + part.rows_of_block(k, n); k0 < end; k0 += b) {
         const Index rows = std::min(b, end - k0);
-        key_monomials(w, map, K.middleRows(k0, rows));
-        dV.middleRows(k0, rows).noalias() = w.v1 * value_state_.leftCols(dv);
+        key_monomials(w, map, rows_of(K, k0, rows, w.staged_k));
+        result_rows(rows, dv, w.staged_dv).noalias() = w.v1 * value_state_.leftCols(dv);
+        store_rows(dV, k0, rows, w.staged_dv);
         block_column_sums_(k) = std::max(block_column_sums_(k),
                                          static_cast<double>((w.v1 * value_state_.col(dv)).maxCoeff()));
-        auto dKc = dK.middleRows(k0, rows);
+        const ConstMatrixRef<T> Vc = rows_of(V, k0, rows, w.staged_v);
+        MatrixRef<T> dKc = result_rows(rows, dk, w.staged_dk);
         dKc.setZero();
         for (Index g0 = 0; g0 < groups; g0 += tile) {
           const Index tg = std::min(tile, groups - g0);
-          detail::kronecker_groups(w.v1, V.middleRows(k0, rows), Vector<T>::Ones(rows), g0, tg, w.vp);
+          detail::kronecker_groups(w.v1, Vc, Vector<T>::Ones(rows), g0, tg, w.vp);
           dKc.noalias() += w.vp * key_state_.middleRows(g0 * r, tg * r);
         }
         dKc *= c;
+        store_rows(dK, k0, rows, w.staged_dk);
       }
     });
     return part.blocks > 0 ? block_column_sums_.maxCoeff() : 0.0;
@@ -405,9 +449,9 @@ class PaperBackend final : public AttentionBackend<T> {
   // and [dV, P~^T 1]), each over blocks in parallel, every block's scan starting from the sum over the blocks (and
   // ranks) before it, or after it. Those sums take a pass over the keys before the prefix scans; the prefix scans
   // accumulate the ones the suffix scans need. Returns max_j (P~^T 1)_j.
-  double head_causal(const FeatureMap<T>& map, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
-                     const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
-                     MatrixRef<T> dV) {
+  double head_causal(const FeatureMap<T>& map, const detail::HeadRows<T>& Q, const detail::HeadRows<T>& K,
+                     const detail::HeadRows<T>& V, const detail::HeadRows<T>& G, detail::HeadOutput<T> dQ,
+                     detail::HeadOutput<T> dK, detail::HeadOutput<T> dV) {
     const Index n = Q.rows(), dk = Q.cols(), dv = V.cols(), r = map.width(), groups = dv + 1;
     const Partition part = partition(n, r, groups);
     const Index b = part.chunk, tile = part.tile;
@@ -431,10 +475,8 @@ class PaperBackend final : public AttentionBackend<T> {
       auto value_state = reverse_states_.right_of(k, r);
       for (Index s = k * part.block, end = s + part.rows_of_block(k, n); s < end; s += b) {
         const Index rows = std::min(b, end - s);
-        const auto Qc = Q.middleRows(s, rows);
-        const auto Kc = K.middleRows(s, rows);
-        const auto Vc = V.middleRows(s, rows);
-        const auto Gc = G.middleRows(s, rows);
+        const ConstMatrixRef<T> Qc = rows_of(Q, s, rows, w.staged_q), Kc = rows_of(K, s, rows, w.staged_k);
+        const ConstMatrixRef<T> Vc = rows_of(V, s, rows, w.staged_v), Gc = rows_of(G, s, rows, w.staged_g);
         weighted_query_monomials(w, map, Qc);
         key_monomials(w, map, Kc);
         w.ones.setOnes(rows, 1);
@@ -445,7 +487,7 @@ class PaperBackend final : public AttentionBackend<T> {
         w.normaliser = w.chunk_normaliser.col(0);
         normalise_query_factor(w, w.normaliser, s);
         row_normaliser_.segment(s, rows) = w.normaliser;
-        auto dQc = dQ.middleRows(s, rows);
+        MatrixRef<T> dQc = result_rows(rows, dk, w.staged_dq);
         dQc.setZero();
         w.query_scan.begin_chunk(rows);
         for (Index g0 = 0; g0 < groups; g0 += tile) {
@@ -457,6 +499,7 @@ class PaperBackend final : public AttentionBackend<T> {
         }
         w.query_scan.end_chunk(Kc, dQc);
         dQc *= c;
+        store_rows(dQ, s, rows, w.staged_dq);
         if (split) {
           value_state.leftCols(dv).noalias() += w.u1.transpose() * Gc;
           value_state.col(dv).noalias() += w.u1.colwise().sum().transpose();
@@ -474,13 +517,12 @@ class PaperBackend final : public AttentionBackend<T> {
       const Index first = k * part.block, block_rows = part.rows_of_block(k, n);
       for (Index chunk = detail::block_count(block_rows, b) - 1; chunk >= 0; --chunk) {
         const Index s = first + chunk * b, rows = std::min(b, first + block_rows - s);
-        const auto Qc = Q.middleRows(s, rows);
-        const auto Vc = V.middleRows(s, rows);
-        const auto Gc = G.middleRows(s, rows);
+        const ConstMatrixRef<T> Qc = rows_of(Q, s, rows, w.staged_q), Vc = rows_of(V, s, rows, w.staged_v);
+        const ConstMatrixRef<T> Gc = rows_of(G, s, rows, w.staged_g);
         weighted_query_monomials(w, map, Qc);
         w.u1 = row_normaliser_.segment(s, rows).cwiseInverse().asDiagonal() * w.u1;
-        key_monomials(w, map, K.middleRows(s, rows));
-        auto dKc = dK.middleRows(s, rows);
+        key_monomials(w, map, rows_of(K, s, rows, w.staged_k));
+        MatrixRef<T> dKc = result_rows(rows, dk, w.staged_dk);
         dKc.setZero();
         w.key_scan.begin_chunk(rows);
         for (Index g0 = 0; g0 < groups; g0 += tile) {
@@ -491,6 +533,7 @@ class PaperBackend final : public AttentionBackend<T> {
         }
         w.key_scan.end_chunk(Qc, dKc);
         dKc *= c;
+        store_rows(dK, s, rows, w.staged_dk);
         w.value_rhs.resize(rows, dv + 1);
         w.value_rhs.leftCols(dv) = Gc;
         w.value_rhs.col(dv).setOnes();
@@ -498,7 +541,8 @@ class PaperBackend final : public AttentionBackend<T> {
         w.value_scan.begin_chunk(rows);
         w.value_scan.add_factors(0, w.u1, w.v1, w.value_rhs, w.value_out);
         w.value_scan.end_chunk(w.value_rhs, w.value_out);
-        dV.middleRows(s, rows) = w.value_out.leftCols(dv);
+        result_rows(rows, dv, w.staged_dv) = w.value_out.leftCols(dv);
+        store_rows(dV, s, rows, w.staged_dv);
         block_column_sums_(k) =
             std::max(block_column_sums_(k), static_cast<double>(w.value_out.col(dv).maxCoeff()));
       }
@@ -533,10 +577,13 @@ PaperBackend<T>::PaperBackend(const PolynomialAttentionOptions& options, PaperGr
 template <class T>
 Certificate PaperBackend<T>::forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
                                      MatrixRef<T> O) {
-  forward_record_.clear();
-  certificate_ = attention_.forward(Q, K, V, O, "polyattn::PaperBackend::forward", nullptr);
-  forward_record_.record(Q, K, V);
-  return certificate_;
+  return forward_any(Q, K, V, O);
+}
+
+template <class T>
+Certificate PaperBackend<T>::forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                                     const ConstRowMajorRef<T>& V, RowMajorRef<T> O) {
+  return forward_any(Q, K, V, O);
 }
 
 template <class T>
@@ -544,10 +591,34 @@ GradientCertificate PaperBackend<T>::backward(const ConstMatrixRef<T>& Q, const 
                                               const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& O,
                                               const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
                                               MatrixRef<T> dV) {
+  return backward_any(Q, K, V, O, G, dQ, dK, dV);
+}
+
+template <class T>
+GradientCertificate PaperBackend<T>::backward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                                              const ConstRowMajorRef<T>& V, const ConstRowMajorRef<T>& O,
+                                              const ConstRowMajorRef<T>& G, RowMajorRef<T> dQ, RowMajorRef<T> dK,
+                                              RowMajorRef<T> dV) {
+  return backward_any(Q, K, V, O, G, dQ, dK, dV);
+}
+
+template <class T>
+template <class In, class Out>
+Certificate PaperBackend<T>::forward_any(const In& Q, const In& K, const In& V, Out& O) {
+  forward_record_.clear();
+  certificate_ = attention_.forward(Q, K, V, O, "polyattn::PaperBackend::forward", nullptr);
+  forward_record_.record(Q, K, V);
+  return certificate_;
+}
+
+template <class T>
+template <class In, class Out>
+GradientCertificate PaperBackend<T>::backward_any(const In& Q, const In& K, const In& V, const In& O, const In& G,
+                                                  Out& dQ, Out& dK, Out& dV) {
   constexpr const char* where = "polyattn::PaperBackend::backward";
   const AttentionOptions& opt = options().attention;
   StateExchange* const exchange = state_exchange();
-  const detail::HeadShape shape = detail::check_backward_call<T>(
+  const detail::HeadShape shape = detail::check_backward_call<T, In, Out>(
       where, opt, exchange, forward_record_, Q, K, V, O, G, dQ, dK, dV,
       [&](const detail::HeadShape& s) { return attention_.shard_settings(s); }, [](const detail::HeadShape&) {});
 
@@ -562,18 +633,20 @@ GradientCertificate PaperBackend<T>::backward(const ConstMatrixRef<T>& Q, const 
       const auto Kh = K.middleCols(h * shape.dk, shape.dk);
       const auto Vh = V.middleCols(h * shape.dv, shape.dv);
       const auto Gh = G.middleCols(h * shape.dv, shape.dv);
-      auto dQh = dQ.middleCols(h * shape.dk, shape.dk);
-      auto dKh = dK.middleCols(h * shape.dk, shape.dk);
-      auto dVh = dV.middleCols(h * shape.dv, shape.dv);
-      kappa_.noalias() = O.middleCols(h * shape.dv, shape.dv).cwiseProduct(Gh).rowwise().sum();
-      const double column_sum =
-          opt.causal ? head_causal(map, Qh, Kh, Vh, Gh, dQh, dKh, dVh) : head_full(map, Qh, Kh, Vh, Gh, dQh, dKh, dVh);
+      kappa_ = detail::rowsum_of_product<T>(O.middleCols(h * shape.dv, shape.dv), Gh);
+      const detail::HeadRows<T> Qr = detail::head_rows(Qh), Kr = detail::head_rows(Kh), Vr = detail::head_rows(Vh),
+                                Gr = detail::head_rows(Gh);
+      const detail::HeadOutput<T> dQr = detail::head_output(dQ.middleCols(h * shape.dk, shape.dk)),
+                                  dKr = detail::head_output(dK.middleCols(h * shape.dk, shape.dk)),
+                                  dVr = detail::head_output(dV.middleCols(h * shape.dv, shape.dv));
+      const double column_sum = opt.causal ? head_causal(map, Qr, Kr, Vr, Gr, dQr, dKr, dVr)
+                                           : head_full(map, Qr, Kr, Vr, Gr, dQr, dKr, dVr);
       const detail::RowStatistics g = detail::row_statistics(Gh);
       maxima.insert(maxima.end(), {g.max_row_norm, detail::max_row_norm(Vh), detail::max_abs(Qh),
                                    detail::max_abs(Kh), g.max_abs, column_sum});
     }
     if (deferred_failure_) std::rethrow_exception(deferred_failure_);
-    detail::check_backward_results<T>(where, opt, shape, Q, K, V, G, dQ, dK, dV);
+    detail::check_backward_results<T, In, Out>(where, opt, shape, Q, K, V, G, dQ, dK, dV);
   } catch (...) {
     if (!exchange) throw;
     deferred_failure_ = std::current_exception();
