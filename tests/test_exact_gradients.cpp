@@ -454,47 +454,20 @@ TEST_CASE("Exact backends report overflow of finite float input as a domain_erro
 
 namespace {
 
-using polyattn::testing::padded_row_major;
 
 // Both exact backends on row-major blocks give bitwise the column-major results, for any thread count, and never
 // write the padding; causal with fewer queries than keys too.
 template <class T, class Backend>
 void check_exact_row_major(const Backend& prototype) {
-  polyattn::testing::ThreadCountGuard guard;
   const AttentionOptions& opt = prototype.options();
   const Index dk = 4, dv = 3, h = opt.heads;
   for (const Index n : {Index(1), Index(37), Index(130)})
     for (const Index extra_keys : {Index(0), Index(9)}) {
       const Index m = n + extra_keys;
       CAPTURE(opt.causal, h, n, m);
-      const Matrix<T> Q = random_matrix<T>(n, h * dk, 70 + static_cast<std::uint64_t>(n)),
-                      K = random_matrix<T>(m, h * dk, 71), V = random_matrix<T>(m, h * dv, 72),
-                      G = random_matrix<T>(n, h * dv, 73);
-      polyattn::set_num_threads(1);
-      Backend columns = prototype;
-      Matrix<T> O(n, h * dv), dQ(n, h * dk), dK(m, h * dk), dV(m, h * dv);
-      columns.forward(Q, K, V, O);
-      columns.backward(Q, K, V, O, G, dQ, dK, dV);
-      const auto Qr = padded_row_major(Q, 2), Kr = padded_row_major(K, 1);
-      const auto Vr = padded_row_major(V, 3), Gr = padded_row_major(G, 1);
-      for (const int threads : {1, 2, 3}) {
-        CAPTURE(threads);
-        polyattn::set_num_threads(threads);
-        auto Or = padded_row_major(Matrix<T>::Zero(n, h * dv).eval(), 2);
-        auto dQr = padded_row_major(Matrix<T>::Zero(n, h * dk).eval(), 1);
-        auto dKr = padded_row_major(Matrix<T>::Zero(m, h * dk).eval(), 0);
-        auto dVr = padded_row_major(Matrix<T>::Zero(m, h * dv).eval(), 5);
-        Backend rows = prototype;
-        rows.forward(Qr.leftCols(h * dk), Kr.leftCols(h * dk), Vr.leftCols(h * dv), Or.leftCols(h * dv));
-        rows.backward(Qr.leftCols(h * dk), Kr.leftCols(h * dk), Vr.leftCols(h * dv), Or.leftCols(h * dv),
-                      Gr.leftCols(h * dv), dQr.leftCols(h * dk), dKr.leftCols(h * dk), dVr.leftCols(h * dv));
-        CHECK(Matrix<T>(Or.leftCols(h * dv)) == O);
-        CHECK(Matrix<T>(dQr.leftCols(h * dk)) == dQ);
-        CHECK(Matrix<T>(dKr.leftCols(h * dk)) == dK);
-        CHECK(Matrix<T>(dVr.leftCols(h * dv)) == dV);
-        CHECK((Or.rightCols(2).array() == T(7)).all());
-        CHECK((dVr.rightCols(5).array() == T(7)).all());
-      }
+      polyattn::testing::check_row_major_is_bitwise<T>(
+          [&] { return prototype; }, random_matrix<T>(n, h * dk, 70 + static_cast<std::uint64_t>(n)),
+          random_matrix<T>(m, h * dk, 71), random_matrix<T>(m, h * dv, 72), random_matrix<T>(n, h * dv, 73));
     }
 }
 

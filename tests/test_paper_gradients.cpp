@@ -381,8 +381,6 @@ namespace {
 // results, for any thread count, and never writes the padding.
 template <class T>
 void check_paper_row_major() {
-  using polyattn::testing::padded_row_major;
-  polyattn::testing::ThreadCountGuard guard;
   const Index dk = 3, dv = 2;
   for (const bool causal : {false, true})
     for (const Index heads : {Index(1), Index(2)})
@@ -393,36 +391,10 @@ void check_paper_row_major() {
           opt.attention.causal = causal;
           opt.attention.heads = heads;
           opt.chunk_size = chunk;
-          const double sigma = 0.5;
-          const Matrix<T> Q = random_matrix<T>(n, heads * dk, 90, sigma), K = random_matrix<T>(n, heads * dk, 91, sigma),
-                          V = random_matrix<T>(n, heads * dv, 92), G = random_matrix<T>(n, heads * dv, 93);
-          polyattn::set_num_threads(1);
-          PaperBackend<T> columns(opt);
-          Matrix<T> O(n, heads * dv), dQ(n, heads * dk), dK(n, heads * dk), dV(n, heads * dv);
-          columns.forward(Q, K, V, O);
-          columns.backward(Q, K, V, O, G, dQ, dK, dV);
-          const auto Qr = padded_row_major(Q, 2), Kr = padded_row_major(K, 1);
-          const auto Vr = padded_row_major(V, 3), Gr = padded_row_major(G, 1);
-          for (const int threads : {1, 2, 3}) {
-            CAPTURE(threads);
-            polyattn::set_num_threads(threads);
-            auto Or = padded_row_major(Matrix<T>::Zero(n, heads * dv).eval(), 2);
-            auto dQr = padded_row_major(Matrix<T>::Zero(n, heads * dk).eval(), 1);
-            auto dKr = padded_row_major(Matrix<T>::Zero(n, heads * dk).eval(), 0);
-            auto dVr = padded_row_major(Matrix<T>::Zero(n, heads * dv).eval(), 5);
-            PaperBackend<T> rows(opt);
-            rows.forward(Qr.leftCols(heads * dk), Kr.leftCols(heads * dk), Vr.leftCols(heads * dv),
-                         Or.leftCols(heads * dv));
-            rows.backward(Qr.leftCols(heads * dk), Kr.leftCols(heads * dk), Vr.leftCols(heads * dv),
-                          Or.leftCols(heads * dv), Gr.leftCols(heads * dv), dQr.leftCols(heads * dk),
-                          dKr.leftCols(heads * dk), dVr.leftCols(heads * dv));
-            CHECK(Matrix<T>(Or.leftCols(heads * dv)) == O);
-            CHECK(Matrix<T>(dQr.leftCols(heads * dk)) == dQ);
-            CHECK(Matrix<T>(dKr.leftCols(heads * dk)) == dK);
-            CHECK(Matrix<T>(dVr.leftCols(heads * dv)) == dV);
-            CHECK((Or.rightCols(2).array() == T(7)).all());
-            CHECK((dVr.rightCols(5).array() == T(7)).all());
-          }
+          polyattn::testing::check_row_major_is_bitwise<T>(
+              [&] { return PaperBackend<T>(opt); }, random_matrix<T>(n, heads * dk, 90, 0.5),
+              random_matrix<T>(n, heads * dk, 91, 0.5), random_matrix<T>(n, heads * dv, 92),
+              random_matrix<T>(n, heads * dv, 93));
         }
 }
 

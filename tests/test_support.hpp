@@ -7,6 +7,8 @@
 #include <polyattn/common.hpp>
 #include <polyattn/parallel/threads.hpp>
 
+#include <catch2/catch.hpp>
+
 #include <algorithm>
 #include <cstdint>
 #include <random>
@@ -31,6 +33,42 @@ RowMajorMatrix<T> padded_row_major(const Matrix<T>& m, Index padding) {
   RowMajorMatrix<T> storage = RowMajorMatrix<T>::Constant(m.rows(), m.cols() + padding, T(7));
   storage.leftCols(m.cols()) = m;
   return storage;
+}
+
+/// Runs forward() and backward() of a backend made by `make()` on the column-major Q, K, V, G on one thread, then of
+/// fresh ones on row-major copies (left blocks of wider matrices, so that rows lie further apart than their width) on
+/// 1, 2 and 3 threads, and checks that the row-major output and gradients are bitwise the column-major ones and that
+/// no padding column is written. Returns the column-major output.
+template <class T, class Make>
+Matrix<T> check_row_major_is_bitwise(const Make& make, const Matrix<T>& Q, const Matrix<T>& K, const Matrix<T>& V,
+                                     const Matrix<T>& G) {
+  ThreadCountGuard guard;
+  polyattn::set_num_threads(1);
+  auto columns = make();
+  Matrix<T> O(Q.rows(), V.cols()), dQ(Q.rows(), Q.cols()), dK(K.rows(), K.cols()), dV(V.rows(), V.cols());
+  columns.forward(Q, K, V, O);
+  columns.backward(Q, K, V, O, G, dQ, dK, dV);
+  const auto Qr = padded_row_major(Q, 2), Kr = padded_row_major(K, 1), Vr = padded_row_major(V, 3),
+             Gr = padded_row_major(G, 1);
+  const auto zeros = [](const Matrix<T>& like, Index padding) {
+    return padded_row_major(Matrix<T>::Zero(like.rows(), like.cols()).eval(), padding);
+  };
+  for (const int threads : {1, 2, 3}) {
+    CAPTURE(threads);
+    polyattn::set_num_threads(threads);
+    auto Or = zeros(O, 2), dQr = zeros(dQ, 1), dKr = zeros(dK, 0), dVr = zeros(dV, 5);
+    auto rows = make();
+    rows.forward(Qr.leftCols(Q.cols()), Kr.leftCols(K.cols()), Vr.leftCols(V.cols()), Or.leftCols(O.cols()));
+    rows.backward(Qr.leftCols(Q.cols()), Kr.leftCols(K.cols()), Vr.leftCols(V.cols()), Or.leftCols(O.cols()),
+                  Gr.leftCols(G.cols()), dQr.leftCols(dQ.cols()), dKr.leftCols(dK.cols()), dVr.leftCols(dV.cols()));
+    CHECK(Matrix<T>(Or.leftCols(O.cols())) == O);
+    CHECK(Matrix<T>(dQr.leftCols(dQ.cols())) == dQ);
+    CHECK(Matrix<T>(dKr.leftCols(dK.cols())) == dK);
+    CHECK(Matrix<T>(dVr.leftCols(dV.cols())) == dV);
+    CHECK((Or.rightCols(2).array() == T(7)).all());
+    CHECK((dVr.rightCols(5).array() == T(7)).all());
+  }
+  return O;
 }
 
 /// n token ids drawn uniformly from [0, vocab).
