@@ -465,6 +465,82 @@ TEST_CASE("Row-major matrices are read and written in place, bitwise as column-m
   check_row_major_is_bitwise_column_major<double>();
 }
 
+namespace {
+
+// Serially without an exact window, the kernel takes the inputs' maxima for the gradient bounds from the blocks it
+// reads; with a state exchange (here of one rank) the backend measures them in passes of its own. The gradients and
+// every bound must be the same, bitwise, certificate vacuous or not, on either layout and any thread count.
+template <class T>
+void check_kernel_measured_bounds() {
+  polyattn::testing::ThreadCountGuard guard;
+  for (const bool causal : {false, true})
+    for (const Index heads : {Index(1), Index(3)})
+      for (const Index n : {Index(1), Index(37), Index(300)})
+        for (const double sigma : {0.2, 2.0}) {
+          const PolynomialAttentionOptions opt = adjoint_options(causal, heads, 2, FeatureMapKind::symmetric, 0);
+          const AttentionProblem<T> x = random_problem<T>(n, heads, 4, 3, 1600 + static_cast<std::uint64_t>(n), sigma);
+          polyattn::set_num_threads(1);
+          AdjointBackend<T> passes(opt);
+          passes.set_state_exchange(std::make_shared<polyattn::testing::SingleRankExchange>());
+          Matrix<T> O(n, heads * 3), dQ(n, heads * 4), dK(n, heads * 4), dV(n, heads * 3);
+          passes.forward(x.Q, x.K, x.V, O);
+          const GradientCertificate expected = passes.backward(x.Q, x.K, x.V, O, x.G, dQ, dK, dV);
+          REQUIRE(expected.forward.vacuous() == (sigma > 1));  // both kinds of certificate are covered
+          for (const int threads : {1, 2, 3}) {
+            CAPTURE(causal, heads, n, sigma, threads, expected.forward.vacuous());
+            polyattn::set_num_threads(threads);
+            AdjointBackend<T> measured(opt);
+            Matrix<T> O2(n, heads * 3), dQ2(n, heads * 4), dK2(n, heads * 4), dV2(n, heads * 3);
+            measured.forward(x.Q, x.K, x.V, O2);
+            const GradientCertificate cert = measured.backward(x.Q, x.K, x.V, O2, x.G, dQ2, dK2, dV2);
+            CHECK(O2 == O);
+            CHECK(dQ2 == dQ);
+            CHECK(dK2 == dK);
+            CHECK(dV2 == dV);
+            CHECK(cert.forward.radius == expected.forward.radius);
+            CHECK(cert.forward.output_bound == expected.forward.output_bound);
+            CHECK(cert.dq_bound == expected.dq_bound);
+            CHECK(cert.dk_bound == expected.dk_bound);
+            CHECK(cert.dqk_bound == expected.dqk_bound);
+            CHECK(cert.dv_bound == expected.dv_bound);
+            const polyattn::RowMajorMatrix<T> Qr = x.Q, Kr = x.K, Vr = x.V, Gr = x.G;
+            polyattn::RowMajorMatrix<T> Or(n, heads * 3), dQr(n, heads * 4), dKr(n, heads * 4), dVr(n, heads * 3);
+            AdjointBackend<T> rows(opt);
+            rows.forward(Qr, Kr, Vr, Or);
+            const GradientCertificate row_cert = rows.backward(Qr, Kr, Vr, Or, Gr, dQr, dKr, dVr);
+            CHECK(row_cert.dq_bound == expected.dq_bound);
+            CHECK(row_cert.dv_bound == expected.dv_bound);
+          }
+        }
+}
+
+}  // namespace
+
+TEST_CASE("the gradient bounds measured by the kernel are those of the input passes, bitwise",
+          "[adjoint_gradients]") {
+  check_kernel_measured_bounds<float>();
+  check_kernel_measured_bounds<double>();
+}
+
+// Non-finite input on the kernel-measured backward path: the call is redone on the checked path, which names it.
+TEST_CASE("non-finite backward input on the kernel-measured path names the entry", "[adjoint_gradients]") {
+  for (const bool causal : {false, true}) {
+    const AttentionProblem<double> x = random_problem<double>(40, 1, 3, 2, 1700, 0.5);
+    AdjointBackend<double> adjoint(adjoint_options(causal, 1, 2, FeatureMapKind::symmetric, 0));
+    Matrix<double> O(40, 2), dQ(40, 3), dK(40, 3), dV(40, 2);
+    adjoint.forward(x.Q, x.K, x.V, O);
+    for (const char* name : {"Q", "K", "V", "O", "G"})
+      for (const double bad : {std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN()}) {
+        CAPTURE(causal, name, bad);
+        Matrix<double> Q = x.Q, K = x.K, V = x.V, O_bad = O, G = x.G;
+        const std::string which = name;
+        (which == "Q" ? Q : which == "K" ? K : which == "V" ? V : which == "O" ? O_bad : G)(33, 1) = bad;
+        CHECK_THROWS_WITH(adjoint.backward(Q, K, V, O_bad, G, dQ, dK, dV),
+                          Contains("AdjointBackend::backward") && Contains("'" + which + "'") && Contains("(33, 1)"));
+      }
+  }
+}
+
 TEST_CASE("AdjointBackend on row-major matrices names bad arguments as the column-major call does",
           "[adjoint_gradients]") {
   using RowMajor = polyattn::RowMajorMatrix<double>;

@@ -8,6 +8,7 @@
 #include <polyattn/nn/gpt.hpp>
 
 #include "gradient_check.hpp"
+#include "test_support.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -90,24 +91,6 @@ AttentionResult<double> dense_window(const AttentionProblem<double>& x, const po
   }
   return r;
 }
-
-// A StateExchange of one rank: every collective is the identity (exclusive sums are zero).
-struct SingleRankExchange final : polyattn::StateExchange {
-  int rank() const override { return 0; }
-  int ranks() const override { return 1; }
-  void all_reduce_sum(Eigen::Ref<Eigen::MatrixXd>) override {}
-  void exclusive_prefix_sum(Eigen::Ref<Eigen::MatrixXd> values, bool) override { values.setZero(); }
-  double all_reduce_max(double value) override { return value; }
-  void all_reduce_min(Eigen::Ref<Eigen::VectorXd>) override {}
-  void all_gather_rows(const Eigen::Ref<const polyattn::RowMajorMatrixXd>& local, const std::vector<Index>&,
-                       polyattn::RowMajorMatrixXd& gathered) override {
-    gathered = local;
-  }
-  void reduce_scatter_rows(const Eigen::Ref<const polyattn::RowMajorMatrixXd>& all_rows, const std::vector<Index>&,
-                           Eigen::Ref<polyattn::RowMajorMatrixXd> local) override {
-    local = all_rows;
-  }
-};
 
 }  // namespace
 
@@ -321,7 +304,7 @@ TEST_CASE("exact window: invalid uses are refused naming the option", "[exact_wi
       std::invalid_argument);
   // A shard's window would reach into the previous rank's keys.
   AdjointBackend<double> sharded(window_options(true, 1, 2, 0, 4));
-  sharded.set_state_exchange(std::make_shared<SingleRankExchange>());
+  sharded.set_state_exchange(std::make_shared<polyattn::testing::SingleRankExchange>());
   const AttentionProblem<double> x = random_problem<double>(6, 1, 2, 2, 1203, 1.0);
   Matrix<double> O6(6, 2);
   CHECK_THROWS_WITH(sharded.forward(x.Q, x.K, x.V, O6), Contains("'exact_window'") && Contains("state exchange"));

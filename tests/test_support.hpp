@@ -5,6 +5,7 @@
 #include <polyattn/attention/options.hpp>
 #include <polyattn/attention/polynomial.hpp>
 #include <polyattn/common.hpp>
+#include <polyattn/parallel/state_exchange.hpp>
 #include <polyattn/parallel/threads.hpp>
 
 #include <catch2/catch.hpp>
@@ -70,6 +71,24 @@ Matrix<T> check_row_major_is_bitwise(const Make& make, const Matrix<T>& Q, const
   }
   return O;
 }
+
+/// A StateExchange of one rank: every collective is the identity (exclusive sums are zero).
+struct SingleRankExchange final : polyattn::StateExchange {
+  int rank() const override { return 0; }
+  int ranks() const override { return 1; }
+  void all_reduce_sum(Eigen::Ref<Eigen::MatrixXd>) override {}
+  void exclusive_prefix_sum(Eigen::Ref<Eigen::MatrixXd> values, bool) override { values.setZero(); }
+  double all_reduce_max(double value) override { return value; }
+  void all_reduce_min(Eigen::Ref<Eigen::VectorXd>) override {}
+  void all_gather_rows(const Eigen::Ref<const polyattn::RowMajorMatrixXd>& local, const std::vector<Index>&,
+                       polyattn::RowMajorMatrixXd& gathered) override {
+    gathered = local;
+  }
+  void reduce_scatter_rows(const Eigen::Ref<const polyattn::RowMajorMatrixXd>& all_rows, const std::vector<Index>&,
+                           Eigen::Ref<polyattn::RowMajorMatrixXd> local) override {
+    local = all_rows;
+  }
+};
 
 /// n token ids drawn uniformly from [0, vocab).
 inline std::vector<Index> random_ids(std::size_t n, Index vocab, std::uint64_t seed) {

@@ -163,15 +163,22 @@ class PolynomialKernel {
                Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts, MatrixRef<T> states,
                MatrixRef<T> incoming_state, bool measure_inputs = false);
 
-  /// What the last forward() with `measure_inputs` read: the largest squared row norms of Q_h and K_h
-  /// (max_squared_row_norm()) and the largest |entry| of V_h, each NaN if an entry is NaN, else +inf if one is
-  /// infinite; the same for any thread count.
+  /// What the last forward() or backward() with `measure_inputs` read, each maximum NaN if an entry is NaN, else
+  /// +inf if one is infinite, and the same for any thread count. forward(): the largest squared row norms of Q_h
+  /// and K_h (max_squared_row_norm()) and the largest |entry| of V_h, for the certificate's R and output bound.
+  /// backward(): the largest |entry| of Q_h, K_h, G_h and O_h and the largest squared row norms of V_h and G_h, for
+  /// the gradient bounds (and O_h's finiteness).
   struct InputStatistics {
-    double max_query_norm2 = 0, max_key_norm2 = 0, max_abs_value = 0;
+    double max_query_norm2 = 0, max_key_norm2 = 0, max_abs_value = 0;  // forward()
+    double max_abs_query = 0, max_abs_key = 0, max_value_norm2 = 0, max_gradient_norm2 = 0, max_abs_gradient = 0,
+           max_abs_output = 0;  // backward()
     void include(const InputStatistics& other) {
-      max_query_norm2 = max_keeping_nan(max_query_norm2, other.max_query_norm2);
-      max_key_norm2 = max_keeping_nan(max_key_norm2, other.max_key_norm2);
-      max_abs_value = max_keeping_nan(max_abs_value, other.max_abs_value);
+      for (auto field : {&InputStatistics::max_query_norm2, &InputStatistics::max_key_norm2,
+                         &InputStatistics::max_abs_value, &InputStatistics::max_abs_query,
+                         &InputStatistics::max_abs_key, &InputStatistics::max_value_norm2,
+                         &InputStatistics::max_gradient_norm2, &InputStatistics::max_abs_gradient,
+                         &InputStatistics::max_abs_output})
+        this->*field = max_keeping_nan(this->*field, other.*field);
     }
   };
   InputStatistics input_statistics() const {
@@ -184,10 +191,13 @@ class PolynomialKernel {
   /// saved: the normalisers and shifts, `states` (non-causal: \f$Z\f$; causal: every \f$Z^{<s}\f$, or no columns,
   /// then they are recomputed from `incoming_state`). Returns \f$\max_j\sigma_j\f$, the largest column sum of
   /// \f$\tilde P\f$ (over all ranks with an exchange; \f$-\infty\f$ when there are no keys).
+  /// With `measure_inputs` (serial calls without an exact window only), also takes input_statistics() of the rows
+  /// it reads.
   double backward(const HeadRows<T>& Qh, const HeadRows<T>& Kh, const HeadRows<T>& Vh,
                   const HeadRows<T>& Oh, const HeadRows<T>& Gh, const Eigen::Ref<const Vector<T>>& normalisers,
                   const Eigen::Ref<const Vector<T>>& shifts, const ConstMatrixRef<T>& states,
-                  const ConstMatrixRef<T>& incoming_state, HeadOutput<T> dQh, HeadOutput<T> dKh, HeadOutput<T> dVh);
+                  const ConstMatrixRef<T>& incoming_state, HeadOutput<T> dQh, HeadOutput<T> dKh, HeadOutput<T> dVh,
+                  bool measure_inputs = false);
 
   /// Whether every entry that the last forward() or backward() wrote (O_h, or dQ_h, dK_h, dV_h) is finite. Each
   /// block is checked when it is written, still in cache, so that the caller's check of the results need not
@@ -285,15 +295,29 @@ class PolynomialKernel {
     map_->monomials(X, top(scaled, X.rows()), top(w.monomials, X.rows()));
   }
 
-  // With measure_inputs, takes the statistics of rows of Q_h (query rows) or of K_h and V_h into w.inputs.
+  // With measure_inputs, takes the statistics of rows of Q_h (queries), of K_h and V_h (keys) or of G_h and O_h
+  // into w.inputs: the forward pass's or the backward pass's (input_statistics()).
   void measure_queries(Workspace& w, const ConstMatrixRef<T>& queries) const {
-    if (measuring_) w.inputs.max_query_norm2 = max_keeping_nan(w.inputs.max_query_norm2, max_squared_row_norm(queries));
+    if (measuring_ == Measuring::forward)
+      w.inputs.max_query_norm2 = max_keeping_nan(w.inputs.max_query_norm2, max_squared_row_norm(queries));
+    else if (measuring_ == Measuring::backward)
+      w.inputs.max_abs_query = max_keeping_nan(w.inputs.max_abs_query, max_abs_entry(queries));
   }
   template <class Values>
   void measure_keys(Workspace& w, const ConstMatrixRef<T>& keys, const Values& values) const {
-    if (!measuring_) return;
-    w.inputs.max_key_norm2 = max_keeping_nan(w.inputs.max_key_norm2, max_squared_row_norm(keys));
-    w.inputs.max_abs_value = max_keeping_nan(w.inputs.max_abs_value, max_abs_entry(values));
+    if (measuring_ == Measuring::forward) {
+      w.inputs.max_key_norm2 = max_keeping_nan(w.inputs.max_key_norm2, max_squared_row_norm(keys));
+      w.inputs.max_abs_value = max_keeping_nan(w.inputs.max_abs_value, max_abs_entry(values));
+    } else if (measuring_ == Measuring::backward) {
+      w.inputs.max_abs_key = max_keeping_nan(w.inputs.max_abs_key, max_abs_entry(keys));
+      w.inputs.max_value_norm2 = max_keeping_nan(w.inputs.max_value_norm2, max_squared_row_norm(values));
+    }
+  }
+  void measure_output_grads(Workspace& w, const ConstMatrixRef<T>& Gb, const ConstMatrixRef<T>& Ob) const {
+    if (measuring_ != Measuring::backward) return;
+    w.inputs.max_gradient_norm2 = max_keeping_nan(w.inputs.max_gradient_norm2, max_squared_row_norm(Gb));
+    w.inputs.max_abs_gradient = max_keeping_nan(w.inputs.max_abs_gradient, max_abs_entry(Gb));
+    w.inputs.max_abs_output = max_keeping_nan(w.inputs.max_abs_output, max_abs_entry(Ob));
   }
 
   // Top of w.values = [V_b, 1] for the rows [first, first + rows) of V: one GEMM then yields the numerators and
@@ -348,6 +372,7 @@ class PolynomialKernel {
     if (near_width_ > 0)
       for (Index i = 0; i < rows; ++i) inverse(i) *= far_scale(first_row + i, shifts(first_row + i), n);
     write_adjoints(top(w.adjoints, rows), Gb, Ob, inverse);
+    measure_output_grads(w, Gb, Ob);
   }
 
   // dQb += the query gradient through a key state Z: M'_Q = [G/D, -kappa/D] Z^T pulled back through the
@@ -751,7 +776,9 @@ class PolynomialKernel {
     parallel_for(query_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index q0 = block * b, rows = std::min(b, n - q0);
-      expand(w, Qh.block(q0, rows, w.staged_qk), w.scaled_queries);
+      const ConstMatrixRef<T> queries = Qh.block(q0, rows, w.staged_qk);
+      expand(w, queries, w.scaled_queries);
+      measure_queries(w, queries);
       load_adjoints(w, Gh.block(q0, rows, w.staged_vg), Oh.block(q0, rows, w.staged_o), normalisers, shifts, q0, n);
       transposed_product<T>(top(w.monomials, rows), top(w.adjoints, rows),
                             partials_.middleCols(block * (dv + 2), dv + 2), w.transposed_operand, w.transposed_state);
@@ -776,8 +803,10 @@ class PolynomialKernel {
     parallel_for(key_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index k0 = block * b, rows = std::min(b, m - k0);
-      expand(w, Kh.block(k0, rows, w.staged_qk), w.scaled_keys);
+      const ConstMatrixRef<T> keys = Kh.block(k0, rows, w.staged_qk);
+      expand(w, keys, w.scaled_keys);
       load_values(w, Vh, k0, rows);
+      measure_keys(w, keys, top(w.values, rows).leftCols(dv));
       const auto monomials = top(w.monomials, rows);
       auto monomial_grads = top(w.monomial_grads, rows);
       auto products = top(w.products, rows);
@@ -902,8 +931,10 @@ class PolynomialKernel {
         auto dKb = dKh.rows(s, rows, w.staged_dk);
         auto dVb = dVh.rows(s, rows, w.staged_ov);
         // Later chunks, through Y^{>s} (with an exact window Y^{>s+lag}): dK and dV of this chunk's keys.
-        expand(w, Kh.block(s, rows, w.staged_qk), w.scaled_keys);
+        const ConstMatrixRef<T> keys = Kh.block(s, rows, w.staged_qk);
+        expand(w, keys, w.scaled_keys);
         load_values(w, Vh, s, rows);
+        measure_keys(w, keys, values.leftCols(dv));
         w.weighted_state_grads.noalias() = map_->weights().asDiagonal() * slots.middleCols(k * (dv + 2), dv + 2);
         block_product<T>(values, w.weighted_state_grads.leftCols(dv + 1).transpose(), monomial_grads);
         block_product<T>(monomials, w.weighted_state_grads, products);
@@ -993,7 +1024,9 @@ class PolynomialKernel {
         return;
       }
       const Index s = chunk * b, rows = std::min(b, n - s);
-      expand(w, Qh.block(s, rows, w.staged_qk), w.scaled_queries);
+      const ConstMatrixRef<T> queries = Qh.block(s, rows, w.staged_qk);
+      expand(w, queries, w.scaled_queries);
+      measure_queries(w, queries);
       load_adjoints(w, Gh.block(s, rows, w.staged_vg), Oh.block(s, rows, w.staged_o), normalisers, shifts, s, n);
       transposed_product<T>(top(w.monomials, rows), top(w.adjoints, rows), slot, w.transposed_operand,
                             w.transposed_state);
@@ -1043,7 +1076,9 @@ class PolynomialKernel {
   Index exact_window_ = 0;  // as configured
   Index near_width_ = 0;    // the exact window of the current call, at most its number of rows
   bool staged_ = false;     // whether the current call has a token-major head (workspaces() stages its rows)
-  bool measuring_ = false;  // forward()'s measure_inputs
+  // Which pass takes input_statistics() (forward()'s or backward()'s measure_inputs), if any.
+  enum class Measuring { none, forward, backward };
+  Measuring measuring_ = Measuring::none;
   const char* where_ = "";
   double radius_ = 0;
   std::vector<Workspace> workspaces_;
@@ -1068,12 +1103,12 @@ void PolynomialKernel<T>::forward(const HeadRows<T>& Qh, const HeadRows<T>& Kh, 
     w.results_finite = true;
     w.inputs = {};
   }
-  measuring_ = measure_inputs;
+  measuring_ = measure_inputs ? Measuring::forward : Measuring::none;
   if (causal_)
     forward_causal(Qh, Kh, Vh, Oh, normalisers, shifts, states, incoming_state);
   else
     forward_full(Qh, Kh, Vh, Oh, normalisers, shifts, states);
-  measuring_ = false;
+  measuring_ = Measuring::none;
 }
 
 template <class T>
@@ -1082,14 +1117,22 @@ double PolynomialKernel<T>::backward(const HeadRows<T>& Qh, const HeadRows<T>& K
                                      const HeadRows<T>& Gh, const Eigen::Ref<const Vector<T>>& normalisers,
                                      const Eigen::Ref<const Vector<T>>& shifts, const ConstMatrixRef<T>& states,
                                      const ConstMatrixRef<T>& incoming_state, HeadOutput<T> dQh, HeadOutput<T> dKh,
-                                     HeadOutput<T> dVh) {
-  measuring_ = false;  // a forward() that threw may have left it set
+                                     HeadOutput<T> dVh, bool measure_inputs) {
+  // Every chunk's rows are read once at least only without a window and serially (as in forward()).
+  eigen_assert(!measure_inputs || (exact_window_ == 0 && !exchange_));
   near_width_ = std::min(exact_window_, Qh.rows());
   staged_ = Qh.is_token_major() || Kh.is_token_major() || Vh.is_token_major() || Oh.is_token_major() ||
             Gh.is_token_major() || dQh.is_token_major() || dKh.is_token_major() || dVh.is_token_major();
-  for (Workspace& w : workspaces_) w.results_finite = true;
-  return causal_ ? backward_causal(Qh, Kh, Vh, Oh, Gh, normalisers, shifts, states, incoming_state, dQh, dKh, dVh)
-                 : backward_full(Qh, Kh, Vh, Oh, Gh, normalisers, shifts, states, dQh, dKh, dVh);
+  for (Workspace& w : workspaces_) {
+    w.results_finite = true;
+    w.inputs = {};
+  }
+  measuring_ = measure_inputs ? Measuring::backward : Measuring::none;
+  const double column_sum =
+      causal_ ? backward_causal(Qh, Kh, Vh, Oh, Gh, normalisers, shifts, states, incoming_state, dQh, dKh, dVh)
+              : backward_full(Qh, Kh, Vh, Oh, Gh, normalisers, shifts, states, dQh, dKh, dVh);
+  measuring_ = Measuring::none;
+  return column_sum;
 }
 
 }  // namespace detail
