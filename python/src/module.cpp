@@ -7,9 +7,9 @@
 // copying them in Python. Used in place, with no copy at all:
 // - an array whose memory is that matrix column-major (a Fortran-ordered 2-D array or a column block of one; a 4-D
 //   array laid out as (batch, heads, d, tokens)), by every method;
-// - by the adjoint, an array whose memory is that matrix row-major (numpy's C order or a column block of it; a 4-D
-//   array with one batch element and head, or the heads view (1, tokens, heads, d) of a projection), when every
-//   array of the call is (the kernel transposes each chunk of rows in cache, attention/head_rows.hpp).
+// - an array whose memory is that matrix row-major (numpy's C order or a column block of it; a 4-D array with one
+//   batch element and head, or the heads view (1, tokens, heads, d) of a projection), by every method when every
+//   array of the call is (the backends stage each chunk or block of rows in cache, attention/head_rows.hpp).
 // Any other layout is copied (transposed) into a column-major workspace inside the call, with the GIL released,
 // and outputs in such a layout are computed in a workspace and copied into them.
 //
@@ -173,7 +173,7 @@ class ArrayMatrix {
     return {blocks_.front().data, rows_, cols_, Eigen::OuterStride<>(outer_stride_)};
   }
   // True (and column_major() false) when entry (i, j) lies at data + i * row stride + j: the array is a row-major
-  // matrix, which the polynomial methods read and write in place (numpy's C order, a column block of it, and 4-D
+  // matrix, which every backend reads and writes in place (numpy's C order, a column block of it, and 4-D
   // arrays whose heads are its column blocks: one head, or the heads view (1, n, heads, d) of a projection).
   bool row_major() const { return row_stride_ > 0; }
   Eigen::Map<polyattn::RowMajorMatrix<T>, 0, Eigen::OuterStride<>> row_map() const {

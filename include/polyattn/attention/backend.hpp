@@ -81,14 +81,14 @@ void check_backward_outputs(const char* where, const HeadShape& shape, const In&
                    {memory_of("Q", Q), memory_of("K", K), memory_of("V", V), memory_of("O", O), memory_of("G", G)});
 }
 
-/// \f$\kappa = \mathrm{rowsum}(O\circ G)\f$ of a head's n x d_v blocks, summed in column order whatever their
+/// `kappa` = \f$\mathrm{rowsum}(O\circ G)\f$ of a head's n x d_v blocks, summed in column order whatever their
 /// storage order, so that the gradients of row-major inputs are bitwise those of column-major ones (Eigen's
-/// rowwise().sum() of a row-major product adds each row's entries in another order).
-template <class T, class DO, class DG>
-Vector<T> rowsum_of_product(const Eigen::MatrixBase<DO>& O, const Eigen::MatrixBase<DG>& G) {
-  Vector<T> sums = O.col(0).cwiseProduct(G.col(0));
-  for (Index j = 1; j < O.cols(); ++j) sums += O.col(j).cwiseProduct(G.col(j));
-  return sums;
+/// rowwise().sum() of a row-major product adds each row's entries in another order). `kappa` keeps its storage
+/// from call to call.
+template <class DO, class DG, class T>
+void rowsum_of_product(const Eigen::MatrixBase<DO>& O, const Eigen::MatrixBase<DG>& G, Vector<T>& kappa) {
+  kappa = O.col(0).cwiseProduct(G.col(0));
+  for (Index j = 1; j < O.cols(); ++j) kappa += O.col(j).cwiseProduct(G.col(j));
 }
 
 /// Every entry of a backward() call's inputs Q, K, V, O, G finite; the first non-finite one is named.

@@ -329,11 +329,17 @@ class ExactBlockedBackend final : public AttentionBackend<T> {
   GradientCertificate backward_any(const In& Q, const In& K, const In& V, const In& O, const In& G, Out& dQ, Out& dK,
                                    Out& dV);
 
+  // The column-major blocks K_k and G_b that score_block_gradients() multiplied (column_major_block(): in place,
+  // or staged in the workspace), for the product that follows it.
+  struct BlockOperands {
+    ConstMatrixRef<T> keys, output_grads;
+  };
+
   // Writes P = exp(Qs_b K_k^T - lse_b) (masked) and dS = P o (G_b V_k^T - kappa_b 1^T) of query rows
   // [q0, q0 + bq) and key rows [k0, k0 + bk) of head h into the top-left corners of the workspace.
   template <class In>
-  void score_block_gradients(Workspace& w, const Blocking& b, Index h, const In& K, const In& V, const In& G,
-                             Index q0, Index bq, Index k0, Index bk) const;
+  BlockOperands score_block_gradients(Workspace& w, const Blocking& b, Index h, const In& K, const In& V,
+                                      const In& G, Index q0, Index bq, Index k0, Index bk) const;
 
   // dQ of query block `block` of head h, over the key blocks it sees in order.
   template <class In, class Out>
@@ -397,23 +403,26 @@ GradientCertificate ExactBlockedBackend<T>::backward(const ConstRowMajorRef<T>& 
 
 template <class T>
 template <class In>
-void ExactBlockedBackend<T>::score_block_gradients(Workspace& w, const Blocking& b, Index h, const In& K,
+auto ExactBlockedBackend<T>::score_block_gradients(Workspace& w, const Blocking& b, Index h, const In& K,
                                                    const In& V, const In& G, Index q0, Index bq, Index k0,
-                                                   Index bk) const {
+                                                   Index bk) const -> BlockOperands {
   const detail::HeadShape& shape = b.shape;
   auto P = w.probabilities.topLeftCorner(bq, bk);
   auto dS = w.score_grads.topLeftCorner(bq, bk);
-  P.noalias() = scaled_queries_.block(q0, h * shape.dk, bq, shape.dk) *
-                detail::column_major_block<T>(K, k0, h * shape.dk, bk, shape.dk, w.staged_keys).transpose();
+  const BlockOperands operands{
+      detail::column_major_block<T>(K, k0, h * shape.dk, bk, shape.dk, w.staged_keys),
+      detail::column_major_block<T>(G, q0, h * shape.dv, bq, shape.dv, w.staged_output_grads)};
+  P.noalias() = scaled_queries_.block(q0, h * shape.dk, bq, shape.dk) * operands.keys.transpose();
   // Two statements on purpose: Eigen 3.4 evaluates exp() of a colwise-replicated difference with
   // scalar expf, ten times slower than its vectorised exp of a plain block.
   P.colwise() -= forward_.logsumexp().col(h).segment(q0, bq);
   P = P.array().exp().matrix();
   if (options_.causal && k0 + bk - 1 > b.first_position + q0) mask_future(P, b.first_position + q0, k0);
-  dS.noalias() = detail::column_major_block<T>(G, q0, h * shape.dv, bq, shape.dv, w.staged_output_grads) *
+  dS.noalias() = operands.output_grads *
                  detail::column_major_block<T>(V, k0, h * shape.dv, bk, shape.dv, w.staged_values).transpose();
   dS.colwise() -= kappa_[static_cast<std::size_t>(h)].segment(q0, bq);
   dS = dS.cwiseProduct(P);
+  return operands;
 }
 
 template <class T>
@@ -430,9 +439,8 @@ void ExactBlockedBackend<T>::query_block_gradient(Workspace& w, const Blocking& 
   dQb.setZero();
   for (Index k0 = 0; k0 < key_end; k0 += blocks_.key_block) {
     const Index bk = std::min(blocks_.key_block, key_end - k0);
-    score_block_gradients(w, b, h, K, V, G, q0, bq, k0, bk);
-    dQb.noalias() += w.score_grads.topLeftCorner(bq, bk) *
-                     detail::column_major_block<T>(K, k0, h * shape.dk, bk, shape.dk, w.staged_keys);
+    const BlockOperands operands = score_block_gradients(w, b, h, K, V, G, q0, bq, k0, bk);
+    dQb.noalias() += w.score_grads.topLeftCorner(bq, bk) * operands.keys;
   }
   // The scale once per block instead of once per product.
   dQ.block(q0, h * shape.dk, bq, shape.dk) = static_cast<T>(options_.resolved_scale(shape.dk)) * dQb;
@@ -455,9 +463,8 @@ void ExactBlockedBackend<T>::key_block_gradients(Workspace& w, const Blocking& b
       options_.causal ? (std::max<Index>(0, k0 - b.first_position) / blocks_.query_block) * blocks_.query_block : 0;
   for (Index q0 = first_query; q0 < shape.n; q0 += blocks_.query_block) {
     const Index bq = std::min(blocks_.query_block, shape.n - q0);
-    score_block_gradients(w, b, h, K, V, G, q0, bq, k0, bk);
-    dVk.noalias() += w.probabilities.topLeftCorner(bq, bk).transpose() *
-                     detail::column_major_block<T>(G, q0, h * shape.dv, bq, shape.dv, w.staged_output_grads);
+    const BlockOperands operands = score_block_gradients(w, b, h, K, V, G, q0, bq, k0, bk);
+    dVk.noalias() += w.probabilities.topLeftCorner(bq, bk).transpose() * operands.output_grads;
     dKk.noalias() += w.score_grads.topLeftCorner(bq, bk).transpose() *
                      scaled_queries_.block(q0, h * shape.dk, bq, shape.dk);
   }
@@ -481,8 +488,8 @@ GradientCertificate ExactBlockedBackend<T>::backward_any(const In& Q, const In& 
   scaled_queries_.noalias() = c * Q;
   kappa_.resize(static_cast<std::size_t>(shape.heads));
   for (Index h = 0; h < shape.heads; ++h)
-    kappa_[static_cast<std::size_t>(h)] =
-        detail::rowsum_of_product<T>(O.middleCols(h * shape.dv, shape.dv), G.middleCols(h * shape.dv, shape.dv));
+    detail::rowsum_of_product(O.middleCols(h * shape.dv, shape.dv), G.middleCols(h * shape.dv, shape.dv),
+                              kappa_[static_cast<std::size_t>(h)]);
 
   const Index query_blocks = detail::block_count(shape.n, blocks_.query_block);
   const Index key_blocks = detail::block_count(shape.m, blocks_.key_block);

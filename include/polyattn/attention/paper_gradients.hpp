@@ -633,7 +633,7 @@ GradientCertificate PaperBackend<T>::backward_any(const In& Q, const In& K, cons
       const auto Kh = K.middleCols(h * shape.dk, shape.dk);
       const auto Vh = V.middleCols(h * shape.dv, shape.dv);
       const auto Gh = G.middleCols(h * shape.dv, shape.dv);
-      kappa_ = detail::rowsum_of_product<T>(O.middleCols(h * shape.dv, shape.dv), Gh);
+      detail::rowsum_of_product(O.middleCols(h * shape.dv, shape.dv), Gh, kappa_);
       const detail::HeadRows<T> Qr = detail::head_rows(Qh), Kr = detail::head_rows(Kh), Vr = detail::head_rows(Vh),
                                 Gr = detail::head_rows(Gh);
       const detail::HeadOutput<T> dQr = detail::head_output(dQ.middleCols(h * shape.dk, shape.dk)),

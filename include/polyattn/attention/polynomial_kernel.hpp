@@ -228,7 +228,7 @@ class PolynomialKernel {
     Matrix<T> staged_qk, staged_vg, staged_o, staged_dq, staged_dk, staged_ov;
     // Whether every result block this thread wrote in the current call was finite (results_finite()).
     bool results_finite = true;
-    // The statistics of the input rows this thread read (forward()'s measure_inputs).
+    // The statistics of the input rows this thread read (forward()'s or backward()'s measure_inputs).
     InputStatistics inputs;
   };
 
@@ -372,7 +372,6 @@ class PolynomialKernel {
     if (near_width_ > 0)
       for (Index i = 0; i < rows; ++i) inverse(i) *= far_scale(first_row + i, shifts(first_row + i), n);
     write_adjoints(top(w.adjoints, rows), Gb, Ob, inverse);
-    measure_output_grads(w, Gb, Ob);
   }
 
   // dQb += the query gradient through a key state Z: M'_Q = [G/D, -kappa/D] Z^T pulled back through the
@@ -777,9 +776,11 @@ class PolynomialKernel {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index q0 = block * b, rows = std::min(b, n - q0);
       const ConstMatrixRef<T> queries = Qh.block(q0, rows, w.staged_qk);
+      const ConstMatrixRef<T> output_grads = Gh.block(q0, rows, w.staged_vg), outputs = Oh.block(q0, rows, w.staged_o);
       expand(w, queries, w.scaled_queries);
+      load_adjoints(w, output_grads, outputs, normalisers, shifts, q0, n);
       measure_queries(w, queries);
-      load_adjoints(w, Gh.block(q0, rows, w.staged_vg), Oh.block(q0, rows, w.staged_o), normalisers, shifts, q0, n);
+      measure_output_grads(w, output_grads, outputs);
       transposed_product<T>(top(w.monomials, rows), top(w.adjoints, rows),
                             partials_.middleCols(block * (dv + 2), dv + 2), w.transposed_operand, w.transposed_state);
       auto dQb = dQh.rows(q0, rows, w.staged_dq);
@@ -1024,10 +1025,14 @@ class PolynomialKernel {
         return;
       }
       const Index s = chunk * b, rows = std::min(b, n - s);
+      // The one pass that reads every chunk's queries, outputs and their gradients (the main pass reads G and O
+      // again): the place to measure them.
       const ConstMatrixRef<T> queries = Qh.block(s, rows, w.staged_qk);
+      const ConstMatrixRef<T> output_grads = Gh.block(s, rows, w.staged_vg), outputs = Oh.block(s, rows, w.staged_o);
       expand(w, queries, w.scaled_queries);
+      load_adjoints(w, output_grads, outputs, normalisers, shifts, s, n);
       measure_queries(w, queries);
-      load_adjoints(w, Gh.block(s, rows, w.staged_vg), Oh.block(s, rows, w.staged_o), normalisers, shifts, s, n);
+      measure_output_grads(w, output_grads, outputs);
       transposed_product<T>(top(w.monomials, rows), top(w.adjoints, rows), slot, w.transposed_operand,
                             w.transposed_state);
       with_queries(w, k, s, rows);
