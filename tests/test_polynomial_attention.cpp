@@ -862,7 +862,7 @@ void check_block_product(Index rows, Index depth, Index cols, bool transposed_b,
 }
 
 TEST_CASE("block_product equals the product within rounding for every tile remainder", "[polynomial_attention]") {
-  for (const Index rows : {0, 1, 7, 8, 15, 16, 17, 31, 33, 64, 65, 100})
+  for (const Index rows : {0, 1, 7, 8, 15, 16, 17, 31, 33, 50, 64, 65, 100})
     for (const Index depth : {1, 16, 17, 153})
       for (const Index cols : {1, 5, 6, 7, 13, 17, 18, 64})
         for (const bool transposed : {false, true})
@@ -900,6 +900,79 @@ void check_transposed_products() {
 TEST_CASE("transposed_product equals A^T B within rounding", "[polynomial_attention]") {
   check_transposed_products<float>();
   check_transposed_products<double>();
+}
+
+// The products on a causal block's panels (block_product.hpp) against the masked products in long double, within
+// the bound of a sum of products: C = A B on the panels with every entry above them untouched; for_causal_packets()
+// making the panels tril(C); C += L B and C += L^T B (through transpose_causal()) for that L, whose entries above
+// the panels are NaN to show that nothing reads them. Sizes below, at and between whole SIMD packets.
+template <class T>
+void check_causal_panel_products(Index rows) {
+  using Wide = Eigen::Matrix<long double, Eigen::Dynamic, Eigen::Dynamic>;
+  constexpr Index lanes = polyattn::detail::BlockProductTile<T>::lanes;
+  const Index depth = 17, cols = 16;
+  const auto on_panels = [](Index i, Index j) { return i >= j / lanes * lanes; };
+  INFO(rows << " rows, " << lanes << " lanes");
+  const Matrix<T> A = Matrix<T>::Random(rows, depth), B = Matrix<T>::Random(rows, depth);
+  Matrix<T> L = Matrix<T>::Constant(rows, rows, T(7));
+  polyattn::detail::causal_block_product<T>(A, B.transpose(), L);
+  const Wide exact = A.template cast<long double>() * B.template cast<long double>().transpose();
+  const Wide magnitude = A.template cast<long double>().cwiseAbs() * B.template cast<long double>().cwiseAbs().transpose();
+  const long double u = std::numeric_limits<T>::epsilon() / 2;
+  for (Index j = 0; j < rows; ++j)
+    for (Index i = 0; i < rows; ++i) {
+      if (on_panels(i, j))
+        REQUIRE(std::abs(static_cast<long double>(L(i, j)) - exact(i, j)) <= depth * u * magnitude(i, j));
+      else
+        REQUIRE(L(i, j) == T(7));
+    }
+  // for_causal_packets() visits every entry of the panels once, with the mask of those on or below the diagonal;
+  // the kernel's way of making a block tril(.) as it writes it.
+  const Matrix<T> before_masking = L;
+  Eigen::MatrixXi visits = Eigen::MatrixXi::Zero(rows, rows);
+  polyattn::detail::for_causal_packets<T>(rows, [&](Index j, Index i, auto packet, const auto* on_or_below) {
+    using Packet = decltype(packet);
+    const Index size = Eigen::internal::unpacket_traits<Packet>::size;
+    for (Index lane = 0; lane < size; ++lane) ++visits(i + lane, j);
+    REQUIRE((on_or_below != nullptr) == (i < j));  // a mask exactly for the packets reaching above the diagonal
+    Eigen::internal::pstoreu(&L(i, j), polyattn::detail::masked(Eigen::internal::ploadu<Packet>(&L(i, j)), on_or_below));
+  });
+  Wide lower = Wide::Zero(rows, rows);
+  for (Index j = 0; j < rows; ++j)
+    for (Index i = 0; i < rows; ++i) {
+      REQUIRE(visits(i, j) == (on_panels(i, j) ? 1 : 0));
+      if (!on_panels(i, j)) {
+        REQUIRE(L(i, j) == T(7));
+        L(i, j) = std::numeric_limits<T>::quiet_NaN();
+      } else {
+        REQUIRE(L(i, j) == (i >= j ? before_masking(i, j) : T(0)));
+        lower(i, j) = L(i, j);
+      }
+    }
+  const Matrix<T> X = Matrix<T>::Random(rows, cols), C0 = Matrix<T>::Random(rows, cols);
+  const Wide Xw = X.template cast<long double>(), C0w = C0.template cast<long double>();
+  Matrix<T> C = C0;
+  polyattn::detail::causal_product_add<T>(L, X, C);
+  require_within_product_bound(C, Wide(C0w + lower * Xw), Wide(C0w.cwiseAbs() + lower.cwiseAbs() * Xw.cwiseAbs()),
+                               rows + 1);
+  Matrix<T> U = Matrix<T>::Constant(rows, rows, T(7));
+  polyattn::detail::transpose_causal<T>(L, U);
+  for (Index j = 0; j < rows; ++j)
+    for (Index i = 0; i < rows; ++i) REQUIRE(U(j, i) == (on_panels(i, j) ? L(i, j) : T(7)));
+  for (Index j = 0; j < rows; ++j)
+    for (Index i = 0; i < rows; ++i)
+      if (!on_panels(i, j)) U(j, i) = std::numeric_limits<T>::quiet_NaN();
+  C = C0;
+  polyattn::detail::transposed_causal_product_add<T>(U, X, C);
+  require_within_product_bound(C, Wide(C0w + lower.transpose() * Xw),
+                               Wide(C0w.cwiseAbs() + lower.cwiseAbs().transpose() * Xw.cwiseAbs()), rows + 1);
+}
+
+TEST_CASE("the causal block's panel products equal the masked products within rounding", "[polynomial_attention]") {
+  for (const Index rows : {1, 7, 8, 9, 16, 17, 33, 48, 64, 70}) {
+    check_causal_panel_products<float>(rows);
+    check_causal_panel_products<double>(rows);
+  }
 }
 
 // transpose_into() against Eigen's transpose, exactly, for full SIMD tiles and every remainder of rows and columns

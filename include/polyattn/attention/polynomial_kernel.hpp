@@ -213,7 +213,7 @@ class PolynomialKernel {
   // One thread's chunk workspaces, sized for `rows` rows; chunks use their top rows.
   struct Workspace {
     Matrix<T> scaled_queries, scaled_keys, monomials, monomial_grads, values, products, adjoints,
-        weighted_state_grads, block, block_value, derivative_block, score_grads, transposed_block;
+        weighted_state_grads, block, derivative_block, score_grads, transposed_block;
     // Scratch of transposed_product() (a chunk's state M^T [V, 1] or M^T E).
     Matrix<T> transposed_operand, transposed_state;
     Vector<T> inverse_normalisers, column_sums;
@@ -252,7 +252,6 @@ class PolynomialKernel {
       if (w.column_sums.size() != rows) w.column_sums.resize(rows);
       if (causal_) {
         ensure_shape(w.block, rows, rows);
-        ensure_shape(w.block_value, rows, rows);
         ensure_shape(w.derivative_block, rows, rows);
         ensure_shape(w.score_grads, rows, rows);
         ensure_shape(w.transposed_block, rows, rows);
@@ -383,40 +382,53 @@ class PolynomialKernel {
     map_->monomials_backward(monomial_grads, top(w.scaled_queries, rows), top(w.monomials, rows), dQb);
   }
 
-  // value = p(S) and, with `with_derivative`, derivative = p'(S), entrywise by Horner (the blocks are written
-  // through): one pass down each column in SIMD packets, the running value and derivative in registers (the
-  // same operations as Horner on whole blocks, which made a pass over the blocks per coefficient).
+  // v = p(x) and, with `with_derivative`, d = p'(x) for a SIMD packet (or scalar) x by Horner, the running value
+  // and derivative in registers.
+  template <class Packet>
+  void horner(const Packet& x, Packet& v, Packet& d, bool with_derivative) const {
+    using namespace Eigen::internal;
+    const std::vector<double>& a = poly_.coeffs;
+    v = pset1<Packet>(static_cast<T>(a.back()));
+    d = pset1<Packet>(T(0));
+    for (std::size_t t = a.size() - 1; t-- > 0;) {
+      if (with_derivative) d = padd(pmul(d, x), v);
+      v = padd(pmul(v, x), pset1<Packet>(static_cast<T>(a[t])));
+    }
+  }
+
+  // value = p(S) and, with `with_derivative`, derivative = p'(S), entrywise (the blocks are written through): one
+  // pass down each column in SIMD packets (the same operations as Horner on whole blocks, which made a pass over
+  // the blocks per coefficient).
   template <class Scores, class Values, class Derivatives>
   void polynomial_of(const Scores& scores, Values value, Derivatives derivative, bool with_derivative) const {
-    const std::vector<double>& a = poly_.coeffs;
     for (Index j = 0; j < scores.cols(); ++j) {
       const T* s = scores.data() + j * scores.outerStride();
       T* p = value.data() + j * value.outerStride();
       T* dp = derivative.data() + j * derivative.outerStride();
       for_row_strips<T, 1>(scores.rows(), [&](Index i, Index, auto packet) {
-        using namespace Eigen::internal;
-        using P = decltype(packet);
-        const P x = ploadu<P>(s + i);
-        P v = pset1<P>(static_cast<T>(a.back())), d = pset1<P>(T(0));
-        for (std::size_t t = a.size() - 1; t-- > 0;) {
-          if (with_derivative) d = padd(pmul(d, x), v);
-          v = padd(pmul(v, x), pset1<P>(static_cast<T>(a[t])));
-        }
-        pstoreu(p + i, v);
-        if (with_derivative) pstoreu(dp + i, d);
+        decltype(packet) v, d;
+        horner(Eigen::internal::ploadu<decltype(packet)>(s + i), v, d, with_derivative);
+        Eigen::internal::pstoreu(p + i, v);
+        if (with_derivative) Eigen::internal::pstoreu(dp + i, d);
       });
     }
   }
 
-  // Top-left rows x rows of w.block = tril(p(S)) for S = sqrt(c)Q_s (sqrt(c)K_s)^T from the tops of the
-  // scaled queries and keys; with `with_derivative`, w.derivative_block = p'(S) likewise (Horner for both).
+  // Top-left rows x rows of w.block = tril(p(S)) for S = sqrt(c)Q_s (sqrt(c)K_s)^T from the tops of the scaled
+  // queries and keys, and with `with_derivative` w.derivative_block = p'(S), on their causal panels
+  // (block_product.hpp: the rest is not written and not read).
   void in_chunk_block(Workspace& w, Index rows, bool with_derivative) const {
     auto block = w.block.topLeftCorner(rows, rows);
-    block_product<T>(top(w.scaled_queries, rows), top(w.scaled_keys, rows).transpose(), block);
-    polynomial_of(block, w.block_value.topLeftCorner(rows, rows), w.derivative_block.topLeftCorner(rows, rows),
-                  with_derivative);
-    block = w.block_value.topLeftCorner(rows, rows);
-    block.template triangularView<Eigen::StrictlyUpper>().setZero();
+    auto derivative = w.derivative_block.topLeftCorner(rows, rows);
+    causal_block_product<T>(top(w.scaled_queries, rows), top(w.scaled_keys, rows).transpose(), block);
+    for_causal_packets<T>(rows, [&](Index j, Index i, auto packet, const auto* on_or_below) {
+      using namespace Eigen::internal;
+      using Packet = decltype(packet);
+      Packet v, d;
+      horner(ploadu<Packet>(&block(i, j)), v, d, with_derivative);
+      pstoreu(&block(i, j), masked(v, on_or_below));
+      if (with_derivative) pstoreu(&derivative(i, j), d);
+    });
   }
 
   // ---- Exact window (near field); see the file documentation. ----
@@ -756,7 +768,7 @@ class PolynomialKernel {
           block_product<T>(top(w.monomials, rows), slots.middleCols(k * (dv + 1), dv + 1), products);
           top(w.scaled_keys, rows).noalias() = sqrt_c * Kh.block(s, rows, w.staged_qk);
           in_chunk_block(w, rows, false);
-          block_product_add<T>(w.block.topLeftCorner(rows, rows), top(w.values, rows), products);
+          causal_product_add<T>(w.block.topLeftCorner(rows, rows), top(w.values, rows), products);
         }
         normalise(w, Oh.rows(s, rows, w.staged_ov), normalisers, s);
         Oh.store(s, rows, w.staged_ov);
@@ -958,18 +970,24 @@ class PolynomialKernel {
           // The chunk itself, through its masked block with p and p'.
           top(w.scaled_queries, rows).noalias() = sqrt_c * Qh.block(s, rows, w.staged_qk);
           in_chunk_block(w, rows, true);
-          block_product<T>(adjoints.leftCols(dv + 1), values.transpose(), score_grads);
+          causal_block_product<T>(adjoints.leftCols(dv + 1), values.transpose(), score_grads);
           // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K) and likewise for dK. Zero above the diagonal, as the
-          // block is, so that the dense products below sum the masked pairs' exact zeros.
-          score_grads.array() *= sqrt_c * w.derivative_block.topLeftCorner(rows, rows).array();
-          score_grads.template triangularView<Eigen::StrictlyUpper>().setZero();
-          block_product_add<T>(score_grads, top(w.scaled_keys, rows), dQb);
+          // block is, so that the products below sum the masked pairs' exact zeros in the diagonal tiles.
+          const auto derivative = w.derivative_block.topLeftCorner(rows, rows);
+          for_causal_packets<T>(rows, [&](Index j, Index i, auto packet, const auto* on_or_below) {
+            using namespace Eigen::internal;
+            using Packet = decltype(packet);
+            const Packet grads = pmul(pmul(pset1<Packet>(sqrt_c), ploadu<Packet>(&derivative(i, j))),
+                                      ploadu<Packet>(&score_grads(i, j)));
+            pstoreu(&score_grads(i, j), masked(grads, on_or_below));
+          });
+          causal_product_add<T>(score_grads, top(w.scaled_keys, rows), dQb);
           auto transposed = w.transposed_block.topLeftCorner(rows, rows);
-          transpose_into<T>(score_grads, transposed);
-          block_product_add<T>(transposed, top(w.scaled_queries, rows), dKb);
-          transpose_into<T>(block, transposed);
-          block_product_add<T>(transposed, adjoints.leftCols(dv), dVb);
-          block_product_add<T>(transposed, adjoints.col(dv + 1), column_sums);
+          transpose_causal<T>(score_grads, transposed);
+          transposed_causal_product_add<T>(transposed, top(w.scaled_queries, rows), dKb);
+          transpose_causal<T>(block, transposed);
+          transposed_causal_product_add<T>(transposed, adjoints.leftCols(dv), dVb);
+          transposed_causal_product_add<T>(transposed, adjoints.col(dv + 1), column_sums);
         }
         column_sums_[static_cast<std::size_t>(first + k)] = static_cast<double>(column_sums.maxCoeff());
         note_results(w, dQb, dKb, dVb);
