@@ -85,13 +85,19 @@ Matrix<typename DQ::Scalar> attention_reference(const char* where, const Eigen::
   Matrix<T> O(shape.n, shape.heads * shape.dv);
   for (Index h = 0; h < shape.heads; ++h) {
     const T c = static_cast<T>(opt.resolved_scale(shape.dk));
-    Matrix<T> S = c * Q.middleCols(h * shape.dk, shape.dk) * K.middleCols(h * shape.dk, shape.dk).transpose();
+    // Copies of the head's columns, and the products into temporaries: Eigen's small (coefficient-based) products
+    // do their first entries in another summation order up to the SIMD alignment of their operands and
+    // destination, so the last bits would depend on where the caller's matrices lie (a numpy copy is 16-byte
+    // aligned only; two backward calls of the Python tests differed). Eigen aligns its own allocations alike.
+    const Matrix<T> Qh = Q.middleCols(h * shape.dk, shape.dk), Kh = K.middleCols(h * shape.dk, shape.dk);
+    const Matrix<T> Vh = V.middleCols(h * shape.dv, shape.dv);
+    Matrix<T> S = c * Qh * Kh.transpose();
     if (opt.causal) mask_scores_causally(S);
     const Vector<T> row_max = S.rowwise().maxCoeff();
     S = (S.colwise() - row_max).array().exp();
     const Vector<T> row_sum = S.rowwise().sum();
-    O.middleCols(h * shape.dv, shape.dv).noalias() =
-        row_sum.cwiseInverse().asDiagonal() * (S * V.middleCols(h * shape.dv, shape.dv));
+    const Matrix<T> SV = S * Vh;
+    O.middleCols(h * shape.dv, shape.dv) = row_sum.cwiseInverse().asDiagonal() * SV;
   }
   require_finite_result(where, "the output", O,
                         [&] { return exact_overflow_cause<T>(Q, K, V, shape, opt.resolved_scale(shape.dk)); });

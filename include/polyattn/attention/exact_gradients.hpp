@@ -34,10 +34,12 @@ void attention_backward_reference_unchecked(const char* where, const HeadShape& 
                                             MatrixRef<T> dK, MatrixRef<T> dV) {
   const T c = static_cast<T>(opt.resolved_scale(shape.dk));
   for (Index h = 0; h < shape.heads; ++h) {
-    const auto Qh = Q.middleCols(h * shape.dk, shape.dk);
-    const auto Kh = K.middleCols(h * shape.dk, shape.dk);
-    const auto Vh = V.middleCols(h * shape.dv, shape.dv);
-    const auto Gh = G.middleCols(h * shape.dv, shape.dv);
+    // Copies, and below products into temporaries, so that the bits do not depend on where the caller's matrices
+    // lie: see attention_reference().
+    const Matrix<T> Qh = Q.middleCols(h * shape.dk, shape.dk);
+    const Matrix<T> Kh = K.middleCols(h * shape.dk, shape.dk);
+    const Matrix<T> Vh = V.middleCols(h * shape.dv, shape.dv);
+    const Matrix<T> Gh = G.middleCols(h * shape.dv, shape.dv);
     Matrix<T> P = c * Qh * Kh.transpose();
     if (opt.causal) mask_scores_causally(P);
     const Vector<T> row_max = P.rowwise().maxCoeff();
@@ -49,9 +51,9 @@ void attention_backward_reference_unchecked(const char* where, const HeadShape& 
     const Vector<T> kappa = O.cwiseProduct(Gh).rowwise().sum();
     Matrix<T> p = P.cwiseProduct(Gh * Vh.transpose());
     p -= kappa.asDiagonal() * P;
-    dQ.middleCols(h * shape.dk, shape.dk).noalias() = c * p * Kh;
-    dK.middleCols(h * shape.dk, shape.dk).noalias() = c * p.transpose() * Qh;
-    dV.middleCols(h * shape.dv, shape.dv).noalias() = P.transpose() * Gh;
+    dQ.middleCols(h * shape.dk, shape.dk) = Matrix<T>(c * p * Kh);
+    dK.middleCols(h * shape.dk, shape.dk) = Matrix<T>(c * p.transpose() * Qh);
+    dV.middleCols(h * shape.dv, shape.dv) = Matrix<T>(P.transpose() * Gh);
   }
   check_backward_results<T>(where, opt, shape, Q, K, V, G, dQ, dK, dV);
 }
