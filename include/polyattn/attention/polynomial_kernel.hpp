@@ -141,7 +141,7 @@ class PolynomialKernel {
   /// Number of causal scan chunks of n rows (the last may be shorter).
   Index scan_chunks(Index n) const { return block_count(n, scan_rows(n)); }
   /// Rows of a non-causal block: monomials and their gradients (2 x rows x r) near 512 KiB, GEMM-shaped and in
-  /// half of a 1 MiB L2 (384 rows in float at d = 16, g = 2: 2-4% faster than 832 rows, which filled it); a
+  /// half of a 1 MiB L2 (384 rows in float at d = 16, g = 2: 2-3% faster than 832 rows, which filled it); a
   /// whole number of block_product()'s row tiles, whose rows after the last full SIMD packet would take scalar
   /// multiply-adds.
   Index block_rows() const {
