@@ -1,5 +1,6 @@
 #include <polyattn/attention/backend_factory.hpp>
 #include <polyattn/attention/exact_gradients.hpp>
+#include <polyattn/parallel/gathered_keys.hpp>
 
 #include "gradient_check.hpp"
 #include "test_support.hpp"
@@ -539,6 +540,22 @@ TEST_CASE("exact backends read and write row-major matrices in place, bitwise as
           "[exact_gradients]") {
   check_exact_row_major_all<float>();
   check_exact_row_major_all<double>();
+}
+
+TEST_CASE("A backend without row-major overloads takes row-major matrices through copies", "[exact_gradients]") {
+  // GatheredKeysBackend (the distributed exact baseline, here on one rank) has none: AttentionBackend's defaults
+  // copy the matrices, with results bitwise those of the column-major call.
+  for (const bool causal : {false, true}) {
+    CAPTURE(causal);
+    const AttentionOptions opt{std::nullopt, causal, 2};
+    const ExactProblem<double> x = random_exact_problem<double>(19, 19, 2, 4, 3, 400);
+    polyattn::testing::check_row_major_is_bitwise<double>(
+        [&] {
+          return polyattn::GatheredKeysBackend<double>(std::make_unique<ExactBlockedBackend<double>>(opt),
+                                                       std::make_shared<polyattn::testing::SingleRankExchange>());
+        },
+        x.Q, x.K, x.V, x.G);
+  }
 }
 
 TEST_CASE("exact backends on row-major matrices name bad arguments", "[exact_gradients]") {

@@ -476,32 +476,14 @@ class Attention {
     return *slot;
   }
 
-  // When this object's backend takes row-major matrices (every method does) and every array is one
-  // (ArrayMatrix::row_major()), calls `call(backend)` with the backend as its own type, which reads and writes the
-  // arrays in place, bitwise as on column-major copies, and returns true. Otherwise returns false: the caller then
-  // copies the arrays that are not column-major.
+  // When every array is row-major (ArrayMatrix::row_major()), calls `call(backend)`, whose row-major overloads read
+  // and write the arrays in place, bitwise as on column-major copies, and returns true. Otherwise returns false: the
+  // caller then copies the arrays that are not column-major.
   template <class T, class Call>
   bool call_in_place(std::initializer_list<const ArrayMatrix<T>*> arrays, const Call& call) {
     for (const ArrayMatrix<T>* array : arrays)
       if (!array->row_major()) return false;
-    return with_row_major_backend<T>(call);
-  }
-
-  // Calls `call(backend)` with this object's backend as its own type if that type takes row-major matrices, and
-  // returns whether it did.
-  template <class T, class Call>
-  bool with_row_major_backend(const Call& call) {
-    AttentionBackend<T>& attention = backend<T>();
-    if (auto* adjoint = dynamic_cast<polyattn::AdjointBackend<T>*>(&attention))
-      call(*adjoint);
-    else if (auto* blocked = dynamic_cast<polyattn::ExactBlockedBackend<T>*>(&attention))
-      call(*blocked);
-    else if (auto* reference = dynamic_cast<polyattn::ExactReferenceBackend<T>*>(&attention))
-      call(*reference);
-    else if (auto* paper = dynamic_cast<polyattn::PaperBackend<T>*>(&attention))
-      call(*paper);
-    else
-      return false;
+    call(backend<T>());
     return true;
   }
 
@@ -669,14 +651,8 @@ class Attention {
     Ka.copy_to(K);
     Va.copy_to(V);
     Ga.copy_to(G);
-    std::vector<std::pair<double, double>> seconds;
-    if (row_major)
-      with_row_major_backend<T>([&](auto& attention) {
-        seconds = time_calls<polyattn::RowMajorMatrix<T>>(attention, Q, K, V, G, repeats);
-      });
-    else
-      seconds = time_calls<polyattn::Matrix<T>>(backend<T>(), Q, K, V, G, repeats);
-    return seconds;
+    return row_major ? time_calls<polyattn::RowMajorMatrix<T>>(backend<T>(), Q, K, V, G, repeats)
+                     : time_calls<polyattn::Matrix<T>>(backend<T>(), Q, K, V, G, repeats);
   }
 
   // time_typed()'s loop on copies of Q, K, V, G of type Stored.

@@ -194,11 +194,11 @@ class AdjointBackend final : public AttentionBackend<T> {
   /// results are bitwise those of the column-major calls. A backward() pairs with the forward() before it in
   /// either storage order.
   Certificate forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K, const ConstRowMajorRef<T>& V,
-                      RowMajorRef<T> O);
+                      RowMajorRef<T> O) override;
   GradientCertificate backward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
                                const ConstRowMajorRef<T>& V, const ConstRowMajorRef<T>& O,
                                const ConstRowMajorRef<T>& G, RowMajorRef<T> dQ, RowMajorRef<T> dK,
-                               RowMajorRef<T> dV);
+                               RowMajorRef<T> dV) override;
 
  private:
   // forward() and backward() on column-major (ConstMatrixRef, MatrixRef) or row-major (ConstRowMajorRef,

@@ -259,6 +259,33 @@ class AttentionBackend {
                                        const ConstMatrixRef<T>& V, const ConstMatrixRef<T>& O,
                                        const ConstMatrixRef<T>& G, MatrixRef<T> dQ, MatrixRef<T> dK,
                                        MatrixRef<T> dV) = 0;
+
+  /// forward() on row-major matrices (a row's entries adjacent: C-ordered numpy arrays, contiguous torch
+  /// tensors). The single-process backends read and write them in place, with results bitwise those of
+  /// column-major ones; this default, for a backend without such an overload, goes through column-major copies.
+  virtual Certificate forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                              const ConstRowMajorRef<T>& V, RowMajorRef<T> O) {
+    const Matrix<T> Q_columns = Q, K_columns = K, V_columns = V;
+    Matrix<T> O_columns(O.rows(), O.cols());
+    const Certificate certificate = forward(Q_columns, K_columns, V_columns, O_columns);
+    O = O_columns;
+    return certificate;
+  }
+
+  /// backward() on row-major matrices: see the row-major forward().
+  virtual GradientCertificate backward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
+                                       const ConstRowMajorRef<T>& V, const ConstRowMajorRef<T>& O,
+                                       const ConstRowMajorRef<T>& G, RowMajorRef<T> dQ, RowMajorRef<T> dK,
+                                       RowMajorRef<T> dV) {
+    const Matrix<T> Q_columns = Q, K_columns = K, V_columns = V, O_columns = O, G_columns = G;
+    Matrix<T> dQ_columns(dQ.rows(), dQ.cols()), dK_columns(dK.rows(), dK.cols()), dV_columns(dV.rows(), dV.cols());
+    const GradientCertificate certificate =
+        backward(Q_columns, K_columns, V_columns, O_columns, G_columns, dQ_columns, dK_columns, dV_columns);
+    dQ = dQ_columns;
+    dK = dK_columns;
+    dV = dV_columns;
+    return certificate;
+  }
 };
 
 }  // namespace polyattn

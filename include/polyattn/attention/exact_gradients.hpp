@@ -134,11 +134,11 @@ class ExactReferenceBackend final : public AttentionBackend<T> {
   /// n x m matrices anyway: it runs on column-major copies of the inputs (O(nd) more memory against its O(nm)) and
   /// copies the results out, so that they are bitwise those of the column-major calls.
   Certificate forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K, const ConstRowMajorRef<T>& V,
-                      RowMajorRef<T> O);
+                      RowMajorRef<T> O) override;
   GradientCertificate backward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
                                const ConstRowMajorRef<T>& V, const ConstRowMajorRef<T>& O,
                                const ConstRowMajorRef<T>& G, RowMajorRef<T> dQ, RowMajorRef<T> dK,
-                               RowMajorRef<T> dV);
+                               RowMajorRef<T> dV) override;
 
  private:
   // forward() and backward() on column-major (ConstMatrixRef, MatrixRef) or row-major (ConstRowMajorRef,
@@ -291,11 +291,11 @@ class ExactBlockedBackend final : public AttentionBackend<T> {
   /// forward() and backward() on row-major matrices (C-ordered arrays, blocks of them), read and written in
   /// place; the results are bitwise those of the column-major calls.
   Certificate forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K, const ConstRowMajorRef<T>& V,
-                      RowMajorRef<T> O);
+                      RowMajorRef<T> O) override;
   GradientCertificate backward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
                                const ConstRowMajorRef<T>& V, const ConstRowMajorRef<T>& O,
                                const ConstRowMajorRef<T>& G, RowMajorRef<T> dQ, RowMajorRef<T> dK,
-                               RowMajorRef<T> dV);
+                               RowMajorRef<T> dV) override;
 
   /// Per-row, per-head log-sum-exp of the last forward() call (n x h).
   const Matrix<T>& logsumexp() const { return forward_.logsumexp(); }

@@ -172,11 +172,11 @@ class PaperBackend final : public AttentionBackend<T> {
   /// place: each chunk of rows is transposed in cache (`attention/head_rows.hpp`), and the results are bitwise
   /// those of the column-major calls.
   Certificate forward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K, const ConstRowMajorRef<T>& V,
-                      RowMajorRef<T> O);
+                      RowMajorRef<T> O) override;
   GradientCertificate backward(const ConstRowMajorRef<T>& Q, const ConstRowMajorRef<T>& K,
                                const ConstRowMajorRef<T>& V, const ConstRowMajorRef<T>& O,
                                const ConstRowMajorRef<T>& G, RowMajorRef<T> dQ, RowMajorRef<T> dK,
-                               RowMajorRef<T> dV);
+                               RowMajorRef<T> dV) override;
 
  private:
   // forward() and backward() on column-major (ConstMatrixRef, MatrixRef) or row-major (ConstRowMajorRef,

@@ -62,6 +62,10 @@ class GatheredKeysBackend final : public AttentionBackend<T> {
                                const ConstMatrixRef<T>& O, const ConstMatrixRef<T>& G, MatrixRef<T> dQ,
                                MatrixRef<T> dK, MatrixRef<T> dV) override;
 
+  // The row-major calls through column-major copies (AttentionBackend's defaults).
+  using AttentionBackend<T>::forward;
+  using AttentionBackend<T>::backward;
+
  private:
   // What every rank must share: the head shape and the attention options.
   std::vector<StateExchange::Setting> settings(const detail::HeadShape& shape) const {
