@@ -330,6 +330,23 @@ class PolynomialKernel {
     values.col(Vh.cols()).setOnes();
   }
 
+  // The query rows [first, first + rows) into w: their monomials and sqrt(c) Q (expand()); with measure_inputs,
+  // their statistics.
+  void load_queries(Workspace& w, const HeadRows<T>& Qh, Index first, Index rows) const {
+    const ConstMatrixRef<T> queries = Qh.block(first, rows, w.staged_qk);
+    expand(w, queries, w.scaled_queries);
+    measure_queries(w, queries);
+  }
+
+  // The key rows [first, first + rows) into w: their monomials and sqrt(c) K (expand()) and [V, 1] (load_values());
+  // with measure_inputs, their statistics.
+  void load_keys(Workspace& w, const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first, Index rows) const {
+    const ConstMatrixRef<T> keys = Kh.block(first, rows, w.staged_qk);
+    expand(w, keys, w.scaled_keys);
+    load_values(w, Vh, first, rows);
+    measure_keys(w, keys, top(w.values, rows).leftCols(Vh.cols()));
+  }
+
   // Divides the top of w.products (N and the normaliser column) into Ob and saves the normalisers.
   void normalise(Workspace& w, MatrixRef<T> Ob, Eigen::Ref<Vector<T>> normalisers, Index first_row) const {
     const Index dv = Ob.cols(), rows = Ob.rows();
@@ -374,6 +391,18 @@ class PolynomialKernel {
     if (near_width_ > 0)
       for (Index i = 0; i < rows; ++i) inverse(i) *= far_scale(first_row + i, shifts(first_row + i), n);
     write_adjoints(top(w.adjoints, rows), Gb, Ob, inverse);
+  }
+
+  // The query rows [first, first + rows) into w for the backward pass: load_queries() and their adjoints E
+  // (load_adjoints()); with measure_inputs, also the statistics of G and O.
+  void load_query_adjoints(Workspace& w, const HeadRows<T>& Qh, const HeadRows<T>& Oh, const HeadRows<T>& Gh,
+                           const Eigen::Ref<const Vector<T>>& normalisers, const Eigen::Ref<const Vector<T>>& shifts,
+                           Index first, Index rows, Index n) const {
+    load_queries(w, Qh, first, rows);
+    const ConstMatrixRef<T> output_grads = Gh.block(first, rows, w.staged_vg);
+    const ConstMatrixRef<T> outputs = Oh.block(first, rows, w.staged_o);
+    load_adjoints(w, output_grads, outputs, normalisers, shifts, first, n);
+    measure_output_grads(w, output_grads, outputs);
   }
 
   // dQb += the query gradient through a key state Z: M'_Q = [G/D, -kappa/D] Z^T pulled back through the
@@ -672,10 +701,7 @@ class PolynomialKernel {
   // Writes diag(w) M_K^T [V, 1] of chunk `chunk` (rows from first_row) into `slot`.
   void chunk_key_state(Workspace& w, const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first_row,
                        Index rows, MatrixRef<T> slot) const {
-    const ConstMatrixRef<T> keys = Kh.block(first_row, rows, w.staged_qk);
-    expand(w, keys, w.scaled_keys);
-    load_values(w, Vh, first_row, rows);
-    measure_keys(w, keys, top(w.values, rows).leftCols(Vh.cols()));
+    load_keys(w, Kh, Vh, first_row, rows);
     transposed_product<T>(top(w.monomials, rows), top(w.values, rows), slot, w.transposed_operand, w.transposed_state);
     slot.array().colwise() *= map_->weights().array();
   }
@@ -690,10 +716,7 @@ class PolynomialKernel {
     parallel_for(key_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index k0 = block * b, rows = std::min(b, m - k0);
-      const ConstMatrixRef<T> keys = Kh.block(k0, rows, w.staged_qk);
-      expand(w, keys, w.scaled_keys);
-      load_values(w, Vh, k0, rows);
-      measure_keys(w, keys, top(w.values, rows).leftCols(dv));
+      load_keys(w, Kh, Vh, k0, rows);
       transposed_product<T>(top(w.monomials, rows), top(w.values, rows),
                             partials_.middleCols(block * (dv + 1), dv + 1), w.transposed_operand, w.transposed_state);
     }, work(m, dv));
@@ -703,9 +726,7 @@ class PolynomialKernel {
     parallel_for(query_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index q0 = block * b, rows = std::min(b, n - q0);
-      const ConstMatrixRef<T> queries = Qh.block(q0, rows, w.staged_qk);
-      expand(w, queries, w.scaled_queries);
-      measure_queries(w, queries);
+      load_queries(w, Qh, q0, rows);
       block_product<T>(top(w.monomials, rows), state, top(w.products, rows).leftCols(dv + 1));
       if (near_width_ > 0)
         for (Index t0 = 0, tile = near_tile_rows(n); t0 < rows; t0 += tile) {
@@ -759,9 +780,7 @@ class PolynomialKernel {
         Workspace& w = ws[static_cast<std::size_t>(thread)];
         const Index s = (first + k) * b, rows = std::min(b, n - s);
         auto products = top(w.products, rows).leftCols(dv + 1);
-        const ConstMatrixRef<T> queries = Qh.block(s, rows, w.staged_qk);
-        expand(w, queries, w.scaled_queries);
-        measure_queries(w, queries);
+        load_queries(w, Qh, s, rows);
         if (near_width_ > 0) {
           block_product<T>(top(w.monomials, rows), slots.middleCols(k * (dv + 1), dv + 1), products);
           near_forward(w, query_tile(s, rows, n), top(w.scaled_queries, rows), Kh, Vh, products,
@@ -790,12 +809,7 @@ class PolynomialKernel {
     parallel_for(query_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index q0 = block * b, rows = std::min(b, n - q0);
-      const ConstMatrixRef<T> queries = Qh.block(q0, rows, w.staged_qk);
-      const ConstMatrixRef<T> output_grads = Gh.block(q0, rows, w.staged_vg), outputs = Oh.block(q0, rows, w.staged_o);
-      expand(w, queries, w.scaled_queries);
-      load_adjoints(w, output_grads, outputs, normalisers, shifts, q0, n);
-      measure_queries(w, queries);
-      measure_output_grads(w, output_grads, outputs);
+      load_query_adjoints(w, Qh, Oh, Gh, normalisers, shifts, q0, rows, n);
       transposed_product<T>(top(w.monomials, rows), top(w.adjoints, rows),
                             partials_.middleCols(block * (dv + 2), dv + 2), w.transposed_operand, w.transposed_state);
       auto dQb = dQh.rows(q0, rows, w.staged_dq);
@@ -819,10 +833,7 @@ class PolynomialKernel {
     parallel_for(key_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index k0 = block * b, rows = std::min(b, m - k0);
-      const ConstMatrixRef<T> keys = Kh.block(k0, rows, w.staged_qk);
-      expand(w, keys, w.scaled_keys);
-      load_values(w, Vh, k0, rows);
-      measure_keys(w, keys, top(w.values, rows).leftCols(dv));
+      load_keys(w, Kh, Vh, k0, rows);
       const auto monomials = top(w.monomials, rows);
       auto monomial_grads = top(w.monomial_grads, rows);
       auto products = top(w.products, rows);
@@ -947,10 +958,7 @@ class PolynomialKernel {
         auto dKb = dKh.rows(s, rows, w.staged_dk);
         auto dVb = dVh.rows(s, rows, w.staged_ov);
         // Later chunks, through Y^{>s} (with an exact window Y^{>s+lag}): dK and dV of this chunk's keys.
-        const ConstMatrixRef<T> keys = Kh.block(s, rows, w.staged_qk);
-        expand(w, keys, w.scaled_keys);
-        load_values(w, Vh, s, rows);
-        measure_keys(w, keys, values.leftCols(dv));
+        load_keys(w, Kh, Vh, s, rows);
         w.weighted_state_grads.noalias() = map_->weights().asDiagonal() * slots.middleCols(k * (dv + 2), dv + 2);
         block_product<T>(values, w.weighted_state_grads.leftCols(dv + 1).transpose(), monomial_grads);
         block_product<T>(monomials, w.weighted_state_grads, products);
@@ -1048,12 +1056,7 @@ class PolynomialKernel {
       const Index s = chunk * b, rows = std::min(b, n - s);
       // The one pass that reads every chunk's queries, outputs and their gradients (the main pass reads G and O
       // again): the place to measure them.
-      const ConstMatrixRef<T> queries = Qh.block(s, rows, w.staged_qk);
-      const ConstMatrixRef<T> output_grads = Gh.block(s, rows, w.staged_vg), outputs = Oh.block(s, rows, w.staged_o);
-      expand(w, queries, w.scaled_queries);
-      load_adjoints(w, output_grads, outputs, normalisers, shifts, s, n);
-      measure_queries(w, queries);
-      measure_output_grads(w, output_grads, outputs);
+      load_query_adjoints(w, Qh, Oh, Gh, normalisers, shifts, s, rows, n);
       transposed_product<T>(top(w.monomials, rows), top(w.adjoints, rows), slot, w.transposed_operand,
                             w.transposed_state);
       with_queries(w, k, s, rows);
