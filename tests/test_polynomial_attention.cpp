@@ -872,32 +872,32 @@ TEST_CASE("block_product equals the product within rounding for every tile remai
           }
 }
 
-// transposed_product() (a chunk's state C = A^T B) against the product in long double within the bound of a
-// length-k sum of products, for column counts below, at and above whole SIMD packets (the packed columns go through
-// block_product, the rest through matrix-vector products), and with one pair of scratch matrices reused across
-// shapes, as a chunk loop reuses them.
+// transposed_product() (a chunk's state, transposed: C = B^T A) against the product in long double within the bound
+// of a length-k sum of products, for column counts of B below, at and above whole SIMD packets (the packed rows of
+// C go through block_product, the rest through matrix-vector products), written into a block of a larger matrix,
+// and with one scratch matrix reused across shapes, as a chunk loop reuses it.
 template <class T>
 void check_transposed_products() {
   using Wide = Eigen::Matrix<long double, Eigen::Dynamic, Eigen::Dynamic>;
-  Matrix<T> transposed, product;
+  Matrix<T> transposed;
   for (const Index rows : {100, 64, 17, 1, 0})
     for (const Index r : {153, 17, 16, 1})
       for (const Index cols : {1, 7, 8, 15, 16, 17, 18, 33}) {
         const Matrix<T> A = Matrix<T>::Random(rows, r), B = Matrix<T>::Random(rows, cols);
-        Matrix<T> C_full = Matrix<T>::Constant(r + 3, cols, T(7));
-        auto C = C_full.middleRows(1, r);
-        polyattn::detail::transposed_product<T>(A, B, C, transposed, product);
-        const Wide exact = A.template cast<long double>().transpose() * B.template cast<long double>();
+        Matrix<T> C_full = Matrix<T>::Constant(cols + 3, r, T(7));
+        auto C = C_full.middleRows(1, cols);
+        polyattn::detail::transposed_product<T>(B, A, C, transposed);
+        const Wide exact = B.template cast<long double>().transpose() * A.template cast<long double>();
         const Wide magnitude =
-            A.template cast<long double>().cwiseAbs().transpose() * B.template cast<long double>().cwiseAbs();
-        INFO(rows << " x " << r << " transposed times " << rows << " x " << cols);
+            B.template cast<long double>().cwiseAbs().transpose() * A.template cast<long double>().cwiseAbs();
+        INFO(rows << " x " << cols << " transposed times " << rows << " x " << r);
         require_within_product_bound(C, exact, magnitude, rows);
         REQUIRE((C_full.topRows(1).array() == T(7)).all());
         REQUIRE((C_full.bottomRows(2).array() == T(7)).all());
       }
 }
 
-TEST_CASE("transposed_product equals A^T B within rounding", "[polynomial_attention]") {
+TEST_CASE("transposed_product equals B^T A within rounding", "[polynomial_attention]") {
   check_transposed_products<float>();
   check_transposed_products<double>();
 }

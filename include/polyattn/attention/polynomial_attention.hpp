@@ -402,8 +402,8 @@ class PolynomialAttention {
   struct Saved {
     Matrix<T> normalisers;      // n x h (with an exact window the shifted ones)
     Matrix<T> shifts;           // with an exact window, the row shifts m_i (n x h); otherwise no rows
-    Matrix<T> states;           // Z per head (r x h(d_v+1)); causal: Z^{<s} per head and chunk, or no columns
-    Matrix<T> incoming_states;  // causal: per head, the earlier ranks' key state (r x h(d_v+1)), zero serially
+    Matrix<T> states;           // Z^T per head ((d_v+1) x hr); causal: Z^{<s}^T per head and chunk, or no columns
+    Matrix<T> incoming_states;  // causal: per head, the earlier ranks' key state Z^T ((d_v+1) x hr), zero serially
     bool checkpointed = false;
   };
 
@@ -628,9 +628,9 @@ std::optional<Certificate> PolynomialAttention<T>::compute(const In& Q, const In
                                   static_cast<double>(shape.heads * chunks * (dv + 1));
   keep.checkpointed =
       !causal || (saved && checkpoint_bytes <= static_cast<double>(options_.max_checkpoint_bytes));
-  keep.states.resize(r, keep.checkpointed ? shape.heads * chunks * (dv + 1) : 0);
-  const Index state_cols = keep.checkpointed ? chunks * (dv + 1) : 0, incoming_cols = causal ? dv + 1 : 0;
-  keep.incoming_states.resize(r, shape.heads * incoming_cols);
+  keep.states.resize(dv + 1, keep.checkpointed ? shape.heads * chunks * r : 0);
+  const Index state_cols = keep.checkpointed ? chunks * r : 0, incoming_cols = causal ? r : 0;
+  keep.incoming_states.resize(dv + 1, shape.heads * incoming_cols);
   // With an exchange, an error on this rank (a normaliser, found after that head's exchange) is held until every
   // head has exchanged its states and then thrown on every rank by succeeded(); serially it is thrown at once.
   std::exception_ptr failure;

@@ -26,6 +26,9 @@
 /// column-major matrix, read and written in place, or of a row-major one, whose chunks of rows are transposed
 /// into the workspace's staged_* matrices when they are loaded and back when they are stored. Every product then
 /// sees the same column-major operands in the same order: the results are bitwise the same in either order.
+/// The states are stored transposed, \f$Z^\top = [V,\mathbf 1]^\top M_K\mathrm{diag}(\omega)\f$ ((d_v+1) x r) and
+/// \f$Y^\top\f$ ((d_v+2) x r): transposed_product() writes a chunk's state in that layout straight from its
+/// product (stored r x (d_v+1), every chunk's state cost a transpose), and each state is one contiguous slot.
 ///
 /// **Sequence parallel.** With a StateExchange (parallel/state_exchange.hpp) the rows are one rank's shard of the
 /// sequence, possibly empty, and the states are combined over ranks in double: non-causal, \f$Z\f$ and \f$Y\f$ are
@@ -152,10 +155,11 @@ class PolynomialKernel {
   }
 
   /// Writes \f$\tilde O_h\f$ and its normalisers \f$\tilde D\f$ (with an exact window the shifted \f$\hat D\f$, and
-  /// the row shifts \f$m_i\f$ into `shifts`, which has no rows without a window). `states` receives, non-causal,
-  /// \f$Z\f$ (r x (d_v+1)); causal, \f$Z^{<s}\f$ (with a window \f$Z^{<s-\ell}\f$) of every chunk s
-  /// (r x chunks(d_v+1)) when it has that many columns, and nothing when it has none. Causal, `incoming_state`
-  /// (r x (d_v+1)) receives the state the scan starts from: the earlier ranks' keys, zero without an exchange;
+  /// the row shifts \f$m_i\f$ into `shifts`, which has no rows without a window). `states` receives, transposed (the
+  /// layout of every state here: see the file documentation), non-causal \f$Z^\top\f$ ((d_v+1) x r); causal,
+  /// \f$(Z^{<s})^\top\f$ (with a window \f$Z^{<s-\ell}\f$) of every chunk s ((d_v+1) x chunks r) when it has that
+  /// many columns, and nothing when it has none. Causal, `incoming_state` ((d_v+1) x r) receives the state the scan
+  /// starts from: the earlier ranks' keys, zero without an exchange;
   /// non-causal it has no columns. Throws std::domain_error when a normaliser is not positive or not finite; with
   /// an exchange only after this head's exchange.
   ///
@@ -191,8 +195,8 @@ class PolynomialKernel {
   }
 
   /// Writes dQ_h, dK_h, dV_h, the exact gradient of forward()'s \f$\tilde O_h\f$ for \f$G_h\f$, from what forward()
-  /// saved: the normalisers and shifts, `states` (non-causal: \f$Z\f$; causal: every \f$Z^{<s}\f$, or no columns,
-  /// then they are recomputed from `incoming_state`). Returns \f$\max_j\sigma_j\f$, the largest column sum of
+  /// saved: the normalisers and shifts, `states` (non-causal: \f$Z^\top\f$; causal: every \f$(Z^{<s})^\top\f$, or no
+  /// columns, then they are recomputed from `incoming_state`). Returns \f$\max_j\sigma_j\f$, the largest column sum of
   /// \f$\tilde P\f$ (over all ranks with an exchange; \f$-\infty\f$ when there are no keys).
   /// With `measure_inputs` (serial calls without an exact window only), also takes input_statistics() of the rows
   /// it reads.
@@ -217,8 +221,8 @@ class PolynomialKernel {
   struct Workspace {
     Matrix<T> scaled_queries, scaled_keys, monomials, monomial_grads, values, products, adjoints,
         weighted_state_grads, block, derivative_block, score_grads, transposed_block;
-    // Scratch of transposed_product() (a chunk's state M^T [V, 1] or M^T E).
-    Matrix<T> transposed_operand, transposed_state;
+    // Scratch of transposed_product() (a chunk's state [V, 1]^T M or E^T M).
+    Matrix<T> transposed_operand;
     Vector<T> inverse_normalisers, column_sums;
     // Exact window only. A near-field tile (near_tile_rows() x near_band()): its scores, p and p' of them, its
     // weights W and W', and the score gradients; the band's scaled rows, values [V, 1] and query adjoints; per
@@ -250,7 +254,7 @@ class PolynomialKernel {
       ensure_shape(w.values, rows, dv + 1);
       ensure_shape(w.products, rows, dv + 2);
       ensure_shape(w.adjoints, rows, dv + 2);
-      ensure_shape(w.weighted_state_grads, r, dv + 2);
+      ensure_shape(w.weighted_state_grads, dv + 2, r);
       if (w.inverse_normalisers.size() != rows) w.inverse_normalisers.resize(rows);
       if (w.column_sums.size() != rows) w.column_sums.resize(rows);
       if (causal_) {
@@ -405,12 +409,12 @@ class PolynomialKernel {
     measure_output_grads(w, output_grads, outputs);
   }
 
-  // dQb += the query gradient through a key state Z: M'_Q = [G/D, -kappa/D] Z^T pulled back through the
-  // monomials of the chunk (its query monomials and scaled queries must be in w).
+  // dQb += the query gradient through a key state Z, given as Z^T: M'_Q = [G/D, -kappa/D] Z^T pulled back through
+  // the monomials of the chunk (its query monomials and scaled queries must be in w).
   void add_query_grads_through(Workspace& w, const ConstMatrixRef<T>& state, MatrixRef<T> dQb) const {
-    const Index rows = dQb.rows(), dv = state.cols() - 1;
+    const Index rows = dQb.rows(), dv = state.rows() - 1;
     auto monomial_grads = top(w.monomial_grads, rows);
-    block_product<T>(top(w.adjoints, rows).leftCols(dv + 1), state.transpose(), monomial_grads);
+    block_product<T>(top(w.adjoints, rows).leftCols(dv + 1), state, monomial_grads);
     map_->monomials_backward(monomial_grads, top(w.scaled_queries, rows), top(w.monomials, rows), dQb);
   }
 
@@ -664,26 +668,26 @@ class PolynomialKernel {
     block_product_add<T>(weights, adjoints.col(dv + 1), column_sums);
   }
 
-  // The running sum `carry` over the slots (rows x width each, side by side) made exclusive: slot s receives the
-  // sum of the slots before it (in `order`: +1 forward, -1 backward) plus the incoming carry, and `carry` ends as
-  // the sum of all. Parallel over blocks of columns of the state, so that every slot is read as contiguous
-  // memory; each entry is summed in slot order.
+  // The running sum `carry` over the slots (rows x width each, side by side, stored contiguously) made exclusive:
+  // slot s receives the sum of the slots before it (in `order`: +1 forward, -1 backward) plus the incoming carry,
+  // and `carry` ends as the sum of all. Parallel over ranges of the slots' entries, each entry summed in slot order.
   static void exclusive_scan(MatrixRef<T> slots, Index width, Matrix<T>& carry, int order) {
-    const Index count = slots.cols() / width, rows = slots.rows();
-    constexpr Index columns_per_block = 4;
-    parallel_for(block_count(width, columns_per_block), [&](Index block, int) {
-      const Index c0 = block * columns_per_block, nc = std::min(columns_per_block, width - c0);
-      auto running = carry.block(0, c0, rows, nc);
+    const Index size = slots.rows() * width, count = slots.cols() / width;
+    eigen_assert(slots.outerStride() == slots.rows() && carry.rows() == slots.rows() && carry.cols() == width);
+    constexpr Index entries_per_block = 256;
+    parallel_for(block_count(size, entries_per_block), [&](Index block, int) {
+      const Index e0 = block * entries_per_block, entries = std::min(entries_per_block, size - e0);
+      auto running = Eigen::Map<Vector<T>>(carry.data() + e0, entries);
       for (Index k = 0; k < count; ++k) {
-        auto slot = slots.block(0, (order > 0 ? k : count - 1 - k) * width + c0, rows, nc);
-        // slot <- running and running <- running + slot, in two vectorised passes over a few KiB.
+        auto slot = Eigen::Map<Vector<T>>(slots.data() + (order > 0 ? k : count - 1 - k) * size + e0, entries);
+        // slot <- running and running <- running + slot, in two vectorised passes over 1 KiB.
         slot.swap(running);
         running += slot;
       }
     }, static_cast<double>(slots.size()));
   }
 
-  // Chunks per window of the causal scan: as many slots of r x width as fit scan_window_bytes (at least one);
+  // Chunks per window of the causal scan: as many slots of width x r as fit scan_window_bytes (at least one);
   // automatic (0): about half of L2, where the slots a pass writes are when the next pass reads them, and at least
   // 32 chunks, so that each pass has blocks for every thread. The window bounds memory and sets the passes'
   // length only: every prefix is the same sum in the same order whatever its size.
@@ -698,12 +702,12 @@ class PolynomialKernel {
     return std::clamp<Index>(fitting, 1, std::max<Index>(chunks, 1));
   }
 
-  // Writes diag(w) M_K^T [V, 1] of chunk `chunk` (rows from first_row) into `slot`.
+  // Writes the transposed key state [V, 1]^T M_K diag(w) of the rows [first_row, first_row + rows) into `slot`.
   void chunk_key_state(Workspace& w, const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first_row,
                        Index rows, MatrixRef<T> slot) const {
     load_keys(w, Kh, Vh, first_row, rows);
-    transposed_product<T>(top(w.monomials, rows), top(w.values, rows), slot, w.transposed_operand, w.transposed_state);
-    slot.array().colwise() *= map_->weights().array();
+    transposed_product<T>(top(w.values, rows), top(w.monomials, rows), slot, w.transposed_operand);
+    slot.array().rowwise() *= map_->weights().transpose().array();
   }
 
   void forward_full(const HeadRows<T>& Qh, const HeadRows<T>& Kh, const HeadRows<T>& Vh,
@@ -712,22 +716,22 @@ class PolynomialKernel {
     const Index dv = Vh.cols(), m = Kh.rows(), n = Qh.rows(), b = block_rows(), r = map_->width();
     const Index key_blocks = block_count(m, b), query_blocks = block_count(n, b);
     auto& ws = workspaces(std::max(key_blocks, query_blocks), std::min(b, std::max(n, m)), Qh.cols(), dv, n);
-    reserve_partials(r, key_blocks * (dv + 1));
+    reserve_partials(dv + 1, key_blocks * r);
     parallel_for(key_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index k0 = block * b, rows = std::min(b, m - k0);
       load_keys(w, Kh, Vh, k0, rows);
-      transposed_product<T>(top(w.monomials, rows), top(w.values, rows),
-                            partials_.middleCols(block * (dv + 1), dv + 1), w.transposed_operand, w.transposed_state);
+      transposed_product<T>(top(w.values, rows), top(w.monomials, rows), partials_.middleCols(block * r, r),
+                            w.transposed_operand);
     }, work(m, dv));
     sum_partials(key_blocks, state);
-    state = map_->weights().asDiagonal() * state;
+    state = state * map_->weights().asDiagonal();
     if (exchange_) combine_over_ranks(state, Ranks::all);
     parallel_for(query_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index q0 = block * b, rows = std::min(b, n - q0);
       load_queries(w, Qh, q0, rows);
-      block_product<T>(top(w.monomials, rows), state, top(w.products, rows).leftCols(dv + 1));
+      block_product<T>(top(w.monomials, rows), state.transpose(), top(w.products, rows).leftCols(dv + 1));
       if (near_width_ > 0)
         for (Index t0 = 0, tile = near_tile_rows(n); t0 < rows; t0 += tile) {
           const Index tile_rows = std::min(tile, rows - t0);
@@ -744,12 +748,12 @@ class PolynomialKernel {
                       HeadOutput<T> Oh, Eigen::Ref<Vector<T>> normalisers, Eigen::Ref<Vector<T>> shifts,
                       MatrixRef<T> checkpoints, MatrixRef<T> incoming_state) {
     const Index dv = Vh.cols(), n = Qh.rows(), b = scan_rows(n), chunks = scan_chunks(n), r = map_->width();
-    const bool keep = checkpoints.cols() == chunks * (dv + 1);
+    const bool keep = checkpoints.cols() == chunks * r;
     const Index window = window_chunks(chunks, dv + 1);
     auto& ws = workspaces(window, b, Qh.cols(), dv, n);
     const T sqrt_c = static_cast<T>(std::sqrt(map_->scale()));
-    if (!keep) ensure_shape(window_states_, r, window * (dv + 1));
-    carry_.setZero(r, dv + 1);
+    if (!keep) ensure_shape(window_states_, dv + 1, window * r);
+    carry_.setZero(dv + 1, r);
     // The scan starts from the earlier ranks' keys, which needs this shard's total before any output. Kept: a
     // pre-pass computes the chunk states and sums them in chunk order, window by window (each window's states
     // still in cache), and the output pass scans each window from the incoming state; otherwise the pre-pass sums
@@ -759,10 +763,10 @@ class PolynomialKernel {
       for (Index first = 0; first < chunks; first += window) {
         const Index count = std::min(window, chunks - first);
         if (keep) {
-          key_states(Kh, Vh, first, count, checkpoints.middleCols(first * (dv + 1), count * (dv + 1)), ws);
-          for (Index k = first; k < first + count; ++k) carry_ += checkpoints.middleCols(k * (dv + 1), dv + 1);
+          key_states(Kh, Vh, first, count, checkpoints.middleCols(first * r, count * r), ws);
+          for (Index k = first; k < first + count; ++k) carry_ += checkpoints.middleCols(k * r, r);
         } else {
-          prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * (dv + 1)), ws);
+          prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * r), ws);
         }
       }
       combine_over_ranks(carry_, Ranks::earlier);
@@ -770,10 +774,10 @@ class PolynomialKernel {
     incoming_state = carry_;
     for (Index first = 0; first < chunks; first += window) {
       const Index count = std::min(window, chunks - first);
-      MatrixRef<T> slots = keep ? MatrixRef<T>(checkpoints.middleCols(first * (dv + 1), count * (dv + 1)))
-                                : MatrixRef<T>(window_states_.leftCols(count * (dv + 1)));
+      MatrixRef<T> slots = keep ? MatrixRef<T>(checkpoints.middleCols(first * r, count * r))
+                                : MatrixRef<T>(window_states_.leftCols(count * r));
       if (kept_states_ready)
-        exclusive_scan(slots, dv + 1, carry_, +1);
+        exclusive_scan(slots, r, carry_, +1);
       else
         prefix_states(Kh, Vh, first, count, slots, ws);
       parallel_for(count, [&](Index k, int thread) {
@@ -782,12 +786,12 @@ class PolynomialKernel {
         auto products = top(w.products, rows).leftCols(dv + 1);
         load_queries(w, Qh, s, rows);
         if (near_width_ > 0) {
-          block_product<T>(top(w.monomials, rows), slots.middleCols(k * (dv + 1), dv + 1), products);
+          block_product<T>(top(w.monomials, rows), slots.middleCols(k * r, r).transpose(), products);
           near_forward(w, query_tile(s, rows, n), top(w.scaled_queries, rows), Kh, Vh, products,
                        shifts.segment(s, rows), n);
         } else {
           load_values(w, Vh, s, rows);
-          block_product<T>(top(w.monomials, rows), slots.middleCols(k * (dv + 1), dv + 1), products);
+          block_product<T>(top(w.monomials, rows), slots.middleCols(k * r, r).transpose(), products);
           top(w.scaled_keys, rows).noalias() = sqrt_c * Kh.block(s, rows, w.staged_qk);
           in_chunk_block(w, rows, false);
           causal_product_add<T>(w.block.topLeftCorner(rows, rows), top(w.values, rows), products);
@@ -805,13 +809,13 @@ class PolynomialKernel {
     const Index dv = Vh.cols(), m = Kh.rows(), n = Qh.rows(), b = block_rows(), r = map_->width();
     const Index key_blocks = block_count(m, b), query_blocks = block_count(n, b);
     auto& ws = workspaces(std::max(key_blocks, query_blocks), std::min(b, std::max(n, m)), Qh.cols(), dv, n);
-    reserve_partials(r, query_blocks * (dv + 2));
+    reserve_partials(dv + 2, query_blocks * r);
     parallel_for(query_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index q0 = block * b, rows = std::min(b, n - q0);
       load_query_adjoints(w, Qh, Oh, Gh, normalisers, shifts, q0, rows, n);
-      transposed_product<T>(top(w.monomials, rows), top(w.adjoints, rows),
-                            partials_.middleCols(block * (dv + 2), dv + 2), w.transposed_operand, w.transposed_state);
+      transposed_product<T>(top(w.adjoints, rows), top(w.monomials, rows), partials_.middleCols(block * r, r),
+                            w.transposed_operand);
       auto dQb = dQh.rows(q0, rows, w.staged_dq);
       dQb.setZero();
       add_query_grads_through(w, state, dQb);
@@ -825,9 +829,9 @@ class PolynomialKernel {
       note_results(w, dQb);
       dQh.store(q0, rows, w.staged_dq);
     }, work(n, dv));
-    ensure_shape(state_grads_, r, dv + 2);
+    ensure_shape(state_grads_, dv + 2, r);
     sum_partials(query_blocks, state_grads_);
-    state_grads_ = map_->weights().asDiagonal() * state_grads_;
+    state_grads_ = state_grads_ * map_->weights().asDiagonal();
     if (exchange_) combine_over_ranks(state_grads_, Ranks::all);
     column_sums_.assign(static_cast<std::size_t>(key_blocks), 0.0);
     parallel_for(key_blocks, [&](Index block, int thread) {
@@ -837,9 +841,9 @@ class PolynomialKernel {
       const auto monomials = top(w.monomials, rows);
       auto monomial_grads = top(w.monomial_grads, rows);
       auto products = top(w.products, rows);
-      block_product<T>(top(w.values, rows), state_grads_.leftCols(dv + 1).transpose(), monomial_grads);
+      block_product<T>(top(w.values, rows), state_grads_.topRows(dv + 1), monomial_grads);
       // One product for dV and the column sums of P~; its column dv (M_K times the normaliser adjoint) is unused.
-      block_product<T>(monomials, state_grads_, products);
+      block_product<T>(monomials, state_grads_.transpose(), products);
       auto dVb = dVh.rows(k0, rows, w.staged_ov);
       dVb = products.leftCols(dv);
       auto dKb = dKh.rows(k0, rows, w.staged_dk);
@@ -869,7 +873,7 @@ class PolynomialKernel {
                          const ConstMatrixRef<T>& checkpoints, const ConstMatrixRef<T>& incoming_state,
                          HeadOutput<T> dQh, HeadOutput<T> dKh, HeadOutput<T> dVh) {
     const Index dv = Vh.cols(), n = Qh.rows(), b = scan_rows(n), chunks = scan_chunks(n), r = map_->width();
-    const bool kept = checkpoints.cols() == chunks * (dv + 1);
+    const bool kept = checkpoints.cols() == chunks * r;
     const Index window = window_chunks(chunks, kept ? dv + 2 : 2 * dv + 3);
     const Index windows = block_count(chunks, window);
     auto& ws = workspaces(window, b, Qh.cols(), dv, n);
@@ -878,13 +882,13 @@ class PolynomialKernel {
     // forward pass's incoming state; the reverse pass then rebuilds the window's Z^{<s} from it (the same sums
     // in the same order as forward()).
     if (!kept) {
-      ensure_shape(window_states_, r, window * (dv + 1));
-      ensure_shape(window_starts_, r, windows * (dv + 1));
+      ensure_shape(window_states_, dv + 1, window * r);
+      ensure_shape(window_starts_, dv + 1, windows * r);
       carry_ = incoming_state;
       for (Index w0 = 0; w0 < windows; ++w0) {
-        window_starts_.middleCols(w0 * (dv + 1), dv + 1) = carry_;
+        window_starts_.middleCols(w0 * r, r) = carry_;
         const Index first = w0 * window, count = std::min(window, chunks - first);
-        prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * (dv + 1)), ws);
+        prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * r), ws);
       }
     }
     // With an exchange the suffix scan starts from the later ranks' queries, which needs this shard's total first.
@@ -892,16 +896,16 @@ class PolynomialKernel {
     // Z^{<s}) and keeps the slots, as many bytes again as the checkpoints; the main pass then only scans them.
     // Without checkpoints the first pass sums the slots and the main pass computes them again.
     const bool slots_kept = exchange_ && kept;
-    ensure_shape(state_grad_slots_, r, (slots_kept ? chunks : window) * (dv + 2));
+    ensure_shape(state_grad_slots_, dv + 2, (slots_kept ? chunks : window) * r);
     column_sums_.assign(static_cast<std::size_t>(chunks), 0.0);
-    state_grads_.setZero(r, dv + 2);
+    state_grads_.setZero(dv + 2, r);
     // The window's Z^{<s} (with an exact window Z^{<s-lag}), once prefix_states() has built it without checkpoints.
     const auto prefix_of_window = [&](Index first, Index count) {
-      return kept ? ConstMatrixRef<T>(checkpoints.middleCols(first * (dv + 1), count * (dv + 1)))
-                  : ConstMatrixRef<T>(window_states_.leftCols(count * (dv + 1)));
+      return kept ? ConstMatrixRef<T>(checkpoints.middleCols(first * r, count * r))
+                  : ConstMatrixRef<T>(window_states_.leftCols(count * r));
     };
     const auto slots_of_window = [&](Index first, Index count) {
-      return state_grad_slots_.middleCols((slots_kept ? first : 0) * (dv + 2), count * (dv + 2));
+      return state_grad_slots_.middleCols((slots_kept ? first : 0) * r, count * r);
     };
     // The window's slots M_Q^T E and, for the earlier chunks, through Z^{<s}: dQ of a chunk's queries, while its
     // query monomials are at hand (with an exact window the pass holds chunk s + lag's queries, so the main pass
@@ -913,7 +917,7 @@ class PolynomialKernel {
                           if (near_width_ > 0) return;
                           auto dQb = dQh.rows(s, rows, w.staged_dq);
                           dQb.setZero();
-                          add_query_grads_through(w, prefix.middleCols(k * (dv + 1), dv + 1), dQb);
+                          add_query_grads_through(w, prefix.middleCols(k * r, r), dQb);
                           dQh.store(s, rows, w.staged_dq);
                         });
     };
@@ -924,11 +928,11 @@ class PolynomialKernel {
         if (slots_kept) {
           window_state_grads(first, count);
           // The sum exclusive_scan() would leave in its carry: the slots added from the last chunk to the first.
-          for (Index k = count - 1; k >= 0; --k) state_grads_ += slots.middleCols(k * (dv + 2), dv + 2);
+          for (Index k = count - 1; k >= 0; --k) state_grads_ += slots.middleCols(k * r, r);
         } else {
           query_state_grads(Qh, Oh, Gh, normalisers, shifts, first, count, slots, ws,
                             [](Workspace&, Index, Index, Index) {});
-          exclusive_scan(slots, dv + 2, state_grads_, -1);
+          exclusive_scan(slots, r, state_grads_, -1);
         }
       }
       combine_over_ranks(state_grads_, Ranks::later);
@@ -936,13 +940,13 @@ class PolynomialKernel {
     for (Index w0 = windows - 1; w0 >= 0; --w0) {
       const Index first = w0 * window, count = std::min(window, chunks - first);
       if (!kept) {
-        carry_ = window_starts_.middleCols(w0 * (dv + 1), dv + 1);
-        prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * (dv + 1)), ws);
+        carry_ = window_starts_.middleCols(w0 * r, r);
+        prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * r), ws);
       }
       auto slots = slots_of_window(first, count);
       const ConstMatrixRef<T> prefix = prefix_of_window(first, count);
       if (!slots_kept) window_state_grads(first, count);
-      exclusive_scan(slots, dv + 2, state_grads_, -1);
+      exclusive_scan(slots, r, state_grads_, -1);
       parallel_for(count, [&](Index k, int thread) {
         Workspace& w = ws[static_cast<std::size_t>(thread)];
         const Index s = (first + k) * b, rows = std::min(b, n - s);
@@ -959,9 +963,9 @@ class PolynomialKernel {
         auto dVb = dVh.rows(s, rows, w.staged_ov);
         // Later chunks, through Y^{>s} (with an exact window Y^{>s+lag}): dK and dV of this chunk's keys.
         load_keys(w, Kh, Vh, s, rows);
-        w.weighted_state_grads.noalias() = map_->weights().asDiagonal() * slots.middleCols(k * (dv + 2), dv + 2);
-        block_product<T>(values, w.weighted_state_grads.leftCols(dv + 1).transpose(), monomial_grads);
-        block_product<T>(monomials, w.weighted_state_grads, products);
+        w.weighted_state_grads.noalias() = slots.middleCols(k * r, r) * map_->weights().asDiagonal();
+        block_product<T>(values, w.weighted_state_grads.topRows(dv + 1), monomial_grads);
+        block_product<T>(monomials, w.weighted_state_grads.transpose(), products);
         dVb = products.leftCols(dv);
         auto column_sums = w.column_sums.head(rows);
         column_sums = products.col(dv + 1);
@@ -971,7 +975,7 @@ class PolynomialKernel {
         if (near_width_ > 0) {
           expand(w, Qh.block(s, rows, w.staged_qk), w.scaled_queries);
           dQb.setZero();
-          add_query_grads_through(w, prefix.middleCols(k * (dv + 1), dv + 1), dQb);
+          add_query_grads_through(w, prefix.middleCols(k * r, r), dQb);
           // The chunks the lagged states leave out, through the near-field tiles of its queries and of its keys.
           near_query_grads(w, query_tile(s, rows, n), top(w.scaled_queries, rows), Kh, Vh, Gh, Oh, normalisers,
                            shifts, n, dQb);
@@ -1014,9 +1018,9 @@ class PolynomialKernel {
   // r x (d_v+1)); zero where t + offset is not a chunk.
   void key_states(const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first, Index count,
                   MatrixRef<T> slots, std::vector<Workspace>& ws, Index offset = 0) {
-    const Index dv = Vh.cols(), n = Kh.rows(), b = scan_rows(n), chunks = scan_chunks(n);
+    const Index dv = Vh.cols(), n = Kh.rows(), b = scan_rows(n), chunks = scan_chunks(n), r = map_->width();
     parallel_for(count, [&](Index k, int thread) {
-      auto slot = slots.middleCols(k * (dv + 1), dv + 1);
+      auto slot = slots.middleCols(k * r, r);
       const Index chunk = first + k + offset;
       if (chunk < 0 || chunk >= chunks) {
         slot.setZero();
@@ -1032,7 +1036,7 @@ class PolynomialKernel {
   void prefix_states(const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first, Index count,
                      MatrixRef<T> slots, std::vector<Workspace>& ws) {
     key_states(Kh, Vh, first, count, slots, ws, -near_lag(scan_rows(Kh.rows())));
-    exclusive_scan(slots, Vh.cols() + 1, carry_, +1);
+    exclusive_scan(slots, map_->width(), carry_, +1);
   }
 
   // M_{Q,t}^T E_t of chunks [first, first + count) into `slots` (count slots of r x (d_v+2)); with an exact window
@@ -1045,9 +1049,10 @@ class PolynomialKernel {
                          Index first, Index count, MatrixRef<T> slots, std::vector<Workspace>& ws,
                          const WithQueries& with_queries) {
     const Index dv = Gh.cols(), n = Qh.rows(), b = scan_rows(n), chunks = scan_chunks(n), lag = near_lag(b);
+    const Index r = map_->width();
     parallel_for(count, [&](Index k, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
-      auto slot = slots.middleCols(k * (dv + 2), dv + 2);
+      auto slot = slots.middleCols(k * r, r);
       const Index chunk = first + k + lag;
       if (chunk >= chunks) {
         slot.setZero();
@@ -1057,8 +1062,7 @@ class PolynomialKernel {
       // The one pass that reads every chunk's queries, outputs and their gradients (the main pass reads G and O
       // again): the place to measure them.
       load_query_adjoints(w, Qh, Oh, Gh, normalisers, shifts, s, rows, n);
-      transposed_product<T>(top(w.monomials, rows), top(w.adjoints, rows), slot, w.transposed_operand,
-                            w.transposed_state);
+      transposed_product<T>(top(w.adjoints, rows), top(w.monomials, rows), slot, w.transposed_operand);
       with_queries(w, k, s, rows);
     }, work(count * b, dv));
   }
