@@ -115,9 +115,10 @@ struct ApproximationOptions {
   /// polyattn's threads (polynomial_kernel.hpp); results do not depend on the thread count.
   Index chunk_size = 0;
   /// Causal: memory for the states of a window of scan chunks, \f$r(d_v+1)\f$ numbers per chunk, that one pass
-  /// writes and the next reads (at least one chunk). 0 (default): automatic, about 512 KiB and at least 32 chunks,
-  /// so that the states are still in L2 when they are read (16 MiB made the causal forward 16% slower at
-  /// \f$n = 2^{18}\f$). Changes memory and speed, never results.
+  /// writes and the next reads (at least one chunk). 0 (default): automatic, 128 KiB per thread (12 chunks at
+  /// \f$d_v = 16\f$, \f$r = 153\f$), so that a thread's chunks, their rows, states and results, are still in its
+  /// core's L2 when the next pass reads them (512 KiB made the causal adjoint 7% slower on one thread at
+  /// \f$n = 2^{18}\f$, 16 MiB the causal forward 16%). Changes memory and speed, never results.
   std::size_t scan_window_bytes = 0;
   /// Causal AdjointBackend: largest memory forward() may spend on keeping the prefix state of every chunk for
   /// backward(), \f$(n/b)\,h\,r(d_v+1)\f$ numbers (default 256 MiB). Above it backward() recomputes them window

@@ -688,17 +688,17 @@ class PolynomialKernel {
   }
 
   // Chunks per window of the causal scan: as many slots of width x r as fit scan_window_bytes (at least one);
-  // automatic (0): about half of L2, where the slots a pass writes are when the next pass reads them, and at least
-  // 32 chunks, so that each pass has blocks for every thread. The window bounds memory and sets the passes'
-  // length only: every prefix is the same sum in the same order whatever its size.
+  // automatic (0): 128 KiB of slots per thread (12 chunks at d_v = 16, r = 153), so that a thread's chunks of a
+  // pass, their rows, slots and results, are still in its core's L2 when the next pass reads them. The window
+  // bounds memory and sets the passes' length only: every prefix is the same sum in the same order whatever its
+  // size, so it may follow the thread count.
   Index window_chunks(Index chunks, Index width) const {
-    constexpr double automatic_window_bytes = 512 << 10;
-    constexpr Index min_automatic_window_chunks = 32;
+    constexpr double automatic_bytes_per_thread = 128 << 10;
     const double slot_bytes = static_cast<double>(sizeof(T)) * static_cast<double>(map_->width() * width);
-    const Index fitting =
-        scan_window_bytes_ > 0
-            ? static_cast<Index>(static_cast<double>(scan_window_bytes_) / slot_bytes)
-            : std::max(static_cast<Index>(automatic_window_bytes / slot_bytes), min_automatic_window_chunks);
+    const Index per_thread = std::max<Index>(1, static_cast<Index>(automatic_bytes_per_thread / slot_bytes));
+    const Index fitting = scan_window_bytes_ > 0
+                              ? static_cast<Index>(static_cast<double>(scan_window_bytes_) / slot_bytes)
+                              : parallel_threads(chunks) * per_thread;
     return std::clamp<Index>(fitting, 1, std::max<Index>(chunks, 1));
   }
 
