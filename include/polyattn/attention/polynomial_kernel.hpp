@@ -716,12 +716,12 @@ class PolynomialKernel {
     const Index dv = Vh.cols(), m = Kh.rows(), n = Qh.rows(), b = block_rows(), r = map_->width();
     const Index key_blocks = block_count(m, b), query_blocks = block_count(n, b);
     auto& ws = workspaces(std::max(key_blocks, query_blocks), std::min(b, std::max(n, m)), Qh.cols(), dv, n);
-    reserve_partials(dv + 1, key_blocks * r);
+    reserve_partials(key_blocks * (dv + 1) * r);
     parallel_for(key_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index k0 = block * b, rows = std::min(b, m - k0);
       load_keys(w, Kh, Vh, k0, rows);
-      transposed_product<T>(top(w.values, rows), top(w.monomials, rows), partials_.middleCols(block * r, r),
+      transposed_product<T>(top(w.values, rows), top(w.monomials, rows), partial(block, dv + 1),
                             w.transposed_operand);
     }, work(m, dv));
     sum_partials(key_blocks, state);
@@ -809,12 +809,12 @@ class PolynomialKernel {
     const Index dv = Vh.cols(), m = Kh.rows(), n = Qh.rows(), b = block_rows(), r = map_->width();
     const Index key_blocks = block_count(m, b), query_blocks = block_count(n, b);
     auto& ws = workspaces(std::max(key_blocks, query_blocks), std::min(b, std::max(n, m)), Qh.cols(), dv, n);
-    reserve_partials(dv + 2, query_blocks * r);
+    reserve_partials(query_blocks * (dv + 2) * r);
     parallel_for(query_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index q0 = block * b, rows = std::min(b, n - q0);
       load_query_adjoints(w, Qh, Oh, Gh, normalisers, shifts, q0, rows, n);
-      transposed_product<T>(top(w.adjoints, rows), top(w.monomials, rows), partials_.middleCols(block * r, r),
+      transposed_product<T>(top(w.adjoints, rows), top(w.monomials, rows), partial(block, dv + 2),
                             w.transposed_operand);
       auto dQb = dQh.rows(q0, rows, w.staged_dq);
       dQb.setZero();
@@ -1067,24 +1067,33 @@ class PolynomialKernel {
     }, work(count * b, dv));
   }
 
-  // partials_ with room for `cols` columns: grown, never shrunk, so that forward()'s and backward()'s block
-  // partials (d_v + 1 and d_v + 2 columns per block) share one allocation instead of making a new one at every
+  // partials_ with room for `size` numbers: grown, never shrunk, so that forward()'s and backward()'s block
+  // partials ((d_v + 1) x r and (d_v + 2) x r per block) share one allocation instead of making a new one at every
   // call (fresh pages cost a page fault each: 0.2 s per call at 2^18 rows in blocks of 32).
-  void reserve_partials(Index rows, Index cols) {
-    if (partials_.rows() != rows || partials_.cols() < cols) partials_.resize(rows, cols);
+  void reserve_partials(Index size) {
+    if (partials_.size() < size) partials_.resize(size);
   }
 
-  // `sum` = the first `blocks` block partials of partials_ (sum.cols() columns each), added in block order;
-  // zero when there are none (an empty shard).
+  // The partial state of block `block`, `rows` x r, in partials_.
+  Eigen::Map<Matrix<T>> partial(Index block, Index rows) {
+    const Index r = map_->width();
+    return Eigen::Map<Matrix<T>>(partials_.data() + block * rows * r, rows, r);
+  }
+
+  // `sum` = the first `blocks` block partials of partials_ (of sum's shape, which must be stored contiguously),
+  // added in block order as flat arrays; zero when there are none (an empty shard).
   template <class Sum>
   void sum_partials(Index blocks, Sum& sum) const {
-    const Index width = sum.cols();
+    const Index size = sum.size();
+    eigen_assert(sum.outerStride() == sum.rows());
+    Eigen::Map<Vector<T>> total(sum.data(), size);
     if (blocks == 0) {
-      sum.setZero();
+      total.setZero();
       return;
     }
-    sum = partials_.leftCols(width);
-    for (Index block = 1; block < blocks; ++block) sum += partials_.middleCols(block * width, width);
+    const auto flat = [&](Index block) { return Eigen::Map<const Vector<T>>(partials_.data() + block * size, size); };
+    total = flat(0);
+    for (Index block = 1; block < blocks; ++block) total += flat(block);
   }
 
   // Which ranks' states combine_over_ranks() adds: all of them, or those before or after this one.
@@ -1123,7 +1132,8 @@ class PolynomialKernel {
   double radius_ = 0;
   std::vector<Workspace> workspaces_;
   // Block partials (non-causal), causal window slots, prefix carries and state gradients.
-  Matrix<T> partials_, window_states_, window_starts_, state_grad_slots_, carry_, state_grads_;
+  Vector<T> partials_;
+  Matrix<T> window_states_, window_starts_, state_grad_slots_, carry_, state_grads_;
   std::vector<double> column_sums_;
   StateExchange* exchange_ = nullptr;
   Eigen::MatrixXd exchange_buffer_;  // the states being exchanged, in double
