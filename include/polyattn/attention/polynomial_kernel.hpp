@@ -223,7 +223,7 @@ class PolynomialKernel {
         weighted_state_grads, block, derivative_block, score_grads, transposed_block;
     // Scratch of transposed_product() (a chunk's state [V, 1]^T M or E^T M).
     Matrix<T> transposed_operand;
-    Vector<T> inverse_normalisers, column_sums;
+    Vector<T> inverse_normalisers;
     // Exact window only. A near-field tile (near_tile_rows() x near_band()): its scores, p and p' of them, its
     // weights W and W', and the score gradients; the band's scaled rows, values [V, 1] and query adjoints; per
     // query of the band its inverse normaliser, shift and far scale; per row of the tile its largest near score.
@@ -256,7 +256,6 @@ class PolynomialKernel {
       ensure_shape(w.adjoints, rows, dv + 2);
       ensure_shape(w.weighted_state_grads, dv + 2, r);
       if (w.inverse_normalisers.size() != rows) w.inverse_normalisers.resize(rows);
-      if (w.column_sums.size() != rows) w.column_sums.resize(rows);
       if (causal_) {
         ensure_shape(w.block, rows, rows);
         ensure_shape(w.derivative_block, rows, rows);
@@ -642,14 +641,14 @@ class PolynomialKernel {
     block_product_add<T>(grads, w.near_operand.topRows(cols), dQ);
   }
 
-  // Backward, key side: dK, dV and the column sums of P~ of the key rows of `tile` (keys as rows, their sqrt(c) K
-  // and [V, 1] in `scaled_keys` and `values`) += their part from the tile's queries: c (W' o ([V, 1] E^T))^T Q,
-  // W^T E^_G and W^T (1/D^) in the transposed tile.
+  // Backward, key side: dK, and dV and the column sums of P~ of the key rows of `tile` (keys as rows, their sqrt(c)
+  // K and [V, 1] in `scaled_keys` and `values`) += their part from the tile's queries: c (W' o ([V, 1] E^T))^T Q,
+  // and W^T E^ in the transposed tile, whose columns are dV's, an unused one and the column sums'.
   void near_key_grads(Workspace& w, const NearTile& tile, const ConstMatrixRef<T>& scaled_keys,
                       const ConstMatrixRef<T>& values, const HeadRows<T>& Qh, const HeadRows<T>& Gh,
                       const HeadRows<T>& Oh, const Eigen::Ref<const Vector<T>>& normalisers,
-                      const Eigen::Ref<const Vector<T>>& shifts, Index n, MatrixRef<T> dK, MatrixRef<T> dV,
-                      Eigen::Ref<Vector<T>> column_sums) const {
+                      const Eigen::Ref<const Vector<T>>& shifts, Index n, MatrixRef<T> dK,
+                      MatrixRef<T> value_grads) const {
     const Index dv = Gh.cols(), rows = tile.rows, cols = tile.cols;
     load_near_queries(w, Gh, Oh, normalisers, shifts, tile.col0, cols, n);
     near_scores(w, tile, scaled_keys, Qh, true);
@@ -664,8 +663,7 @@ class PolynomialKernel {
     // block_product rather than Eigen's products, whose last bits were seen to depend on the destination's memory
     // (the same rows in the caller's matrix and in a staged copy differed): results must not depend on it.
     block_product_add<T>(grads, w.near_operand.topRows(cols), dK);
-    block_product_add<T>(weights, adjoints.leftCols(dv), dV);
-    block_product_add<T>(weights, adjoints.col(dv + 1), column_sums);
+    block_product_add<T>(weights, adjoints, value_grads);
   }
 
   // The running sum `carry` over the slots (rows x width each, side by side, stored contiguously) made exclusive:
@@ -842,24 +840,21 @@ class PolynomialKernel {
       auto monomial_grads = top(w.monomial_grads, rows);
       auto products = top(w.products, rows);
       block_product<T>(top(w.values, rows), state_grads_.topRows(dv + 1), monomial_grads);
-      // One product for dV and the column sums of P~; its column dv (M_K times the normaliser adjoint) is unused.
+      // dV and the column sums of P~ gather in `products` (its column dv, M_K times the normaliser adjoint, is unused).
       block_product<T>(monomials, state_grads_.transpose(), products);
-      auto dVb = dVh.rows(k0, rows, w.staged_ov);
-      dVb = products.leftCols(dv);
       auto dKb = dKh.rows(k0, rows, w.staged_dk);
       dKb.setZero();
       map_->monomials_backward(monomial_grads, top(w.scaled_keys, rows), monomials, dKb);
-      auto column_sums = w.column_sums.head(rows);
-      column_sums = products.col(dv + 1);
       if (near_width_ > 0)
         for (Index t0 = 0, tile = near_tile_rows(n); t0 < rows; t0 += tile) {
           const Index tile_rows = std::min(tile, rows - t0);
           near_key_grads(w, key_tile(k0 + t0, tile_rows, n), top(w.scaled_keys, rows).middleRows(t0, tile_rows),
                          top(w.values, rows).middleRows(t0, tile_rows), Qh, Gh, Oh, normalisers, shifts, n,
-                         dKb.middleRows(t0, tile_rows), dVb.middleRows(t0, tile_rows),
-                         column_sums.segment(t0, tile_rows));
+                         dKb.middleRows(t0, tile_rows), products.middleRows(t0, tile_rows));
         }
-      column_sums_[static_cast<std::size_t>(block)] = static_cast<double>(column_sums.maxCoeff());
+      auto dVb = dVh.rows(k0, rows, w.staged_ov);
+      dVb = products.leftCols(dv);
+      column_sums_[static_cast<std::size_t>(block)] = static_cast<double>(products.col(dv + 1).maxCoeff());
       note_results(w, dKb, dVb);
       dKh.store(k0, rows, w.staged_dk);
       dVh.store(k0, rows, w.staged_ov);
@@ -965,10 +960,8 @@ class PolynomialKernel {
         load_keys(w, Kh, Vh, s, rows);
         w.weighted_state_grads.noalias() = slots.middleCols(k * r, r) * map_->weights().asDiagonal();
         block_product<T>(values, w.weighted_state_grads.topRows(dv + 1), monomial_grads);
+        // dV and the column sums of P~ gather in `products` (its column dv, M_K times the normaliser adjoint, is unused).
         block_product<T>(monomials, w.weighted_state_grads.transpose(), products);
-        dVb = products.leftCols(dv);
-        auto column_sums = w.column_sums.head(rows);
-        column_sums = products.col(dv + 1);
         dKb.setZero();
         map_->monomials_backward(monomial_grads, top(w.scaled_keys, rows), monomials, dKb);
         load_adjoints(w, Gh.block(s, rows, w.staged_vg), Oh.block(s, rows, w.staged_o), normalisers, shifts, s, n);
@@ -980,7 +973,7 @@ class PolynomialKernel {
           near_query_grads(w, query_tile(s, rows, n), top(w.scaled_queries, rows), Kh, Vh, Gh, Oh, normalisers,
                            shifts, n, dQb);
           near_key_grads(w, key_tile(s, rows, n), top(w.scaled_keys, rows), values, Qh, Gh, Oh, normalisers, shifts,
-                         n, dKb, dVb, column_sums);
+                         n, dKb, products);
         } else {
           // The chunk itself, through its masked block with p and p'.
           top(w.scaled_queries, rows).noalias() = sqrt_c * Qh.block(s, rows, w.staged_qk);
@@ -1001,10 +994,10 @@ class PolynomialKernel {
           transpose_causal<T>(score_grads, transposed);
           transposed_causal_product_add<T>(transposed, top(w.scaled_queries, rows), dKb);
           transpose_causal<T>(block, transposed);
-          transposed_causal_product_add<T>(transposed, adjoints.leftCols(dv), dVb);
-          transposed_causal_product_add<T>(transposed, adjoints.col(dv + 1), column_sums);
+          transposed_causal_product_add<T>(transposed, adjoints, products);
         }
-        column_sums_[static_cast<std::size_t>(first + k)] = static_cast<double>(column_sums.maxCoeff());
+        dVb = products.leftCols(dv);
+        column_sums_[static_cast<std::size_t>(first + k)] = static_cast<double>(products.col(dv + 1).maxCoeff());
         note_results(w, dQb, dKb, dVb);
         dQh.store(s, rows, w.staged_dq);
         dKh.store(s, rows, w.staged_dk);
