@@ -1007,8 +1007,8 @@ class PolynomialKernel {
     return largest_column_sum();
   }
 
-  // The key states Delta Z_{t + offset} of chunks t in [first, first + count) into `slots` (count slots of
-  // r x (d_v+1)); zero where t + offset is not a chunk.
+  // The key states Delta Z_{t + offset} of chunks t in [first, first + count), transposed, into `slots` (count
+  // slots of (d_v+1) x r); zero where t + offset is not a chunk.
   void key_states(const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first, Index count,
                   MatrixRef<T> slots, std::vector<Workspace>& ws, Index offset = 0) {
     const Index dv = Vh.cols(), n = Kh.rows(), b = scan_rows(n), chunks = scan_chunks(n), r = map_->width();
@@ -1032,7 +1032,7 @@ class PolynomialKernel {
     exclusive_scan(slots, map_->width(), carry_, +1);
   }
 
-  // M_{Q,t}^T E_t of chunks [first, first + count) into `slots` (count slots of r x (d_v+2)); with an exact window
+  // E_t^T M_{Q,t} of chunks [first, first + count) into `slots` (count slots of (d_v+2) x r); with an exact window
   // the slot of chunk t receives those of chunk t + lag (zero past the last), so that the suffix scan gives
   // Y^{>t+lag}. Then calls `with_queries(w, k, s, rows)` for slot k, whose chunk's rows [s, s + rows) have their
   // query monomials, scaled queries and adjoints in w.
