@@ -75,7 +75,7 @@ void Activation<T>::forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
   constexpr const char* where = "polyattn::Activation::forward";
   detail::require_nonempty(where, "X", X);
   detail::require_shape(where, "Y", Y, X.rows(), X.cols());
-  detail::require_finite(where, "X", X);
+  detail::require_finite_in_parallel(where, "X", X);
   const Index n = X.rows();
   if (kind_ == ActivationKind::gelu) exp_term_.resize(n, X.cols());
   detail::parallel_for(detail::block_count(n, block_rows), [&](Index block, int) {
@@ -98,7 +98,7 @@ void Activation<T>::backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>
   detail::require_nonempty(where, "X", X);
   detail::require_shape(where, "dY", dY, X.rows(), X.cols());
   detail::require_shape(where, "dX", dX, X.rows(), X.cols());
-  detail::require_finite(where, "dY", dY);
+  detail::require_finite_in_parallel(where, "dY", dY);
   if (kind_ == ActivationKind::gelu)
     detail::require(exp_term_.rows() == X.rows() && exp_term_.cols() == X.cols(), where,
                     "needs the forward pass of the same 'X' first: saved state is ", exp_term_.rows(), "x",

@@ -93,7 +93,7 @@ class MergedQKAttentionLayer {
     detail::require(W_V.rows() == d && W_V.cols() >= heads && W_V.cols() % heads == 0, where,
                     "argument 'W_V' must be ", d, "x(", heads, "*d_v) for the ", heads, " heads of 'W', got ",
                     W_V.rows(), "x", W_V.cols());
-    detail::require_finite(where, "X", X);
+    detail::require_finite_in_parallel(where, "X", X);
     detail::require_finite(where, "W", W);
     detail::require_finite(where, "W_V", W_V);
     return heads;
@@ -136,7 +136,7 @@ GradientCertificate MergedQKAttentionLayer<T>::backward(const ConstMatrixRef<T>&
   detail::require_shape(where, "dX", dX, n, d);
   detail::require_shape(where, "dW", dW, d, W.cols());
   detail::require_shape(where, "dW_V", dW_V, d, W_V.cols());
-  detail::require_finite(where, "G", G);
+  detail::require_finite_in_parallel(where, "G", G);
   detail::require_disjoint(where, {detail::memory_of("dX", dX), detail::memory_of("dW", dW), detail::memory_of("dW_V", dW_V)},
                            {detail::memory_of("X", X), detail::memory_of("W", W), detail::memory_of("W_V", W_V),
                             detail::memory_of("G", G)});
@@ -203,7 +203,7 @@ class ProjectedAttentionLayer {
     detail::require_shape(where, "W_Q", W_Q, X.cols(), W_Q.cols());
     detail::require_shape(where, "W_K", W_K, X.cols(), W_Q.cols());
     detail::require_shape(where, "W_V", W_V, X.cols(), W_V.cols());
-    detail::require_finite(where, "X", X);
+    detail::require_finite_in_parallel(where, "X", X);
     detail::require_finite(where, "W_Q", W_Q);
     detail::require_finite(where, "W_K", W_K);
     detail::require_finite(where, "W_V", W_V);
@@ -248,7 +248,7 @@ GradientCertificate ProjectedAttentionLayer<T>::backward(const ConstMatrixRef<T>
   detail::require_shape(where, "dW_Q", dW_Q, W_Q.rows(), W_Q.cols());
   detail::require_shape(where, "dW_K", dW_K, W_K.rows(), W_K.cols());
   detail::require_shape(where, "dW_V", dW_V, W_V.rows(), W_V.cols());
-  detail::require_finite(where, "G", G);
+  detail::require_finite_in_parallel(where, "G", G);
   detail::require_disjoint(where,
                            {detail::memory_of("dX", dX), detail::memory_of("dW_Q", dW_Q), detail::memory_of("dW_K", dW_K),
                             detail::memory_of("dW_V", dW_V)},

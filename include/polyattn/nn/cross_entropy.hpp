@@ -130,7 +130,7 @@ template <class T>
 double CrossEntropy<T>::forward(const ConstMatrixRef<T>& logits, const std::vector<Index>& targets) {
   constexpr const char* where = "polyattn::CrossEntropy::forward";
   check_input(where, logits, targets);
-  detail::require_finite(where, "logits", logits);
+  detail::require_finite_in_parallel(where, "logits", logits);
   const Index n = logits.rows(), blocks = detail::block_count(n, block_rows);
   row_max_.resize(n);
   row_sum_.resize(n);

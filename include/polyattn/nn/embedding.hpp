@@ -158,7 +158,7 @@ void Embedding<T>::backward(const std::vector<Index>& tokens, const ConstMatrixR
   constexpr const char* where = "polyattn::Embedding::backward";
   const Index n = check_tokens(where, tokens, first_position);
   detail::require_shape(where, "dY", dY, n, d_model());
-  detail::require_finite(where, "dY", dY);
+  detail::require_finite_in_parallel(where, "dY", dY);
   if (position_table.trainable)
     detail::parallel_for(detail::block_count(n, position_block_rows), [&](Index block, int) {
       const Index begin = block * position_block_rows, count = std::min(position_block_rows, n - begin);

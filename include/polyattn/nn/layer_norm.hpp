@@ -114,7 +114,7 @@ void LayerNorm<T>::forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
   detail::require_nonempty(where, "X", X);
   detail::require_shape(where, "X", X, X.rows(), features());
   detail::require_shape(where, "Y", Y, X.rows(), features());
-  detail::require_finite(where, "X", X);
+  detail::require_finite_in_parallel(where, "X", X);
   const Index n = X.rows();
   row_mean_.resize(n);
   normalized_.resize(n, features());
@@ -144,7 +144,7 @@ void LayerNorm<T>::backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>&
   detail::require(normalized_.rows() == X.rows() && normalized_.cols() == features(), where,
                   "needs the forward pass of the same 'X' first: saved state is for ", normalized_.rows(),
                   " rows, got ", X.rows());
-  detail::require_finite(where, "dY", dY);
+  detail::require_finite_in_parallel(where, "dY", dY);
   const Index n = X.rows(), d = features(), blocks = detail::block_count(n, block_rows);
   // Row b of the partials holds the column sums of block b + 1; block 0 adds straight into the gradient.
   if (gain.trainable) gain_partials_.resize(blocks - 1, d);

@@ -251,7 +251,7 @@ void Linear<T>::forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
   detail::require_nonempty(where, "X", X);
   detail::require_shape(where, "X", X, X.rows(), in_features());
   detail::require_shape(where, "Y", Y, X.rows(), out_features());
-  detail::require_finite(where, "X", X);
+  detail::require_finite_in_parallel(where, "X", X);
   const Index n = X.rows(), rows = block_rows();
   const T s = static_cast<T>(lora_scale());
   if (has_lora()) input_times_A_.resize(n, lora_rank_);
@@ -281,7 +281,7 @@ void Linear<T>::backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY
     detail::require(input_times_A_.rows() == X.rows() && input_times_A_.cols() == lora_rank_, where,
                     "needs the forward pass of the same 'X' first: saved XA is ", input_times_A_.rows(), "x",
                     input_times_A_.cols(), ", expected ", X.rows(), "x", lora_rank_);
-  detail::require_finite(where, "dY", dY);
+  detail::require_finite_in_parallel(where, "dY", dY);
   const Index n = X.rows(), rows = block_rows(), blocks = detail::block_count(n, rows);
   const bool weight_grad = weight.trainable, bias_grad = has_bias() && bias.trainable;
   const bool A_grad = has_lora() && lora_A.trainable, B_grad = has_lora() && lora_B.trainable;

@@ -116,7 +116,7 @@ void MLP<T>::forward(const ConstMatrixRef<T>& X, MatrixRef<T> Y) {
   detail::require_nonempty(where, "X", X);
   detail::require_shape(where, "X", X, X.rows(), d_model());
   detail::require_shape(where, "Y", Y, X.rows(), d_model());
-  detail::require_finite(where, "X", X);
+  detail::require_finite_in_parallel(where, "X", X);
   pre_activation_.resize(X.rows(), hidden());
   activated_.resize(X.rows(), hidden());
   fc.forward(X, pre_activation_);
@@ -133,7 +133,7 @@ void MLP<T>::backward(const ConstMatrixRef<T>& X, const ConstMatrixRef<T>& dY, M
   detail::require_shape(where, "dX", dX, X.rows(), d_model());
   detail::require(activated_.rows() == X.rows(), where, "needs the forward pass of the same 'X' first: saved ",
                   activated_.rows(), " rows, got ", X.rows());
-  detail::require_finite(where, "dY", dY);
+  detail::require_finite_in_parallel(where, "dY", dY);
   const Index n = X.rows();
   activated_grad_.resize(n, hidden());
   pre_activation_grad_.resize(n, hidden());

@@ -112,5 +112,30 @@ void parallel_for(Index blocks, Body&& body, double work = std::numeric_limits<d
 /// Number of blocks of `block_rows` rows that cover `rows` rows (the last may be shorter).
 inline Index block_count(Index rows, Index block_rows) { return (rows + block_rows - 1) / block_rows; }
 
+/// Rows per block of the parallel passes over a whole input (row_statistics(), max_abs(),
+/// require_finite_in_parallel()): 8192 rows of a column-major matrix are a 32 KiB run per column in float.
+constexpr Index input_pass_rows = 8192;
+
+/// Calls body(block, first_row, rows) for the blocks of input_pass_rows rows of `X` (the last may be shorter), in
+/// parallel: the passes that read a whole input, which on one thread would be the serial part of a parallel call.
+template <class Derived, class Body>
+void for_input_row_blocks(const Eigen::MatrixBase<Derived>& X, const Body& body) {
+  parallel_for(block_count(X.rows(), input_pass_rows), [&](Index block, int) {
+    const Index i0 = block * input_pass_rows;
+    body(block, i0, X.middleRows(i0, std::min(input_pass_rows, X.rows() - i0)));
+  }, static_cast<double>(X.size()));
+}
+
+/// require_finite() over blocks of rows in parallel, for the inputs that a parallel call reads in full (every
+/// attention call checks Q, K, V, and in the backward pass O and G; the per-token layers of nn/ their X and dY): on
+/// one thread the check would be the serial part of the call. The entry named is the first non-finite one of the
+/// first block that has one, in column order within the block.
+template <class Derived>
+void require_finite_in_parallel(const char* where, const char* name, const Eigen::MatrixBase<Derived>& X) {
+  for_input_row_blocks(X, [&](Index, Index first_row, const auto& rows) {
+    require_finite(where, name, rows, first_row);
+  });
+}
+
 }  // namespace detail
 }  // namespace polyattn
