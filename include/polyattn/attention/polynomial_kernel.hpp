@@ -666,12 +666,13 @@ class PolynomialKernel {
     block_product_add<T>(weights, adjoints, value_grads);
   }
 
-  // The running sum `carry` over the slots (rows x width each, side by side, stored contiguously) made exclusive:
-  // slot s receives the sum of the slots before it (in `order`: +1 forward, -1 backward) plus the incoming carry,
-  // and `carry` ends as the sum of all. Parallel over ranges of the slots' entries, each entry summed in slot order.
-  static void exclusive_scan(MatrixRef<T> slots, Index width, Matrix<T>& carry, int order) {
-    const Index size = slots.rows() * width, count = slots.cols() / width;
-    eigen_assert(slots.outerStride() == slots.rows() && carry.rows() == slots.rows() && carry.cols() == width);
+  // The running sum `carry` over the slots (each of carry's shape, side by side, stored contiguously) made
+  // exclusive: slot s receives the sum of the slots before it (in `order`: +1 forward, -1 backward) plus the
+  // incoming carry, and `carry` ends as the sum of all. Parallel over ranges of the slots' entries, each entry
+  // summed in slot order.
+  static void exclusive_scan(MatrixRef<T> slots, Matrix<T>& carry, int order) {
+    const Index size = carry.size(), count = slots.cols() / carry.cols();
+    eigen_assert(slots.outerStride() == slots.rows() && carry.rows() == slots.rows());
     constexpr Index entries_per_block = 256;
     parallel_for(block_count(size, entries_per_block), [&](Index block, int) {
       const Index e0 = block * entries_per_block, entries = std::min(entries_per_block, size - e0);
@@ -775,7 +776,7 @@ class PolynomialKernel {
       MatrixRef<T> slots = keep ? MatrixRef<T>(checkpoints.middleCols(first * r, count * r))
                                 : MatrixRef<T>(window_states_.leftCols(count * r));
       if (kept_states_ready)
-        exclusive_scan(slots, r, carry_, +1);
+        exclusive_scan(slots, carry_, +1);
       else
         prefix_states(Kh, Vh, first, count, slots, ws);
       parallel_for(count, [&](Index k, int thread) {
@@ -927,7 +928,7 @@ class PolynomialKernel {
         } else {
           query_state_grads(Qh, Oh, Gh, normalisers, shifts, first, count, slots, ws,
                             [](Workspace&, Index, Index, Index) {});
-          exclusive_scan(slots, r, state_grads_, -1);
+          exclusive_scan(slots, state_grads_, -1);
         }
       }
       combine_over_ranks(state_grads_, Ranks::later);
@@ -941,7 +942,7 @@ class PolynomialKernel {
       auto slots = slots_of_window(first, count);
       const ConstMatrixRef<T> prefix = prefix_of_window(first, count);
       if (!slots_kept) window_state_grads(first, count);
-      exclusive_scan(slots, r, state_grads_, -1);
+      exclusive_scan(slots, state_grads_, -1);
       parallel_for(count, [&](Index k, int thread) {
         Workspace& w = ws[static_cast<std::size_t>(thread)];
         const Index s = (first + k) * b, rows = std::min(b, n - s);
@@ -1029,7 +1030,7 @@ class PolynomialKernel {
   void prefix_states(const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first, Index count,
                      MatrixRef<T> slots, std::vector<Workspace>& ws) {
     key_states(Kh, Vh, first, count, slots, ws, -near_lag(scan_rows(Kh.rows())));
-    exclusive_scan(slots, map_->width(), carry_, +1);
+    exclusive_scan(slots, carry_, +1);
   }
 
   // E_t^T M_{Q,t} of chunks [first, first + count) into `slots` (count slots of (d_v+2) x r); with an exact window
@@ -1076,17 +1077,15 @@ class PolynomialKernel {
   // `sum` = the first `blocks` block partials of partials_ (of sum's shape, which must be stored contiguously),
   // added in block order as flat arrays; zero when there are none (an empty shard).
   template <class Sum>
-  void sum_partials(Index blocks, Sum& sum) const {
-    const Index size = sum.size();
+  void sum_partials(Index blocks, Sum& sum) {
     eigen_assert(sum.outerStride() == sum.rows());
-    Eigen::Map<Vector<T>> total(sum.data(), size);
+    Eigen::Map<Vector<T>> total(sum.data(), sum.size());
     if (blocks == 0) {
       total.setZero();
       return;
     }
-    const auto flat = [&](Index block) { return Eigen::Map<const Vector<T>>(partials_.data() + block * size, size); };
-    total = flat(0);
-    for (Index block = 1; block < blocks; ++block) total += flat(block);
+    total = partial(0, sum.rows()).reshaped();
+    for (Index block = 1; block < blocks; ++block) total += partial(block, sum.rows()).reshaped();
   }
 
   // Which ranks' states combine_over_ranks() adds: all of them, or those before or after this one.
