@@ -13,6 +13,7 @@
 #include <catch2/catch.hpp>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 using polyattn::AttentionMethod;
@@ -73,6 +74,9 @@ void check_every_method() {
     for (const bool causal : {false, true}) {
       check_thread_counts_agree<T>(method, causal, 2, 40, 731);  // many small blocks, a short last one
       check_thread_counts_agree<T>(method, causal, 1, 0, 1500);  // the automatic block sizes
+      // Polynomial forward passes: on 2 and 4 threads the heads run concurrently (head_threads()), on 3 one after
+      // another.
+      check_thread_counts_agree<T>(method, causal, 4, 32, 300);
     }
 }
 
@@ -152,6 +156,53 @@ TEST_CASE("The adjoint's output is PolynomialAttention's output to the bit", "[t
     INFO("causal " << causal);
     REQUIRE(from_adjoint == from_attention);
   }
+}
+
+TEST_CASE("Heads run concurrently only when the thread count divides them", "[threads]") {
+  ThreadCountGuard guard;
+  polyattn::set_num_threads(2);
+  CHECK(polyattn::detail::head_threads(4) == 2);
+  CHECK(polyattn::detail::head_threads(2) == 2);
+  CHECK(polyattn::detail::head_threads(3) == 1);
+  CHECK(polyattn::detail::head_threads(1) == 1);
+  polyattn::set_num_threads(4);
+  CHECK(polyattn::detail::head_threads(2) == 2);  // as many threads as heads
+  CHECK(polyattn::detail::head_threads(6) == 1);
+  CHECK(polyattn::detail::head_threads(8) == 4);
+}
+
+TEST_CASE("Concurrent heads throw the error of the lowest failing head, as one after another do", "[threads]") {
+  // Degree 1 (1 + s) is negative for scores below -1. Head 0 has such a row late in the sequence, head 1 early; the
+  // heads' error names head 0's row whether the heads run in order (1 thread) or concurrently (2 threads, which
+  // run head 1 while head 0 is still going).
+  ThreadCountGuard guard;
+  const Index n = 20000, head_dim = 2;
+  Matrix<double> Q = Matrix<double>::Constant(n, 2 * head_dim, 0.1), K = Matrix<double>::Constant(n, 2 * head_dim, 0.1);
+  const Matrix<double> V = random_matrix<double>(n, 2 * head_dim, 5);
+  Q.row(17000).head(head_dim).setConstant(-30.0);
+  Q.row(3).tail(head_dim).setConstant(-30.0);
+  for (const bool causal : {false, true})
+    for (const AttentionMethod method : {AttentionMethod::paper, AttentionMethod::adjoint}) {
+      polyattn::PolynomialAttentionOptions options;
+      options.attention.causal = causal;
+      options.attention.heads = 2;
+      options.degree = 1;
+      std::vector<std::string> messages;
+      for (const int threads : {1, 2}) {
+        polyattn::set_num_threads(threads);
+        auto backend = polyattn::make_attention_backend<double>(method, options);
+        Matrix<double> O(n, 2 * head_dim);
+        try {
+          backend->forward(Q, K, V, O);
+          messages.emplace_back("no error");
+        } catch (const std::domain_error& error) {
+          messages.emplace_back(error.what());
+        }
+      }
+      INFO("method " << polyattn::attention_method_name(method) << ", causal " << causal);
+      CHECK_THAT(messages[0], Catch::Matchers::Contains("normaliser of row 17000"));
+      CHECK(messages[1] == messages[0]);
+    }
 }
 
 TEST_CASE("The causal adjoint gives the same bits with or without checkpoints, for any scan window", "[threads]") {

@@ -460,11 +460,30 @@ class PolynomialAttention {
     return choice.cert;
   }
 
+  // Calls body(h, kernel) for every head h with a kernel configured as kernels_.front(): concurrently, one head per
+  // thread with the thread's own kernel, when detail::head_threads() allows it and the call's `work` (multiply-adds)
+  // is worth a team; else one head after another, each running its own loops on all threads. A head's results do
+  // not depend on which (a kernel's partitions do not depend on the thread count), so they are bitwise the same.
+  // With an exchange the heads always run in order, since every rank must exchange their states in the same order.
+  template <class Body>
+  void for_each_head(Index heads, double work, const Body& body) {
+    const int threads = exchange_ ? 1 : detail::head_threads(heads);
+    if (kernels_.size() < static_cast<std::size_t>(threads)) kernels_.resize(static_cast<std::size_t>(threads));
+    for (int t = 1; t < threads; ++t) kernels_[static_cast<std::size_t>(t)].configure_as(kernels_.front());
+    if (threads <= 1) {
+      for (Index h = 0; h < heads; ++h) body(h, kernels_.front());
+      return;
+    }
+    detail::parallel_for(heads, [&](Index h, int thread) { body(h, kernels_[static_cast<std::size_t>(thread)]); },
+                         work);
+  }
+
   PolynomialAttentionOptions options_;
   ExactAttention<T> exact_;
   std::unique_ptr<FeatureMap<T>> map_;
   Polynomial map_poly_;
-  detail::PolynomialKernel<T> kernel_;
+  // for_each_head()'s kernels: the first, configured by compute(), and one more per further thread that runs heads.
+  std::vector<detail::PolynomialKernel<T>> kernels_ = std::vector<detail::PolynomialKernel<T>>(1);
   Saved unsaved_;  // the normalisers and non-causal states of a forward() that keeps nothing
   std::shared_ptr<StateExchange> exchange_;
 };
@@ -619,9 +638,9 @@ std::optional<Certificate> PolynomialAttention<T>::compute(const In& Q, const In
   Certificate cert = prepare(where, shape.dk, measured.scale, radius, measured.far_radius);
 
   const bool causal = options_.attention.causal;
-  kernel_.configure(*map_, map_poly_, causal, options_.chunk_size, options_.scan_window_bytes, options_.exact_window,
-                    where, radius, exchange_.get());
-  const Index r = map_->width(), dv = shape.dv, chunks = causal ? kernel_.scan_chunks(shape.n) : 1;
+  kernels_.front().configure(*map_, map_poly_, causal, options_.chunk_size, options_.scan_window_bytes,
+                             options_.exact_window, where, radius, exchange_.get());
+  const Index r = map_->width(), dv = shape.dv, chunks = causal ? kernels_.front().scan_chunks(shape.n) : 1;
   Saved& keep = saved ? *saved : unsaved_;
   keep.normalisers.resize(shape.n, shape.heads);
   keep.shifts.resize(options_.exact_window > 0 ? shape.n : 0, shape.heads);
@@ -635,29 +654,36 @@ std::optional<Certificate> PolynomialAttention<T>::compute(const In& Q, const In
   // With an exchange, an error on this rank (a normaliser, found after that head's exchange) is held until every
   // head has exchanged its states and then thrown on every rank by succeeded(); serially it is thrown at once.
   std::exception_ptr failure;
-  bool outputs_finite = true;  // as the kernel found them block by block
-  // With measure_inputs, R and max |V| as measure() finds them, from the kernel's statistics of each head.
-  double measured_radius = 0, max_abs_value = measured.max_abs_value;
-  for (Index h = 0; h < shape.heads; ++h) {
+  // Per head, whether the kernel found its outputs finite (block by block) and, with measure_inputs, the
+  // statistics it took of the head's inputs.
+  std::vector<char> head_finite(static_cast<std::size_t>(shape.heads), 1);
+  std::vector<typename detail::PolynomialKernel<T>::InputStatistics> head_inputs(
+      static_cast<std::size_t>(shape.heads));
+  const double work = static_cast<double>(shape.n) * static_cast<double>(shape.heads) * static_cast<double>(r) *
+                      static_cast<double>(dv + 1);
+  for_each_head(shape.heads, work, [&](Index h, detail::PolynomialKernel<T>& kernel) {
     try {
-      kernel_.forward(detail::head_rows(Q.middleCols(h * shape.dk, shape.dk)),
-                      detail::head_rows(K.middleCols(h * shape.dk, shape.dk)),
-                      detail::head_rows(V.middleCols(h * dv, dv)), detail::head_output(O.middleCols(h * dv, dv)),
-                      keep.normalisers.col(h),
-                      keep.shifts.col(h), keep.states.middleCols(h * state_cols, state_cols),
-                      keep.incoming_states.middleCols(h * incoming_cols, incoming_cols), measure_inputs);
-      outputs_finite = outputs_finite && kernel_.results_finite();
-      if (measure_inputs) {
-        const auto inputs = kernel_.input_statistics();
-        detail::include_head_radius(measured_radius, measured.scale, std::sqrt(inputs.max_query_norm2),
-                                    std::sqrt(inputs.max_key_norm2));
-        max_abs_value = detail::max_keeping_nan(max_abs_value, inputs.max_abs_value);
-      }
+      kernel.forward(detail::head_rows(Q.middleCols(h * shape.dk, shape.dk)),
+                     detail::head_rows(K.middleCols(h * shape.dk, shape.dk)),
+                     detail::head_rows(V.middleCols(h * dv, dv)), detail::head_output(O.middleCols(h * dv, dv)),
+                     keep.normalisers.col(h), keep.shifts.col(h), keep.states.middleCols(h * state_cols, state_cols),
+                     keep.incoming_states.middleCols(h * incoming_cols, incoming_cols), measure_inputs);
+      head_finite[static_cast<std::size_t>(h)] = kernel.results_finite();
+      if (measure_inputs) head_inputs[static_cast<std::size_t>(h)] = kernel.input_statistics();
     } catch (...) {
       if (!exchange_) throw;
       if (!failure) failure = std::current_exception();
     }
-  }
+  });
+  const bool outputs_finite = std::all_of(head_finite.begin(), head_finite.end(), [](char f) { return f != 0; });
+  // With measure_inputs, R and max |V| as measure() finds them, from the kernel's statistics of each head.
+  double measured_radius = 0, max_abs_value = measured.max_abs_value;
+  if (measure_inputs)
+    for (const auto& inputs : head_inputs) {
+      detail::include_head_radius(measured_radius, measured.scale, std::sqrt(inputs.max_query_norm2),
+                                  std::sqrt(inputs.max_key_norm2));
+      max_abs_value = detail::max_keeping_nan(max_abs_value, inputs.max_abs_value);
+    }
   if (measure_inputs) {
     if (!outputs_finite || !std::isfinite(measured_radius) || !std::isfinite(max_abs_value)) return {};
     cert = prepare(where, shape.dk, measured.scale, measured_radius, measured_radius);

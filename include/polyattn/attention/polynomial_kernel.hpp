@@ -137,6 +137,13 @@ class PolynomialKernel {
     exchange_ = exchange;
   }
 
+  /// Takes the configuration of `other` (configure()'s arguments), not its workspaces: a kernel for another
+  /// thread's heads.
+  void configure_as(const PolynomialKernel& other) {
+    configure(*other.map_, other.poly_, other.causal_, other.chunk_size_, other.scan_window_bytes_,
+              other.exact_window_, other.where_, other.radius_, other.exchange_);
+  }
+
   /// Rows of a causal scan chunk for n rows (at least one, so that an empty shard has no chunks).
   Index scan_rows(Index n) const {
     return std::max<Index>(1, std::min(n, chunk_size_ > 0 ? chunk_size_ : default_scan_rows));

@@ -109,6 +109,15 @@ void parallel_for(Index blocks, Body&& body, double work = std::numeric_limits<d
 #endif
 }
 
+/// Threads over which `heads` independent attention heads run at once, one head per thread: num_threads() when
+/// it divides `heads`, so that every thread gets as many heads, else 1 (and 1 inside a parallel region). Then each
+/// head's loops run on one thread, without the barriers between a head's passes; otherwise the heads run one
+/// after another, each on all threads.
+inline int head_threads(Index heads) {
+  const int threads = parallel_threads(heads);
+  return threads > 1 && heads % threads == 0 ? threads : 1;
+}
+
 /// Number of blocks of `block_rows` rows that cover `rows` rows (the last may be shorter).
 inline Index block_count(Index rows, Index block_rows) { return (rows + block_rows - 1) / block_rows; }
 
