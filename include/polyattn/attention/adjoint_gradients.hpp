@@ -76,7 +76,8 @@
 ///
 /// **Threads.** Forward and backward run on polyattn's threads through detail::PolynomialKernel
 /// (polynomial_kernel.hpp): blocks of rows and scan chunks in parallel, partial states combined in block order,
-/// so the result does not depend on the thread count.
+/// so the result does not depend on the thread count. When the thread count divides the number of heads
+/// (detail::head_threads()), whole heads run concurrently instead, one per thread, each with a kernel of its own.
 ///
 /// **Sequence parallel.** With set_state_exchange() (or make_distributed_backend(), parallel/distributed.hpp)
 /// every rank passes its own rows of Q, K, V, O, G and receives its rows of O, dQ, dK, dV. Besides the forward

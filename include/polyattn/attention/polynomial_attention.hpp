@@ -353,7 +353,8 @@ template <class T>
 class PaperBackend;
 
 /// Approximate attention forward pass by the polynomial method, on polyattn's threads (the shared
-/// detail::PolynomialKernel); keeps its workspaces between calls. See the file documentation for the algorithm,
+/// detail::PolynomialKernel; whole heads concurrently when the thread count divides their number,
+/// detail::head_threads()); keeps its workspaces between calls. See the file documentation for the algorithm,
 /// the causal scan and the certificate.
 template <class T>
 class PolynomialAttention {
