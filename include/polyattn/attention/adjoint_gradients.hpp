@@ -340,17 +340,11 @@ std::optional<GradientCertificate> AdjointBackend<T>::backward_heads(const char*
   const Index incoming_cols = saved_.incoming_states.cols() / shape.heads;
   std::exception_ptr failure;  // with an exchange, thrown on every rank by succeeded() after the last exchange
   try {
-    // Per head: the largest column sum of P~, whether the kernel found the gradients finite (block by block) and,
-    // with measure_inputs, the statistics it took of the head's inputs.
-    const auto heads = static_cast<std::size_t>(shape.heads);
-    std::vector<double> column_sums(heads);
-    std::vector<char> head_finite(heads, 1);
-    std::vector<typename detail::PolynomialKernel<T>::InputStatistics> head_inputs(heads);
+    std::vector<double> column_sums(static_cast<std::size_t>(shape.heads));  // per head, the largest column sum of P~
     const double work = static_cast<double>(Q.rows()) * static_cast<double>(shape.heads) *
                         static_cast<double>(attention_.map_->width()) * static_cast<double>(dv + 2);
-    attention_.for_each_head(shape.heads, work, [&](Index h, detail::PolynomialKernel<T>& kernel) {
-      const auto i = static_cast<std::size_t>(h);
-      column_sums[i] = kernel.backward(
+    const auto reports = attention_.for_each_head(shape.heads, work, [&](Index h, detail::PolynomialKernel<T>& kernel) {
+      column_sums[static_cast<std::size_t>(h)] = kernel.backward(
           detail::head_rows(Q.middleCols(h * dk, dk)), detail::head_rows(K.middleCols(h * dk, dk)),
           detail::head_rows(V.middleCols(h * dv, dv)), detail::head_rows(O.middleCols(h * dv, dv)),
           detail::head_rows(G.middleCols(h * dv, dv)), saved_.normalisers.col(h), saved_.shifts.col(h),
@@ -358,17 +352,14 @@ std::optional<GradientCertificate> AdjointBackend<T>::backward_heads(const char*
           saved_.incoming_states.middleCols(h * incoming_cols, incoming_cols),
           detail::head_output(dQ.middleCols(h * dk, dk)), detail::head_output(dK.middleCols(h * dk, dk)),
           detail::head_output(dV.middleCols(h * dv, dv)), measure_inputs);
-      head_finite[i] = kernel.results_finite();
-      if (measure_inputs) head_inputs[i] = kernel.input_statistics();
     });
-    const bool gradients_finite =
-        std::all_of(head_finite.begin(), head_finite.end(), [](char f) { return f != 0; });
+    const bool gradients_finite = attention_.all_heads_finite(reports);
     for (Index h = 0; h < shape.heads; ++h) {
       const double column_sum = column_sums[static_cast<std::size_t>(h)];
       std::array<double, per_head> head{};
       if (measure_inputs) {
         // As measure_heads() in backward_any() finds them; the largest |O| only tells that O is finite.
-        const auto& inputs = head_inputs[static_cast<std::size_t>(h)];
+        const auto& inputs = reports[static_cast<std::size_t>(h)].inputs;
         head = {std::sqrt(inputs.max_gradient_norm2), std::sqrt(inputs.max_value_norm2), inputs.max_abs_query,
                 inputs.max_abs_key, inputs.max_abs_gradient};
         if (!std::all_of(head.begin(), head.end(), [](double x) { return std::isfinite(x); }) ||

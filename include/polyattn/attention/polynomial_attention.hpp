@@ -461,22 +461,38 @@ class PolynomialAttention {
     return choice.cert;
   }
 
-  // Calls body(h, kernel) for every head h with a kernel configured as kernels_.front(): concurrently, one head per
-  // thread with the thread's own kernel, when detail::head_threads() allows it and the call's `work` (multiply-adds)
-  // is worth a team; else one head after another, each running its own loops on all threads. A head's results do
-  // not depend on which (a kernel's partitions do not depend on the thread count), so they are bitwise the same.
-  // With an exchange the heads always run in order, since every rank must exchange their states in the same order.
+  // What the kernel found in one head's call: whether the results were finite (checked block by block) and, with
+  // measure_inputs, the statistics it took of the head's inputs.
+  struct HeadReport {
+    bool finite = true;
+    typename detail::PolynomialKernel<T>::InputStatistics inputs;
+  };
+
+  // Calls body(h, kernel) for every head h with a kernel configured as kernels_.front() and returns each head's
+  // report: concurrently, one head per thread with the thread's own kernel, when detail::head_threads() allows it
+  // and the call's `work` (multiply-adds) is worth a team; else one head after another, each running its own loops
+  // on all threads. A head's results do not depend on which (a kernel's partitions do not depend on the thread
+  // count), so they are bitwise the same. With an exchange the heads always run in order, since every rank must
+  // exchange their states in the same order.
   template <class Body>
-  void for_each_head(Index heads, double work, const Body& body) {
+  std::vector<HeadReport> for_each_head(Index heads, double work, const Body& body) {
     const int threads = exchange_ ? 1 : detail::head_threads(heads);
     if (kernels_.size() < static_cast<std::size_t>(threads)) kernels_.resize(static_cast<std::size_t>(threads));
     for (int t = 1; t < threads; ++t) kernels_[static_cast<std::size_t>(t)].configure_as(kernels_.front());
-    if (threads <= 1) {
-      for (Index h = 0; h < heads; ++h) body(h, kernels_.front());
-      return;
-    }
-    detail::parallel_for(heads, [&](Index h, int thread) { body(h, kernels_[static_cast<std::size_t>(thread)]); },
-                         work);
+    std::vector<HeadReport> reports(static_cast<std::size_t>(heads));
+    const auto run = [&](Index h, detail::PolynomialKernel<T>& kernel) {
+      body(h, kernel);
+      reports[static_cast<std::size_t>(h)] = {kernel.results_finite(), kernel.input_statistics()};
+    };
+    if (threads <= 1)
+      for (Index h = 0; h < heads; ++h) run(h, kernels_.front());
+    else
+      detail::parallel_for(heads, [&](Index h, int thread) { run(h, kernels_[static_cast<std::size_t>(thread)]); },
+                           work);
+    return reports;
+  }
+  static bool all_heads_finite(const std::vector<HeadReport>& reports) {
+    return std::all_of(reports.begin(), reports.end(), [](const HeadReport& r) { return r.finite; });
   }
 
   PolynomialAttentionOptions options_;
@@ -655,35 +671,29 @@ std::optional<Certificate> PolynomialAttention<T>::compute(const In& Q, const In
   // With an exchange, an error on this rank (a normaliser, found after that head's exchange) is held until every
   // head has exchanged its states and then thrown on every rank by succeeded(); serially it is thrown at once.
   std::exception_ptr failure;
-  // Per head, whether the kernel found its outputs finite (block by block) and, with measure_inputs, the
-  // statistics it took of the head's inputs.
-  std::vector<char> head_finite(static_cast<std::size_t>(shape.heads), 1);
-  std::vector<typename detail::PolynomialKernel<T>::InputStatistics> head_inputs(
-      static_cast<std::size_t>(shape.heads));
   const double work = static_cast<double>(shape.n) * static_cast<double>(shape.heads) * static_cast<double>(r) *
                       static_cast<double>(dv + 1);
-  for_each_head(shape.heads, work, [&](Index h, detail::PolynomialKernel<T>& kernel) {
+  const std::vector<HeadReport> reports = for_each_head(shape.heads, work, [&](Index h,
+                                                                               detail::PolynomialKernel<T>& kernel) {
     try {
       kernel.forward(detail::head_rows(Q.middleCols(h * shape.dk, shape.dk)),
                      detail::head_rows(K.middleCols(h * shape.dk, shape.dk)),
                      detail::head_rows(V.middleCols(h * dv, dv)), detail::head_output(O.middleCols(h * dv, dv)),
                      keep.normalisers.col(h), keep.shifts.col(h), keep.states.middleCols(h * state_cols, state_cols),
                      keep.incoming_states.middleCols(h * incoming_cols, incoming_cols), measure_inputs);
-      head_finite[static_cast<std::size_t>(h)] = kernel.results_finite();
-      if (measure_inputs) head_inputs[static_cast<std::size_t>(h)] = kernel.input_statistics();
     } catch (...) {
       if (!exchange_) throw;
       if (!failure) failure = std::current_exception();
     }
   });
-  const bool outputs_finite = std::all_of(head_finite.begin(), head_finite.end(), [](char f) { return f != 0; });
+  const bool outputs_finite = all_heads_finite(reports);
   // With measure_inputs, R and max |V| as measure() finds them, from the kernel's statistics of each head.
   double measured_radius = 0, max_abs_value = measured.max_abs_value;
   if (measure_inputs)
-    for (const auto& inputs : head_inputs) {
-      detail::include_head_radius(measured_radius, measured.scale, std::sqrt(inputs.max_query_norm2),
-                                  std::sqrt(inputs.max_key_norm2));
-      max_abs_value = detail::max_keeping_nan(max_abs_value, inputs.max_abs_value);
+    for (const HeadReport& report : reports) {
+      detail::include_head_radius(measured_radius, measured.scale, std::sqrt(report.inputs.max_query_norm2),
+                                  std::sqrt(report.inputs.max_key_norm2));
+      max_abs_value = detail::max_keeping_nan(max_abs_value, report.inputs.max_abs_value);
     }
   if (measure_inputs) {
     if (!outputs_finite || !std::isfinite(measured_radius) || !std::isfinite(max_abs_value)) return {};
