@@ -128,6 +128,7 @@ class PolynomialKernel {
                  StateExchange* exchange) {
     map_ = &map;
     poly_ = poly;
+    coefficients_.assign(poly.coeffs.begin(), poly.coeffs.end());
     causal_ = causal;
     chunk_size_ = chunk_size;
     scan_window_bytes_ = scan_window_bytes;
@@ -425,16 +426,16 @@ class PolynomialKernel {
   }
 
   // v = p(x) and, with `with_derivative`, d = p'(x) for a SIMD packet (or scalar) x by Horner, the running value
-  // and derivative in registers.
+  // and derivative in registers, for the `degree` + 1 coefficients `c` (coefficients_, passed in so that the loops
+  // that call it keep them in registers).
   template <class Packet>
-  void horner(const Packet& x, Packet& v, Packet& d, bool with_derivative) const {
+  static void horner(const T* c, Index degree, const Packet& x, Packet& v, Packet& d, bool with_derivative) {
     using namespace Eigen::internal;
-    const std::vector<double>& a = poly_.coeffs;
-    v = pset1<Packet>(static_cast<T>(a.back()));
+    v = pset1<Packet>(c[degree]);
     d = pset1<Packet>(T(0));
-    for (std::size_t t = a.size() - 1; t-- > 0;) {
+    for (Index t = degree; t-- > 0;) {
       if (with_derivative) d = padd(pmul(d, x), v);
-      v = padd(pmul(v, x), pset1<Packet>(static_cast<T>(a[t])));
+      v = padd(pmul(v, x), pset1<Packet>(c[t]));
     }
   }
 
@@ -443,13 +444,15 @@ class PolynomialKernel {
   // the blocks per coefficient).
   template <class Scores, class Values, class Derivatives>
   void polynomial_of(const Scores& scores, Values value, Derivatives derivative, bool with_derivative) const {
+    const T* c = coefficients_.data();
+    const Index degree = poly_.degree();
     for (Index j = 0; j < scores.cols(); ++j) {
       const T* s = scores.data() + j * scores.outerStride();
       T* p = value.data() + j * value.outerStride();
       T* dp = derivative.data() + j * derivative.outerStride();
       for_row_strips<T, 1>(scores.rows(), [&](Index i, Index, auto packet) {
         decltype(packet) v, d;
-        horner(Eigen::internal::ploadu<decltype(packet)>(s + i), v, d, with_derivative);
+        horner(c, degree, Eigen::internal::ploadu<decltype(packet)>(s + i), v, d, with_derivative);
         Eigen::internal::pstoreu(p + i, v);
         if (with_derivative) Eigen::internal::pstoreu(dp + i, d);
       });
@@ -461,15 +464,20 @@ class PolynomialKernel {
   // (block_product.hpp: the rest is not written and not read).
   void in_chunk_block(Workspace& w, Index rows, bool with_derivative) const {
     auto block = w.block.topLeftCorner(rows, rows);
-    auto derivative = w.derivative_block.topLeftCorner(rows, rows);
     causal_block_product<T>(top(w.scaled_queries, rows), top(w.scaled_keys, rows).transpose(), block);
-    for_causal_packets<T>(rows, [&](Index j, Index i, auto packet, const auto* on_or_below) {
+    T* const values = block.data();
+    T* const derivatives = w.derivative_block.data();
+    const Index values_stride = block.outerStride(), derivatives_stride = w.derivative_block.outerStride();
+    const T* const c = coefficients_.data();
+    const Index degree = poly_.degree();
+    for_causal_packets<T>(rows, [=](Index j, Index i, auto packet, const auto* on_or_below) {
       using namespace Eigen::internal;
       using Packet = decltype(packet);
+      T* const value = values + j * values_stride + i;
       Packet v, d;
-      horner(ploadu<Packet>(&block(i, j)), v, d, with_derivative);
-      pstoreu(&block(i, j), masked(v, on_or_below));
-      if (with_derivative) pstoreu(&derivative(i, j), d);
+      horner(c, degree, ploadu<Packet>(value), v, d, with_derivative);
+      pstoreu(value, masked(v, on_or_below));
+      if (with_derivative) pstoreu(derivatives + j * derivatives_stride + i, d);
     });
   }
 
@@ -989,13 +997,16 @@ class PolynomialKernel {
           causal_block_product<T>(adjoints.leftCols(dv + 1), values.transpose(), score_grads);
           // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K) and likewise for dK. Zero above the diagonal, as the
           // block is, so that the products below sum the masked pairs' exact zeros in the diagonal tiles.
-          const auto derivative = w.derivative_block.topLeftCorner(rows, rows);
-          for_causal_packets<T>(rows, [&](Index j, Index i, auto packet, const auto* on_or_below) {
+          const T* const derivatives = w.derivative_block.data();
+          T* const grads = score_grads.data();
+          const Index derivatives_stride = w.derivative_block.outerStride(), grads_stride = score_grads.outerStride();
+          for_causal_packets<T>(rows, [=](Index j, Index i, auto packet, const auto* on_or_below) {
             using namespace Eigen::internal;
             using Packet = decltype(packet);
-            const Packet grads = pmul(pmul(pset1<Packet>(sqrt_c), ploadu<Packet>(&derivative(i, j))),
-                                      ploadu<Packet>(&score_grads(i, j)));
-            pstoreu(&score_grads(i, j), masked(grads, on_or_below));
+            T* const grad = grads + j * grads_stride + i;
+            const Packet scaled = pmul(pmul(pset1<Packet>(sqrt_c), ploadu<Packet>(derivatives + j * derivatives_stride + i)),
+                                       ploadu<Packet>(grad));
+            pstoreu(grad, masked(scaled, on_or_below));
           });
           causal_product_add<T>(score_grads, top(w.scaled_keys, rows), dQb);
           auto transposed = w.transposed_block.topLeftCorner(rows, rows);
@@ -1118,6 +1129,7 @@ class PolynomialKernel {
 
   const FeatureMap<T>* map_ = nullptr;
   Polynomial poly_;
+  std::vector<T> coefficients_;  // poly_'s, in T: horner()'s
   bool causal_ = false;
   Index chunk_size_ = 0;
   std::size_t scan_window_bytes_ = 0;
