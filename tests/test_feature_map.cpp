@@ -138,6 +138,42 @@ TEST_CASE("raw monomials, weights and the scaled input reproduce the kernel", "[
   }
 }
 
+TEMPLATE_TEST_CASE("monomials with column sums: the same monomials and 1^T M", "[feature_map]", float, double) {
+  using T = TestType;
+  const FeatureMap<T> map(FeatureMapKind::symmetric, 5, taylor_exp(2), 0.6);
+  const Index r = map.width();
+  // Whole strips of 4 SIMD packets, a strip cut short, single rows after the last packet, and fewer rows than one.
+  for (const Index n : {Index(64), Index(128), Index(100), Index(70), Index(5), Index(1)}) {
+    CAPTURE(n);
+    const Matrix<T> X = random_matrix<T>(n, 5, 90 + static_cast<unsigned>(n));
+    Matrix<T> scaled(n, 5), M(n, r), scaled_plain(n, 5), M_plain(n, r);
+    polyattn::Vector<T> sums = polyattn::Vector<T>::Constant(r, T(7));  // overwritten, not added to
+    map.monomials(X, scaled, M, sums);
+    map.monomials(X, scaled_plain, M_plain);
+    REQUIRE(M == M_plain);
+    REQUIRE(scaled == scaled_plain);
+    // Each sum adds n terms in some order: within n u sum_i |M_ik| of the sum in double.
+    const Eigen::MatrixXd exact = M.template cast<double>();
+    for (Index k = 0; k < r; ++k) {
+      const double bound = static_cast<double>(n) * std::numeric_limits<T>::epsilon() * exact.col(k).cwiseAbs().sum();
+      REQUIRE(std::abs(static_cast<double>(sums(k)) - exact.col(k).sum()) <= bound);
+    }
+    REQUIRE(sums(0) == static_cast<T>(n));
+  }
+  const Matrix<T> X = random_matrix<T>(8, 5, 97);
+  Matrix<T> scaled(8, 5), M(8, r);
+  polyattn::Vector<T> short_sums(r - 1);
+  REQUIRE_THROWS_AS(map.monomials(X, scaled, M, short_sums), std::invalid_argument);
+  REQUIRE_THROWS_WITH(map.monomials(X, scaled, M, short_sums),
+                      Contains("FeatureMap::monomials") && Contains("'column_sums'") && Contains(std::to_string(r)) &&
+                          Contains(std::to_string(r - 1)));
+  Matrix<T> wide(8, r + 5);
+  wide.leftCols(5) = X;
+  Eigen::Map<polyattn::Vector<T>> overlapping(wide.data(), r);
+  REQUIRE_THROWS_WITH(map.monomials(wide.leftCols(5), scaled, M, overlapping),
+                      Contains("'column_sums'") && Contains("'X'"));
+}
+
 TEST_CASE("feature widths are C(d+g, g) and sum_t d^t", "[feature_map]") {
   for (Index d = 1; d <= 8; ++d)
     for (int g = 0; g <= 5; ++g) {

@@ -107,7 +107,26 @@ class FeatureMap {
                                {detail::memory_of("scaled", scaled), detail::memory_of("M", M)},
                                {detail::memory_of("X", X)});
     scaled.noalias() = static_cast<T>(std::sqrt(scale_)) * X;
-    expand(scaled, M);
+    expand<false>(scaled, M, nullptr);
+  }
+
+  /// monomials() and their column sums \f$\mathbf 1^\top M\f$ into `column_sums` (width entries): the normaliser row
+  /// of a key state \f$[V, \mathbf 1]^\top M\f$, summed while each column's rows are in registers rather than in a
+  /// pass over M of its own. Each column is summed in strips of (up to) 4 SIMD packets of rows, the strips in order.
+  template <class Derived>
+  void monomials(const Eigen::MatrixBase<Derived>& X, MatrixRef<T> scaled, MatrixRef<T> M,
+                 Eigen::Ref<Vector<T>> column_sums) const {
+    check_rows("monomials", X, M);
+    detail::require(column_sums.size() == width(), "polyattn::FeatureMap::monomials", "argument 'column_sums' must have ",
+                    width(), " entries, got ", column_sums.size());
+    if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit))
+      detail::require_disjoint("polyattn::FeatureMap::monomials",
+                               {detail::memory_of("scaled", scaled), detail::memory_of("M", M),
+                                detail::memory_of("column_sums", column_sums)},
+                               {detail::memory_of("X", X)});
+    scaled.noalias() = static_cast<T>(std::sqrt(scale_)) * X;
+    column_sums.setZero();
+    expand<true>(scaled, M, column_sums.data());
   }
 
   /// Weighted features: \f$\varphi_Q = \mathrm{sign}(\omega)\sqrt{|\omega|}\circ m\f$,
@@ -119,7 +138,7 @@ class FeatureMap {
       detail::require_disjoint("polyattn::FeatureMap::features", {detail::memory_of("F", F)},
                                {detail::memory_of("X", X)});
     Matrix<T> scaled = static_cast<T>(std::sqrt(scale_)) * X;
-    expand(scaled, F);
+    expand<false>(scaled, F, nullptr);
     const Vector<T>& w = side == FeatureSide::query ? query_weights_ : key_weights_;
     F.array().rowwise() *= w.transpose().array();
   }
@@ -138,7 +157,9 @@ class FeatureMap {
     detail::require_shape(where.c_str(), "output", F, X.rows(), width());
   }
 
-  void expand(const ConstMatrixRef<T>& scaled, MatrixRef<T> M) const;
+  // M = the monomials of the rows `scaled`; with Sums, also adds their column sums into `sums`.
+  template <bool Sums>
+  void expand(const ConstMatrixRef<T>& scaled, MatrixRef<T> M, T* sums) const;
 
   // Builds degree t from degree t-1. Symmetric: x_j times every degree-(t-1) monomial whose smallest
   // variable is >= j (graded order, so those form a contiguous range starting at first_with_lead[j]);
@@ -220,43 +241,74 @@ void FeatureMap<T>::monomials_backward(MatrixRef<T> dM, const ConstMatrixRef<T>&
   const T root_scale = static_cast<T>(std::sqrt(scale_));
   // Row by row the same operations in the same order as a column-by-column pass (rows are independent), done on
   // strips of 4 packets of rows so that the strip's columns stay in L1 and no per-column setup dominates (a chunk
-  // of 64 rows is 4 packets of floats).
-  detail::for_row_strips<T, 4>(M.rows(), [&](Index i0, Index i1, auto packet) {
+  // of 64 rows is 4 packets of floats). What the loops read is in locals, as in expand().
+  T* const grads = dM.data();
+  const T* const values = M.data();
+  const T* const x_data = scaled.data();
+  T* const x_grads = dX.data();
+  const Index grads_ld = dM.outerStride(), values_ld = M.outerStride(), x_ld = scaled.outerStride(),
+              x_grads_ld = dX.outerStride();
+  const Index* const parents = parent_.data();
+  const Index* const variables = variable_.data();
+  const Index r = width();
+  detail::for_row_strips<T, 4>(M.rows(), [=](Index i0, Index i1, auto packet) {
     using Packet = decltype(packet);
     using namespace Eigen::internal;
     constexpr Index lanes = sizeof(Packet) / sizeof(T);
     const Packet factor = pset1<Packet>(root_scale);
-    for (Index k = width() - 1; k >= 1; --k) {
-      const Index parent = parent_[static_cast<std::size_t>(k)];
-      const Index var = variable_[static_cast<std::size_t>(k)];
-      const T* grad = dM.data() + k * dM.outerStride();
-      const T* parent_value = M.data() + parent * M.outerStride();
-      const T* x = scaled.data() + var * scaled.outerStride();
-      T* x_grad = dX.data() + var * dX.outerStride();
-      T* parent_grad = dM.data() + parent * dM.outerStride();
-      for (Index i = i0; i < i1; i += lanes) {
-        const Packet g = ploadu<Packet>(grad + i);
-        pstoreu(x_grad + i, padd(ploadu<Packet>(x_grad + i), pmul(pmul(factor, g), ploadu<Packet>(parent_value + i))));
-        pstoreu(parent_grad + i, padd(ploadu<Packet>(parent_grad + i), pmul(g, ploadu<Packet>(x + i))));
+    const Index packets = (i1 - i0) / lanes;
+    for (Index k = r - 1; k >= 1;) {
+      // The features of one variable are consecutive: their terms of dX add up in registers, in the same order.
+      const Index var = variables[k];
+      const T* x = x_data + var * x_ld + i0;
+      T* x_grad = x_grads + var * x_grads_ld + i0;
+      Packet x_grad_sum[4];
+      for (Index p = 0; p < packets; ++p) x_grad_sum[p] = ploadu<Packet>(x_grad + p * lanes);
+      for (; k >= 1 && variables[k] == var; --k) {
+        const T* grad = grads + k * grads_ld + i0;
+        const T* parent_value = values + parents[k] * values_ld + i0;
+        T* parent_grad = grads + parents[k] * grads_ld + i0;
+        for (Index p = 0; p < packets; ++p) {
+          const Packet g = ploadu<Packet>(grad + p * lanes);
+          x_grad_sum[p] = padd(x_grad_sum[p], pmul(pmul(factor, g), ploadu<Packet>(parent_value + p * lanes)));
+          pstoreu(parent_grad + p * lanes,
+                  padd(ploadu<Packet>(parent_grad + p * lanes), pmul(g, ploadu<Packet>(x + p * lanes))));
+        }
       }
+      for (Index p = 0; p < packets; ++p) pstoreu(x_grad + p * lanes, x_grad_sum[p]);
     }
   });
 }
 
 template <class T>
-void FeatureMap<T>::expand(const ConstMatrixRef<T>& scaled, MatrixRef<T> M) const {
-  detail::for_row_strips<T, 4>(M.rows(), [&](Index i0, Index i1, auto packet) {
+template <bool Sums>
+void FeatureMap<T>::expand(const ConstMatrixRef<T>& scaled, MatrixRef<T> M, T* sums) const {
+  // Everything the loops read is in locals: a SIMD store may alias anything, so members and references would be
+  // read again after each one.
+  T* const out = M.data();
+  const Index ld = M.outerStride(), r = width();
+  const T* const x_data = scaled.data();
+  const Index x_ld = scaled.outerStride();
+  const Index* const parents = parent_.data();
+  const Index* const variables = variable_.data();
+  detail::for_row_strips<T, 4>(M.rows(), [=](Index i0, Index i1, auto packet) {
     using Packet = decltype(packet);
     using namespace Eigen::internal;
     constexpr Index lanes = sizeof(Packet) / sizeof(T);
-    T* const out = M.data();
-    const Index ld = M.outerStride();
-    for (Index i = i0; i < i1; i += lanes) pstoreu(out + i, pset1<Packet>(T(1)));
-    for (Index k = 1; k < width(); ++k) {
-      const T* parent = out + parent_[static_cast<std::size_t>(k)] * ld;
-      const T* x = scaled.data() + variable_[static_cast<std::size_t>(k)] * scaled.outerStride();
-      for (Index i = i0; i < i1; i += lanes)
-        pstoreu(out + k * ld + i, pmul(ploadu<Packet>(parent + i), ploadu<Packet>(x + i)));
+    const Packet one = pset1<Packet>(T(1));
+    for (Index i = i0; i < i1; i += lanes) pstoreu(out + i, one);
+    if constexpr (Sums) sums[0] += static_cast<T>(i1 - i0);
+    for (Index k = 1; k < r; ++k) {
+      const T* parent = out + parents[k] * ld;
+      const T* x = x_data + variables[k] * x_ld;
+      T* column = out + k * ld;
+      Packet sum = pset1<Packet>(T(0));
+      for (Index i = i0; i < i1; i += lanes) {
+        const Packet value = pmul(ploadu<Packet>(parent + i), ploadu<Packet>(x + i));
+        pstoreu(column + i, value);
+        if constexpr (Sums) sum = padd(sum, value);
+      }
+      if constexpr (Sums) sums[k] += predux(sum);
     }
   });
 }

@@ -232,6 +232,8 @@ class PolynomialKernel {
     // Scratch of transposed_product() (a chunk's state [V, 1]^T M or E^T M).
     Matrix<T> transposed_operand;
     Vector<T> inverse_normalisers;
+    // The column sums of the key monomials of the chunk or block in w.monomials (load_keys()).
+    Vector<T> key_sums;
     // Exact window only. A near-field tile (near_tile_rows() x near_band()): its scores, p and p' of them, its
     // weights W and W', and the score gradients; the band's scaled rows, values [V, 1] and query adjoints; per
     // query of the band its inverse normaliser, shift and far scale; per row of the tile its largest near score.
@@ -264,6 +266,7 @@ class PolynomialKernel {
       ensure_shape(w.adjoints, rows, dv + 2);
       ensure_shape(w.weighted_state_grads, dv + 2, r);
       if (w.inverse_normalisers.size() != rows) w.inverse_normalisers.resize(rows);
+      if (w.key_sums.size() != r) w.key_sums.resize(r);
       if (causal_) {
         ensure_shape(w.block, rows, rows);
         ensure_shape(w.derivative_block, rows, rows);
@@ -353,7 +356,7 @@ class PolynomialKernel {
   // with measure_inputs, their statistics.
   void load_keys(Workspace& w, const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first, Index rows) const {
     const ConstMatrixRef<T> keys = Kh.block(first, rows, w.staged_qk);
-    expand(w, keys, w.scaled_keys);
+    map_->monomials(keys, top(w.scaled_keys, rows), top(w.monomials, rows), w.key_sums);
     load_values(w, Vh, first, rows);
     measure_keys(w, keys, top(w.values, rows).leftCols(Vh.cols()));
   }
@@ -716,11 +719,19 @@ class PolynomialKernel {
     return std::clamp<Index>(fitting, 1, std::max<Index>(chunks, 1));
   }
 
+  // The transposed key state [V, 1]^T M of the rows loaded by load_keys(): V^T M and the monomials' column sums.
+  void key_state(Workspace& w, Index rows, MatrixRef<T> state) const {
+    const Index dv = state.rows() - 1;
+    transposed_product<T>(top(w.values, rows).leftCols(dv), top(w.monomials, rows), state.topRows(dv),
+                          w.transposed_operand);
+    state.row(dv) = w.key_sums.transpose();
+  }
+
   // Writes the transposed key state [V, 1]^T M_K diag(w) of the rows [first_row, first_row + rows) into `slot`.
   void chunk_key_state(Workspace& w, const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first_row,
                        Index rows, MatrixRef<T> slot) const {
     load_keys(w, Kh, Vh, first_row, rows);
-    transposed_product<T>(top(w.values, rows), top(w.monomials, rows), slot, w.transposed_operand);
+    key_state(w, rows, slot);
     slot.array().rowwise() *= map_->weights().transpose().array();
   }
 
@@ -735,8 +746,7 @@ class PolynomialKernel {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index k0 = block * b, rows = std::min(b, m - k0);
       load_keys(w, Kh, Vh, k0, rows);
-      transposed_product<T>(top(w.values, rows), top(w.monomials, rows), partial(block, dv + 1),
-                            w.transposed_operand);
+      key_state(w, rows, partial(block, dv + 1));
     }, work(m, dv));
     sum_partials(key_blocks, state);
     state = state * map_->weights().asDiagonal();
