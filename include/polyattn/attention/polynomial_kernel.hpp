@@ -687,8 +687,10 @@ class PolynomialKernel {
   // The running sum `carry` over the slots (each of carry's shape, side by side, stored contiguously) made
   // exclusive: slot s receives the sum of the slots before it (in `order`: +1 forward, -1 backward) plus the
   // incoming carry, and `carry` ends as the sum of all. Parallel over ranges of the slots' entries, each entry
-  // summed in slot order.
-  static void exclusive_scan(MatrixRef<T> slots, Matrix<T>& carry, int order) {
+  // summed in slot order, whenever the window's chunk loops are (`work`: theirs): by its own few additions per
+  // entry it would stay on one thread, which then streamed every slot while the others waited (at 2^18 on two
+  // threads, 1-2% of the causal forward and of the adjoint).
+  static void exclusive_scan(MatrixRef<T> slots, Matrix<T>& carry, int order, double work) {
     const Index size = carry.size(), count = slots.cols() / carry.cols();
     eigen_assert(slots.outerStride() == slots.rows() && carry.rows() == slots.rows());
     constexpr Index entries_per_block = 256;
@@ -701,7 +703,7 @@ class PolynomialKernel {
         slot.swap(running);
         running += slot;
       }
-    }, static_cast<double>(slots.size()));
+    }, work);
   }
 
   // Chunks per window of the causal scan: as many slots of width x r as fit scan_window_bytes (at least one);
@@ -801,7 +803,7 @@ class PolynomialKernel {
       MatrixRef<T> slots = keep ? MatrixRef<T>(checkpoints.middleCols(first * r, count * r))
                                 : MatrixRef<T>(window_states_.leftCols(count * r));
       if (kept_states_ready)
-        exclusive_scan(slots, carry_, +1);
+        exclusive_scan(slots, carry_, +1, work(count * b, dv));
       else
         prefix_states(Kh, Vh, first, count, slots, ws);
       parallel_for(count, [&](Index k, int thread) {
@@ -953,7 +955,7 @@ class PolynomialKernel {
         } else {
           query_state_grads(Qh, Oh, Gh, normalisers, shifts, first, count, slots, ws,
                             [](Workspace&, Index, Index, Index) {});
-          exclusive_scan(slots, state_grads_, -1);
+          exclusive_scan(slots, state_grads_, -1, work(count * b, dv));
         }
       }
       combine_over_ranks(state_grads_, Ranks::later);
@@ -967,7 +969,7 @@ class PolynomialKernel {
       auto slots = slots_of_window(first, count);
       const ConstMatrixRef<T> prefix = prefix_of_window(first, count);
       if (!slots_kept) window_state_grads(first, count);
-      exclusive_scan(slots, state_grads_, -1);
+      exclusive_scan(slots, state_grads_, -1, work(count * b, dv));
       parallel_for(count, [&](Index k, int thread) {
         Workspace& w = ws[static_cast<std::size_t>(thread)];
         const Index s = (first + k) * b, rows = std::min(b, n - s);
@@ -1057,8 +1059,9 @@ class PolynomialKernel {
   // window the lagged Z^{<s-lag}: the slot of chunk s receives Delta Z_{s-lag}, so the same scan sums them.
   void prefix_states(const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first, Index count,
                      MatrixRef<T> slots, std::vector<Workspace>& ws) {
-    key_states(Kh, Vh, first, count, slots, ws, -near_lag(scan_rows(Kh.rows())));
-    exclusive_scan(slots, carry_, +1);
+    const Index b = scan_rows(Kh.rows());
+    key_states(Kh, Vh, first, count, slots, ws, -near_lag(b));
+    exclusive_scan(slots, carry_, +1, work(count * b, Vh.cols()));
   }
 
   // E_t^T M_{Q,t} of chunks [first, first + count) into `slots` (count slots of (d_v+2) x r); with an exact window
