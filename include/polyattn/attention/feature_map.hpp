@@ -101,7 +101,7 @@ class FeatureMap {
   /// memory with `X` or each other (std::invalid_argument), here and in features() and monomials_backward().
   template <class Derived>
   void monomials(const Eigen::MatrixBase<Derived>& X, MatrixRef<T> scaled, MatrixRef<T> M) const {
-    check_rows("monomials", X, M);
+    check_rows("polyattn::FeatureMap::monomials", X, M);
     if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit))
       detail::require_disjoint("polyattn::FeatureMap::monomials",
                                {detail::memory_of("scaled", scaled), detail::memory_of("M", M)},
@@ -116,7 +116,7 @@ class FeatureMap {
   template <class Derived>
   void monomials(const Eigen::MatrixBase<Derived>& X, MatrixRef<T> scaled, MatrixRef<T> M,
                  Eigen::Ref<Vector<T>> column_sums) const {
-    check_rows("monomials", X, M);
+    check_rows("polyattn::FeatureMap::monomials", X, M);
     detail::require(column_sums.size() == width(), "polyattn::FeatureMap::monomials", "argument 'column_sums' must have ",
                     width(), " entries, got ", column_sums.size());
     if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit))
@@ -133,7 +133,7 @@ class FeatureMap {
   /// \f$\varphi_K = \sqrt{|\omega|}\circ m\f$, so \f$\varphi_Q(q)^\top\varphi_K(k) = p(c\,q^\top k)\f$.
   template <class Derived>
   void features(const Eigen::MatrixBase<Derived>& X, FeatureSide side, MatrixRef<T> F) const {
-    check_rows("features", X, F);
+    check_rows("polyattn::FeatureMap::features", X, F);
     if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit))
       detail::require_disjoint("polyattn::FeatureMap::features", {detail::memory_of("F", F)},
                                {detail::memory_of("X", X)});
@@ -150,11 +150,9 @@ class FeatureMap {
 
  private:
   template <class Derived>
-  void check_rows(const char* what, const Eigen::MatrixBase<Derived>& X, const MatrixRef<T>& F) const {
-    const std::string where = std::string("polyattn::FeatureMap::") + what;
-    detail::require(X.cols() == dim_, where.c_str(), "argument 'X' must have ", dim_, " columns, got ",
-                    X.cols());
-    detail::require_shape(where.c_str(), "output", F, X.rows(), width());
+  void check_rows(const char* where, const Eigen::MatrixBase<Derived>& X, const MatrixRef<T>& F) const {
+    detail::require(X.cols() == dim_, where, "argument 'X' must have ", dim_, " columns, got ", X.cols());
+    detail::require_shape(where, "output", F, X.rows(), width());
   }
 
   // M = the monomials of the rows `scaled`; with Sums, also adds their column sums into `sums`.

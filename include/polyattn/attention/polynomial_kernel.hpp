@@ -232,7 +232,7 @@ class PolynomialKernel {
     // Scratch of transposed_product() (a chunk's state [V, 1]^T M or E^T M).
     Matrix<T> transposed_operand;
     Vector<T> inverse_normalisers;
-    // The column sums of the key monomials of the chunk or block in w.monomials (load_keys()).
+    // The column sums of the key monomials in w.monomials (load_keys_into_state()).
     Vector<T> key_sums;
     // Exact window only. A near-field tile (near_tile_rows() x near_band()): its scores, p and p' of them, its
     // weights W and W', and the score gradients; the band's scaled rows, values [V, 1] and query adjoints; per
@@ -356,7 +356,7 @@ class PolynomialKernel {
   // with measure_inputs, their statistics.
   void load_keys(Workspace& w, const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first, Index rows) const {
     const ConstMatrixRef<T> keys = Kh.block(first, rows, w.staged_qk);
-    map_->monomials(keys, top(w.scaled_keys, rows), top(w.monomials, rows), w.key_sums);
+    expand(w, keys, w.scaled_keys);
     load_values(w, Vh, first, rows);
     measure_keys(w, keys, top(w.values, rows).leftCols(Vh.cols()));
   }
@@ -721,9 +721,15 @@ class PolynomialKernel {
     return std::clamp<Index>(fitting, 1, std::max<Index>(chunks, 1));
   }
 
-  // The transposed key state [V, 1]^T M of the rows loaded by load_keys(): V^T M and the monomials' column sums.
-  void key_state(Workspace& w, Index rows, MatrixRef<T> state) const {
-    const Index dv = state.rows() - 1;
+  // The key rows [first, first + rows) into w, as load_keys() does, and their transposed state [V, 1]^T M_K into
+  // `state` ((d_v+1) x r): V^T M_K, and the normaliser row 1^T M_K summed while the monomials are written.
+  void load_keys_into_state(Workspace& w, const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first, Index rows,
+                            MatrixRef<T> state) const {
+    const Index dv = Vh.cols();
+    const ConstMatrixRef<T> keys = Kh.block(first, rows, w.staged_qk);
+    map_->monomials(keys, top(w.scaled_keys, rows), top(w.monomials, rows), w.key_sums);
+    load_values(w, Vh, first, rows);
+    measure_keys(w, keys, top(w.values, rows).leftCols(dv));
     transposed_product<T>(top(w.values, rows).leftCols(dv), top(w.monomials, rows), state.topRows(dv),
                           w.transposed_operand);
     state.row(dv) = w.key_sums.transpose();
@@ -732,8 +738,7 @@ class PolynomialKernel {
   // Writes the transposed key state [V, 1]^T M_K diag(w) of the rows [first_row, first_row + rows) into `slot`.
   void chunk_key_state(Workspace& w, const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first_row,
                        Index rows, MatrixRef<T> slot) const {
-    load_keys(w, Kh, Vh, first_row, rows);
-    key_state(w, rows, slot);
+    load_keys_into_state(w, Kh, Vh, first_row, rows, slot);
     slot.array().rowwise() *= map_->weights().transpose().array();
   }
 
@@ -747,8 +752,7 @@ class PolynomialKernel {
     parallel_for(key_blocks, [&](Index block, int thread) {
       Workspace& w = ws[static_cast<std::size_t>(thread)];
       const Index k0 = block * b, rows = std::min(b, m - k0);
-      load_keys(w, Kh, Vh, k0, rows);
-      key_state(w, rows, partial(block, dv + 1));
+      load_keys_into_state(w, Kh, Vh, k0, rows, partial(block, dv + 1));
     }, work(m, dv));
     sum_partials(key_blocks, state);
     state = state * map_->weights().asDiagonal();
