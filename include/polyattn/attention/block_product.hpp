@@ -43,11 +43,14 @@ namespace polyattn {
 namespace detail {
 
 /// Register tile of block_product() for Packet: `row_packets` packets of rows times `columns` columns, as many
-/// accumulators as the target's SIMD registers allow beside the loads and the broadcast. The 2 or 3 packets of
-/// rows left after the last full tile (a causal chunk's panels of 48 and 32 rows) take one tile of
-/// remainder_columns() columns, 16 accumulators, rather than single packets that each read the same entries of B
-/// again (causal adjoint at 2^18 in float, AVX-512, one thread: 2-2.5% faster; 24 accumulators gained less, and
-/// a single packet stays at `columns`: 12, 16 or 24 columns made the 16-row products of the chunk states slower).
+/// accumulators as the target's SIMD registers allow beside the loads and the broadcast. The 1 to 3 packets of
+/// rows left after the last full tile (a causal chunk's panels of 48, 32 and 16 rows, and the 16 value or adjoint
+/// columns of a chunk's state, transposed) take one tile of remainder_columns() columns rather than single packets
+/// that each read the same entries of B again (causal adjoint at 2^18 in float, AVX-512, one thread: 2-2.5%
+/// faster; 24 accumulators gained less). A single packet takes 8 columns where there are 32 registers: 8
+/// independent multiply-add chains cover the FMA latency (4 cycles at 2 per cycle), which 6 did not (the
+/// polynomial forward at 2^18: causal 28.2 -> 27.6 ms, non-causal 20.9-21.6 -> 20.5-20.9 ms); 10 or 12 columns
+/// are more than POLYATTN_UNROLL unrolls, and their accumulators spill (34-35 ms).
 template <class T>
 struct BlockProductTile {
   using Packet = typename Eigen::internal::packet_traits<T>::type;
@@ -56,7 +59,9 @@ struct BlockProductTile {
   static constexpr int row_packets = registers >= 32 ? 4 : registers >= 16 ? 2 : 1;
   static constexpr int columns = registers >= 32 ? 6 : registers >= 16 ? 5 : 3;
   /// Columns of the tile of the `packets` (1 to row_packets - 1) packets of rows after the last full tile.
-  static constexpr int remainder_columns(int packets) { return packets == 1 ? columns : 16 / packets; }
+  static constexpr int remainder_columns(int packets) {
+    return packets == 1 ? (registers >= 32 ? 8 : columns) : 16 / packets;
+  }
 };
 
 /// One tile: C(0 : RowPackets lanes, 0 : Columns) = (C +, with Accumulate) A(rows, 0 : depth) B(0 : depth,
