@@ -256,7 +256,8 @@ void FeatureMap<T>::monomials_backward(MatrixRef<T> dM, const ConstMatrixRef<T>&
     const Packet factor = pset1<Packet>(root_scale);
     const Index packets = (i1 - i0) / lanes;
     for (Index k = r - 1; k >= 1;) {
-      // The features of one variable are consecutive: their terms of dX add up in registers, in the same order.
+      // Features come in runs of one variable (build_plan() takes the variables in order within each degree): a
+      // run's terms of dX add up in registers, in the same order as through memory.
       const Index var = variables[k];
       const T* x = x_data + var * x_ld + i0;
       T* x_grad = x_grads + var * x_grads_ld + i0;
