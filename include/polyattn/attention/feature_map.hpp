@@ -22,6 +22,11 @@
 ///   polyattn::Matrix<float> Fq(n, map.width()), Fk(n, map.width());
 ///   map.features(Q, polyattn::FeatureSide::query, Fq);
 ///   map.features(K, polyattn::FeatureSide::key, Fk);   // Fq * Fk^T ~ p(0.25 * Q K^T)
+///
+///   // Raw monomials of a chunk of keys, sqrt(c) K and the column sums 1^T M (a key state's normaliser row):
+///   polyattn::Matrix<float> scaled(b, 16), M(b, map.width());
+///   polyattn::Vector<float> sums(map.width());
+///   map.monomials(K.topRows(b), scaled, M, sums);
 /// \endcode
 #pragma once
 
