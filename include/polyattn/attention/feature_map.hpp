@@ -106,13 +106,7 @@ class FeatureMap {
   /// memory with `X` or each other (std::invalid_argument), here and in features() and monomials_backward().
   template <class Derived>
   void monomials(const Eigen::MatrixBase<Derived>& X, MatrixRef<T> scaled, MatrixRef<T> M) const {
-    check_rows("polyattn::FeatureMap::monomials", X, M);
-    if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit))
-      detail::require_disjoint("polyattn::FeatureMap::monomials",
-                               {detail::memory_of("scaled", scaled), detail::memory_of("M", M)},
-                               {detail::memory_of("X", X)});
-    scaled.noalias() = static_cast<T>(std::sqrt(scale_)) * X;
-    expand<false>(scaled, M, nullptr);
+    monomials_into(X, scaled, M, nullptr);
   }
 
   /// monomials() and their column sums \f$\mathbf 1^\top M\f$ into `column_sums` (width entries): the normaliser row
@@ -121,17 +115,7 @@ class FeatureMap {
   template <class Derived>
   void monomials(const Eigen::MatrixBase<Derived>& X, MatrixRef<T> scaled, MatrixRef<T> M,
                  Eigen::Ref<Vector<T>> column_sums) const {
-    check_rows("polyattn::FeatureMap::monomials", X, M);
-    detail::require(column_sums.size() == width(), "polyattn::FeatureMap::monomials", "argument 'column_sums' must have ",
-                    width(), " entries, got ", column_sums.size());
-    if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit))
-      detail::require_disjoint("polyattn::FeatureMap::monomials",
-                               {detail::memory_of("scaled", scaled), detail::memory_of("M", M),
-                                detail::memory_of("column_sums", column_sums)},
-                               {detail::memory_of("X", X)});
-    scaled.noalias() = static_cast<T>(std::sqrt(scale_)) * X;
-    column_sums.setZero();
-    expand<true>(scaled, M, column_sums.data());
+    monomials_into(X, scaled, M, &column_sums);
   }
 
   /// Weighted features: \f$\varphi_Q = \mathrm{sign}(\omega)\sqrt{|\omega|}\circ m\f$,
@@ -158,6 +142,32 @@ class FeatureMap {
   void check_rows(const char* where, const Eigen::MatrixBase<Derived>& X, const MatrixRef<T>& F) const {
     detail::require(X.cols() == dim_, where, "argument 'X' must have ", dim_, " columns, got ", X.cols());
     detail::require_shape(where, "output", F, X.rows(), width());
+  }
+
+  // Both monomials(), without the column sums when `column_sums` is null: the checks, sqrt(c) X into `scaled`,
+  // then expand().
+  template <class Derived>
+  void monomials_into(const Eigen::MatrixBase<Derived>& X, MatrixRef<T> scaled, MatrixRef<T> M,
+                      Eigen::Ref<Vector<T>>* column_sums) const {
+    constexpr const char* where = "polyattn::FeatureMap::monomials";
+    check_rows(where, X, M);
+    if (column_sums)
+      detail::require(column_sums->size() == width(), where, "argument 'column_sums' must have ", width(),
+                      " entries, got ", column_sums->size());
+    if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit))
+      detail::require_disjoint(where,
+                               {detail::memory_of("scaled", scaled), detail::memory_of("M", M),
+                                // without sums an empty view, which overlaps nothing
+                                column_sums ? detail::memory_of("column_sums", *column_sums)
+                                            : detail::memory_of("column_sums", M.leftCols(0))},
+                               {detail::memory_of("X", X)});
+    scaled.noalias() = static_cast<T>(std::sqrt(scale_)) * X;
+    if (column_sums) {
+      column_sums->setZero();
+      expand<true>(scaled, M, column_sums->data());
+    } else {
+      expand<false>(scaled, M, nullptr);
+    }
   }
 
   // M = the monomials of the rows `scaled`; with Sums, also adds their column sums into `sums`.

@@ -352,11 +352,15 @@ class PolynomialKernel {
     measure_queries(w, queries);
   }
 
-  // The key rows [first, first + rows) into w: their monomials and sqrt(c) K (expand()) and [V, 1] (load_values());
-  // with measure_inputs, their statistics.
-  void load_keys(Workspace& w, const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first, Index rows) const {
+  // The key rows [first, first + rows) into w: their monomials and sqrt(c) K (expand()), with `key_sums` also the
+  // monomials' column sums into w.key_sums, and [V, 1] (load_values()); with measure_inputs, their statistics.
+  void load_keys(Workspace& w, const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first, Index rows,
+                 bool key_sums = false) const {
     const ConstMatrixRef<T> keys = Kh.block(first, rows, w.staged_qk);
-    expand(w, keys, w.scaled_keys);
+    if (key_sums)
+      map_->monomials(keys, top(w.scaled_keys, rows), top(w.monomials, rows), w.key_sums);
+    else
+      expand(w, keys, w.scaled_keys);
     load_values(w, Vh, first, rows);
     measure_keys(w, keys, top(w.values, rows).leftCols(Vh.cols()));
   }
@@ -721,15 +725,12 @@ class PolynomialKernel {
     return std::clamp<Index>(fitting, 1, std::max<Index>(chunks, 1));
   }
 
-  // The key rows [first, first + rows) into w, as load_keys() does, and their transposed state [V, 1]^T M_K into
-  // `state` ((d_v+1) x r): V^T M_K, and the normaliser row 1^T M_K summed while the monomials are written.
+  // The key rows [first, first + rows) into w (load_keys()) and their transposed state [V, 1]^T M_K into `state`
+  // ((d_v+1) x r): V^T M_K, and the normaliser row 1^T M_K summed while the monomials are written.
   void load_keys_into_state(Workspace& w, const HeadRows<T>& Kh, const HeadRows<T>& Vh, Index first, Index rows,
                             MatrixRef<T> state) const {
     const Index dv = Vh.cols();
-    const ConstMatrixRef<T> keys = Kh.block(first, rows, w.staged_qk);
-    map_->monomials(keys, top(w.scaled_keys, rows), top(w.monomials, rows), w.key_sums);
-    load_values(w, Vh, first, rows);
-    measure_keys(w, keys, top(w.values, rows).leftCols(dv));
+    load_keys(w, Kh, Vh, first, rows, /*key_sums=*/true);
     transposed_product<T>(top(w.values, rows).leftCols(dv), top(w.monomials, rows), state.topRows(dv),
                           w.transposed_operand);
     state.row(dv) = w.key_sums.transpose();
