@@ -344,6 +344,92 @@ TEST_CASE("parallel_for rethrows the exception of the lowest failing block on th
   }
 }
 
+TEST_CASE("parallel_pass runs its loops in order, each split as parallel_for splits it", "[parallel][threads]") {
+  ThreadCountGuard guard;
+  for (const int threads : {1, 2, 3, 4}) {
+    polyattn::set_num_threads(threads);
+    const std::vector<Index> loops = {5, 0, 17, 1, 3};
+    // The thread parallel_for() alone gives each block, to compare with.
+    std::vector<std::vector<int>> expected_thread;
+    for (const Index blocks : loops) {
+      expected_thread.emplace_back(static_cast<std::size_t>(blocks), -1);
+      polyattn::detail::parallel_for(blocks, [&](Index block, int thread) {
+        expected_thread.back()[static_cast<std::size_t>(block)] = thread;
+      });
+    }
+    std::vector<std::vector<int>> visits, thread_of;
+    for (const Index blocks : loops) {
+      visits.emplace_back(static_cast<std::size_t>(blocks), 0);
+      thread_of.emplace_back(static_cast<std::size_t>(blocks), -1);
+    }
+    // Each loop's blocks read what the whole previous loop wrote, and the serial steps between them.
+    std::vector<Index> written(loops.size(), 0), seen_before(loops.size(), -1);
+    int serial_steps = 0;
+    const int team = polyattn::detail::parallel_threads(17);
+    polyattn::detail::parallel_pass(team, [&] {
+      for (std::size_t l = 0; l < loops.size(); ++l) {
+        polyattn::detail::parallel_for(loops[l], [&](Index block, int thread) {
+          const auto b = static_cast<std::size_t>(block);
+          ++visits[l][b];
+          thread_of[l][b] = thread;
+          if (block == 0) seen_before[l] = l > 0 ? written[l - 1] : 0;
+        });
+        polyattn::detail::serial_step([&] {
+          ++serial_steps;
+          written[l] = static_cast<Index>(std::count(visits[l].begin(), visits[l].end(), 1));
+        });
+      }
+    });
+    CAPTURE(threads);
+    REQUIRE(serial_steps == static_cast<int>(loops.size()));
+    for (std::size_t l = 0; l < loops.size(); ++l) {
+      CAPTURE(l);
+      REQUIRE(written[l] == loops[l]);
+      if (loops[l] > 0 && l > 0) REQUIRE(seen_before[l] == loops[l - 1]);
+      for (std::size_t b = 0; b < visits[l].size(); ++b) {
+        CAPTURE(b);
+        REQUIRE(visits[l][b] == 1);
+        // parallel_for() alone runs 1-block loops on the caller; in the pass they go to thread 0 as well.
+        REQUIRE(thread_of[l][b] == expected_thread[l][b]);
+      }
+    }
+  }
+}
+
+TEST_CASE("parallel_pass rethrows the first failing loop's lowest block and skips the loops after it",
+          "[parallel][threads]") {
+  ThreadCountGuard guard;
+  for (const int threads : {1, 2, 3, 4}) {
+    CAPTURE(threads);
+    polyattn::set_num_threads(threads);
+    std::vector<int> visits(3 * 20, 0);
+    int nested_threads = -1;
+    const auto pass = [&] {
+      for (Index loop = 0; loop < 3; ++loop)
+        polyattn::detail::parallel_for(20, [&](Index block, int) {
+          ++visits[static_cast<std::size_t>(loop * 20 + block)];
+          if (loop == 0 && block == 4) {
+            // A loop inside a block runs on that block's thread alone, as inside parallel_for().
+            nested_threads = 0;
+            polyattn::detail::parallel_for(8, [&](Index, int thread) {
+              nested_threads = std::max(nested_threads, thread);
+            });
+          }
+          if (loop == 1 && (block == 13 || block == 6))
+            throw std::runtime_error("loop 1 block " + std::to_string(block));
+        });
+    };
+    REQUIRE_THROWS_WITH(polyattn::detail::parallel_pass(polyattn::detail::parallel_threads(20), pass),
+                        "loop 1 block 6");
+    REQUIRE(nested_threads == 0);
+    for (Index block = 0; block < 20; ++block) {
+      CAPTURE(block);
+      REQUIRE(visits[static_cast<std::size_t>(block)] == 1);
+      REQUIRE(visits[static_cast<std::size_t>(40 + block)] == 0);  // the loop after the failure never ran
+    }
+  }
+}
+
 TEST_CASE("set_num_threads rejects a negative count and 0 restores the default", "[parallel][threads]") {
   ThreadCountGuard guard;
   REQUIRE_THROWS_AS(polyattn::set_num_threads(-1), std::invalid_argument);

@@ -17,7 +17,10 @@
 ///   \f$\mathrm{tril}(p(c\,Q_sK_s^\top))\f$, in parallel. Backward runs the same three phases in reverse with
 ///   \f$\Delta Y_t = M_{Q,t}^\top E_t\f$ and an exclusive suffix sum. The prefix states are either kept for every
 ///   chunk (the adjoint's checkpoints, which backward() reads) or computed window by window in a bounded
-///   workspace; either way every \f$Z^{<s}\f$ is the same sum in the same order.
+///   workspace; either way every \f$Z^{<s}\f$ is the same sum in the same order. The three phases repeat for
+///   every window of chunks (window_chunks()), all in one parallel region (parallel_pass()): at 2^18 rows a pass
+///   has about 500 loops, and forking a team for each cost 1.5-2.5% of the causal adjoint and 2-4% of the causal
+///   forward on two threads.
 ///
 /// No partition depends on the thread count and no thread's result depends on which blocks it ran, so outputs,
 /// gradients and errors are bitwise the same for any number of threads (parallel/threads.hpp).
@@ -302,6 +305,12 @@ class PolynomialKernel {
   // calling thread (parallel_for).
   double work(Index rows, Index dv) const {
     return static_cast<double>(rows) * static_cast<double>(map_->width()) * static_cast<double>(dv + 2);
+  }
+
+  // Threads of a causal pass over n rows in windows of `window` chunks (parallel_pass()): those of its loops, which
+  // are parallel unless the whole pass is small.
+  int pass_threads(Index n, Index window, Index dv) const {
+    return work(n, dv) < min_parallel_work ? 1 : parallel_threads(window);
   }
 
   static auto top(Matrix<T>& workspace, Index rows) { return workspace.topRows(rows); }
@@ -803,34 +812,37 @@ class PolynomialKernel {
       combine_over_ranks(carry_, Ranks::earlier);
     }
     incoming_state = carry_;
-    for (Index first = 0; first < chunks; first += window) {
-      const Index count = std::min(window, chunks - first);
-      MatrixRef<T> slots = keep ? MatrixRef<T>(checkpoints.middleCols(first * r, count * r))
-                                : MatrixRef<T>(window_states_.leftCols(count * r));
-      if (kept_states_ready)
-        exclusive_scan(slots, carry_, +1, work(count * b, dv));
-      else
-        prefix_states(Kh, Vh, first, count, slots, ws);
-      parallel_for(count, [&](Index k, int thread) {
-        Workspace& w = ws[static_cast<std::size_t>(thread)];
-        const Index s = (first + k) * b, rows = std::min(b, n - s);
-        auto products = top(w.products, rows).leftCols(dv + 1);
-        load_queries(w, Qh, s, rows);
-        if (near_width_ > 0) {
-          block_product<T>(top(w.monomials, rows), slots.middleCols(k * r, r).transpose(), products);
-          near_forward(w, query_tile(s, rows, n), top(w.scaled_queries, rows), Kh, Vh, products,
-                       shifts.segment(s, rows), n);
-        } else {
-          load_values(w, Vh, s, rows);
-          block_product<T>(top(w.monomials, rows), slots.middleCols(k * r, r).transpose(), products);
-          top(w.scaled_keys, rows).noalias() = sqrt_c * Kh.block(s, rows, w.staged_qk);
-          in_chunk_block(w, rows, false);
-          causal_product_add<T>(w.block.topLeftCorner(rows, rows), top(w.values, rows), products);
-        }
-        normalise(w, Oh.rows(s, rows, w.staged_ov), normalisers, s);
-        Oh.store(s, rows, w.staged_ov);
-      }, work(count * b, dv));
-    }
+    // One parallel region for all windows (parallel_pass()): three loops per window.
+    parallel_pass(pass_threads(n, window, dv), [&] {
+      for (Index first = 0; first < chunks; first += window) {
+        const Index count = std::min(window, chunks - first);
+        MatrixRef<T> slots = keep ? MatrixRef<T>(checkpoints.middleCols(first * r, count * r))
+                                  : MatrixRef<T>(window_states_.leftCols(count * r));
+        if (kept_states_ready)
+          exclusive_scan(slots, carry_, +1, work(count * b, dv));
+        else
+          prefix_states(Kh, Vh, first, count, slots, ws);
+        parallel_for(count, [&](Index k, int thread) {
+          Workspace& w = ws[static_cast<std::size_t>(thread)];
+          const Index s = (first + k) * b, rows = std::min(b, n - s);
+          auto products = top(w.products, rows).leftCols(dv + 1);
+          load_queries(w, Qh, s, rows);
+          if (near_width_ > 0) {
+            block_product<T>(top(w.monomials, rows), slots.middleCols(k * r, r).transpose(), products);
+            near_forward(w, query_tile(s, rows, n), top(w.scaled_queries, rows), Kh, Vh, products,
+                         shifts.segment(s, rows), n);
+          } else {
+            load_values(w, Vh, s, rows);
+            block_product<T>(top(w.monomials, rows), slots.middleCols(k * r, r).transpose(), products);
+            top(w.scaled_keys, rows).noalias() = sqrt_c * Kh.block(s, rows, w.staged_qk);
+            in_chunk_block(w, rows, false);
+            causal_product_add<T>(w.block.topLeftCorner(rows, rows), top(w.values, rows), products);
+          }
+          normalise(w, Oh.rows(s, rows, w.staged_ov), normalisers, s);
+          Oh.store(s, rows, w.staged_ov);
+        }, work(count * b, dv));
+      }
+    });
   }
 
   double backward_full(const HeadRows<T>& Qh, const HeadRows<T>& Kh, const HeadRows<T>& Vh,
@@ -965,81 +977,85 @@ class PolynomialKernel {
       }
       combine_over_ranks(state_grads_, Ranks::later);
     }
-    for (Index w0 = windows - 1; w0 >= 0; --w0) {
-      const Index first = w0 * window, count = std::min(window, chunks - first);
-      if (!kept) {
-        carry_ = window_starts_.middleCols(w0 * r, r);
-        prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * r), ws);
-      }
-      auto slots = slots_of_window(first, count);
-      const ConstMatrixRef<T> prefix = prefix_of_window(first, count);
-      if (!slots_kept) window_state_grads(first, count);
-      exclusive_scan(slots, state_grads_, -1, work(count * b, dv));
-      parallel_for(count, [&](Index k, int thread) {
-        Workspace& w = ws[static_cast<std::size_t>(thread)];
-        const Index s = (first + k) * b, rows = std::min(b, n - s);
-        const auto monomials = top(w.monomials, rows);
-        const auto values = top(w.values, rows);
-        const auto adjoints = top(w.adjoints, rows);
-        const auto block = w.block.topLeftCorner(rows, rows);
-        auto monomial_grads = top(w.monomial_grads, rows);
-        auto products = top(w.products, rows);
-        auto score_grads = w.score_grads.topLeftCorner(rows, rows);
-        // Without an exact window dQb already holds the part through Z^{<s} (the pass above).
-        auto dQb = dQh.rows(s, rows, w.staged_dq, /*load=*/near_width_ == 0);
-        auto dKb = dKh.rows(s, rows, w.staged_dk);
-        auto dVb = dVh.rows(s, rows, w.staged_ov);
-        // Later chunks, through Y^{>s} (with an exact window Y^{>s+lag}): dK and dV of this chunk's keys.
-        load_keys(w, Kh, Vh, s, rows);
-        w.weighted_state_grads.noalias() = slots.middleCols(k * r, r) * map_->weights().asDiagonal();
-        block_product<T>(values, w.weighted_state_grads.topRows(dv + 1), monomial_grads);
-        // dV and the column sums of P~ gather in `products` (its column dv, M_K times the normaliser adjoint, is unused).
-        block_product<T>(monomials, w.weighted_state_grads.transpose(), products);
-        dKb.setZero();
-        map_->monomials_backward(monomial_grads, top(w.scaled_keys, rows), monomials, dKb);
-        load_adjoints(w, Gh.block(s, rows, w.staged_vg), Oh.block(s, rows, w.staged_o), normalisers, shifts, s, n);
-        if (near_width_ > 0) {
-          expand(w, Qh.block(s, rows, w.staged_qk), w.scaled_queries);
-          dQb.setZero();
-          add_query_grads_through(w, prefix.middleCols(k * r, r), dQb);
-          // The chunks the lagged states leave out, through the near-field tiles of its queries and of its keys.
-          near_query_grads(w, query_tile(s, rows, n), top(w.scaled_queries, rows), Kh, Vh, Gh, Oh, normalisers,
-                           shifts, n, dQb);
-          near_key_grads(w, key_tile(s, rows, n), top(w.scaled_keys, rows), values, Qh, Gh, Oh, normalisers, shifts,
-                         n, dKb, products);
-        } else {
-          // The chunk itself, through its masked block with p and p'.
-          top(w.scaled_queries, rows).noalias() = sqrt_c * Qh.block(s, rows, w.staged_qk);
-          in_chunk_block(w, rows, true);
-          causal_block_product<T>(adjoints.leftCols(dv + 1), values.transpose(), score_grads);
-          // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K) and likewise for dK. Zero above the diagonal, as the
-          // block is, so that the products below sum the masked pairs' exact zeros in the diagonal tiles.
-          const T* const derivatives = w.derivative_block.data();
-          T* const grads = score_grads.data();
-          const Index derivatives_stride = w.derivative_block.outerStride(), grads_stride = score_grads.outerStride();
-          for_causal_packets<T>(rows, [=](Index j, Index i, auto packet, const auto* on_or_below) {
-            using namespace Eigen::internal;
-            using Packet = decltype(packet);
-            T* const grad = grads + j * grads_stride + i;
-            const Packet scaled = pmul(pmul(pset1<Packet>(sqrt_c), ploadu<Packet>(derivatives + j * derivatives_stride + i)),
-                                       ploadu<Packet>(grad));
-            pstoreu(grad, masked(scaled, on_or_below));
-          });
-          causal_product_add<T>(score_grads, top(w.scaled_keys, rows), dQb);
-          auto transposed = w.transposed_block.topLeftCorner(rows, rows);
-          transpose_causal<T>(score_grads, transposed);
-          transposed_causal_product_add<T>(transposed, top(w.scaled_queries, rows), dKb);
-          transpose_causal<T>(block, transposed);
-          transposed_causal_product_add<T>(transposed, adjoints, products);
+    // One parallel region for all windows (parallel_pass()): three or four loops per window.
+    parallel_pass(pass_threads(n, window, dv), [&] {
+      for (Index w0 = windows - 1; w0 >= 0; --w0) {
+        const Index first = w0 * window, count = std::min(window, chunks - first);
+        if (!kept) {
+          serial_step([&] { carry_ = window_starts_.middleCols(w0 * r, r); });
+          prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * r), ws);
         }
-        dVb = products.leftCols(dv);
-        column_sums_[static_cast<std::size_t>(first + k)] = static_cast<double>(products.col(dv + 1).maxCoeff());
-        note_results(w, dQb, dKb, dVb);
-        dQh.store(s, rows, w.staged_dq);
-        dKh.store(s, rows, w.staged_dk);
-        dVh.store(s, rows, w.staged_ov);
-      }, work(count * b, dv));
-    }
+        auto slots = slots_of_window(first, count);
+        const ConstMatrixRef<T> prefix = prefix_of_window(first, count);
+        if (!slots_kept) window_state_grads(first, count);
+        exclusive_scan(slots, state_grads_, -1, work(count * b, dv));
+        parallel_for(count, [&](Index k, int thread) {
+          Workspace& w = ws[static_cast<std::size_t>(thread)];
+          const Index s = (first + k) * b, rows = std::min(b, n - s);
+          const auto monomials = top(w.monomials, rows);
+          const auto values = top(w.values, rows);
+          const auto adjoints = top(w.adjoints, rows);
+          const auto block = w.block.topLeftCorner(rows, rows);
+          auto monomial_grads = top(w.monomial_grads, rows);
+          auto products = top(w.products, rows);
+          auto score_grads = w.score_grads.topLeftCorner(rows, rows);
+          // Without an exact window dQb already holds the part through Z^{<s} (the pass above).
+          auto dQb = dQh.rows(s, rows, w.staged_dq, /*load=*/near_width_ == 0);
+          auto dKb = dKh.rows(s, rows, w.staged_dk);
+          auto dVb = dVh.rows(s, rows, w.staged_ov);
+          // Later chunks, through Y^{>s} (with an exact window Y^{>s+lag}): dK and dV of this chunk's keys.
+          load_keys(w, Kh, Vh, s, rows);
+          w.weighted_state_grads.noalias() = slots.middleCols(k * r, r) * map_->weights().asDiagonal();
+          block_product<T>(values, w.weighted_state_grads.topRows(dv + 1), monomial_grads);
+          // dV and the column sums of P~ gather in `products` (its column dv, M_K times the normaliser adjoint, is
+          // unused).
+          block_product<T>(monomials, w.weighted_state_grads.transpose(), products);
+          dKb.setZero();
+          map_->monomials_backward(monomial_grads, top(w.scaled_keys, rows), monomials, dKb);
+          load_adjoints(w, Gh.block(s, rows, w.staged_vg), Oh.block(s, rows, w.staged_o), normalisers, shifts, s, n);
+          if (near_width_ > 0) {
+            expand(w, Qh.block(s, rows, w.staged_qk), w.scaled_queries);
+            dQb.setZero();
+            add_query_grads_through(w, prefix.middleCols(k * r, r), dQb);
+            // The chunks the lagged states leave out, through the near-field tiles of its queries and of its keys.
+            near_query_grads(w, query_tile(s, rows, n), top(w.scaled_queries, rows), Kh, Vh, Gh, Oh, normalisers,
+                             shifts, n, dQb);
+            near_key_grads(w, key_tile(s, rows, n), top(w.scaled_keys, rows), values, Qh, Gh, Oh, normalisers, shifts,
+                           n, dKb, products);
+          } else {
+            // The chunk itself, through its masked block with p and p'.
+            top(w.scaled_queries, rows).noalias() = sqrt_c * Qh.block(s, rows, w.staged_qk);
+            in_chunk_block(w, rows, true);
+            causal_block_product<T>(adjoints.leftCols(dv + 1), values.transpose(), score_grads);
+            // sqrt(c) dS: then c dS K = (sqrt(c) dS)(sqrt(c) K) and likewise for dK. Zero above the diagonal, as the
+            // block is, so that the products below sum the masked pairs' exact zeros in the diagonal tiles.
+            const T* const derivatives = w.derivative_block.data();
+            T* const grads = score_grads.data();
+            const Index derivatives_stride = w.derivative_block.outerStride(), grads_stride = score_grads.outerStride();
+            for_causal_packets<T>(rows, [=](Index j, Index i, auto packet, const auto* on_or_below) {
+              using namespace Eigen::internal;
+              using Packet = decltype(packet);
+              T* const grad = grads + j * grads_stride + i;
+              const Packet derivative = ploadu<Packet>(derivatives + j * derivatives_stride + i);
+              const Packet scaled = pmul(pmul(pset1<Packet>(sqrt_c), derivative), ploadu<Packet>(grad));
+              pstoreu(grad, masked(scaled, on_or_below));
+            });
+            causal_product_add<T>(score_grads, top(w.scaled_keys, rows), dQb);
+            auto transposed = w.transposed_block.topLeftCorner(rows, rows);
+            transpose_causal<T>(score_grads, transposed);
+            transposed_causal_product_add<T>(transposed, top(w.scaled_queries, rows), dKb);
+            transpose_causal<T>(block, transposed);
+            transposed_causal_product_add<T>(transposed, adjoints, products);
+          }
+          dVb = products.leftCols(dv);
+          column_sums_[static_cast<std::size_t>(first + k)] = static_cast<double>(products.col(dv + 1).maxCoeff());
+          note_results(w, dQb, dKb, dVb);
+          dQh.store(s, rows, w.staged_dq);
+          dKh.store(s, rows, w.staged_dk);
+          dVh.store(s, rows, w.staged_ov);
+        }, work(count * b, dv));
+      }
+    });
     return largest_column_sum();
   }
 
