@@ -46,6 +46,7 @@
 #pragma once
 
 #include "../common.hpp"
+#include "block_product.hpp"
 
 #include <algorithm>
 
@@ -146,6 +147,8 @@ class CausalScan {
   CausalScanOptions options_;
   ScanDirection direction_ = ScanDirection::prefix;
   Matrix<T> state_, block_;
+  // A column tile's factor, transposed for the state update (add_factors()); grown, never shrunk.
+  Matrix<T> transposed_;
 };
 
 // Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
@@ -194,12 +197,16 @@ void CausalScan<T>::add_factors(Index offset, const ConstMatrixRef<T>& U, const 
   const ConstMatrixRef<T>& out_factor = prefix ? U : Vf;  // multiplies the state for the output rows
   const ConstMatrixRef<T>& in_factor = prefix ? Vf : U;   // carries this chunk's rows into the state
   auto state = state_.middleRows(offset, width);
-  Y.noalias() += out_factor * state;
-  if (prefix)
-    block_.template triangularView<Eigen::Lower>() += out_factor * in_factor.transpose();
-  else
-    block_.template triangularView<Eigen::Upper>() += out_factor * in_factor.transpose();
-  state.noalias() += in_factor.transpose() * H;
+  // The register-tiled products of the polynomial kernel (block_product.hpp): Eigen's GEMM packs both factors of
+  // these small products, which cost the paper method a fifth of its time. The chunk's block gets both triangles;
+  // end_chunk() clears the one the mask drops.
+  detail::block_product_add<T>(out_factor, state, Y);
+  detail::block_product_add<T>(out_factor, in_factor.transpose(), block_);
+  if (transposed_.rows() < width || transposed_.cols() < rows)
+    transposed_.resize(std::max(transposed_.rows(), width), std::max(transposed_.cols(), rows));
+  auto in_transposed = transposed_.topLeftCorner(width, rows);
+  detail::transpose_into<T>(in_factor, in_transposed);
+  detail::block_product_add<T>(in_transposed, H, state);
 }
 
 template <class T>
@@ -208,10 +215,14 @@ void CausalScan<T>::end_chunk(const ConstMatrixRef<T>& H, MatrixRef<T> Y) {
   detail::require(block_.rows() >= 1, where, "call begin_chunk() first");
   detail::require_shape(where, "H", H, block_.rows(), state_.cols());
   detail::require_shape(where, "Y", Y, block_.rows(), state_.cols());
-  if (direction_ == ScanDirection::prefix)
-    Y.noalias() += block_.template triangularView<Eigen::Lower>() * H;
-  else
-    Y.noalias() += block_.template triangularView<Eigen::Upper>() * H;
+  if (direction_ == ScanDirection::prefix) {
+    block_.template triangularView<Eigen::StrictlyUpper>().setZero();
+    detail::causal_product_add<T>(block_, H, Y);
+  } else {
+    // The upper triangle U = L^T of the suffix scan's block: Y += U H.
+    block_.template triangularView<Eigen::StrictlyLower>().setZero();
+    detail::transposed_causal_product_add<T>(block_, H, Y);
+  }
   block_.resize(0, 0);
 }
 
