@@ -28,6 +28,7 @@
 ///   polyattn::detail::block_product<float>(adjoints, state.transpose(), gradients);   // C = E Z^T
 ///   polyattn::detail::block_product_add<float>(weights, values, products);            // C += A [V, 1]
 ///   polyattn::detail::causal_product_add<float>(masked_scores, keys, query_grads);    // C += tril(S) K
+///   polyattn::detail::transposed_product_add<float>(keys, values, state, scratch);  // C += K^T V
 /// \endcode
 #pragma once
 
@@ -342,6 +343,22 @@ void transposed_product(const ConstMatrixRef<T>& B, const ConstMatrixRef<T>& A, 
     block_product<T>(Bt, A, C.topRows(packed));
   }
   for (Index j = packed; j < cols; ++j) C.row(j).noalias() = B.col(j).transpose() * A;
+}
+
+/// C += B^T A for B (rows x c) and A (rows x m), both column-major with unit inner stride, and C (c x m)
+/// column-major: block_product_add() on B transposed into `transposed` (the caller's scratch, grown when too small).
+/// The state updates of a chunk of rows with small factors (CausalScan, the paper method), where Eigen's GEMM would
+/// pack both factors for every product.
+template <class T>
+void transposed_product_add(const ConstMatrixRef<T>& B, const ConstMatrixRef<T>& A, MatrixRef<T> C,
+                            Matrix<T>& transposed) {
+  const Index rows = B.rows(), cols = B.cols();
+  eigen_assert(A.rows() == rows && C.rows() == cols && C.cols() == A.cols());
+  if (transposed.rows() < cols || transposed.cols() < rows)
+    transposed.resize(std::max(transposed.rows(), cols), std::max(transposed.cols(), rows));
+  auto Bt = transposed.topLeftCorner(cols, rows);
+  transpose_into<T>(B, Bt);
+  block_product_add<T>(Bt, A, C);
 }
 
 }  // namespace detail

@@ -202,11 +202,7 @@ void CausalScan<T>::add_factors(Index offset, const ConstMatrixRef<T>& U, const 
   // end_chunk() clears the one the mask drops.
   detail::block_product_add<T>(out_factor, state, Y);
   detail::block_product_add<T>(out_factor, in_factor.transpose(), block_);
-  if (transposed_.rows() < width || transposed_.cols() < rows)
-    transposed_.resize(std::max(transposed_.rows(), width), std::max(transposed_.cols(), rows));
-  auto in_transposed = transposed_.topLeftCorner(width, rows);
-  detail::transpose_into<T>(in_factor, in_transposed);
-  detail::block_product_add<T>(in_transposed, H, state);
+  detail::transposed_product_add<T>(in_factor, H, state, transposed_);
 }
 
 template <class T>

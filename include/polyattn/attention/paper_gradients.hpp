@@ -225,6 +225,8 @@ class PaperBackend final : public AttentionBackend<T> {
     // A chunk's rows of Q, K, V, G transposed into column-major (token-major heads only), and its rows of dQ, dK,
     // dV as computed, before they are written into the results (rows_of(), result_rows(), store_rows()).
     Matrix<T> staged_q, staged_k, staged_v, staged_g, staged_dq, staged_dk, staged_dv;
+    // Scratch of detail::transposed_product_add() (a factor transposed for a state update).
+    Matrix<T> transposed;
   };
 
   // Rows [first, first + count) of a head as a column-major matrix (HeadRows::block(), staged in `scratch`).
@@ -371,7 +373,7 @@ class PaperBackend final : public AttentionBackend<T> {
         for (Index g0 = 0; g0 < groups; g0 += tile) {
           const Index tg = std::min(tile, groups - g0);
           detail::kronecker_groups(w.v1, Vc, Vector<T>::Ones(rows), g0, tg, w.vp);
-          query_state.middleRows(g0 * r, tg * r).noalias() += w.vp.transpose() * Kc;
+          detail::transposed_product_add<T>(w.vp, Kc, query_state.middleRows(g0 * r, tg * r), w.transposed);
         }
       }
     });
@@ -408,12 +410,12 @@ class PaperBackend final : public AttentionBackend<T> {
         for (Index g0 = 0; g0 < groups; g0 += tile) {
           const Index tg = std::min(tile, groups - g0);
           detail::kronecker_groups(w.u1, Gc, -kappa_.segment(q0, rows), g0, tg, w.up);
-          dQc.noalias() += w.up * query_state_.middleRows(g0 * r, tg * r);
-          key_state.middleRows(g0 * r, tg * r).noalias() += w.up.transpose() * Qc;
+          detail::block_product_add<T>(w.up, query_state_.middleRows(g0 * r, tg * r), dQc);
+          detail::transposed_product_add<T>(w.up, Qc, key_state.middleRows(g0 * r, tg * r), w.transposed);
         }
         dQc *= c;
         store_rows(dQ, q0, rows, w.staged_dq);
-        value_state.leftCols(dv).noalias() += w.u1.transpose() * Gc;
+        detail::transposed_product_add<T>(w.u1, Gc, value_state.leftCols(dv), w.transposed);
         value_state.col(dv).noalias() += w.u1.colwise().sum().transpose();
       }
     });
@@ -426,7 +428,7 @@ class PaperBackend final : public AttentionBackend<T> {
       for (Index k0 = k * part.block, end = k0 + part.rows_of_block(k, n); k0 < end; k0 += b) {
         const Index rows = std::min(b, end - k0);
         key_monomials(w, map, rows_of(K, k0, rows, w.staged_k));
-        result_rows(rows, dv, w.staged_dv).noalias() = w.v1 * value_state_.leftCols(dv);
+        detail::block_product<T>(w.v1, value_state_.leftCols(dv), result_rows(rows, dv, w.staged_dv));
         store_rows(dV, k0, rows, w.staged_dv);
         block_column_sums_(k) = std::max(block_column_sums_(k),
                                          static_cast<double>((w.v1 * value_state_.col(dv)).maxCoeff()));
@@ -436,7 +438,7 @@ class PaperBackend final : public AttentionBackend<T> {
         for (Index g0 = 0; g0 < groups; g0 += tile) {
           const Index tg = std::min(tile, groups - g0);
           detail::kronecker_groups(w.v1, Vc, Vector<T>::Ones(rows), g0, tg, w.vp);
-          dKc.noalias() += w.vp * key_state_.middleRows(g0 * r, tg * r);
+          detail::block_product_add<T>(w.vp, key_state_.middleRows(g0 * r, tg * r), dKc);
         }
         dKc *= c;
         store_rows(dK, k0, rows, w.staged_dk);
@@ -495,13 +497,13 @@ class PaperBackend final : public AttentionBackend<T> {
           detail::kronecker_groups(w.u1, Gc, -kappa_.segment(s, rows), g0, tg, w.up);
           detail::kronecker_groups(w.v1, Vc, Vector<T>::Ones(rows), g0, tg, w.vp);
           w.query_scan.add_factors(g0 * r, w.up, w.vp, Kc, dQc);
-          if (split) key_state.middleRows(g0 * r, tg * r).noalias() += w.up.transpose() * Qc;
+          if (split) detail::transposed_product_add<T>(w.up, Qc, key_state.middleRows(g0 * r, tg * r), w.transposed);
         }
         w.query_scan.end_chunk(Kc, dQc);
         dQc *= c;
         store_rows(dQ, s, rows, w.staged_dq);
         if (split) {
-          value_state.leftCols(dv).noalias() += w.u1.transpose() * Gc;
+          detail::transposed_product_add<T>(w.u1, Gc, value_state.leftCols(dv), w.transposed);
           value_state.col(dv).noalias() += w.u1.colwise().sum().transpose();
         }
       }
