@@ -322,16 +322,17 @@ void transpose_causal(const ConstMatrixRef<T>& L, MatrixRef<T> U) {
   });
 }
 
-/// C = B^T A for B (rows x c) and A (rows x r), both column-major with unit inner stride, and C (c x r)
-/// column-major: a chunk's state, kept transposed, [V, 1]^T M or E^T M. Eigen computes it as a GEMM that packs
-/// both factors; here the first c - c mod lanes rows of C are one block_product() with a transposed B of a few KiB
-/// as its left factor (a whole number of SIMD packets of rows), written in place, and the rest, the state's
-/// normaliser rows, are matrix-vector products. `transposed` is the caller's scratch, grown when too small (so that
-/// a chunk loop allocates once). Measured at 64 x 17 and 64 x 153 floats (AVX-512): 3.8 us against Eigen's
-/// 6.1-6.8 with the state stored r x c (whose transpose this layout saves).
-template <class T>
-void transposed_product(const ConstMatrixRef<T>& B, const ConstMatrixRef<T>& A, MatrixRef<T> C,
-                        Matrix<T>& transposed) {
+/// C = B^T A (or C += B^T A with Accumulate) for B (rows x c) and A (rows x m), both column-major with unit inner
+/// stride, and C (c x m) column-major: a chunk's state, kept transposed, [V, 1]^T M or E^T M, or a state update of
+/// CausalScan and the paper method. Eigen computes it as a GEMM that packs both factors; here the first
+/// c - c mod lanes rows of C are one block_product() with a transposed B of a few KiB as its left factor (a whole
+/// number of SIMD packets of rows), and the rest, e.g. a state's normaliser rows, are matrix-vector products.
+/// `transposed` is the caller's scratch, grown when too small (so that a chunk loop allocates once). Measured at
+/// 64 x 17 and 64 x 153 floats (AVX-512): 3.8 us against Eigen's 6.1-6.8 with the state stored r x c (whose
+/// transpose this layout saves).
+template <bool Accumulate, class T>
+void transposed_product_into(const ConstMatrixRef<T>& B, const ConstMatrixRef<T>& A, MatrixRef<T> C,
+                             Matrix<T>& transposed) {
   const Index rows = A.rows(), cols = B.cols();
   const Index packed = cols / BlockProductTile<T>::lanes * BlockProductTile<T>::lanes;
   eigen_assert(B.rows() == rows && C.rows() == cols && C.cols() == A.cols());
@@ -340,25 +341,28 @@ void transposed_product(const ConstMatrixRef<T>& B, const ConstMatrixRef<T>& A, 
       transposed.resize(std::max(transposed.rows(), packed), std::max(transposed.cols(), rows));
     auto Bt = transposed.topLeftCorner(packed, rows);
     transpose_into<T>(B.leftCols(packed), Bt);
-    block_product<T>(Bt, A, C.topRows(packed));
+    block_product_into<Accumulate, T>(Bt, A, C.topRows(packed));
   }
-  for (Index j = packed; j < cols; ++j) C.row(j).noalias() = B.col(j).transpose() * A;
+  for (Index j = packed; j < cols; ++j) {
+    if constexpr (Accumulate)
+      C.row(j).noalias() += B.col(j).transpose() * A;
+    else
+      C.row(j).noalias() = B.col(j).transpose() * A;
+  }
 }
 
-/// C += B^T A for B (rows x c) and A (rows x m), both column-major with unit inner stride, and C (c x m)
-/// column-major: block_product_add() on B transposed into `transposed` (the caller's scratch, grown when too small).
-/// The state updates of a chunk of rows with small factors (CausalScan, the paper method), where Eigen's GEMM would
-/// pack both factors for every product.
+/// C = B^T A: see transposed_product_into().
+template <class T>
+void transposed_product(const ConstMatrixRef<T>& B, const ConstMatrixRef<T>& A, MatrixRef<T> C,
+                        Matrix<T>& transposed) {
+  transposed_product_into<false, T>(B, A, C, transposed);
+}
+
+/// C += B^T A: see transposed_product_into().
 template <class T>
 void transposed_product_add(const ConstMatrixRef<T>& B, const ConstMatrixRef<T>& A, MatrixRef<T> C,
                             Matrix<T>& transposed) {
-  const Index rows = B.rows(), cols = B.cols();
-  eigen_assert(A.rows() == rows && C.rows() == cols && C.cols() == A.cols());
-  if (transposed.rows() < cols || transposed.cols() < rows)
-    transposed.resize(std::max(transposed.rows(), cols), std::max(transposed.cols(), rows));
-  auto Bt = transposed.topLeftCorner(cols, rows);
-  transpose_into<T>(B, Bt);
-  block_product_add<T>(Bt, A, C);
+  transposed_product_into<true, T>(B, A, C, transposed);
 }
 
 }  // namespace detail
