@@ -105,7 +105,8 @@ class CausalScan {
   void begin_chunk(Index rows) {
     detail::require(rows >= 1 && state_.size() > 0, "polyattn::CausalScan::begin_chunk",
                     "call start() first and give 'rows' >= 1, got ", rows);
-    block_.setZero(rows, rows);
+    block_.setZero(rows, rows);  // no allocation when the chunk has the last one's rows
+    chunk_rows_ = rows;
   }
 
   /// Adds columns [offset, offset + k_t) of the factors to the current chunk: `U` and `Vf` are this chunk's
@@ -147,6 +148,8 @@ class CausalScan {
   CausalScanOptions options_;
   ScanDirection direction_ = ScanDirection::prefix;
   Matrix<T> state_, block_;
+  // Rows of the chunk begun and not yet ended (0: none).
+  Index chunk_rows_ = 0;
   // A column tile's factor, transposed for the state update (add_factors()); grown, never shrunk.
   Matrix<T> transposed_;
 };
@@ -172,7 +175,7 @@ void CausalScan<T>::start(ScanDirection direction, Index rank, Index cols) {
   detail::require(cols >= 1, where, "'cols' must be >= 1, got ", cols);
   direction_ = direction;
   state_.setZero(rank, cols);
-  block_.resize(0, 0);
+  chunk_rows_ = 0;
 }
 
 template <class T>
@@ -185,7 +188,7 @@ template <class T>
 void CausalScan<T>::add_factors(Index offset, const ConstMatrixRef<T>& U, const ConstMatrixRef<T>& Vf,
                                 const ConstMatrixRef<T>& H, MatrixRef<T> Y) {
   constexpr const char* where = "polyattn::CausalScan::add_factors";
-  const Index rows = block_.rows(), width = U.cols();
+  const Index rows = chunk_rows_, width = U.cols();
   detail::require(rows >= 1, where, "call begin_chunk() first");
   detail::require(offset >= 0 && offset + width <= state_.rows(), where, "columns [", offset, ", ",
                   offset + width, ") of 'U' exceed the rank ", state_.rows(), " given to start()");
@@ -208,9 +211,9 @@ void CausalScan<T>::add_factors(Index offset, const ConstMatrixRef<T>& U, const 
 template <class T>
 void CausalScan<T>::end_chunk(const ConstMatrixRef<T>& H, MatrixRef<T> Y) {
   constexpr const char* where = "polyattn::CausalScan::end_chunk";
-  detail::require(block_.rows() >= 1, where, "call begin_chunk() first");
-  detail::require_shape(where, "H", H, block_.rows(), state_.cols());
-  detail::require_shape(where, "Y", Y, block_.rows(), state_.cols());
+  detail::require(chunk_rows_ >= 1, where, "call begin_chunk() first");
+  detail::require_shape(where, "H", H, chunk_rows_, state_.cols());
+  detail::require_shape(where, "Y", Y, chunk_rows_, state_.cols());
   if (direction_ == ScanDirection::prefix) {
     block_.template triangularView<Eigen::StrictlyUpper>().setZero();
     detail::causal_product_add<T>(block_, H, Y);
@@ -219,7 +222,7 @@ void CausalScan<T>::end_chunk(const ConstMatrixRef<T>& H, MatrixRef<T> Y) {
     block_.template triangularView<Eigen::StrictlyLower>().setZero();
     detail::transposed_causal_product_add<T>(block_, H, Y);
   }
-  block_.resize(0, 0);
+  chunk_rows_ = 0;
 }
 
 }  // namespace polyattn
