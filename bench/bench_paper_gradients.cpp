@@ -14,9 +14,9 @@ namespace {
 using polyattn::Index;
 using polyattn::Matrix;
 
-// Backward row chunks: PaperBackend's default for causal attention (the in-chunk block costs O(b^2 r d)),
-// PolynomialAttention's typical size otherwise; set explicitly so that the flop count below is exact.
-constexpr Index causal_chunk = 16;
+// Backward row chunks: the chunked scan's default for causal attention, PaperBackend's otherwise; set explicitly so
+// that the flop count below is exact.
+constexpr Index causal_chunk = polyattn::detail::default_scan_rows;
 constexpr Index full_chunk = 256;
 
 Matrix<float> random_normal(Index rows, Index cols, std::uint64_t seed, double sigma) {
@@ -34,14 +34,13 @@ double paper_flops(double n, double d, double r, double b, bool causal) {
   const double k = r * (d + 1);
   double forward = 4 * n * r * (d + 1);           // phi_K^T [V, 1] and phi_Q times it
   double backward = 8 * n * k * d                 // V_p^T K, U_p (.), U_p^T Q, V_p (.)
-                    + 6 * n * r * (d + 1);        // normaliser, U_1^T [G, 1], V_1 (.)
+                    + 4 * n * r * (d + 1)         // U_1^T [G, 1], V_1 (.)
+                    + 2 * n * r;                  // the normaliser phi_Q V_1^T 1
   if (causal) {
+    // Each chunk's own pairs through its b x b block (counted whole, of which the causal panels are about half).
     forward += n * b * (4 * d + 2);               // in-chunk p(c q.k) block and its product with [V, 1]
-    backward += n * b * (2 * k + 2 * d)           // dQ, dK: triangular U_p V_p^T blocks and their products
-                + n * b * (2 * r + d + 2);        // normaliser and dV blocks
-    if (n > 1024)                                 // several blocks of rows: the sums the blocks' scans start from
-      backward += 4 * n * k * d                   // V_p^T K before the prefix scans, U_p^T Q during them
-                  + 2 * n * r * (d + 1);          // U_1^T [G, 1]
+    backward += n * b * (14 * d + 4);             // two p(c q.k) blocks, two G V^T blocks, their products with K, Q
+                                                  // and [G, 1], the normaliser's row sums
   }
   return forward + backward;
 }

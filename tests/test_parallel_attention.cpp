@@ -225,6 +225,25 @@ TEST_CASE("The causal adjoint gives the same bits with or without checkpoints, f
       }
 }
 
+TEST_CASE("The causal paper backward gives the same bits for any scan window", "[threads]") {
+  ThreadCountGuard guard;
+  polyattn::PolynomialAttentionOptions options;
+  options.attention.causal = true;
+  options.attention.heads = 2;
+  options.chunk_size = 16;
+  polyattn::set_num_threads(1);
+  const Run<double> automatic = run_attention<double>(AttentionMethod::paper, options, 250, 4, 12);
+  // One chunk per window (1 byte), a few chunks (a paper slot of r (d_v + 1) d_k + r (d_v + 1) doubles is 3 KiB at
+  // d = 4, g = 2), all 16 chunks at once.
+  for (const std::size_t window_bytes : {std::size_t(1), std::size_t(10000), std::size_t(1) << 20})
+    for (const int threads : {1, 3}) {
+      options.scan_window_bytes = window_bytes;
+      polyattn::set_num_threads(threads);
+      INFO("window bytes " << window_bytes << ", threads " << threads);
+      REQUIRE(run_attention<double>(AttentionMethod::paper, options, 250, 4, 12) == automatic);
+    }
+}
+
 TEST_CASE("The exact window gives the same bits on 1, 2, 3 and 4 threads and with or without checkpoints",
           "[threads][exact_window]") {
   // Windows across chunk boundaries (50 rows with chunks of 40: the causal states lag by 2 chunks) and with the

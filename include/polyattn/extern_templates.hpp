@@ -31,7 +31,6 @@
   apply(storage, ExactAttention)                          \
   apply(storage, detail::PolynomialKernel)                \
   apply(storage, PolynomialAttention)                     \
-  apply(storage, CausalScan)                              \
   apply(storage, ExactReferenceBackend)                   \
   apply(storage, ExactBlockedBackend)                     \
   apply(storage, PaperBackend)                            \

@@ -12,7 +12,7 @@
 #include "attention/exact_attention.hpp"
 #include "attention/polynomial_attention.hpp"
 #include "attention/backend.hpp"
-#include "attention/causal_scan.hpp"
+#include "attention/chunked_scan.hpp"
 #include "attention/exact_gradients.hpp"
 #include "attention/paper_gradients.hpp"
 #include "attention/adjoint_gradients.hpp"

@@ -323,8 +323,8 @@ void transpose_causal(const ConstMatrixRef<T>& L, MatrixRef<T> U) {
 }
 
 /// C = B^T A (or C += B^T A with Accumulate) for B (rows x c) and A (rows x m), both column-major with unit inner
-/// stride, and C (c x m) column-major: a chunk's state, kept transposed, [V, 1]^T M or E^T M, or a state update of
-/// CausalScan and the paper method. Eigen computes it as a GEMM that packs both factors; here the first
+/// stride, and C (c x m) column-major: a chunk's state, kept transposed, [V, 1]^T M or E^T M, or a state of the
+/// paper method. Eigen computes it as a GEMM that packs both factors; here the first
 /// c - c mod lanes rows of C are one block_product() with a transposed B of a few KiB as its left factor (a whole
 /// number of SIMD packets of rows), and the rest, e.g. a state's normaliser rows, are matrix-vector products.
 /// `transposed` is the caller's scratch, grown when too small (so that a chunk loop allocates once). Measured at

@@ -23,9 +23,16 @@
 ///
 /// **Causal mask.** \f$\tilde P = M\circ U_1V_1^\top\f$ and \f$\tilde p = M\circ U_pV_p^\top\f$. The normaliser
 /// \f$\tilde D = (M\circ\varphi_Q\varphi_K^\top)\mathbf 1\f$ and \f$dQ\f$ are prefix scans; \f$dK\f$ and \f$dV\f$
-/// multiply by the *transposed* masked matrices and are suffix scans (causal_scan.hpp). The paper
-/// (Lemmas I.3–I.8, Algorithm 2) only gives the prefix scan, because its printed formulas only multiply
-/// by \f$f\f$; the correct \f$dK\f$, \f$dV\f$ (and the paper's \f$dX\f$, \f$dW_V\f$) need the suffix scan.
+/// multiply by the *transposed* masked matrices and are suffix scans. The paper (Lemmas I.3–I.8, Algorithm 2)
+/// only gives the prefix scan, because its printed formulas only multiply by \f$f\f$; the correct \f$dK\f$,
+/// \f$dV\f$ (and the paper's \f$dX\f$, \f$dW_V\f$) need the suffix scan. Both run on the chunked scan of the
+/// polynomial methods (chunked_scan.hpp), in its chunks (64 rows by default): the prefix pass scans the states
+/// \f$V_p^\top K\f$ and \f$V_1^\top\mathbf 1\f$ and gives \f$\tilde D\f$ and dQ, the suffix pass scans \f$U_p^\top Q\f$
+/// and \f$U_1^\top[G, \mathbf 1]\f$ and gives dK and dV. A chunk's own pairs are the same matrices evaluated
+/// directly: with the masked block \f$B = \mathrm{tril}(p(cQ_sK_s^\top))\f$ (\f$= \mathrm{tril}(\varphi_Q\varphi_K^\top)\f$, by
+/// Horner in \f$O(b^2d)\f$), \f$\tilde P_s = \tilde D_s^{-1}B\f$ and \f$\tilde p_s = \tilde P_s\circ(G_sV_s^\top - \kappa_s\mathbf 1^\top)\f$,
+/// instead of \f$\mathrm{tril}(U_pV_p^\top)\f$ from the rank-\f$r(d_v+1)\f$ factors (\f$O(b^2rd)\f$, which forced
+/// chunks of 16 rows; the causal pass then cost 2.5x the non-causal one, now 1.15x at \f$2^{16}\f$ rows).
 ///
 /// **Erratum.** The paper's Lemma G.3 and Algorithm 1 line 22 give \f$\partial L/\partial W_V = X^\top f G\f$ and
 /// its term D8 of \f$\partial L/\partial X\f$ is \f$f\,G\,W_V^\top\f$; both need \f$f^\top\f$ (\f$X^\top f^\top G\f$,
@@ -52,20 +59,19 @@
 /// bound covers the approximation of \f$P\f$ in exact arithmetic, not floating-point rounding, and is
 /// \f$+\infty\f$ when the forward certificate is vacuous().
 ///
-/// **Threads.** Each pass splits the rows into blocks of whole chunks (at least 1024 rows, at most 64 blocks: the
-/// partition depends on n only) that polyattn's threads share (parallel/threads.hpp). Sums over rows are taken per
-/// block and added in block order; under the mask every block's scans start from the sum over the blocks before
-/// it (prefix) or after it (suffix), which costs one more pass over the keys for the prefix sums, and two more
-/// products per chunk for the suffix sums, once there are several blocks. So results are bitwise the same for any
-/// number of threads (tests/test_parallel_attention.cpp).
+/// **Threads.** Without the mask each pass splits the rows into blocks of whole chunks (at least 1024 rows, at
+/// most 64 blocks: the partition depends on n only) that polyattn's threads share (parallel/threads.hpp); sums over
+/// rows are taken per block and added in block order. Under the mask the chunked scan runs its windows of chunks
+/// on the threads (chunked_scan.hpp). Either way results are bitwise the same for any number of threads
+/// (tests/test_parallel_attention.cpp).
 ///
 /// **Sequence parallel.** With set_state_exchange() (or make_distributed_backend(), parallel/distributed_backend.hpp)
 /// every rank passes its own rows of Q, K, V, O, G and receives its rows of O, dQ, dK, dV. The backward pass's
 /// states are sums over rows, like the forward pass's key state: without the mask the ranks add the states of the
 /// key pass (\f$V_1^\top\mathbf 1\f$, \f$V_p^\top K\f$) and of the query pass (\f$U_p^\top Q\f$, \f$U_1^\top[G, \mathbf 1]\f$),
-/// one all-reduce each per head; under the mask the prefix scans start from the sum over the earlier ranks (an
-/// exclusive scan of the shard totals, which costs one more pass over the local keys) and the suffix scans from the
-/// sum over the later ones (totals accumulated during the prefix pass). States travel in double. The bounds use
+/// one all-reduce each per head; under the mask the prefix scan starts from the sum over the earlier ranks and the
+/// suffix scan from the sum over the later ones (an exclusive scan of the shard totals each, which costs one more
+/// pass over the local keys, and one over the local queries). States travel in double. The bounds use
 /// maxima over all ranks, so every rank returns the certificate of the whole sequence; an error on one rank makes
 /// every rank throw.
 ///
@@ -83,7 +89,7 @@
 #pragma once
 
 #include "backend.hpp"
-#include "causal_scan.hpp"
+#include "chunked_scan.hpp"
 #include "head_rows.hpp"
 #include "polynomial_attention.hpp"
 #include "../parallel/threads.hpp"
@@ -187,12 +193,12 @@ class PaperBackend final : public AttentionBackend<T> {
   GradientCertificate backward_any(const In& Q, const In& K, const In& V, const In& O, const In& G, Out& dQ, Out& dK,
                                    Out& dV);
 
+  // Rows of a chunk of the non-causal passes (the unit of factor generation): chunk_size, or 256 rows, whose tiles
+  // are products of hundreds of rows. At least one row, also for an empty shard. (The causal passes take the
+  // chunked scan's chunks, detail::scan_rows().)
   Index chunk_rows(Index n) const {
     const Index requested = options().chunk_size;
-    // Causal chunks pay O(b^2 r d) for the in-chunk block against O(b r d^2) for the state products. At least one
-    // row, also for an empty shard.
-    const Index preferred = requested > 0 ? requested : options().attention.causal ? 16 : 256;
-    return std::max<Index>(1, std::min(preferred, n));
+    return std::max<Index>(1, std::min(requested > 0 ? requested : 256, n));
   }
 
   Index tile_groups(Index chunk, Index r, Index groups) const {
@@ -200,8 +206,7 @@ class PaperBackend final : public AttentionBackend<T> {
     return std::clamp<Index>((Index(1) << 18) / (chunk * r), 1, groups);
   }
 
-  // How the passes split n rows: chunks of `chunk` rows (the unit of factor generation and of the causal block),
-  // grouped into `blocks` blocks of `block` rows that the threads share. Whole chunks of at least 1024 rows per
+  // How the non-causal passes split n rows: chunks of `chunk` rows (the unit of factor generation), grouped into `blocks` blocks of `block` rows that the threads share. Whole chunks of at least 1024 rows per
   // block, at most 64 blocks: the partition, and so every sum's order, depends on n alone, never on the thread
   // count, and the per-block states stay small.
   struct Partition {
@@ -220,8 +225,10 @@ class PaperBackend final : public AttentionBackend<T> {
   // What one thread needs to generate and multiply the factors of a chunk.
   struct Workspace {
     Matrix<T> scaled, u1, v1, up, vp, ones, chunk_normaliser, value_rhs, value_out;
-    Vector<T> normaliser;
-    CausalScan<T> normaliser_scan, query_scan, key_scan, value_scan;
+    Vector<T> normaliser, inverse;
+    // Causal chunks: the scaled rows sqrt(c) Q_c and sqrt(c) K_c, the masked block tril(p(S)) (then P~), the block
+    // of p~ and the transpose of either (b x b each, chunks use their top-left corner).
+    Matrix<T> scaled_queries, scaled_keys, block, weights, transposed_block;
     // A chunk's rows of Q, K, V, G transposed into column-major (token-major heads only), and its rows of dQ, dK,
     // dV as computed, before they are written into the results (rows_of(), result_rows(), store_rows()).
     Matrix<T> staged_q, staged_k, staged_v, staged_g, staged_dq, staged_dk, staged_dv;
@@ -253,6 +260,50 @@ class PaperBackend final : public AttentionBackend<T> {
     workspaces_.resize(static_cast<std::size_t>(std::max(1, detail::parallel_threads(blocks))));
   }
 
+  // The causal blocks of every workspace, for chunks of up to b rows of d_k columns.
+  void prepare_chunk_workspaces(Index b, Index dk) {
+    for (Workspace& w : workspaces_) {
+      for (Matrix<T>* m : {&w.block, &w.weights, &w.transposed_block}) detail::ensure_shape(*m, b, b);
+      detail::ensure_shape(w.scaled_queries, b, dk);
+      detail::ensure_shape(w.scaled_keys, b, dk);
+    }
+  }
+
+  // The chunk's masked block tril(p(S)), S = sqrt(c) Q_c (sqrt(c) K_c)^T, into the top-left corner of w.block, on
+  // its causal panels (detail::causal_polynomial_block(): the rest is not written).
+  void masked_polynomial_block(Workspace& w, const FeatureMap<T>& map, const ConstMatrixRef<T>& Qc,
+                               const ConstMatrixRef<T>& Kc) const {
+    const Index rows = Qc.rows();
+    const T sqrt_c = static_cast<T>(std::sqrt(map.scale()));
+    w.scaled_queries.topRows(rows).noalias() = sqrt_c * Qc;
+    w.scaled_keys.topRows(rows).noalias() = sqrt_c * Kc;
+    detail::causal_polynomial_block<T>(coefficients_.data(), static_cast<Index>(coefficients_.size()) - 1,
+                                       w.scaled_queries.topRows(rows), w.scaled_keys.topRows(rows),
+                                       w.block.topLeftCorner(rows, rows), nullptr);
+  }
+
+  // For the chunk of rows from `first` whose masked block tril(p(S)) is in w.block: P~ = D~^{-1} tril(p(S)) in its
+  // place and p~ = P~ o (G V^T - kappa 1^T) into w.weights, on the causal panels (D~ from row_normaliser_).
+  void chunk_weights(Workspace& w, Index rows, const ConstMatrixRef<T>& Gc, const ConstMatrixRef<T>& Vc, Index first) {
+    auto weights = w.weights.topLeftCorner(rows, rows);
+    detail::causal_block_product<T>(Gc, Vc.transpose(), weights);
+    w.inverse = row_normaliser_.segment(first, rows).cwiseInverse();
+    T* const probabilities = w.block.data();
+    T* const grads = weights.data();
+    const T* const inverse = w.inverse.data();
+    const T* const kappa = kappa_.data() + first;
+    const Index probabilities_stride = w.block.outerStride(), grads_stride = weights.outerStride();
+    detail::for_causal_packets<T>(rows, [=](Index j, Index i, auto packet, const auto* on_or_below) {
+      using namespace Eigen::internal;
+      using Packet = decltype(packet);
+      T* const probability = probabilities + j * probabilities_stride + i;
+      T* const grad = grads + j * grads_stride + i;
+      const Packet p = pmul(ploadu<Packet>(probability), ploadu<Packet>(inverse + i));
+      pstoreu(probability, p);
+      pstoreu(grad, detail::masked(pmul(p, psub(ploadu<Packet>(grad), ploadu<Packet>(kappa + i))), on_or_below));
+    });
+  }
+
   // Writes M_Q diag(omega) of a chunk of queries into w.u1 (so that u1 * v1^T = phi_Q phi_K^T).
   template <class Derived>
   static void weighted_query_monomials(Workspace& w, const FeatureMap<T>& map, const Eigen::MatrixBase<Derived>& Qc) {
@@ -280,38 +331,49 @@ class PaperBackend final : public AttentionBackend<T> {
     w.u1 = normaliser.cwiseInverse().asDiagonal() * w.u1;
   }
 
-  // Runs `body(block, workspace)` for every block on polyattn's threads. With an exchange an error is kept for
-  // succeeded() instead of thrown, and the later loops are skipped, so that this rank still joins the remaining
-  // collectives.
-  template <class Body>
-  void for_each_block(Index blocks, Body&& body) {
+  // Runs `pass`. With an exchange an error is kept for succeeded() instead of thrown, and the later passes are
+  // skipped, so that this rank still joins the remaining collectives.
+  template <class Pass>
+  void deferring_errors(const Pass& pass) {
     if (deferred_failure_) return;
-    prepare_workspaces(blocks);
     try {
-      detail::parallel_for(blocks, [&](Index block, int thread) {
-        body(block, workspaces_[static_cast<std::size_t>(thread)]);
-      });
+      pass();
     } catch (...) {
       if (!state_exchange()) throw;
       deferred_failure_ = std::current_exception();
     }
   }
 
-  // Replaces `left` and `right` (exchanged side by side in one message) by their sums over all ranks (non-causal),
-  // or over the earlier (`direction` prefix) or later (suffix) ranks (causal). No-op without an exchange.
-  void combine_over_ranks(ScanDirection direction, MatrixRef<T> left, MatrixRef<T> right) {
+  // Runs `body(block, workspace)` for every block on polyattn's threads, deferring_errors().
+  template <class Body>
+  void for_each_block(Index blocks, Body&& body) {
+    prepare_workspaces(blocks);
+    deferring_errors([&] {
+      detail::parallel_for(blocks, [&](Index block, int thread) {
+        body(block, workspaces_[static_cast<std::size_t>(thread)]);
+      });
+    });
+  }
+
+  // Replaces `left` and `right` (exchanged side by side in one message) by their sums over all ranks. No-op without
+  // an exchange.
+  void sum_over_ranks(MatrixRef<T> left, MatrixRef<T> right) {
     StateExchange* const exchange = state_exchange();
     if (!exchange) return;
     const Index rows = std::max(left.rows(), right.rows());
     packed_.setZero(rows, left.cols() + right.cols());
     packed_.topLeftCorner(left.rows(), left.cols()) = left.template cast<double>();
     packed_.topRightCorner(right.rows(), right.cols()) = right.template cast<double>();
-    if (options().attention.causal)
-      exchange->exclusive_prefix_sum(packed_, direction == ScanDirection::suffix);
-    else
-      exchange->all_reduce_sum(packed_);
+    exchange->all_reduce_sum(packed_);
     left = packed_.topLeftCorner(left.rows(), left.cols()).template cast<T>();
     right = packed_.topRightCorner(right.rows(), right.cols()).template cast<T>();
+  }
+
+  // Replaces a scan's `carry` by its sum over the earlier (prefix `order`) or later (suffix) ranks.
+  void combine_over_ranks(detail::ScanOrder order, Matrix<T>& carry) {
+    packed_ = carry.template cast<double>();
+    state_exchange()->exclusive_prefix_sum(packed_, order == detail::ScanOrder::suffix);
+    carry = packed_.template cast<T>();
   }
 
   // Per-block states: block k's `left` (rows x cols) and `right` (r x right_cols) sums, stacked by block.
@@ -325,37 +387,15 @@ class PaperBackend final : public AttentionBackend<T> {
     auto right_of(Index k, Index r) { return right.middleRows(k * r, r); }
   };
 
-  // Adds the blocks' sums in block order into `left`, `right` (which must hold zero) and then combines them over
-  // the ranks; with `exclusive`, also turns the blocks' sums into what comes before block k in `direction` (plus
-  // the other ranks' sums), the state its scan starts from.
-  void reduce_blocks(BlockStates& states, Index blocks, ScanDirection direction, bool exclusive, MatrixRef<T> left,
-                     MatrixRef<T> right) {
+  // Adds the blocks' sums in block order into `left`, `right` (which must hold zero) and then sums them over the
+  // ranks.
+  void reduce_blocks(BlockStates& states, Index blocks, MatrixRef<T> left, MatrixRef<T> right) {
     const Index rows = left.rows(), r = right.rows();
     for (Index k = 0; k < blocks; ++k) {
       left += states.left_of(k, rows);
       right += states.right_of(k, r);
     }
-    if (!exclusive) {
-      combine_over_ranks(direction, left, right);
-      return;
-    }
-    if (state_exchange()) {
-      combine_over_ranks(direction, left, right);
-    } else {
-      left.setZero();
-      right.setZero();
-    }
-    // left and right now hold what precedes (follows) this rank: the first block in scan order starts there.
-    Matrix<T> running_left = left, running_right = right;
-    for (Index step = 0; step < blocks; ++step) {
-      const Index k = direction == ScanDirection::prefix ? step : blocks - 1 - step;
-      auto block_left = states.left_of(k, rows);
-      auto block_right = states.right_of(k, r);
-      block_left.swap(running_left);
-      block_right.swap(running_right);
-      running_left += block_left;
-      running_right += block_right;
-    }
+    sum_over_ranks(left, right);
   }
 
   // Adds into block_states_ (reset by the caller) every block's key sums: V_p^T K (r(dv+1) x dk) and V_1^T 1 (r).
@@ -393,7 +433,7 @@ class PaperBackend final : public AttentionBackend<T> {
     key_sums_by_block(map, K, V, part);
     query_state_.setZero(r * groups, dk);
     key_sum_.setZero(r);
-    reduce_blocks(block_states_, part.blocks, ScanDirection::prefix, false, query_state_, key_sum_);
+    reduce_blocks(block_states_, part.blocks, query_state_, key_sum_);
 
     block_states_.reset(part.blocks, r * groups, dk, r, dv + 1);
     for_each_block(part.blocks, [&](Index k, Workspace& w) {
@@ -421,7 +461,7 @@ class PaperBackend final : public AttentionBackend<T> {
     });
     key_state_.setZero(r * groups, dk);
     value_state_.setZero(r, dv + 1);
-    reduce_blocks(block_states_, part.blocks, ScanDirection::suffix, false, key_state_, value_state_);
+    reduce_blocks(block_states_, part.blocks, key_state_, value_state_);
 
     block_column_sums_.setZero(part.blocks);
     for_each_block(part.blocks, [&](Index k, Workspace& w) {
@@ -447,109 +487,159 @@ class PaperBackend final : public AttentionBackend<T> {
     return part.blocks > 0 ? block_column_sums_.maxCoeff() : 0.0;
   }
 
-  // Causal head: the prefix scans (normaliser D~, kept for the suffix pass, and dQ) and then the suffix scans (dK
-  // and [dV, P~^T 1]), each over blocks in parallel, every block's scan starting from the sum over the blocks (and
-  // ranks) before it, or after it. Those sums take a pass over the keys before the prefix scans; the prefix scans
-  // accumulate the ones the suffix scans need. Returns max_j (P~^T 1)_j.
+  // Causal head: the chunked scan of chunked_scan.hpp, twice. The prefix pass scans the key states V_p^T K and
+  // V_1^T 1 and gives every row its normaliser D~ (kept for the suffix pass) and dQ; the suffix pass scans the query
+  // states U_p^T Q and U_1^T [G, 1] and gives dK, dV and the column sums of P~. A chunk's own pairs go through its
+  // masked block: P~ = D~^{-1} tril(p(S)) and p~ = P~ o (G V^T - kappa 1^T) (chunk_weights()). With an exchange a
+  // first pass over the shard's slots gives its total, whose exclusive scan over the ranks starts the carry.
+  // Returns max_j (P~^T 1)_j.
   double head_causal(const FeatureMap<T>& map, const detail::HeadRows<T>& Q, const detail::HeadRows<T>& K,
                      const detail::HeadRows<T>& V, const detail::HeadRows<T>& G, detail::HeadOutput<T> dQ,
                      detail::HeadOutput<T> dK, detail::HeadOutput<T> dV) {
-    const Index n = Q.rows(), dk = Q.cols(), dv = V.cols(), r = map.width(), groups = dv + 1;
-    const Partition part = partition(n, r, groups);
-    const Index b = part.chunk, tile = part.tile;
-    const T c = static_cast<T>(map.scale());
-    // One block of one rank scans from zero: the sums before and after it are not needed.
-    const bool split = part.blocks > 1 || state_exchange() != nullptr;
+    const Index n = Q.rows(), dk = Q.cols(), dv = V.cols(), r = map.width(), kron = r * (dv + 1);
+    const Index b = detail::scan_rows(options().chunk_size, n), chunks = detail::block_count(n, b);
+    const Index prefix_size = kron * dk + r, suffix_size = kron * dk + r * (dv + 1);
+    const Index window = detail::window_chunks(chunks, static_cast<double>(sizeof(T) * suffix_size),
+                                               options().scan_window_bytes);
+    const double work = static_cast<double>(n) * static_cast<double>(kron * dk);
+    const int threads = work < detail::min_parallel_work ? 1 : detail::parallel_threads(window);
+    prepare_workspaces(window);
+    const Polynomial& poly = attention_.map_poly_;
+    coefficients_.assign(poly.coeffs.begin(), poly.coeffs.end());
     row_normaliser_.resize(n);
+    chunk_column_sums_.assign(static_cast<std::size_t>(chunks), -std::numeric_limits<double>::infinity());
 
-    block_states_.reset(part.blocks, r * groups, dk, r, 1);
-    if (split) key_sums_by_block(map, K, V, part);
-    query_state_.setZero(r * groups, dk);
-    key_sum_.setZero(r);
-    reduce_blocks(block_states_, part.blocks, ScanDirection::prefix, true, query_state_, key_sum_);
-
-    // The prefix scans; their blocks' sums of U_p^T Q and U_1^T [G, 1] are what the suffix scans start from.
-    reverse_states_.reset(part.blocks, r * groups, dk, r, dv + 1);
-    for_each_block(part.blocks, [&](Index k, Workspace& w) {
-      w.normaliser_scan.start(ScanDirection::prefix, block_states_.right_of(k, r));
-      w.query_scan.start(ScanDirection::prefix, block_states_.left_of(k, r * groups));
-      auto key_state = reverse_states_.left_of(k, r * groups);
-      auto value_state = reverse_states_.right_of(k, r);
-      for (Index s = k * part.block, end = s + part.rows_of_block(k, n); s < end; s += b) {
-        const Index rows = std::min(b, end - s);
-        const ConstMatrixRef<T> Qc = rows_of(Q, s, rows, w.staged_q), Kc = rows_of(K, s, rows, w.staged_k);
-        const ConstMatrixRef<T> Vc = rows_of(V, s, rows, w.staged_v), Gc = rows_of(G, s, rows, w.staged_g);
-        weighted_query_monomials(w, map, Qc);
-        key_monomials(w, map, Kc);
-        w.ones.setOnes(rows, 1);
-        w.chunk_normaliser.setZero(rows, 1);
-        w.normaliser_scan.begin_chunk(rows);
-        w.normaliser_scan.add_factors(0, w.u1, w.v1, w.ones, w.chunk_normaliser);
-        w.normaliser_scan.end_chunk(w.ones, w.chunk_normaliser);
-        w.normaliser = w.chunk_normaliser.col(0);
-        normalise_query_factor(w, w.normaliser, s);
-        row_normaliser_.segment(s, rows) = w.normaliser;
-        MatrixRef<T> dQc = result_rows(rows, dk, w.staged_dq);
-        dQc.setZero();
-        w.query_scan.begin_chunk(rows);
-        for (Index g0 = 0; g0 < groups; g0 += tile) {
-          const Index tg = std::min(tile, groups - g0);
-          detail::kronecker_groups(w.u1, Gc, -kappa_.segment(s, rows), g0, tg, w.up);
-          detail::kronecker_groups(w.v1, Vc, Vector<T>::Ones(rows), g0, tg, w.vp);
-          w.query_scan.add_factors(g0 * r, w.up, w.vp, Kc, dQc);
-          if (split) detail::transposed_product_add<T>(w.up, Qc, key_state.middleRows(g0 * r, tg * r), w.transposed);
-        }
-        w.query_scan.end_chunk(Kc, dQc);
-        dQc *= c;
-        store_rows(dQ, s, rows, w.staged_dq);
-        if (split) {
-          detail::transposed_product_add<T>(w.u1, Gc, value_state.leftCols(dv), w.transposed);
-          value_state.col(dv).noalias() += w.u1.colwise().sum().transpose();
-        }
+    const Index tile = tile_groups(b, r, dv + 1);
+    prepare_chunk_workspaces(b, dk);
+    // f(g0, tg) for the Kronecker tiles of tg value columns from g0.
+    const auto for_tiles = [&](const auto& f) {
+      for (Index g0 = 0; g0 <= dv; g0 += tile) f(g0, std::min(tile, dv + 1 - g0));
+    };
+    const auto bounds = [&](Index chunk) { return std::pair<Index, Index>(chunk * b, std::min(b, n - chunk * b)); };
+    // One scan in `order` over the windows, each in the three steps of chunked_scan.hpp: `slot_of(chunk, slot, w)`
+    // writes the chunks' own sums into their slots of `slot_size` numbers, exclusive_scan() turns them into the
+    // earlier (later) chunks' sums continuing carry_, and with `outputs`, `rows_of(chunk, slot, w)` computes the
+    // chunks' rows from them.
+    const auto scan = [&](detail::ScanOrder order, Index slot_size, const auto& slot_of, const auto& rows_of,
+                          bool outputs) {
+      const Index windows = detail::block_count(chunks, window);
+      // Runs `step` for the chunks of a window, in parallel.
+      const auto for_chunks = [&](Index first, Index count, const auto& step) {
+        detail::parallel_for(count, [&](Index k, int thread) {
+          step(first + k, slots_.data() + k * slot_size, workspaces_[static_cast<std::size_t>(thread)]);
+        }, work * static_cast<double>(count) / static_cast<double>(chunks));
+      };
+      for (Index step = 0; step < windows; ++step) {
+        const Index w0 = order == detail::ScanOrder::prefix ? step : windows - 1 - step;
+        const Index first = w0 * window, count = std::min(window, chunks - first);
+        for_chunks(first, count, slot_of);
+        detail::exclusive_scan<T>(Eigen::Map<Matrix<T>>(slots_.data(), slot_size, count), carry_, order,
+                                  work * static_cast<double>(count) / static_cast<double>(chunks));
+        if (outputs) for_chunks(first, count, rows_of);
       }
-    });
-    key_state_.setZero(r * groups, dk);
-    value_state_.setZero(r, dv + 1);
-    reduce_blocks(reverse_states_, part.blocks, ScanDirection::suffix, true, key_state_, value_state_);
+    };
 
-    block_column_sums_.setZero(part.blocks);
-    for_each_block(part.blocks, [&](Index k, Workspace& w) {
-      w.key_scan.start(ScanDirection::suffix, reverse_states_.left_of(k, r * groups));
-      w.value_scan.start(ScanDirection::suffix, reverse_states_.right_of(k, r));
-      const Index first = k * part.block, block_rows = part.rows_of_block(k, n);
-      for (Index chunk = detail::block_count(block_rows, b) - 1; chunk >= 0; --chunk) {
-        const Index s = first + chunk * b, rows = std::min(b, first + block_rows - s);
-        const ConstMatrixRef<T> Qc = rows_of(Q, s, rows, w.staged_q), Vc = rows_of(V, s, rows, w.staged_v);
-        const ConstMatrixRef<T> Gc = rows_of(G, s, rows, w.staged_g);
-        weighted_query_monomials(w, map, Qc);
-        w.u1 = row_normaliser_.segment(s, rows).cwiseInverse().asDiagonal() * w.u1;
-        key_monomials(w, map, rows_of(K, s, rows, w.staged_k));
-        MatrixRef<T> dKc = result_rows(rows, dk, w.staged_dk);
-        dKc.setZero();
-        w.key_scan.begin_chunk(rows);
-        for (Index g0 = 0; g0 < groups; g0 += tile) {
-          const Index tg = std::min(tile, groups - g0);
-          detail::kronecker_groups(w.u1, Gc, -kappa_.segment(s, rows), g0, tg, w.up);
-          detail::kronecker_groups(w.v1, Vc, Vector<T>::Ones(rows), g0, tg, w.vp);
-          w.key_scan.add_factors(g0 * r, w.up, w.vp, Qc, dKc);
-        }
-        w.key_scan.end_chunk(Qc, dKc);
-        dKc *= c;
-        store_rows(dK, s, rows, w.staged_dk);
-        w.value_rhs.resize(rows, dv + 1);
-        w.value_rhs.leftCols(dv) = Gc;
-        w.value_rhs.col(dv).setOnes();
-        w.value_out.setZero(rows, dv + 1);
-        w.value_scan.begin_chunk(rows);
-        w.value_scan.add_factors(0, w.u1, w.v1, w.value_rhs, w.value_out);
-        w.value_scan.end_chunk(w.value_rhs, w.value_out);
-        result_rows(rows, dv, w.staged_dv) = w.value_out.leftCols(dv);
-        store_rows(dV, s, rows, w.staged_dv);
-        block_column_sums_(k) =
-            std::max(block_column_sums_(k), static_cast<double>(w.value_out.col(dv).maxCoeff()));
+    const auto key_slot = [&](Index chunk, T* slot, Workspace& w) {
+      const auto [s, rows] = bounds(chunk);
+      const ConstMatrixRef<T> Kc = rows_of(K, s, rows, w.staged_k), Vc = rows_of(V, s, rows, w.staged_v);
+      Eigen::Map<Matrix<T>> query_state(slot, kron, dk);
+      key_monomials(w, map, Kc);
+      for_tiles([&](Index g0, Index tg) {
+        detail::kronecker_groups(w.v1, Vc, Vector<T>::Ones(rows), g0, tg, w.vp);
+        detail::transposed_product<T>(w.vp, Kc, query_state.middleRows(g0 * r, tg * r), w.transposed);
+      });
+      Eigen::Map<Vector<T>>(slot + kron * dk, r) = w.v1.colwise().sum().transpose();
+    };
+    const auto prefix_rows = [&](Index chunk, const T* slot, Workspace& w) {
+      const auto [s, rows] = bounds(chunk);
+      const ConstMatrixRef<T> Qc = rows_of(Q, s, rows, w.staged_q), Kc = rows_of(K, s, rows, w.staged_k);
+      const ConstMatrixRef<T> Vc = rows_of(V, s, rows, w.staged_v), Gc = rows_of(G, s, rows, w.staged_g);
+      const Eigen::Map<const Matrix<T>> query_state(slot, kron, dk);
+      const Eigen::Map<const Vector<T>> key_sum(slot + kron * dk, r);
+      weighted_query_monomials(w, map, Qc);
+      masked_polynomial_block(w, map, Qc, Kc);
+      // D~ = phi_Q (earlier keys' V_1^T 1) + the chunk's masked block times 1.
+      w.chunk_normaliser.resize(rows, 1);
+      w.chunk_normaliser.col(0).noalias() = w.u1 * key_sum;
+      w.ones.setOnes(rows, 1);
+      detail::causal_product_add<T>(w.block.topLeftCorner(rows, rows), w.ones, w.chunk_normaliser);
+      w.normaliser = w.chunk_normaliser.col(0);
+      normalise_query_factor(w, w.normaliser, s);
+      row_normaliser_.segment(s, rows) = w.normaliser;
+      MatrixRef<T> dQc = result_rows(rows, dk, w.staged_dq);
+      dQc.setZero();
+      for_tiles([&](Index g0, Index tg) {
+        detail::kronecker_groups(w.u1, Gc, -kappa_.segment(s, rows), g0, tg, w.up);
+        detail::block_product_add<T>(w.up, query_state.middleRows(g0 * r, tg * r), dQc);
+      });
+      chunk_weights(w, rows, Gc, Vc, s);
+      detail::causal_product_add<T>(w.weights.topLeftCorner(rows, rows), Kc, dQc);
+      dQc *= static_cast<T>(map.scale());
+      store_rows(dQ, s, rows, w.staged_dq);
+    };
+    const auto query_slot = [&](Index chunk, T* slot, Workspace& w) {
+      const auto [s, rows] = bounds(chunk);
+      const ConstMatrixRef<T> Qc = rows_of(Q, s, rows, w.staged_q), Gc = rows_of(G, s, rows, w.staged_g);
+      Eigen::Map<Matrix<T>> key_state(slot, kron, dk), value_state(slot + kron * dk, r, dv + 1);
+      weighted_query_monomials(w, map, Qc);
+      w.u1 = row_normaliser_.segment(s, rows).cwiseInverse().asDiagonal() * w.u1;
+      for_tiles([&](Index g0, Index tg) {
+        detail::kronecker_groups(w.u1, Gc, -kappa_.segment(s, rows), g0, tg, w.up);
+        detail::transposed_product<T>(w.up, Qc, key_state.middleRows(g0 * r, tg * r), w.transposed);
+      });
+      detail::transposed_product<T>(w.u1, Gc, value_state.leftCols(dv), w.transposed);
+      value_state.col(dv) = w.u1.colwise().sum().transpose();
+    };
+    const auto suffix_rows = [&](Index chunk, const T* slot, Workspace& w) {
+      const auto [s, rows] = bounds(chunk);
+      const ConstMatrixRef<T> Qc = rows_of(Q, s, rows, w.staged_q), Kc = rows_of(K, s, rows, w.staged_k);
+      const ConstMatrixRef<T> Vc = rows_of(V, s, rows, w.staged_v), Gc = rows_of(G, s, rows, w.staged_g);
+      const Eigen::Map<const Matrix<T>> key_state(slot, kron, dk), value_state(slot + kron * dk, r, dv + 1);
+      key_monomials(w, map, Kc);
+      MatrixRef<T> dKc = result_rows(rows, dk, w.staged_dk);
+      dKc.setZero();
+      for_tiles([&](Index g0, Index tg) {
+        detail::kronecker_groups(w.v1, Vc, Vector<T>::Ones(rows), g0, tg, w.vp);
+        detail::block_product_add<T>(w.vp, key_state.middleRows(g0 * r, tg * r), dKc);
+      });
+      // [dV, P~^T 1]: the later chunks through V_1 (U_1^T [G, 1]), the chunk itself through P~^T [G, 1].
+      w.value_out.resize(rows, dv + 1);
+      detail::block_product<T>(w.v1, value_state, w.value_out);
+      masked_polynomial_block(w, map, Qc, Kc);
+      chunk_weights(w, rows, Gc, Vc, s);
+      auto transposed = w.transposed_block.topLeftCorner(rows, rows);
+      detail::transpose_causal<T>(w.weights.topLeftCorner(rows, rows), transposed);
+      detail::transposed_causal_product_add<T>(transposed, Qc, dKc);
+      dKc *= static_cast<T>(map.scale());
+      store_rows(dK, s, rows, w.staged_dk);
+      w.value_rhs.resize(rows, dv + 1);
+      w.value_rhs.leftCols(dv) = Gc;
+      w.value_rhs.col(dv).setOnes();
+      detail::transpose_causal<T>(w.block.topLeftCorner(rows, rows), transposed);
+      detail::transposed_causal_product_add<T>(transposed, w.value_rhs, w.value_out);
+      result_rows(rows, dv, w.staged_dv) = w.value_out.leftCols(dv);
+      store_rows(dV, s, rows, w.staged_dv);
+      chunk_column_sums_[static_cast<std::size_t>(chunk)] = static_cast<double>(w.value_out.col(dv).maxCoeff());
+    };
+
+    if (slots_.size() < suffix_size * window) slots_.resize(suffix_size * window);
+    for (const detail::ScanOrder order : {detail::ScanOrder::prefix, detail::ScanOrder::suffix}) {
+      const bool prefix = order == detail::ScanOrder::prefix;
+      const Index slot_size = prefix ? prefix_size : suffix_size;
+      const auto pass = [&](bool outputs) {
+        if (prefix)
+          scan(order, slot_size, key_slot, prefix_rows, outputs);
+        else
+          scan(order, slot_size, query_slot, suffix_rows, outputs);
+      };
+      carry_.setZero(slot_size, 1);
+      if (state_exchange()) {
+        deferring_errors([&] { detail::parallel_pass(threads, [&] { pass(false); }); });
+        combine_over_ranks(order, carry_);
       }
-    });
-    return part.blocks > 0 ? block_column_sums_.maxCoeff() : 0.0;
+      deferring_errors([&] { detail::parallel_pass(threads, [&] { pass(true); }); });
+    }
+    return chunks > 0 ? *std::max_element(chunk_column_sums_.begin(), chunk_column_sums_.end()) : 0.0;
   }
 
   PolynomialAttention<T> attention_;
@@ -557,10 +647,16 @@ class PaperBackend final : public AttentionBackend<T> {
   Certificate certificate_;
   detail::ForwardRecord forward_record_;
   std::vector<Workspace> workspaces_;  // one per thread
-  BlockStates block_states_, reverse_states_;
+  BlockStates block_states_;
   Eigen::VectorXd block_column_sums_;
   Matrix<T> query_state_, key_state_, value_state_;
   Vector<T> kappa_, key_sum_, row_normaliser_;
+  // Causal heads: the slots of a window of scan chunks, the scan's carry, p's coefficients in T, and per chunk the
+  // largest column sum of P~ over its keys.
+  Vector<T> slots_;
+  Matrix<T> carry_;
+  std::vector<T> coefficients_;
+  std::vector<double> chunk_column_sums_;
   Eigen::MatrixXd packed_;               // states on their way through the exchange
   std::exception_ptr deferred_failure_;  // this rank's error of a sequence-parallel backward(), see succeeded()
 };

@@ -111,10 +111,9 @@ struct ApproximationOptions {
   /// Symmetric monomials (width \f$\binom{d+g}{g}\f$) or the authors' Kronecker powers (\f$\sum_t d^t\f$).
   FeatureMapKind feature_map = FeatureMapKind::symmetric;
   /// Rows per block: the feature block \f$B\f$ when non-causal, the scan chunk \f$b\f$ (masked block) when
-  /// causal. 0 (default): about 512 KiB of features per block; \f$b = 64\f$. Blocks are also the unit of work of
-  /// polyattn's threads (polynomial_kernel.hpp); results do not depend on the thread count. The paper method
-  /// (PaperBackend) chunks by it too, with defaults of its own: 16 rows causal, 256 non-causal, because its
-  /// masked block costs \f$O(b^2 r d)\f$ per chunk against \f$O(b^2 d)\f$ here.
+  /// causal, for every polynomial method (chunked_scan.hpp). 0 (default): about 512 KiB of features per block
+  /// (the paper method's non-causal passes: 256 rows); \f$b = 64\f$. Blocks are also the unit of work of
+  /// polyattn's threads (polynomial_kernel.hpp); results do not depend on the thread count.
   Index chunk_size = 0;
   /// Causal: memory for the states of a window of scan chunks, \f$r(d_v+1)\f$ numbers per chunk, that one pass
   /// writes and the next reads (at least one chunk). 0 (default): automatic, 128 KiB per thread (12 chunks at

@@ -10,8 +10,8 @@
 /// - **Non-causal.** Key blocks of block_rows() rows each compute their partial state; the partials are added in
 ///   block order; then query blocks compute their rows of \f$\tilde O\f$ independently. Backward mirrors it with
 ///   the state gradient \f$Y = \mathrm{diag}(\omega)M_Q^\top E\f$.
-/// - **Causal.** The sequence is cut into scan chunks of scan_rows() rows. (1) Every chunk computes its own key
-///   state \f$\Delta Z_t = \mathrm{diag}(\omega)M_{K,t}^\top[V_t,\mathbf 1]\f$, in parallel; (2) an exclusive prefix
+/// - **Causal.** The chunked scan of chunked_scan.hpp, in chunks of scan_rows() rows. (1) Every chunk computes its
+///   own key state \f$\Delta Z_t = \mathrm{diag}(\omega)M_{K,t}^\top[V_t,\mathbf 1]\f$, in parallel; (2) an exclusive prefix
 ///   sum in chunk order turns them into \f$Z^{<s}\f$ (parallel over rows of the state, each entry summed in chunk
 ///   order); (3) every chunk computes its rows from \f$Z^{<s}\f$ and its own masked block
 ///   \f$\mathrm{tril}(p(c\,Q_sK_s^\top))\f$, in parallel. Backward runs the same three phases in reverse with
@@ -85,6 +85,7 @@
 #include "../parallel/state_exchange.hpp"
 #include "../parallel/threads.hpp"
 #include "block_product.hpp"
+#include "chunked_scan.hpp"
 #include "feature_map.hpp"
 #include "head_rows.hpp"
 #include "options.hpp"
@@ -118,10 +119,6 @@ inline std::string bad_normaliser_message(const char* where, Index row, double v
 template <class T>
 class PolynomialKernel {
  public:
-  /// Default rows of a causal scan chunk: the masked in-chunk block costs O(b d) per row against O(r d) for
-  /// the state products; 64 balances the two for d <= 32 and r ~ 150.
-  static constexpr Index default_scan_rows = 64;
-
   /// Sets the feature map and polynomial for the next calls (the map must outlive them). `chunk_size`,
   /// `scan_window_bytes` and `exact_window` are PolynomialAttentionOptions' (0: automatic for the first two);
   /// `where` and `radius` go into error messages. `exchange` (null: serial) combines the states with the other ranks' shards;
@@ -149,11 +146,9 @@ class PolynomialKernel {
   }
 
   /// Rows of a causal scan chunk for n rows (at least one, so that an empty shard has no chunks).
-  Index scan_rows(Index n) const {
-    return std::max<Index>(1, std::min(n, chunk_size_ > 0 ? chunk_size_ : default_scan_rows));
-  }
+  Index scan_rows(Index n) const { return detail::scan_rows(chunk_size_, n); }
   /// Number of causal scan chunks of n rows (the last may be shorter).
-  Index scan_chunks(Index n) const { return block_count(n, scan_rows(n)); }
+  Index scan_chunks(Index n) const { return detail::scan_chunks(chunk_size_, n); }
   /// Rows of a non-causal block: monomials and their gradients (2 x rows x r) near 512 KiB, GEMM-shaped and in
   /// half of a 1 MiB L2 (384 rows in float at d = 16, g = 2: 2-3% faster than 832 rows, which filled it); a
   /// whole number of block_product()'s row tiles, whose rows after the last full SIMD packet would take scalar
@@ -441,20 +436,6 @@ class PolynomialKernel {
     map_->monomials_backward(monomial_grads, top(w.scaled_queries, rows), top(w.monomials, rows), dQb);
   }
 
-  // v = p(x) and, with `with_derivative`, d = p'(x) for a SIMD packet (or scalar) x by Horner, the running value
-  // and derivative in registers, for the `degree` + 1 coefficients `c` (coefficients_, passed in so that the loops
-  // that call it keep them in registers).
-  template <class Packet>
-  static void horner(const T* c, Index degree, const Packet& x, Packet& v, Packet& d, bool with_derivative) {
-    using namespace Eigen::internal;
-    v = pset1<Packet>(c[degree]);
-    d = pset1<Packet>(T(0));
-    for (Index t = degree; t-- > 0;) {
-      if (with_derivative) d = padd(pmul(d, x), v);
-      v = padd(pmul(v, x), pset1<Packet>(c[t]));
-    }
-  }
-
   // value = p(S) and, with `with_derivative`, derivative = p'(S), entrywise (the blocks are written through): one
   // pass down each column in SIMD packets (the same operations as Horner on whole blocks, which made a pass over
   // the blocks per coefficient).
@@ -468,7 +449,7 @@ class PolynomialKernel {
       T* dp = derivative.data() + j * derivative.outerStride();
       for_row_strips<T, 1>(scores.rows(), [&](Index i, Index, auto packet) {
         decltype(packet) v, d;
-        horner(c, degree, Eigen::internal::ploadu<decltype(packet)>(s + i), v, d, with_derivative);
+        horner<T>(c, degree, Eigen::internal::ploadu<decltype(packet)>(s + i), v, d, with_derivative);
         Eigen::internal::pstoreu(p + i, v);
         if (with_derivative) Eigen::internal::pstoreu(dp + i, d);
       });
@@ -476,25 +457,11 @@ class PolynomialKernel {
   }
 
   // Top-left rows x rows of w.block = tril(p(S)) for S = sqrt(c)Q_s (sqrt(c)K_s)^T from the tops of the scaled
-  // queries and keys, and with `with_derivative` w.derivative_block = p'(S), on their causal panels
-  // (block_product.hpp: the rest is not written and not read).
+  // queries and keys, and with `with_derivative` w.derivative_block = p'(S) (causal_polynomial_block()).
   void in_chunk_block(Workspace& w, Index rows, bool with_derivative) const {
-    auto block = w.block.topLeftCorner(rows, rows);
-    causal_block_product<T>(top(w.scaled_queries, rows), top(w.scaled_keys, rows).transpose(), block);
-    T* const values = block.data();
-    T* const derivatives = w.derivative_block.data();
-    const Index values_stride = block.outerStride(), derivatives_stride = w.derivative_block.outerStride();
-    const T* const c = coefficients_.data();
-    const Index degree = poly_.degree();
-    for_causal_packets<T>(rows, [=](Index j, Index i, auto packet, const auto* on_or_below) {
-      using namespace Eigen::internal;
-      using Packet = decltype(packet);
-      T* const value = values + j * values_stride + i;
-      Packet v, d;
-      horner(c, degree, ploadu<Packet>(value), v, d, with_derivative);
-      pstoreu(value, masked(v, on_or_below));
-      if (with_derivative) pstoreu(derivatives + j * derivatives_stride + i, d);
-    });
+    causal_polynomial_block<T>(coefficients_.data(), poly_.degree(), top(w.scaled_queries, rows),
+                               top(w.scaled_keys, rows), w.block.topLeftCorner(rows, rows),
+                               with_derivative ? &w.derivative_block : nullptr);
   }
 
   // ---- Exact window (near field); see the file documentation. ----
@@ -697,41 +664,10 @@ class PolynomialKernel {
     block_product_add<T>(weights, adjoints, value_grads);
   }
 
-  // The running sum `carry` over the slots (each of carry's shape, side by side, stored contiguously) made
-  // exclusive: slot s receives the sum of the slots before it (in `order`: +1 forward, -1 backward) plus the
-  // incoming carry, and `carry` ends as the sum of all. Parallel over ranges of the slots' entries, each entry
-  // summed in slot order, whenever the window's chunk loops are (`work`: theirs): by its own few additions per
-  // entry it would stay on one thread, which then streamed every slot while the others waited (at 2^18 on two
-  // threads, 1-2% of the causal forward and of the adjoint).
-  static void exclusive_scan(MatrixRef<T> slots, Matrix<T>& carry, int order, double work) {
-    const Index size = carry.size(), count = slots.cols() / carry.cols();
-    eigen_assert(slots.outerStride() == slots.rows() && carry.rows() == slots.rows());
-    constexpr Index entries_per_block = 256;
-    parallel_for(block_count(size, entries_per_block), [&](Index block, int) {
-      const Index e0 = block * entries_per_block, entries = std::min(entries_per_block, size - e0);
-      auto running = Eigen::Map<Vector<T>>(carry.data() + e0, entries);
-      for (Index k = 0; k < count; ++k) {
-        auto slot = Eigen::Map<Vector<T>>(slots.data() + (order > 0 ? k : count - 1 - k) * size + e0, entries);
-        // slot <- running and running <- running + slot, in two vectorised passes over 1 KiB.
-        slot.swap(running);
-        running += slot;
-      }
-    }, work);
-  }
-
-  // Chunks per window of the causal scan: as many slots of width x r as fit scan_window_bytes (at least one);
-  // automatic (0): 128 KiB of slots per thread (12 chunks at d_v = 16, r = 153), so that a thread's chunks of a
-  // pass, their rows, slots and results, are still in its core's L2 when the next pass reads them. The window
-  // bounds memory and sets the passes' length only: every prefix is the same sum in the same order whatever its
-  // size, so it may follow the thread count.
+  // Chunks per window of the causal scan, whose slots are `width` x r (window_chunks()).
   Index window_chunks(Index chunks, Index width) const {
-    constexpr double automatic_bytes_per_thread = 128 << 10;
     const double slot_bytes = static_cast<double>(sizeof(T)) * static_cast<double>(map_->width() * width);
-    const Index per_thread = std::max<Index>(1, static_cast<Index>(automatic_bytes_per_thread / slot_bytes));
-    const Index fitting = scan_window_bytes_ > 0
-                              ? static_cast<Index>(static_cast<double>(scan_window_bytes_) / slot_bytes)
-                              : parallel_threads(chunks) * per_thread;
-    return std::clamp<Index>(fitting, 1, std::max<Index>(chunks, 1));
+    return detail::window_chunks(chunks, slot_bytes, scan_window_bytes_);
   }
 
   // The key rows [first, first + rows) into w (load_keys()) and their transposed state [V, 1]^T M_K into `state`
@@ -819,7 +755,7 @@ class PolynomialKernel {
         MatrixRef<T> slots = keep ? MatrixRef<T>(checkpoints.middleCols(first * r, count * r))
                                   : MatrixRef<T>(window_states_.leftCols(count * r));
         if (kept_states_ready)
-          exclusive_scan(slots, carry_, +1, work(count * b, dv));
+          exclusive_scan<T>(slots, carry_, ScanOrder::prefix, work(count * b, dv));
         else
           prefix_states(Kh, Vh, first, count, slots, ws);
         parallel_for(count, [&](Index k, int thread) {
@@ -972,7 +908,7 @@ class PolynomialKernel {
         } else {
           query_state_grads(Qh, Oh, Gh, normalisers, shifts, first, count, slots, ws,
                             [](Workspace&, Index, Index, Index) {});
-          exclusive_scan(slots, state_grads_, -1, work(count * b, dv));
+          exclusive_scan<T>(slots, state_grads_, ScanOrder::suffix, work(count * b, dv));
         }
       }
       combine_over_ranks(state_grads_, Ranks::later);
@@ -988,7 +924,7 @@ class PolynomialKernel {
         auto slots = slots_of_window(first, count);
         const ConstMatrixRef<T> prefix = prefix_of_window(first, count);
         if (!slots_kept) window_state_grads(first, count);
-        exclusive_scan(slots, state_grads_, -1, work(count * b, dv));
+        exclusive_scan<T>(slots, state_grads_, ScanOrder::suffix, work(count * b, dv));
         parallel_for(count, [&](Index k, int thread) {
           Workspace& w = ws[static_cast<std::size_t>(thread)];
           const Index s = (first + k) * b, rows = std::min(b, n - s);
@@ -1082,7 +1018,7 @@ class PolynomialKernel {
                      MatrixRef<T> slots, std::vector<Workspace>& ws) {
     const Index b = scan_rows(Kh.rows());
     key_states(Kh, Vh, first, count, slots, ws, -near_lag(b));
-    exclusive_scan(slots, carry_, +1, work(count * b, Vh.cols()));
+    exclusive_scan<T>(slots, carry_, ScanOrder::prefix, work(count * b, Vh.cols()));
   }
 
   // E_t^T M_{Q,t} of chunks [first, first + count) into `slots` (count slots of (d_v+2) x r); with an exact window
