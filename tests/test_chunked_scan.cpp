@@ -10,8 +10,10 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -35,6 +37,22 @@ TEST_CASE("Scan chunks and windows follow the chunk size and the window bytes", 
   CHECK(window_chunks(100, 1000.0, 1) == 1);        // at least one chunk
   CHECK(window_chunks(100, 1000.0, 1 << 30) == 100);  // at most all of them
   CHECK(window_chunks(0, 1000.0, 0) == 1);
+}
+
+TEST_CASE("Windows cover the chunks in scan order", "[chunked_scan]") {
+  using Window = std::tuple<Index, Index, Index>;
+  for (const ScanOrder order : {ScanOrder::prefix, ScanOrder::suffix}) {
+    std::vector<Window> windows;
+    polyattn::detail::for_each_window(8, 3, order, [&](Index index, Index first, Index count) {
+      windows.emplace_back(index, first, count);
+    });
+    std::vector<Window> expected{{0, 0, 3}, {1, 3, 3}, {2, 6, 2}};
+    if (order == ScanOrder::suffix) std::reverse(expected.begin(), expected.end());
+    CHECK(windows == expected);
+  }
+  int calls = 0;
+  polyattn::detail::for_each_window(0, 3, ScanOrder::prefix, [&](Index, Index, Index) { ++calls; });
+  CHECK(calls == 0);  // an empty shard
 }
 
 TEMPLATE_TEST_CASE("The exclusive scan gives every slot the sum of the slots before it, across windows",

@@ -69,6 +69,17 @@ inline Index window_chunks(Index chunks, double slot_bytes, std::size_t window_b
   return std::clamp<Index>(fitting, 1, std::max<Index>(chunks, 1));
 }
 
+/// Calls `body(index, first, count)` for the windows of `window` chunks that cover `chunks` chunks, in scan
+/// `order`: window `index` holds the chunks [first, first + count).
+template <class Body>
+void for_each_window(Index chunks, Index window, ScanOrder order, const Body& body) {
+  const Index windows = block_count(chunks, window);
+  for (Index step = 0; step < windows; ++step) {
+    const Index index = order == ScanOrder::prefix ? step : windows - 1 - step, first = index * window;
+    body(index, first, std::min(window, chunks - first));
+  }
+}
+
 /// The slots (each of carry's shape, side by side, stored contiguously) made exclusive in `order`: a slot receives
 /// the sum of the slots before it (prefix: those to its left; suffix: to its right) plus the incoming `carry`,
 /// and `carry` ends as the sum of all. Parallel over ranges of the slots' entries, each entry summed in slot order,

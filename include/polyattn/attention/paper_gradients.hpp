@@ -522,21 +522,18 @@ class PaperBackend final : public AttentionBackend<T> {
     // chunks' rows from them.
     const auto scan = [&](detail::ScanOrder order, Index slot_size, const auto& slot_of, const auto& rows_of,
                           bool outputs) {
-      const Index windows = detail::block_count(chunks, window);
       // Runs `step` for the chunks of a window, in parallel.
       const auto for_chunks = [&](Index first, Index count, const auto& step) {
         detail::parallel_for(count, [&](Index k, int thread) {
           step(first + k, slots_.data() + k * slot_size, workspaces_[static_cast<std::size_t>(thread)]);
         }, work * static_cast<double>(count) / static_cast<double>(chunks));
       };
-      for (Index step = 0; step < windows; ++step) {
-        const Index w0 = order == detail::ScanOrder::prefix ? step : windows - 1 - step;
-        const Index first = w0 * window, count = std::min(window, chunks - first);
+      detail::for_each_window(chunks, window, order, [&](Index, Index first, Index count) {
         for_chunks(first, count, slot_of);
         detail::exclusive_scan<T>(Eigen::Map<Matrix<T>>(slots_.data(), slot_size, count), carry_, order,
                                   work * static_cast<double>(count) / static_cast<double>(chunks));
         if (outputs) for_chunks(first, count, rows_of);
-      }
+      });
     };
 
     const auto key_slot = [&](Index chunk, T* slot, Workspace& w) {

@@ -736,22 +736,20 @@ class PolynomialKernel {
     // the keys window by window. Either way every Z^{<s} is the same sum in the same order.
     const bool kept_states_ready = exchange_ && keep;
     if (exchange_) {
-      for (Index first = 0; first < chunks; first += window) {
-        const Index count = std::min(window, chunks - first);
+      for_each_window(chunks, window, ScanOrder::prefix, [&](Index, Index first, Index count) {
         if (keep) {
           key_states(Kh, Vh, first, count, checkpoints.middleCols(first * r, count * r), ws);
           for (Index k = first; k < first + count; ++k) carry_ += checkpoints.middleCols(k * r, r);
         } else {
           prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * r), ws);
         }
-      }
+      });
       combine_over_ranks(carry_, Ranks::earlier);
     }
     incoming_state = carry_;
     // One parallel region for all windows (parallel_pass()): three loops per window.
     parallel_pass(pass_threads(n, window, dv), [&] {
-      for (Index first = 0; first < chunks; first += window) {
-        const Index count = std::min(window, chunks - first);
+      for_each_window(chunks, window, ScanOrder::prefix, [&](Index, Index first, Index count) {
         MatrixRef<T> slots = keep ? MatrixRef<T>(checkpoints.middleCols(first * r, count * r))
                                   : MatrixRef<T>(window_states_.leftCols(count * r));
         if (kept_states_ready)
@@ -777,7 +775,7 @@ class PolynomialKernel {
           normalise(w, Oh.rows(s, rows, w.staged_ov), normalisers, s);
           Oh.store(s, rows, w.staged_ov);
         }, work(count * b, dv));
-      }
+      });
     });
   }
 
@@ -861,11 +859,10 @@ class PolynomialKernel {
       ensure_shape(window_states_, dv + 1, window * r);
       ensure_shape(window_starts_, dv + 1, windows * r);
       carry_ = incoming_state;
-      for (Index w0 = 0; w0 < windows; ++w0) {
+      for_each_window(chunks, window, ScanOrder::prefix, [&](Index w0, Index first, Index count) {
         window_starts_.middleCols(w0 * r, r) = carry_;
-        const Index first = w0 * window, count = std::min(window, chunks - first);
         prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * r), ws);
-      }
+      });
     }
     // With an exchange the suffix scan starts from the later ranks' queries, which needs this shard's total first.
     // With checkpoints, a first pass over the windows computes every chunk's M_Q^T E slot (and dQ through
@@ -898,8 +895,7 @@ class PolynomialKernel {
                         });
     };
     if (exchange_) {
-      for (Index w0 = windows - 1; w0 >= 0; --w0) {
-        const Index first = w0 * window, count = std::min(window, chunks - first);
+      for_each_window(chunks, window, ScanOrder::suffix, [&](Index, Index first, Index count) {
         auto slots = slots_of_window(first, count);
         if (slots_kept) {
           window_state_grads(first, count);
@@ -910,13 +906,12 @@ class PolynomialKernel {
                             [](Workspace&, Index, Index, Index) {});
           exclusive_scan<T>(slots, state_grads_, ScanOrder::suffix, work(count * b, dv));
         }
-      }
+      });
       combine_over_ranks(state_grads_, Ranks::later);
     }
     // One parallel region for all windows (parallel_pass()): three or four loops per window.
     parallel_pass(pass_threads(n, window, dv), [&] {
-      for (Index w0 = windows - 1; w0 >= 0; --w0) {
-        const Index first = w0 * window, count = std::min(window, chunks - first);
+      for_each_window(chunks, window, ScanOrder::suffix, [&](Index w0, Index first, Index count) {
         if (!kept) {
           serial_step([&] { carry_ = window_starts_.middleCols(w0 * r, r); });
           prefix_states(Kh, Vh, first, count, window_states_.leftCols(count * r), ws);
@@ -990,7 +985,7 @@ class PolynomialKernel {
           dKh.store(s, rows, w.staged_dk);
           dVh.store(s, rows, w.staged_ov);
         }, work(count * b, dv));
-      }
+      });
     });
     return largest_column_sum();
   }
