@@ -205,12 +205,22 @@ TEST_CASE("Concurrent heads throw the error of the lowest failing head, as one a
     }
 }
 
-TEST_CASE("The causal adjoint gives the same bits with or without checkpoints, for any scan window", "[threads]") {
-  ThreadCountGuard guard;
+namespace {
+
+// Two causal heads in chunks of 16 rows: 250 rows make 16 scan chunks.
+polyattn::PolynomialAttentionOptions causal_scan_options() {
   polyattn::PolynomialAttentionOptions options;
   options.attention.causal = true;
   options.attention.heads = 2;
   options.chunk_size = 16;
+  return options;
+}
+
+}  // namespace
+
+TEST_CASE("The causal adjoint gives the same bits with or without checkpoints, for any scan window", "[threads]") {
+  ThreadCountGuard guard;
+  polyattn::PolynomialAttentionOptions options = causal_scan_options();
   const Run<double> checkpointed = run_attention<double>(AttentionMethod::adjoint, options, 250, 4, 11);
   // Kept checkpoints (the default budget), or none: the backward pass recomputes the prefix states window by window.
   for (const std::size_t checkpoint_bytes : {options.max_checkpoint_bytes, std::size_t(0)})
@@ -227,10 +237,7 @@ TEST_CASE("The causal adjoint gives the same bits with or without checkpoints, f
 
 TEST_CASE("The causal paper backward gives the same bits for any scan window", "[threads]") {
   ThreadCountGuard guard;
-  polyattn::PolynomialAttentionOptions options;
-  options.attention.causal = true;
-  options.attention.heads = 2;
-  options.chunk_size = 16;
+  polyattn::PolynomialAttentionOptions options = causal_scan_options();
   polyattn::set_num_threads(1);
   const Run<double> automatic = run_attention<double>(AttentionMethod::paper, options, 250, 4, 12);
   // One chunk per window (1 byte), a few chunks (a paper slot of r (d_v + 1) d_k + r (d_v + 1) doubles is 3 KiB at

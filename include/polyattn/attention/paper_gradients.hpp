@@ -499,8 +499,8 @@ class PaperBackend final : public AttentionBackend<T> {
     const Index n = Q.rows(), dk = Q.cols(), dv = V.cols(), r = map.width(), kron = r * (dv + 1);
     const Index b = detail::scan_rows(options().chunk_size, n), chunks = detail::block_count(n, b);
     const Index prefix_size = kron * dk + r, suffix_size = kron * dk + r * (dv + 1);
-    const Index window = detail::window_chunks(chunks, static_cast<double>(sizeof(T) * suffix_size),
-                                               options().scan_window_bytes);
+    const double slot_bytes = static_cast<double>(sizeof(T)) * static_cast<double>(suffix_size);
+    const Index window = detail::window_chunks(chunks, slot_bytes, options().scan_window_bytes);
     const double work = static_cast<double>(n) * static_cast<double>(kron * dk);
     const int threads = work < detail::min_parallel_work ? 1 : detail::parallel_threads(window);
     prepare_workspaces(window);
@@ -515,7 +515,6 @@ class PaperBackend final : public AttentionBackend<T> {
     const auto for_tiles = [&](const auto& f) {
       for (Index g0 = 0; g0 <= dv; g0 += tile) f(g0, std::min(tile, dv + 1 - g0));
     };
-    const auto bounds = [&](Index chunk) { return std::pair<Index, Index>(chunk * b, std::min(b, n - chunk * b)); };
     // One scan in `order` over the windows, each in the three steps of chunked_scan.hpp: `slot_of(chunk, slot, w)`
     // writes the chunks' own sums into their slots of `slot_size` numbers, exclusive_scan() turns them into the
     // earlier (later) chunks' sums continuing carry_, and with `outputs`, `rows_of(chunk, slot, w)` computes the
@@ -537,7 +536,7 @@ class PaperBackend final : public AttentionBackend<T> {
     };
 
     const auto key_slot = [&](Index chunk, T* slot, Workspace& w) {
-      const auto [s, rows] = bounds(chunk);
+      const Index s = chunk * b, rows = std::min(b, n - s);
       const ConstMatrixRef<T> Kc = rows_of(K, s, rows, w.staged_k), Vc = rows_of(V, s, rows, w.staged_v);
       Eigen::Map<Matrix<T>> query_state(slot, kron, dk);
       key_monomials(w, map, Kc);
@@ -548,7 +547,7 @@ class PaperBackend final : public AttentionBackend<T> {
       Eigen::Map<Vector<T>>(slot + kron * dk, r) = w.v1.colwise().sum().transpose();
     };
     const auto prefix_rows = [&](Index chunk, const T* slot, Workspace& w) {
-      const auto [s, rows] = bounds(chunk);
+      const Index s = chunk * b, rows = std::min(b, n - s);
       const ConstMatrixRef<T> Qc = rows_of(Q, s, rows, w.staged_q), Kc = rows_of(K, s, rows, w.staged_k);
       const ConstMatrixRef<T> Vc = rows_of(V, s, rows, w.staged_v), Gc = rows_of(G, s, rows, w.staged_g);
       const Eigen::Map<const Matrix<T>> query_state(slot, kron, dk);
@@ -575,7 +574,7 @@ class PaperBackend final : public AttentionBackend<T> {
       store_rows(dQ, s, rows, w.staged_dq);
     };
     const auto query_slot = [&](Index chunk, T* slot, Workspace& w) {
-      const auto [s, rows] = bounds(chunk);
+      const Index s = chunk * b, rows = std::min(b, n - s);
       const ConstMatrixRef<T> Qc = rows_of(Q, s, rows, w.staged_q), Gc = rows_of(G, s, rows, w.staged_g);
       Eigen::Map<Matrix<T>> key_state(slot, kron, dk), value_state(slot + kron * dk, r, dv + 1);
       weighted_query_monomials(w, map, Qc);
@@ -588,7 +587,7 @@ class PaperBackend final : public AttentionBackend<T> {
       value_state.col(dv) = w.u1.colwise().sum().transpose();
     };
     const auto suffix_rows = [&](Index chunk, const T* slot, Workspace& w) {
-      const auto [s, rows] = bounds(chunk);
+      const Index s = chunk * b, rows = std::min(b, n - s);
       const ConstMatrixRef<T> Qc = rows_of(Q, s, rows, w.staged_q), Kc = rows_of(K, s, rows, w.staged_k);
       const ConstMatrixRef<T> Vc = rows_of(V, s, rows, w.staged_v), Gc = rows_of(G, s, rows, w.staged_g);
       const Eigen::Map<const Matrix<T>> key_state(slot, kron, dk), value_state(slot + kron * dk, r, dv + 1);
