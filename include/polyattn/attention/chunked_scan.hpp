@@ -21,7 +21,8 @@
 /// \f$S = \sqrt c\,Q_s(\sqrt c\,K_s)^\top\f$, evaluated by Horner (causal_polynomial_block()) at \f$O(b^2 d)\f$ per
 /// chunk: every method's low-rank factors multiply to it (\f$\varphi_Q\varphi_K^\top = p(cQK^\top)\f$), but through
 /// them it would cost \f$O(b^2 r)\f$, and \f$O(b^2 r d)\f$ through the paper's rank-\f$r(d_v+1)\f$ factors. So one
-/// chunk size suits every method (default_scan_rows).
+/// chunk size suits every method (default_scan_rows). (With an exact window the kernel's states lag by whole chunks
+/// and near-field tiles take the block's place: polynomial_kernel.hpp.)
 ///
 /// Sequence parallel (parallel/state_exchange.hpp): a rank's scan starts its carry from the other ranks' sum, which
 /// the callers obtain by a first pass over their shard's slots and one exclusive scan over the ranks.
