@@ -19,7 +19,8 @@
 /// \f$r(d_v+1)\f$ Kronecker columns (PaperGradientOptions::kronecker_tile value columns, each worth
 /// \f$r\f$ Kronecker columns), so beyond inputs and outputs the memory is
 /// \f$O(b\,r\,t + w\,r d_v d_k)\f$ for chunk \f$b\f$, tile \f$t\f$ and \f$w\f$ states (non-causal: one; causal: a
-/// window of the chunked scan, by default 128 KiB per thread and at least one state per thread): never \f$O(nr)\f$, let alone \f$O(nrd)\f$.
+/// window of the chunked scan, by default 128 KiB per thread and at least one state per thread): never
+/// \f$O(nr)\f$, let alone \f$O(nrd)\f$.
 /// Cost \f$O(n r d_v d_k)\f$ = \f$O(nrd^2)\f$ per head.
 ///
 /// **Causal mask.** \f$\tilde P = M\circ U_1V_1^\top\f$ and \f$\tilde p = M\circ U_pV_p^\top\f$. The normaliser
