@@ -132,7 +132,8 @@ void causal_polynomial_block(const T* c, Index degree, const ConstMatrixRef<T>& 
   const bool with_derivative = derivatives != nullptr;
   T* const values = block.data();
   T* const derivative_values = with_derivative ? derivatives->data() : nullptr;
-  const Index values_stride = block.outerStride(), derivatives_stride = with_derivative ? derivatives->outerStride() : 0;
+  const Index values_stride = block.outerStride();
+  const Index derivatives_stride = with_derivative ? derivatives->outerStride() : 0;
   for_causal_packets<T>(rows, [=](Index j, Index i, auto packet, const auto* on_or_below) {
     using namespace Eigen::internal;
     using Packet = decltype(packet);

@@ -208,9 +208,10 @@ class PaperBackend final : public AttentionBackend<T> {
     return std::clamp<Index>((Index(1) << 18) / (chunk * r), 1, groups);
   }
 
-  // How the non-causal passes split n rows: chunks of `chunk` rows (the unit of factor generation), grouped into `blocks` blocks of `block` rows that the threads share. Whole chunks of at least 1024 rows per
-  // block, at most 64 blocks: the partition, and so every sum's order, depends on n alone, never on the thread
-  // count, and the per-block states stay small.
+  // How the non-causal passes split n rows: chunks of `chunk` rows (the unit of factor generation), grouped into
+  // `blocks` blocks of `block` rows that the threads share. Whole chunks of at least 1024 rows per block, at most 64
+  // blocks: the partition, and so every sum's order, depends on n alone, never on the thread count, and the
+  // per-block states stay small.
   struct Partition {
     Index chunk, tile, block, blocks;
     Index rows_of_block(Index k, Index n) const { return std::min(block, n - k * block); }
