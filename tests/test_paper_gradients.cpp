@@ -20,7 +20,6 @@ using polyattn::GradientCertificate;
 using polyattn::Index;
 using polyattn::Matrix;
 using polyattn::PaperBackend;
-using polyattn::PaperGradientOptions;
 using polyattn::PolynomialAttentionOptions;
 using polyattn::Vector;
 using polyattn::testing::random_matrix;
@@ -87,11 +86,11 @@ struct PaperRun {
 };
 
 template <class T>
-PaperRun<T> run_paper(const PaperProblem& pr, const PolynomialAttentionOptions& opt, PaperGradientOptions gopt = {}) {
+PaperRun<T> run_paper(const PaperProblem& pr, const PolynomialAttentionOptions& opt) {
   const Matrix<T> Q = pr.Q.cast<T>(), K = pr.K.cast<T>(), V = pr.V.cast<T>(), G = pr.G.cast<T>();
   PaperRun<T> run{Matrix<T>(Q.rows(), V.cols()), Matrix<T>(Q.rows(), Q.cols()), Matrix<T>(K.rows(), K.cols()),
                   Matrix<T>(K.rows(), V.cols()), {}, {}};
-  PaperBackend<T> paper(opt, gopt);
+  PaperBackend<T> paper(opt);
   run.cert = paper.forward(Q, K, V, run.O);
   run.grad = paper.backward(Q, K, V, run.O, G, run.dQ, run.dK, run.dV);
   return run;
@@ -129,7 +128,7 @@ TEMPLATE_TEST_CASE("Paper backward equals the exact-gradient formulas evaluated 
             const PaperProblem pr =
                 random_paper_problem(n, dk, dv, heads, 100 + static_cast<std::uint64_t>(heads), 0.5);
             const PolynomialAttentionOptions opt = polynomial_options(causal, heads, degree, map, chunk);
-            const PaperRun<T> run = run_paper<T>(pr, opt, {1});
+            const PaperRun<T> run = run_paper<T>(pr, opt);
             const PaperGradients ref = formulas_with_approximate_p(pr, opt.attention, polyattn::taylor_exp(degree));
             CHECK(relative_error(run.O, ref.O) < tolerance);
             CHECK(relative_error(run.dQ, ref.dQ) < tolerance);
@@ -179,7 +178,41 @@ TEST_CASE("Paper forward is the polynomial attention forward with the same certi
   }
 }
 
-TEST_CASE("Kronecker factors reproduce p~ and the tiled products equal the untiled ones", "[paper_gradients]") {
+namespace {
+
+// The row-wise Kronecker factor [A (/) S, diag(t) A], column l + j r = A(:, l) S(:, j) (the last group: t), formed.
+Matrix<double> kronecker_factor(const Matrix<double>& A, const Matrix<double>& S, const Vector<double>& t) {
+  const Index r = A.cols(), k = S.cols();
+  Matrix<double> F(A.rows(), (k + 1) * r);
+  for (Index j = 0; j <= k; ++j)
+    F.middleCols(j * r, r) = (j < k ? Vector<double>(S.col(j)) : t).asDiagonal() * A;
+  return F;
+}
+
+}  // namespace
+
+TEST_CASE("Products with the Kronecker factors equal those with the factors formed", "[paper_gradients]") {
+  const Index rows = 7, r = 5, k = 3, m = 4;
+  const Matrix<double> A = random_matrix<double>(rows, r, 300), S = random_matrix<double>(rows, k, 301);
+  const Vector<double> t = random_matrix<double>(rows, 1, 302).col(0);
+  const Matrix<double> X = random_matrix<double>(rows, m, 303), F = kronecker_factor(A, S, t);
+  // F^T X = A^T H, F^T X's rows [j r, (j + 1) r) in H's column block j.
+  Matrix<double> H;
+  polyattn::detail::kronecker_right_factor<double>(X, S, t, H);
+  const Matrix<double> state = A.transpose() * H, expected = F.transpose() * X;
+  for (Index j = 0; j <= k; ++j)
+    CHECK((state.middleCols(j * m, m) - expected.middleRows(j * r, r)).cwiseAbs().maxCoeff() < 1e-13);
+  // F Z for a state Z in that layout, through M = A Z.
+  const Matrix<double> Z = random_matrix<double>(r, (k + 1) * m, 304);
+  Matrix<double> Z_stacked((k + 1) * r, m);
+  for (Index j = 0; j <= k; ++j) Z_stacked.middleRows(j * r, r) = Z.middleCols(j * m, m);
+  Matrix<double> Y = Matrix<double>::Zero(rows, m);
+  const Matrix<double> M = A * Z;
+  polyattn::detail::add_kronecker_product<double>(M, S, t, Y);
+  CHECK((Y - F * Z_stacked).cwiseAbs().maxCoeff() < 1e-13);
+}
+
+TEST_CASE("Kronecker factors reproduce p~ and the backend's products equal the formed ones", "[paper_gradients]") {
   const Index n = 13, dk = 3, dv = 3;
   const PaperProblem pr = random_paper_problem(n, dk, dv, 1, 200, 0.5);
   const double c = 1 / std::sqrt(3.0);
@@ -195,29 +228,26 @@ TEST_CASE("Kronecker factors reproduce p~ and the tiled products equal the until
     const Matrix<double> U1 = normaliser.cwiseInverse().asDiagonal() * Fq, &V1 = Fk;
     const Matrix<double> P = normaliser.cwiseInverse().asDiagonal() * A;
     const Vector<double> kappa = (P * pr.V).cwiseProduct(pr.G).rowwise().sum();
-    Matrix<double> Up, Vp;
-    polyattn::detail::kronecker_groups(U1, pr.G, -kappa, 0, dv + 1, Up);
-    polyattn::detail::kronecker_groups(V1, pr.V, Vector<double>::Ones(n), 0, dv + 1, Vp);
+    const Matrix<double> Up = kronecker_factor(U1, pr.G, -kappa);
+    const Matrix<double> Vp = kronecker_factor(V1, pr.V, Vector<double>::Ones(n));
     REQUIRE(Up.cols() == map.width() * (dv + 1));
     // Fact C.2: (U1 (/) G)(V1 (/) V)^T = (U1 V1^T) o (G V^T); the mask commutes with the Hadamard product.
     Matrix<double> p_lowrank = Up * Vp.transpose();
     if (causal) p_lowrank.triangularView<Eigen::StrictlyUpper>().setZero();
     const Matrix<double> p = P.cwiseProduct(pr.G * pr.V.transpose()) - kappa.asDiagonal() * P;
     CHECK(relative_error(p_lowrank, p) < 1e-13);
-    // Untiled, right to left: c U_p (V_p^T K) etc. (causal: masked products of the whole factors).
+    // The formed factors' products, right to left: c U_p (V_p^T K) etc. (causal: masked products of the whole
+    // factors).
     const Matrix<double> dQ = c * p_lowrank * pr.K, dK = c * p_lowrank.transpose() * pr.Q;
-    for (const Index tile : {Index(0), Index(1), Index(2), Index(4), Index(100)}) {
-      CAPTURE(tile);
-      for (const Index chunk : {Index(3), Index(13)}) {
-        CAPTURE(chunk);
-        PolynomialAttentionOptions opt = polynomial_options(causal, 1, 2, FeatureMapKind::symmetric, chunk);
-        opt.attention.scale = c;
-        const PaperRun<double> run = run_paper<double>(pr, opt, {tile});
-        // Sums of <= n r (d+1) = 520 O(1) products in different orders: 1e-12 relative has margin.
-        CHECK(relative_error(run.dQ, dQ) < 1e-12);
-        CHECK(relative_error(run.dK, dK) < 1e-12);
-        CHECK(relative_error(run.dV, P.transpose() * pr.G) < 1e-12);
-      }
+    for (const Index chunk : {Index(3), Index(13)}) {
+      CAPTURE(chunk);
+      PolynomialAttentionOptions opt = polynomial_options(causal, 1, 2, FeatureMapKind::symmetric, chunk);
+      opt.attention.scale = c;
+      const PaperRun<double> run = run_paper<double>(pr, opt);
+      // Sums of <= n r (d+1) = 520 O(1) products in different orders: 1e-12 relative has margin.
+      CHECK(relative_error(run.dQ, dQ) < 1e-12);
+      CHECK(relative_error(run.dK, dK) < 1e-12);
+      CHECK(relative_error(run.dV, P.transpose() * pr.G) < 1e-12);
     }
   }
 }
@@ -330,9 +360,6 @@ TEST_CASE("Paper backward rejects bad input naming the argument", "[paper_gradie
   Matrix<double> empty_dq(0, dk), empty_dv(0, dv);
   CHECK_THROWS_WITH(paper.backward(empty, empty, empty_v, empty_v, empty_v, empty_dq, empty_dq, empty_dv),
                     Contains("'Q'") && Contains("non-empty"));
-  CHECK_THROWS_AS(PaperBackend<double>(PolynomialAttentionOptions{}, PaperGradientOptions{-1}), std::invalid_argument);
-  CHECK_THROWS_WITH(PaperBackend<double>(PolynomialAttentionOptions{}, PaperGradientOptions{-1}),
-                    Contains("kronecker_tile"));
   PolynomialAttentionOptions bad_degree;
   bad_degree.degree = -1;
   CHECK_THROWS_WITH(PaperBackend<double>(bad_degree), Contains("'degree'"));

@@ -15,12 +15,15 @@
 ///     V_p = [\,V_1\oslash V,\; V_1\,] \f]
 /// of rank \f$r(d_v+1)\f$, and every product is evaluated right to left:
 /// \f$dQ = c\,U_p(V_p^\top K)\f$, \f$dK = c\,V_p(U_p^\top Q)\f$, \f$dV = V_1(U_1^\top G)\f$.
-/// The factors are generated chunk by chunk of rows and, within a chunk, tile by tile of the
-/// \f$r(d_v+1)\f$ Kronecker columns (PaperGradientOptions::kronecker_tile value columns, each worth
-/// \f$r\f$ Kronecker columns), so beyond inputs and outputs the memory is
-/// \f$O(b\,r\,t + w\,r d_v d_k)\f$ for chunk \f$b\f$, tile \f$t\f$ and \f$w\f$ states (non-causal: one; causal: a
-/// window of the chunked scan, by default 128 KiB per thread and at least one state per thread): never
-/// \f$O(nr)\f$, let alone \f$O(nrd)\f$.
+/// The factors are generated chunk by chunk of rows, and \f$U_p\f$, \f$V_p\f$ themselves (\f$r(d_v+1)\f$ columns)
+/// never are: a product with a Kronecker factor is one with \f$U_1\f$ or \f$V_1\f$ and \f$d_v+1\f$ row-scaled copies
+/// of a \f$d_k\f$-column block,
+/// \f$V_p^\top K = V_1^\top[\mathrm{diag}(V_{:,0})K, \dots, \mathrm{diag}(V_{:,d_v-1})K, K]\f$ and \f$U_pZ = \sum_j\mathrm{diag}(G_{:,j})\,U_1Z_j - \mathrm{diag}(\kappa)\,U_1Z_{d_v}\f$ for the state's column
+/// blocks \f$Z_j\f$ (kronecker_right_factor(), add_kronecker_product()): the same multiply-adds, without writing and
+/// reading \f$r(d_v+1)\f$ numbers per row (materialised, \f$U_p\f$ and \f$V_p\f$ took a fifth of the time). So beyond
+/// inputs and outputs the memory is \f$O(b(r + d_vd_k) + w\,r d_v d_k)\f$ for chunk \f$b\f$ and \f$w\f$ states
+/// (non-causal: one; causal: a window of the chunked scan, by default 128 KiB per thread and at least one state per
+/// thread): never \f$O(nr)\f$, let alone \f$O(nrd)\f$.
 /// Cost \f$O(n r d_v d_k)\f$ = \f$O(nrd^2)\f$ per head.
 ///
 /// **Causal mask.** \f$\tilde P = M\circ U_1V_1^\top\f$ and \f$\tilde p = M\circ U_pV_p^\top\f$. The normaliser
@@ -31,8 +34,9 @@
 /// polynomial methods (chunked_scan.hpp), in its chunks (64 rows by default): the prefix pass scans the states
 /// \f$V_p^\top K\f$ and \f$V_1^\top\mathbf 1\f$ and gives \f$\tilde D\f$ and dQ, the suffix pass scans \f$U_p^\top Q\f$
 /// and \f$U_1^\top[G, \mathbf 1]\f$ and gives dK and dV. A chunk's own pairs are the same matrices evaluated
-/// directly: with the masked block \f$B = \mathrm{tril}(p(cQ_sK_s^\top))\f$ (\f$= \mathrm{tril}(\varphi_Q\varphi_K^\top)\f$, by
-/// Horner in \f$O(b^2d)\f$), \f$\tilde P_s = \tilde D_s^{-1}B\f$ and \f$\tilde p_s = \tilde P_s\circ(G_sV_s^\top - \kappa_s\mathbf 1^\top)\f$,
+/// directly: with the masked block \f$B = \mathrm{tril}(p(cQ_sK_s^\top))\f$
+/// (\f$= \mathrm{tril}(\varphi_Q\varphi_K^\top)\f$, by Horner in \f$O(b^2d)\f$), \f$\tilde P_s = \tilde D_s^{-1}B\f$ and
+/// \f$\tilde p_s = \tilde P_s\circ(G_sV_s^\top - \kappa_s\mathbf 1^\top)\f$,
 /// instead of \f$\mathrm{tril}(U_pV_p^\top)\f$ from the rank-\f$r(d_v+1)\f$ factors (\f$O(b^2rd)\f$, which forced
 /// chunks of 16 rows; the causal pass then cost 2.5x the non-causal one, now 1.15x at \f$2^{16}\f$ rows).
 ///
@@ -106,38 +110,31 @@
 
 namespace polyattn {
 
-/// Parameters of PaperBackend beyond those of the forward pass.
-struct PaperGradientOptions {
-  /// Value columns per Kronecker tile t: \f$U_p\f$ and \f$V_p\f$ are built \f$r\,t\f$ columns at a time
-  /// (the \f$-\mathrm{diag}(\kappa)U_1\f$ / \f$V_1\f$ block counts as one more value column). 0 (default) picks
-  /// t so that a tile of one chunk holds about \f$2^{18}\f$ entries.
-  Index kronecker_tile = 0;
-
-  /// Throws std::invalid_argument naming the offending field.
-  void check() const {
-    detail::require(kronecker_tile >= 0, "polyattn::PaperGradientOptions",
-                    "'kronecker_tile' must be >= 0 (0 = automatic), got ", kronecker_tile);
-  }
-};
-
 namespace detail {
 
-/// Groups [first_group, first_group + groups) of the Kronecker factor \f$[X\oslash S,\ \mathrm{diag}(t)X]\f$
-/// into `out` (X.rows() x groups·r, r = X.cols()): group \f$j <\f$ S.cols() is \f$\mathrm{diag}(S_{:,j})X\f$
-/// (columns \f$l + jr\f$ of \f$X\oslash S\f$), group S.cols() is \f$\mathrm{diag}(t)X\f$.
+/// The right factor H that turns a product with the row-wise Kronecker factor
+/// \f$F = [A\oslash S,\ \mathrm{diag}(t)A]\f$ (A: rows x r, S: rows x k, t: rows) into one with A alone:
+/// \f$F^\top X = A^\top H\f$ for
+/// \f$H = [\mathrm{diag}(S_{:,0})X, \dots, \mathrm{diag}(S_{:,k-1})X, \mathrm{diag}(t)X]\f$ (rows x (k+1)m for X: rows x m). Column block j of \f$A^\top H\f$ (r x m) is rows \f$[jr, (j+1)r)\f$ of
+/// \f$F^\top X\f$: the states keep that layout, r x (k+1)m.
 template <class T, class DX, class DS, class DT>
-void kronecker_groups(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DS>& S, const Eigen::MatrixBase<DT>& tail,
-                      Index first_group, Index groups, Matrix<T>& out) {
-  const Index r = X.cols();
-  out.resize(X.rows(), groups * r);
-  for (Index g = 0; g < groups; ++g) {
-    const Index j = first_group + g;
-    auto block = out.middleCols(g * r, r);
-    if (j < S.cols())
-      block.noalias() = S.col(j).asDiagonal() * X;
-    else
-      block.noalias() = tail.asDiagonal() * X;
-  }
+void kronecker_right_factor(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DS>& S,
+                            const Eigen::MatrixBase<DT>& tail, Matrix<T>& H) {
+  const Index m = X.cols(), k = S.cols();
+  H.resize(X.rows(), (k + 1) * m);
+  for (Index j = 0; j < k; ++j) H.middleCols(j * m, m).noalias() = S.col(j).asDiagonal() * X;
+  H.rightCols(m).noalias() = tail.asDiagonal() * X;
+}
+
+/// Y += F Z for the Kronecker factor F of kronecker_right_factor() and a state Z in its layout (r x (k+1)m), given
+/// M = A Z (rows x (k+1)m): \f$FZ = \sum_{j<k}\mathrm{diag}(S_{:,j})M_j + \mathrm{diag}(t)M_k\f$ with \f$M_j\f$ the
+/// column block j of M (Y: rows x m).
+template <class T, class DS, class DT>
+void add_kronecker_product(const Matrix<T>& M, const Eigen::MatrixBase<DS>& S, const Eigen::MatrixBase<DT>& tail,
+                           MatrixRef<T> Y) {
+  const Index m = Y.cols(), k = S.cols();
+  for (Index j = 0; j < k; ++j) Y.noalias() += S.col(j).asDiagonal() * M.middleCols(j * m, m);
+  Y.noalias() += tail.asDiagonal() * M.rightCols(m);
 }
 
 }  // namespace detail
@@ -147,13 +144,12 @@ void kronecker_groups(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DS
 template <class T>
 class PaperBackend final : public AttentionBackend<T> {
  public:
-  explicit PaperBackend(const PolynomialAttentionOptions& options, PaperGradientOptions gradient_options = {});
+  explicit PaperBackend(const PolynomialAttentionOptions& options);
 
   AttentionMethod method() const override { return AttentionMethod::paper; }
   const AttentionOptions& attention_options() const override { return attention_.options().attention; }
 
   const PolynomialAttentionOptions& options() const { return attention_.options(); }
-  const PaperGradientOptions& gradient_options() const { return gradient_options_; }
 
   /// Makes the next forward() and backward() calls sequence parallel: every argument is this rank's rows, and
   /// every rank of `exchange` must make the same calls with the same options (see the file documentation). Null
@@ -203,31 +199,29 @@ class PaperBackend final : public AttentionBackend<T> {
     return std::max<Index>(1, std::min(requested > 0 ? requested : 256, n));
   }
 
-  Index tile_groups(Index chunk, Index r, Index groups) const {
-    if (gradient_options_.kronecker_tile > 0) return std::min(gradient_options_.kronecker_tile, groups);
-    return std::clamp<Index>((Index(1) << 18) / (chunk * r), 1, groups);
-  }
-
   // How the non-causal passes split n rows: chunks of `chunk` rows (the unit of factor generation), grouped into
   // `blocks` blocks of `block` rows that the threads share. Whole chunks of at least 1024 rows per block, at most 64
   // blocks: the partition, and so every sum's order, depends on n alone, never on the thread count, and the
   // per-block states stay small.
   struct Partition {
-    Index chunk, tile, block, blocks;
+    Index chunk, block, blocks;
     Index rows_of_block(Index k, Index n) const { return std::min(block, n - k * block); }
   };
-  Partition partition(Index n, Index r, Index groups) const {
+  Partition partition(Index n) const {
     constexpr Index min_block_rows = 1024, max_blocks = 64;
     const Index b = chunk_rows(n);
     const Index chunks = detail::block_count(n, b);
     const Index per_block =
         std::max(detail::block_count(min_block_rows, b), detail::block_count(chunks, max_blocks));
-    return {b, tile_groups(b, r, groups), per_block * b, detail::block_count(n, per_block * b)};
+    return {b, per_block * b, detail::block_count(n, per_block * b)};
   }
 
   // What one thread needs to generate and multiply the factors of a chunk.
   struct Workspace {
-    Matrix<T> scaled, u1, v1, up, vp, ones, chunk_normaliser, value_rhs, value_out;
+    Matrix<T> scaled, u1, v1, ones, chunk_normaliser, value_rhs, value_out;
+    // The Kronecker factors' right factor H (kronecker_right_factor()) and the products M = U_1 Z or V_1 Z with a
+    // state (add_kronecker_product()): rows x (d_v+1) d_k each.
+    Matrix<T> kronecker_rows, kronecker_products;
     Vector<T> normaliser, inverse;
     // Causal chunks: the scaled rows sqrt(c) Q_c and sqrt(c) K_c, the masked block tril(p(S)) (then P~), the block
     // of p~ and the transpose of either (b x b each, chunks use their top-left corner).
@@ -334,6 +328,25 @@ class PaperBackend final : public AttentionBackend<T> {
     w.u1 = normaliser.cwiseInverse().asDiagonal() * w.u1;
   }
 
+  // The state F^T X of a chunk's Kronecker factor F = [A (/) S, diag(t) A] into (Accumulate: added to) Z, in the
+  // states' layout r x (d_v+1) d_k (detail::kronecker_right_factor()): V_p^T K or U_p^T Q.
+  template <bool Accumulate, class DS, class DT>
+  static void kronecker_state(Workspace& w, const ConstMatrixRef<T>& A, const ConstMatrixRef<T>& X,
+                              const Eigen::MatrixBase<DS>& S, const Eigen::MatrixBase<DT>& tail, MatrixRef<T> Z) {
+    detail::kronecker_right_factor<T>(X, S, tail, w.kronecker_rows);
+    detail::transposed_product_into<Accumulate, T>(A, w.kronecker_rows, Z, w.transposed);
+  }
+
+  // Y += F Z for a chunk's Kronecker factor F = [A (/) S, diag(t) A] and a state Z in that layout: U_p (V_p^T K) or
+  // V_p (U_p^T Q), through M = A Z (detail::add_kronecker_product()).
+  template <class DS, class DT, class State>
+  static void add_kronecker_times_state(Workspace& w, const ConstMatrixRef<T>& A, const Eigen::MatrixBase<DS>& S,
+                                        const Eigen::MatrixBase<DT>& tail, const State& Z, MatrixRef<T> Y) {
+    w.kronecker_products.resize(A.rows(), Z.cols());
+    detail::block_product<T>(A, Z, w.kronecker_products);
+    detail::add_kronecker_product<T>(w.kronecker_products, S, tail, Y);
+  }
+
   // Runs `pass`. With an exchange an error is kept for succeeded() instead of thrown, and the later passes are
   // skipped, so that this rank still joins the remaining collectives.
   template <class Pass>
@@ -401,46 +414,42 @@ class PaperBackend final : public AttentionBackend<T> {
     sum_over_ranks(left, right);
   }
 
-  // Adds into block_states_ (reset by the caller) every block's key sums: V_p^T K (r(dv+1) x dk) and V_1^T 1 (r).
+  // Adds into block_states_ (reset by the caller) every block's key sums: V_p^T K (r x (dv+1) dk) and V_1^T 1 (r).
   void key_sums_by_block(const FeatureMap<T>& map, const detail::HeadRows<T>& K, const detail::HeadRows<T>& V,
                          const Partition& part) {
-    const Index n = K.rows(), r = map.width(), groups = V.cols() + 1, b = part.chunk, tile = part.tile;
+    const Index n = K.rows(), r = map.width(), b = part.chunk;
     for_each_block(part.blocks, [&](Index k, Workspace& w) {
-      auto query_state = block_states_.left_of(k, r * groups);
+      auto query_state = block_states_.left_of(k, r);
       auto key_sum = block_states_.right_of(k, r);
       for (Index k0 = k * part.block, end = k0 + part.rows_of_block(k, n); k0 < end; k0 += b) {
         const Index rows = std::min(b, end - k0);
         const ConstMatrixRef<T> Kc = rows_of(K, k0, rows, w.staged_k), Vc = rows_of(V, k0, rows, w.staged_v);
         key_monomials(w, map, Kc);
         key_sum.noalias() += w.v1.colwise().sum().transpose();
-        for (Index g0 = 0; g0 < groups; g0 += tile) {
-          const Index tg = std::min(tile, groups - g0);
-          detail::kronecker_groups(w.v1, Vc, Vector<T>::Ones(rows), g0, tg, w.vp);
-          detail::transposed_product_add<T>(w.vp, Kc, query_state.middleRows(g0 * r, tg * r), w.transposed);
-        }
+        kronecker_state<true>(w, w.v1, Kc, Vc, Vector<T>::Ones(rows), query_state);
       }
     });
   }
 
   // Non-causal head: three passes (keys, queries, keys), each over blocks in parallel, accumulating per block the
-  // r(dv+1) x dk states V_p^T K, U_p^T Q and the r x (dv+1) state U_1^T [G, 1], which are then added in block order.
+  // r x (dv+1) dk states V_p^T K, U_p^T Q and the r x (dv+1) state U_1^T [G, 1], which are then added in block order.
   // Returns max_j (P~^T 1)_j.
   double head_full(const FeatureMap<T>& map, const detail::HeadRows<T>& Q, const detail::HeadRows<T>& K,
                    const detail::HeadRows<T>& V, const detail::HeadRows<T>& G, detail::HeadOutput<T> dQ,
                    detail::HeadOutput<T> dK, detail::HeadOutput<T> dV) {
     const Index n = Q.rows(), dk = Q.cols(), dv = V.cols(), r = map.width(), groups = dv + 1;
-    const Partition part = partition(n, r, groups);
-    const Index b = part.chunk, tile = part.tile;
+    const Partition part = partition(n);
+    const Index b = part.chunk;
     const T c = static_cast<T>(map.scale());
-    block_states_.reset(part.blocks, r * groups, dk, r, 1);
+    block_states_.reset(part.blocks, r, groups * dk, r, 1);
     key_sums_by_block(map, K, V, part);
-    query_state_.setZero(r * groups, dk);
+    query_state_.setZero(r, groups * dk);
     key_sum_.setZero(r);
     reduce_blocks(block_states_, part.blocks, query_state_, key_sum_);
 
-    block_states_.reset(part.blocks, r * groups, dk, r, dv + 1);
+    block_states_.reset(part.blocks, r, groups * dk, r, dv + 1);
     for_each_block(part.blocks, [&](Index k, Workspace& w) {
-      auto key_state = block_states_.left_of(k, r * groups);
+      auto key_state = block_states_.left_of(k, r);
       auto value_state = block_states_.right_of(k, r);
       for (Index q0 = k * part.block, end = q0 + part.rows_of_block(k, n); q0 < end; q0 += b) {
         const Index rows = std::min(b, end - q0);
@@ -450,19 +459,15 @@ class PaperBackend final : public AttentionBackend<T> {
         normalise_query_factor(w, w.normaliser, q0);
         MatrixRef<T> dQc = result_rows(rows, dk, w.staged_dq);
         dQc.setZero();
-        for (Index g0 = 0; g0 < groups; g0 += tile) {
-          const Index tg = std::min(tile, groups - g0);
-          detail::kronecker_groups(w.u1, Gc, -kappa_.segment(q0, rows), g0, tg, w.up);
-          detail::block_product_add<T>(w.up, query_state_.middleRows(g0 * r, tg * r), dQc);
-          detail::transposed_product_add<T>(w.up, Qc, key_state.middleRows(g0 * r, tg * r), w.transposed);
-        }
+        add_kronecker_times_state(w, w.u1, Gc, -kappa_.segment(q0, rows), query_state_, dQc);
+        kronecker_state<true>(w, w.u1, Qc, Gc, -kappa_.segment(q0, rows), key_state);
         dQc *= c;
         store_rows(dQ, q0, rows, w.staged_dq);
         detail::transposed_product_add<T>(w.u1, Gc, value_state.leftCols(dv), w.transposed);
         value_state.col(dv).noalias() += w.u1.colwise().sum().transpose();
       }
     });
-    key_state_.setZero(r * groups, dk);
+    key_state_.setZero(r, groups * dk);
     value_state_.setZero(r, dv + 1);
     reduce_blocks(block_states_, part.blocks, key_state_, value_state_);
 
@@ -478,11 +483,7 @@ class PaperBackend final : public AttentionBackend<T> {
         const ConstMatrixRef<T> Vc = rows_of(V, k0, rows, w.staged_v);
         MatrixRef<T> dKc = result_rows(rows, dk, w.staged_dk);
         dKc.setZero();
-        for (Index g0 = 0; g0 < groups; g0 += tile) {
-          const Index tg = std::min(tile, groups - g0);
-          detail::kronecker_groups(w.v1, Vc, Vector<T>::Ones(rows), g0, tg, w.vp);
-          detail::block_product_add<T>(w.vp, key_state_.middleRows(g0 * r, tg * r), dKc);
-        }
+        add_kronecker_times_state(w, w.v1, Vc, Vector<T>::Ones(rows), key_state_, dKc);
         dKc *= c;
         store_rows(dK, k0, rows, w.staged_dk);
       }
@@ -512,12 +513,7 @@ class PaperBackend final : public AttentionBackend<T> {
     row_normaliser_.resize(n);
     chunk_column_sums_.assign(static_cast<std::size_t>(chunks), -std::numeric_limits<double>::infinity());
 
-    const Index tile = tile_groups(b, r, dv + 1);
     prepare_chunk_workspaces(b, dk);
-    // f(g0, tg) for the Kronecker tiles of tg value columns from g0.
-    const auto for_tiles = [&](const auto& f) {
-      for (Index g0 = 0; g0 <= dv; g0 += tile) f(g0, std::min(tile, dv + 1 - g0));
-    };
     // One scan in `order` over the windows, each in the three steps of chunked_scan.hpp: `slot_of(chunk, slot, w)`
     // writes the chunks' own sums into their slots of `slot_size` numbers, exclusive_scan() turns them into the
     // earlier (later) chunks' sums continuing carry_, and with `outputs`, `rows_of(chunk, slot, w)` computes the
@@ -541,19 +537,15 @@ class PaperBackend final : public AttentionBackend<T> {
     const auto key_slot = [&](Index chunk, T* slot, Workspace& w) {
       const Index s = chunk * b, rows = std::min(b, n - s);
       const ConstMatrixRef<T> Kc = rows_of(K, s, rows, w.staged_k), Vc = rows_of(V, s, rows, w.staged_v);
-      Eigen::Map<Matrix<T>> query_state(slot, kron, dk);
       key_monomials(w, map, Kc);
-      for_tiles([&](Index g0, Index tg) {
-        detail::kronecker_groups(w.v1, Vc, Vector<T>::Ones(rows), g0, tg, w.vp);
-        detail::transposed_product<T>(w.vp, Kc, query_state.middleRows(g0 * r, tg * r), w.transposed);
-      });
+      kronecker_state<false>(w, w.v1, Kc, Vc, Vector<T>::Ones(rows), Eigen::Map<Matrix<T>>(slot, r, (dv + 1) * dk));
       Eigen::Map<Vector<T>>(slot + kron * dk, r) = w.v1.colwise().sum().transpose();
     };
     const auto prefix_rows = [&](Index chunk, const T* slot, Workspace& w) {
       const Index s = chunk * b, rows = std::min(b, n - s);
       const ConstMatrixRef<T> Qc = rows_of(Q, s, rows, w.staged_q), Kc = rows_of(K, s, rows, w.staged_k);
       const ConstMatrixRef<T> Vc = rows_of(V, s, rows, w.staged_v), Gc = rows_of(G, s, rows, w.staged_g);
-      const Eigen::Map<const Matrix<T>> query_state(slot, kron, dk);
+      const Eigen::Map<const Matrix<T>> query_state(slot, r, (dv + 1) * dk);
       const Eigen::Map<const Vector<T>> key_sum(slot + kron * dk, r);
       weighted_query_monomials(w, map, Qc);
       masked_polynomial_block(w, map, Qc, Kc);
@@ -567,10 +559,7 @@ class PaperBackend final : public AttentionBackend<T> {
       row_normaliser_.segment(s, rows) = w.normaliser;
       MatrixRef<T> dQc = result_rows(rows, dk, w.staged_dq);
       dQc.setZero();
-      for_tiles([&](Index g0, Index tg) {
-        detail::kronecker_groups(w.u1, Gc, -kappa_.segment(s, rows), g0, tg, w.up);
-        detail::block_product_add<T>(w.up, query_state.middleRows(g0 * r, tg * r), dQc);
-      });
+      add_kronecker_times_state(w, w.u1, Gc, -kappa_.segment(s, rows), query_state, dQc);
       chunk_weights(w, rows, Gc, Vc, s);
       detail::causal_product_add<T>(w.weights.topLeftCorner(rows, rows), Kc, dQc);
       dQc *= static_cast<T>(map.scale());
@@ -579,13 +568,10 @@ class PaperBackend final : public AttentionBackend<T> {
     const auto query_slot = [&](Index chunk, T* slot, Workspace& w) {
       const Index s = chunk * b, rows = std::min(b, n - s);
       const ConstMatrixRef<T> Qc = rows_of(Q, s, rows, w.staged_q), Gc = rows_of(G, s, rows, w.staged_g);
-      Eigen::Map<Matrix<T>> key_state(slot, kron, dk), value_state(slot + kron * dk, r, dv + 1);
+      Eigen::Map<Matrix<T>> key_state(slot, r, (dv + 1) * dk), value_state(slot + kron * dk, r, dv + 1);
       weighted_query_monomials(w, map, Qc);
       w.u1 = row_normaliser_.segment(s, rows).cwiseInverse().asDiagonal() * w.u1;
-      for_tiles([&](Index g0, Index tg) {
-        detail::kronecker_groups(w.u1, Gc, -kappa_.segment(s, rows), g0, tg, w.up);
-        detail::transposed_product<T>(w.up, Qc, key_state.middleRows(g0 * r, tg * r), w.transposed);
-      });
+      kronecker_state<false>(w, w.u1, Qc, Gc, -kappa_.segment(s, rows), key_state);
       detail::transposed_product<T>(w.u1, Gc, value_state.leftCols(dv), w.transposed);
       value_state.col(dv) = w.u1.colwise().sum().transpose();
     };
@@ -593,14 +579,11 @@ class PaperBackend final : public AttentionBackend<T> {
       const Index s = chunk * b, rows = std::min(b, n - s);
       const ConstMatrixRef<T> Qc = rows_of(Q, s, rows, w.staged_q), Kc = rows_of(K, s, rows, w.staged_k);
       const ConstMatrixRef<T> Vc = rows_of(V, s, rows, w.staged_v), Gc = rows_of(G, s, rows, w.staged_g);
-      const Eigen::Map<const Matrix<T>> key_state(slot, kron, dk), value_state(slot + kron * dk, r, dv + 1);
+      const Eigen::Map<const Matrix<T>> key_state(slot, r, (dv + 1) * dk), value_state(slot + kron * dk, r, dv + 1);
       key_monomials(w, map, Kc);
       MatrixRef<T> dKc = result_rows(rows, dk, w.staged_dk);
       dKc.setZero();
-      for_tiles([&](Index g0, Index tg) {
-        detail::kronecker_groups(w.v1, Vc, Vector<T>::Ones(rows), g0, tg, w.vp);
-        detail::block_product_add<T>(w.vp, key_state.middleRows(g0 * r, tg * r), dKc);
-      });
+      add_kronecker_times_state(w, w.v1, Vc, Vector<T>::Ones(rows), key_state, dKc);
       // [dV, P~^T 1]: the later chunks through V_1 (U_1^T [G, 1]), the chunk itself through P~^T [G, 1].
       w.value_out.resize(rows, dv + 1);
       detail::block_product<T>(w.v1, value_state, w.value_out);
@@ -642,7 +625,6 @@ class PaperBackend final : public AttentionBackend<T> {
   }
 
   PolynomialAttention<T> attention_;
-  PaperGradientOptions gradient_options_;
   Certificate certificate_;
   detail::ForwardRecord forward_record_;
   std::vector<Workspace> workspaces_;  // one per thread
@@ -663,10 +645,8 @@ class PaperBackend final : public AttentionBackend<T> {
 // Out of the class body so that they are not inline: code that includes extern_templates.hpp then calls the
 // compiled instantiation instead of instantiating the class again.
 template <class T>
-PaperBackend<T>::PaperBackend(const PolynomialAttentionOptions& options, PaperGradientOptions gradient_options)
-    : attention_(options), gradient_options_(gradient_options) {
+PaperBackend<T>::PaperBackend(const PolynomialAttentionOptions& options) : attention_(options) {
   detail::static_check_scalar<T>();
-  gradient_options_.check();
   detail::require(options.exact_window == 0, "polyattn::PaperBackend", "'exact_window' must be 0, got ",
                   options.exact_window, ": the paper's gradient evaluates p on every pair (use the adjoint method)");
 }
