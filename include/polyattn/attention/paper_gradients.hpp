@@ -38,7 +38,7 @@
 /// (\f$= \mathrm{tril}(\varphi_Q\varphi_K^\top)\f$, by Horner in \f$O(b^2d)\f$), \f$\tilde P_s = \tilde D_s^{-1}B\f$ and
 /// \f$\tilde p_s = \tilde P_s\circ(G_sV_s^\top - \kappa_s\mathbf 1^\top)\f$,
 /// instead of \f$\mathrm{tril}(U_pV_p^\top)\f$ from the rank-\f$r(d_v+1)\f$ factors (\f$O(b^2rd)\f$, which forced
-/// chunks of 16 rows; the causal pass then cost 2.5x the non-causal one, now 1.15x at \f$2^{16}\f$ rows).
+/// chunks of 16 rows; the causal pass then cost 2.5x the non-causal one, now 1.2x at \f$2^{16}\f$ rows).
 ///
 /// **Erratum.** The paper's Lemma G.3 and Algorithm 1 line 22 give \f$\partial L/\partial W_V = X^\top f G\f$ and
 /// its term D8 of \f$\partial L/\partial X\f$ is \f$f\,G\,W_V^\top\f$; both need \f$f^\top\f$ (\f$X^\top f^\top G\f$,
