@@ -18,7 +18,8 @@
 /// The factors are generated chunk by chunk of rows, and \f$U_p\f$, \f$V_p\f$ themselves (\f$r(d_v+1)\f$ columns)
 /// never are: a product with a Kronecker factor is one with \f$U_1\f$ or \f$V_1\f$ and \f$d_v+1\f$ row-scaled copies
 /// of a \f$d_k\f$-column block,
-/// \f$V_p^\top K = V_1^\top[\mathrm{diag}(V_{:,0})K, \dots, \mathrm{diag}(V_{:,d_v-1})K, K]\f$ and \f$U_pZ = \sum_j\mathrm{diag}(G_{:,j})\,U_1Z_j - \mathrm{diag}(\kappa)\,U_1Z_{d_v}\f$ for the state's column
+/// \f$V_p^\top K = V_1^\top[\mathrm{diag}(V_{:,0})K, \dots, \mathrm{diag}(V_{:,d_v-1})K, K]\f$ and
+/// \f$U_pZ = \sum_j\mathrm{diag}(G_{:,j})\,U_1Z_j - \mathrm{diag}(\kappa)\,U_1Z_{d_v}\f$ for the state's column
 /// blocks \f$Z_j\f$ (kronecker_right_factor(), add_kronecker_product()): the same multiply-adds, without writing and
 /// reading \f$r(d_v+1)\f$ numbers per row (materialised, \f$U_p\f$ and \f$V_p\f$ took a fifth of the time). So beyond
 /// inputs and outputs the memory is \f$O(b(r + d_vd_k) + w\,r d_v d_k)\f$ for chunk \f$b\f$ and \f$w\f$ states
@@ -115,8 +116,9 @@ namespace detail {
 /// The right factor H that turns a product with the row-wise Kronecker factor
 /// \f$F = [A\oslash S,\ \mathrm{diag}(t)A]\f$ (A: rows x r, S: rows x k, t: rows) into one with A alone:
 /// \f$F^\top X = A^\top H\f$ for
-/// \f$H = [\mathrm{diag}(S_{:,0})X, \dots, \mathrm{diag}(S_{:,k-1})X, \mathrm{diag}(t)X]\f$ (rows x (k+1)m for X: rows x m). Column block j of \f$A^\top H\f$ (r x m) is rows \f$[jr, (j+1)r)\f$ of
-/// \f$F^\top X\f$: the states keep that layout, r x (k+1)m.
+/// \f$H = [\mathrm{diag}(S_{:,0})X, \dots, \mathrm{diag}(S_{:,k-1})X, \mathrm{diag}(t)X]\f$ (rows x (k+1)m for X:
+/// rows x m). Column block j of \f$A^\top H\f$ (r x m) is rows \f$[jr, (j+1)r)\f$ of \f$F^\top X\f$: the states
+/// keep that layout, r x (k+1)m.
 template <class T, class DX, class DS, class DT>
 void kronecker_right_factor(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DS>& S,
                             const Eigen::MatrixBase<DT>& tail, Matrix<T>& H) {

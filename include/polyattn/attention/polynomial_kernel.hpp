@@ -11,9 +11,9 @@
 ///   block order; then query blocks compute their rows of \f$\tilde O\f$ independently. Backward mirrors it with
 ///   the state gradient \f$Y = \mathrm{diag}(\omega)M_Q^\top E\f$.
 /// - **Causal.** The chunked scan of chunked_scan.hpp, in chunks of scan_rows() rows. (1) Every chunk computes its
-///   own key state \f$\Delta Z_t = \mathrm{diag}(\omega)M_{K,t}^\top[V_t,\mathbf 1]\f$, in parallel; (2) an exclusive prefix
-///   sum in chunk order turns them into \f$Z^{<s}\f$ (parallel over rows of the state, each entry summed in chunk
-///   order); (3) every chunk computes its rows from \f$Z^{<s}\f$ and its own masked block
+///   own key state \f$\Delta Z_t = \mathrm{diag}(\omega)M_{K,t}^\top[V_t,\mathbf 1]\f$, in parallel; (2) an
+///   exclusive prefix sum in chunk order turns them into \f$Z^{<s}\f$ (parallel over rows of the state, each entry
+///   summed in chunk order); (3) every chunk computes its rows from \f$Z^{<s}\f$ and its own masked block
 ///   \f$\mathrm{tril}(p(c\,Q_sK_s^\top))\f$, in parallel. Backward runs the same three phases in reverse with
 ///   \f$\Delta Y_t = M_{Q,t}^\top E_t\f$ and an exclusive suffix sum. The prefix states are either kept for every
 ///   chunk (the adjoint's checkpoints, which backward() reads) or computed window by window in a bounded
